@@ -1,0 +1,74 @@
+"""The ``hairdiff`` command line: one entry point, one module per subcommand.
+
+Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int`` and keeps its
+heavy imports (torch, diffusers) inside ``run`` so that ``hairdiff --help`` is instant.
+User errors (``HairDiffError``, a missing file) become one line on stderr and exit code 2,
+never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+#: name -> (module, one-line help)
+COMMANDS = {
+    "generate": ("hairdiff_core.commands.generate", "redraw the hair of a photo from a sketch and a matte"),
+    "demo": ("hairdiff_core.commands.demo", "wiring check: generate with the built-in tiny model on bundled samples"),
+    "eval": ("hairdiff_core.commands.evaluate", "measure results on a dataset against the inpainting baseline"),
+    "train": ("training.cli", "fine-tune a HairDiff adapter (LoRA + sketch channels)"),
+    "comfy-run": ("hairdiff_core.comfy_client", "run a workflow on a ComfyUI server through its HTTP API"),
+}
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hairdiff", description="HairDiff: sketch-guided hair editing with SD3.5.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            # A subcommand whose module is not installed (e.g. training without its extra)
+            # is listed but explains itself when called.
+            if exc.name and module_name.startswith(exc.name):
+                continue
+            raise
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    from hairdiff_core.errors import HairDiffError
+
+    try:
+        return int(args._run(args) or 0)
+    except HairDiffError as exc:
+        print(f"hairdiff {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except FileNotFoundError as exc:
+        name = exc.filename or str(exc)
+        print(f"hairdiff {args.command}: error: file not found: {name}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"hairdiff {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
