@@ -1,0 +1,176 @@
+"""Matte, soft mask and sketch preparation.
+
+Conventions (all torch, NCHW, float32 unless said otherwise):
+- images: (B, 3, H, W) RGB in [0, 1];
+- mattes and masks: (B, 1, H, W) in [0, 1];
+- the *canonical sketch*: (B, 3, H, W) RGB in [0, 1] with the strokes in their own colour on a
+  pure black background, plus its stroke alpha (B, 1, H, W). Dark strokes drawn on a light
+  background become white strokes (so "pencil on paper" and "chalk on slate" sketches encode
+  alike); coloured strokes keep their colour (they carry the wanted hair colour).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import EmptyMaskError, InputError
+
+#: Feather sigma in pixels at a 1024-px working resolution (design default).
+DEFAULT_FEATHER_SIGMA = 10.0
+REFERENCE_RESOLUTION = 1024
+#: The VAE downsamples by 8; SD3's 2x2 patches make one token per 16x16 pixels.
+LATENT_FACTOR = 8
+TOKEN_FACTOR = 16
+
+
+def _luminance(rgb: torch.Tensor) -> torch.Tensor:
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    return (rgb * w).sum(1, keepdim=True)
+
+
+def _check_nchw(t: torch.Tensor, what: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.ndim != 4:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise InputError(f"{what} must be a (B, C, H, W) tensor, got {shape}")
+
+
+def binarize_matte(matte: torch.Tensor, threshold: float = 0.5, require_nonempty: bool = True) -> torch.Tensor:
+    """Any matte image -> (B, 1, H, W) in {0, 1}.
+
+    1 channel: the value; 3 channels: luminance; 4 channels: the alpha channel when it is not
+    uniformly opaque, else the luminance. Raises ``EmptyMaskError`` when nothing is selected.
+    """
+    _check_nchw(matte, "matte")
+    c = matte.shape[1]
+    matte = matte.float()
+    if c == 1:
+        value = matte
+    elif c == 3:
+        value = _luminance(matte)
+    elif c == 4:
+        alpha = matte[:, 3:4]
+        value = alpha if bool((alpha < 0.999).any()) else _luminance(matte[:, :3])
+    else:
+        raise InputError(f"matte has {c} channels; expected 1 (mask), 3 (RGB) or 4 (RGBA)")
+    binary = (value > threshold).float()
+    if require_nonempty:
+        empty = [i for i in range(binary.shape[0]) if not bool(binary[i].any())]
+        if empty:
+            raise EmptyMaskError(
+                f"the hair matte is empty (no pixel above threshold {threshold}) for batch item(s) "
+                f"{empty}; paint the hair region white on black, or lower the threshold"
+            )
+    return binary
+
+
+def feather_sigma(height: int, width: int, sigma_at_1024: float = DEFAULT_FEATHER_SIGMA) -> float:
+    """Feather sigma in pixels scaled with the working resolution (geometric mean side)."""
+    return float(sigma_at_1024) * math.sqrt(height * width) / REFERENCE_RESOLUTION
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with replicate padding (a matte touching the border stays 1 there)."""
+    if sigma <= 0:
+        return x
+    radius = max(1, int(math.ceil(3.0 * sigma)))
+    coords = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    kernel = torch.exp(-0.5 * (coords / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(x.dtype)
+    c = x.shape[1]
+    h, w = x.shape[-2:]
+    # Replicate padding needs pad < size; fall back to reflect-free clamping by repeating.
+    ph = min(radius, h - 1) if h > 1 else 0
+    pw = min(radius, w - 1) if w > 1 else 0
+    out = x
+    kx = kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+    ky = kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+    out = F.pad(out, (radius, radius, 0, 0), mode="replicate") if pw == radius else _pad_edge(out, radius, axis=-1)
+    out = F.conv2d(out, kx, groups=c)
+    out = F.pad(out, (0, 0, radius, radius), mode="replicate") if ph == radius else _pad_edge(out, radius, axis=-2)
+    out = F.conv2d(out, ky, groups=c)
+    return out
+
+
+def _pad_edge(x: torch.Tensor, radius: int, axis: int) -> torch.Tensor:
+    n = x.shape[axis]
+    idx = torch.clamp(torch.arange(-radius, n + radius, device=x.device), 0, n - 1)
+    return x.index_select(axis % x.ndim, idx)
+
+
+def soft_mask(binary: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+    """Feather a binary matte: Gaussian blur (sigma in px, default scaled from 10 @ 1024), clamp [0,1]."""
+    _check_nchw(binary, "matte")
+    if sigma is None:
+        sigma = feather_sigma(binary.shape[-2], binary.shape[-1])
+    return gaussian_blur(binary.float(), sigma).clamp_(0.0, 1.0)
+
+
+def resize_area(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Area (average) resize to an arbitrary grid, the right filter for a coverage mask."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.adaptive_avg_pool2d(mask, size)
+
+
+def latent_grid(mask: torch.Tensor) -> torch.Tensor:
+    h, w = mask.shape[-2:]
+    return resize_area(mask, (h // LATENT_FACTOR, w // LATENT_FACTOR))
+
+
+def token_grid(mask: torch.Tensor) -> torch.Tensor:
+    h, w = mask.shape[-2:]
+    return resize_area(mask, (h // TOKEN_FACTOR, w // TOKEN_FACTOR))
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary-ish dilation (max filter) by ``radius`` pixels; negative radius erodes."""
+    if radius == 0:
+        return mask
+    k = 2 * abs(radius) + 1
+    if radius > 0:
+        return F.max_pool2d(mask, k, stride=1, padding=abs(radius))
+    return -F.max_pool2d(-mask, k, stride=1, padding=abs(radius))
+
+
+def normalize_sketch(sketch: torch.Tensor, threshold: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any sketch image -> (canonical RGB sketch, stroke alpha); see the module docstring.
+
+    Accepts 1 (L), 3 (RGB) or 4 (RGBA, transparent background) channels, strokes on a white or a
+    black background (detected from the median colour of the border). ``threshold`` is the
+    colour distance from the background above which a pixel is a stroke.
+    """
+    _check_nchw(sketch, "sketch")
+    sketch = sketch.float().clamp(0, 1)
+    c = sketch.shape[1]
+    if c == 1:
+        rgb, alpha = sketch.repeat(1, 3, 1, 1), None
+    elif c == 3:
+        rgb, alpha = sketch, None
+    elif c == 4:
+        rgb, alpha = sketch[:, :3], sketch[:, 3:4]
+        if bool((alpha > 0.999).all()):
+            alpha = None
+    else:
+        raise InputError(f"sketch has {c} channels; expected 1 (L), 3 (RGB) or 4 (RGBA)")
+
+    if alpha is not None:
+        stroke = (alpha > 0.5).float()
+        colour = rgb
+        light_bg = torch.zeros(rgb.shape[0], dtype=torch.bool, device=rgb.device)
+    else:
+        border = torch.cat(
+            [rgb[:, :, 0, :], rgb[:, :, -1, :], rgb[:, :, :, 0], rgb[:, :, :, -1]], dim=-1
+        )
+        bg = border.median(dim=-1).values.view(-1, 3, 1, 1)
+        dist = (rgb - bg).abs().amax(dim=1, keepdim=True)
+        stroke = (dist > threshold).float()
+        colour = rgb
+        light_bg = _luminance(bg).view(-1) > 0.5
+    # Dark, unsaturated strokes on a light background are pencil lines: draw them white.
+    lum = _luminance(colour)
+    sat = colour.amax(1, keepdim=True) - colour.amin(1, keepdim=True)
+    pencil = (lum < 0.35) & (sat < 0.15) & light_bg.view(-1, 1, 1, 1)
+    colour = torch.where(pencil, torch.ones_like(colour), colour)
+    return colour * stroke, stroke
