@@ -53,6 +53,16 @@ class GenerateResult:
     info: dict = field(default_factory=dict)
 
 
+def _to(module, device: torch.device, dtype: torch.dtype):
+    """Move a diffusers model, casting only when needed (diffusers warns on every dtype cast)."""
+    param = next(module.parameters(), None)
+    if param is not None and param.dtype != dtype:
+        module = module.to(dtype=dtype)
+    if param is not None and param.device != device:
+        module = module.to(device=device)
+    return module
+
+
 def _round_to(v: float, m: int) -> int:
     return max(m, int(round(v / m)) * m)
 
@@ -116,10 +126,10 @@ class HairDiffPipeline:
         widen_input_channels(transformer)
         self.device = torch.device(device)
         self.dtype = dtype
-        self.transformer = transformer.to(device=self.device, dtype=dtype).eval()
+        self.transformer = _to(transformer, self.device, dtype).eval()
         # The SD3 VAE is numerically fragile in half precision (force_upcast in its config).
         self.vae_dtype = vae_dtype or torch.float32
-        self.vae = vae.to(device=self.device, dtype=self.vae_dtype).eval() if vae is not None else None
+        self.vae = _to(vae, self.device, self.vae_dtype).eval() if vae is not None else None
         self.encode_fn = None  # optional override: image01 (B,3,H,W) -> SD3-scaled latent
         self.decode_fn = None  # optional override: SD3-scaled latent -> image01
 

@@ -1,0 +1,57 @@
+"""Draws the bundled sample images (hairdiff_core/assets/): a synthetic portrait, its hair
+matte and a sketch of new hair. Run once; the PNGs are committed. Deterministic."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFilter
+
+W, H = 300, 372
+OUT = Path(__file__).resolve().parent.parent / "hairdiff_core" / "assets"
+
+
+def main() -> None:
+    photo = Image.new("RGB", (W, H))
+    px = photo.load()
+    for y in range(H):
+        for x in range(W):
+            # A warm light from the upper left.
+            t = 0.5 * (x / W) + 0.5 * (y / H)
+            px[x, y] = (int(200 - 90 * t), int(190 - 80 * t), int(170 - 40 * t))
+    d = ImageDraw.Draw(photo)
+    d.ellipse((40, 300, 260, 460), fill=(70, 90, 130))  # shoulders
+    d.rectangle((128, 250, 172, 320), fill=(214, 170, 140))  # neck
+    hair_box = (70, 40, 230, 280)
+    d.ellipse(hair_box, fill=(60, 38, 24))  # hair behind the face
+    d.ellipse((95, 90, 205, 250), fill=(226, 184, 152))  # face
+    d.ellipse((122, 150, 138, 160), fill=(40, 30, 30))
+    d.ellipse((162, 150, 178, 160), fill=(40, 30, 30))
+    d.arc((130, 190, 170, 220), 20, 160, fill=(150, 70, 70), width=3)
+    d.chord((88, 60, 212, 140), 180, 360, fill=(60, 38, 24))  # fringe
+    photo = photo.filter(ImageFilter.GaussianBlur(0.8))
+
+    matte = Image.new("L", (W, H), 0)
+    m = ImageDraw.Draw(matte)
+    m.ellipse(hair_box, fill=255)
+    m.ellipse((95, 90, 205, 250), fill=0)
+    m.chord((88, 60, 212, 140), 180, 360, fill=255)
+
+    sketch = Image.new("RGB", (W, H), (255, 255, 255))
+    s = ImageDraw.Draw(sketch)
+    for k in range(7):
+        pts = []
+        for i in range(40):
+            t = i / 39
+            x = 80 + 140 * t
+            y = 60 + 150 * t * t + 14 * math.sin(6 * t + k) + 22 * k
+            pts.append((x + 8 * math.sin(k), min(y, 275)))
+        s.line(pts, fill=(214, 160, 70), width=3)  # blonde waves
+    OUT.mkdir(parents=True, exist_ok=True)
+    photo.save(OUT / "sample_photo.png")
+    matte.save(OUT / "sample_matte.png")
+    sketch.save(OUT / "sample_sketch.png")
+
+
+if __name__ == "__main__":
+    main()
