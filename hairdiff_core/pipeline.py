@@ -181,6 +181,21 @@ class HairDiffPipeline:
         return ((image.float() + 1) / 2).clamp(0, 1)
 
     # -- the main call ----------------------------------------------------------------------
+    @staticmethod
+    def prepare_inputs(image, sketch, matte, matte_threshold: float = 0.5):
+        """Validate and align the inputs: (photo RGB, sketch at photo size, binary matte).
+
+        Cheap, and raises the same errors ``generate`` would: call it before loading a model.
+        """
+        photo = _as_rgb(image, "photo").clamp(0, 1)
+        B, _, H, W = photo.shape
+        for t, what in ((sketch, "sketch"), (matte, "matte")):
+            if not isinstance(t, torch.Tensor) or t.ndim != 4:
+                raise InputError(f"{what} must be a (B, C, H, W) tensor in [0, 1]")
+        sketch = _broadcast_batch(_match_size(sketch.float(), (H, W), "sketch", "bilinear"), B, "sketch")
+        matte = _broadcast_batch(_match_size(matte.float(), (H, W), "matte", "nearest"), B, "matte")
+        return photo, sketch, M.binarize_matte(matte, matte_threshold)
+
     @torch.no_grad()
     def generate(
         self,
@@ -212,11 +227,8 @@ class HairDiffPipeline:
             raise InputError(f"steps must be at least 1, got {steps}")
         if not 0.0 <= strength <= 1.0:
             raise InputError(f"strength must be in [0, 1], got {strength}")
-        photo = _as_rgb(image, "photo").clamp(0, 1)
+        photo, sketch, binary = self.prepare_inputs(image, sketch, matte, matte_threshold)
         B, _, H, W = photo.shape
-        sketch = _broadcast_batch(_match_size(sketch.float(), (H, W), "sketch", "bilinear"), B, "sketch")
-        matte = _broadcast_batch(_match_size(matte.float(), (H, W), "matte", "nearest"), B, "matte")
-        binary = M.binarize_matte(matte, matte_threshold)
 
         # Geometry: work area and context box.
         work = int(work_size or self.default_work_size)
@@ -312,6 +324,10 @@ class HairDiffPipeline:
             info["model_calls"] = denoise.calls
             if hook is not None:
                 info["reference_passes"] = getattr(hook, "reference_passes", None)
+
+        if info["steps_run"] == 0:
+            # Nothing was generated (strength 0): the source itself, without a VAE round trip.
+            return GenerateResult(image=photo.clone(), latent=latent, mask=torch.zeros(B, 1, H, W), box=box, work_size=(wh, ww), info=info)
 
         # Back to pixels and into the full photo.
         decoded = self.decode(latent)[..., :wh, :ww]

@@ -116,6 +116,10 @@ def run(args) -> int:
     photo = load_image(args.image)
     sketch = load_image(args.sketch)
     matte = load_image(args.matte)
+    from hairdiff_core.pipeline import HairDiffPipeline
+
+    # Bad inputs fail here, before a multi-GB model is loaded.
+    HairDiffPipeline.prepare_inputs(photo, sketch, matte, args.matte_threshold)
     pipe = build_pipeline(args)
     bar, on_step = tqdm_callback(args.steps, "hairdiff")
     try:

@@ -1,0 +1,92 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import hairdiff_cli
+from hairdiff_core.commands.demo import sample_paths
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(path, arr_mode, size, fill):
+    Image.new(arr_mode, size, fill).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def files(tmp_path):
+    photo = _write(tmp_path / "photo.png", "RGB", (40, 48), (120, 90, 60))
+    sketch = _write(tmp_path / "sketch.png", "RGB", (40, 48), (255, 255, 255))
+    matte_img = Image.new("L", (40, 48), 0)
+    matte_img.paste(255, (10, 10, 30, 30))
+    matte_img.save(tmp_path / "matte.png")
+    return {"image": photo, "sketch": sketch, "matte": str(tmp_path / "matte.png"), "tmp": tmp_path}
+
+
+def _argv(files, **over):
+    args = {"image": files["image"], "sketch": files["sketch"], "matte": files["matte"], "out": str(files["tmp"] / "out.png")}
+    args.update(over)
+    argv = ["generate", "--tiny", "--steps", "2"]
+    for k, v in args.items():
+        argv += [f"--{k}", v]
+    return argv
+
+
+def test_generate_writes_output_same_size(files):
+    assert hairdiff_cli.main(_argv(files)) == 0
+    assert Image.open(files["tmp"] / "out.png").size == (40, 48)
+
+
+def test_missing_file_named(files, capsys):
+    code = hairdiff_cli.main(_argv(files, sketch=str(files["tmp"] / "nope.png")))
+    err = capsys.readouterr().err
+    assert code == 2 and "nope.png" in err and "Traceback" not in err
+
+
+def test_empty_matte(files, capsys):
+    _write(files["tmp"] / "empty.png", "L", (40, 48), 0)
+    code = hairdiff_cli.main(_argv(files, matte=str(files["tmp"] / "empty.png")))
+    assert code == 2 and "matte is empty" in capsys.readouterr().err
+
+
+def test_unreadable_image(files, capsys):
+    bad = files["tmp"] / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    code = hairdiff_cli.main(_argv(files, image=str(bad)))
+    assert code == 2 and "cannot read image" in capsys.readouterr().err
+
+
+def test_sketch_aspect_mismatch(files, capsys):
+    _write(files["tmp"] / "wide.png", "RGB", (80, 20), (255, 255, 255))
+    code = hairdiff_cli.main(_argv(files, sketch=str(files["tmp"] / "wide.png")))
+    assert code == 2 and "aspect" in capsys.readouterr().err
+
+
+def test_no_model_given(files, capsys):
+    argv = [a for a in _argv(files) if a != "--tiny"]
+    assert hairdiff_cli.main(argv) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_nan_during_sampling_suggests_dtype(files, capsys, monkeypatch):
+    from hairdiff_core import sampler
+
+    monkeypatch.setattr(sampler.TransformerDenoiser, "__call__", lambda self, x, s, i: torch.full_like(x, float("nan")))
+    assert hairdiff_cli.main(_argv(files)) == 2
+    assert "bf16 or fp32" in capsys.readouterr().err
+
+
+def test_demo_runs_as_a_console_command(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "hairdiff_cli.py"), "demo", "--out", str(tmp_path), "--steps", "2"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "WIRING CHECK" in proc.stderr
+    result = Image.open(tmp_path / "result.png")
+    assert result.size == Image.open(sample_paths()["photo"]).size
+    assert (tmp_path / "contact_sheet.png").exists()
