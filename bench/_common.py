@@ -1,0 +1,77 @@
+"""Shared bits of the benchmarks: a mid-size random SD3-shaped config and peak-RSS measurement.
+
+Peak memory on the CPU is measured per process: Linux's peak resident set (VmHWM) is reset by
+writing 5 to /proc/self/clear_refs right before the measured work, so a figure covers that work
+only (plus what was resident before it, e.g. the weights, which both sides of a ratio share).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+MID_CONFIG = {
+    "sample_size": 64,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 6,
+    "attention_head_dim": 64,
+    "num_attention_heads": 6,
+    "joint_attention_dim": 256,
+    "caption_projection_dim": 384,
+    "pooled_projection_dim": 128,
+    "pos_embed_max_size": 96,
+    "qk_norm": "rms_norm",
+}
+
+
+def build_mid_transformer(seed: int = 0, config: dict | None = None):
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(**(config or MID_CONFIG)).eval()
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_isolated(script: str, args: list[str]) -> dict:
+    """Run ``script --child ARGS`` in a fresh interpreter; it prints one JSON line last."""
+    out = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def threads_note() -> dict:
+    import torch
+
+    return {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
