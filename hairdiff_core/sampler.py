@@ -138,7 +138,8 @@ class TransformerDenoiser:
         model_in = torch.cat([x, self.sketch_latent.to(x.dtype)], dim=1).to(self.dtype)
         if self.do_cfg:
             model_in = torch.cat([model_in, model_in])
-        timestep = timestep_from_sigma(sigma, model_in.shape[0], device=model_in.device, dtype=self.dtype)
+        # float32 like diffusers' pipelines: in bf16, 987.4 would become 988.
+        timestep = timestep_from_sigma(sigma, model_in.shape[0], device=model_in.device, dtype=torch.float32)
         out = self.transformer(
             hidden_states=model_in,
             encoder_hidden_states=self.encoder_hidden_states.to(self.dtype),
