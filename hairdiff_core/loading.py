@@ -1,0 +1,760 @@
+"""Model loading: diffusers folders, ComfyUI-style single-file SD3/SD3.5 checkpoints, the tiny model.
+
+Nothing is ever fetched from a model hub. diffusers' single-file loader normally guesses a hub
+repository from the key shapes and downloads that repository's config; here the transformer and
+VAE configs ship with the package (``hairdiff_core/configs``) and the family is recognised from
+tensor shapes alone, so every diffusers call gets a local config folder and
+``local_files_only=True``.
+
+Only safetensors are read (never pickles: unpickling a user file can run code).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+#: Human names of the families ``identify_transformer`` returns.
+FAMILY_NAMES = {
+    "sd3.5-large": "SD3.5 Large",
+    "sd3.5-large-turbo": "SD3.5 Large Turbo",
+    "sd3.5-medium": "SD3.5 Medium",
+    "sd3-medium": "SD3 Medium",
+    "tiny": "HairDiff tiny",
+    "custom": "custom SD3-shaped",
+}
+
+#: Shipped transformer configs (Large Turbo uses the Large one: same architecture).
+TRANSFORMER_CONFIG_FILES = {
+    "sd3.5-large": "sd3.5-large-transformer.json",
+    "sd3.5-medium": "sd3.5-medium-transformer.json",
+    "sd3-medium": "sd3-medium-transformer.json",
+}
+VAE_CONFIG_FILE = "sd3-vae.json"
+
+#: The 13 ``SD3Transformer2DModel.__init__`` keys.
+TRANSFORMER_CONFIG_KEYS = (
+    "sample_size",
+    "patch_size",
+    "in_channels",
+    "out_channels",
+    "num_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "caption_projection_dim",
+    "pooled_projection_dim",
+    "pos_embed_max_size",
+    "dual_attention_layers",
+    "qk_norm",
+)
+# What identifies an architecture; sample_size only sets a default size and in_channels is 16
+# (stock) or 32 (widened for HairDiff) within one family.
+_ARCH_KEYS = tuple(k for k in TRANSFORMER_CONFIG_KEYS if k not in ("sample_size", "in_channels"))
+# Head size of every published SD3/SD3.5 model; used when no q/k-norm weight reveals it.
+_DEFAULT_HEAD_DIM = 64
+
+_PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
+_VAE_PREFIX_PREFERENCE = ("first_stage_model.", "vae.", "")
+
+# Per key layout: the tensors the transformer's shape reading needs (names after the prefix).
+_LAYOUTS: dict[str, dict[str, str]] = {
+    "original": {
+        "patch": "x_embedder.proj.weight",
+        "pos": "pos_embed",
+        "context": "context_embedder.weight",
+        "pooled": "y_embedder.mlp.0.weight",
+        "final": "final_layer.linear.weight",
+        "block": r"joint_blocks\.(\d+)\.",
+        "attn2": r"joint_blocks\.(\d+)\.x_block\.attn2\.",
+        "ln_q": "joint_blocks.0.x_block.attn.ln_q.weight",
+    },
+    "diffusers": {
+        "patch": "pos_embed.proj.weight",
+        "pos": "pos_embed.pos_embed",
+        "context": "context_embedder.weight",
+        "pooled": "time_text_embed.text_embedder.linear_1.weight",
+        "final": "proj_out.weight",
+        "block": r"transformer_blocks\.(\d+)\.",
+        "attn2": r"transformer_blocks\.(\d+)\.attn2\.",
+        "ln_q": "transformer_blocks.0.attn.norm_q.weight",
+    },
+}
+# Top-level module names of the transformer per layout: a prefix-less file may bundle other
+# models (VAE, text encoders) whose keys must not reach the converter.
+_TRANSFORMER_ROOTS = {
+    "original": {"pos_embed", "x_embedder", "t_embedder", "y_embedder", "context_embedder",
+                 "joint_blocks", "final_layer"},
+    "diffusers": {"pos_embed", "time_text_embed", "context_embedder", "transformer_blocks",
+                  "norm_out", "proj_out"},
+}
+_TRANSFORMER_PREFIX_PREFERENCE = ("model.diffusion_model.", "diffusion_model.", "", "transformer.")
+
+_VAE_LAYOUTS = {
+    "ldm": r"encoder\.down\.(\d+)\.block\.(\d+)\.conv1\.weight",
+    "diffusers": r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight",
+}
+
+
+@dataclass
+class LoadedModels:
+    """What ``load_models`` returns."""
+
+    transformer: Any  # SD3Transformer2DModel: as stored, 16 ch (stock) or 32 ch (widened)
+    vae: Any | None  # AutoencoderKL
+    family: str  # a key of FAMILY_NAMES
+    source: str  # where the weights came from, for logs and UIs
+
+
+# --------------------------------------------------------------------------------------------
+# Shipped configs
+
+
+def shipped_config(filename: str) -> dict[str, Any]:
+    """Return a config shipped in ``hairdiff_core/configs`` (``_``-keys dropped, lists kept)."""
+    text = resources.files("hairdiff_core.configs").joinpath(filename).read_text(encoding="utf-8")
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def _transformer_config(family: str) -> dict[str, Any]:
+    if family == "tiny":
+        from .tiny import TINY_TRANSFORMER_CONFIG
+
+        config = dict(TINY_TRANSFORMER_CONFIG)
+    else:
+        config = shipped_config(TRANSFORMER_CONFIG_FILES[family])
+    config["dual_attention_layers"] = tuple(config.get("dual_attention_layers") or ())
+    config.setdefault("qk_norm", None)
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# Shape reading and identification
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    if hasattr(value, "shape"):
+        return tuple(int(s) for s in value.shape)
+    return tuple(int(s) for s in value)
+
+
+def _prefixes_of(keys: Iterator[str] | list[str], mark: str) -> list[str]:
+    found = []
+    for key in keys:
+        if key == mark:
+            found.append("")
+        elif key.endswith("." + mark):
+            found.append(key[: -len(mark)])
+    return found
+
+
+def _pick(prefixes: list[str], preference: tuple[str, ...]) -> str:
+    for p in preference:
+        if p in prefixes:
+            return p
+    return min(prefixes, key=len)
+
+
+def _transformer_view(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, str] | None:
+    """(layout, prefix) of the SD3 transformer inside a state dict, or None."""
+    for layout in ("original", "diffusers"):
+        prefixes = _prefixes_of(list(shapes), _LAYOUTS[layout]["patch"])
+        if layout == "diffusers":
+            # The VAE-free diffusers mark must not catch an original file's "pos_embed" key.
+            prefixes = [p for p in prefixes if p + "context_embedder.weight" in shapes]
+        if prefixes:
+            return layout, _pick(prefixes, _TRANSFORMER_PREFIX_PREFERENCE)
+    return None
+
+
+def _strip(shapes: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    n = len(prefix)
+    return {k[n:]: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def _what_else(keys: list[str]) -> str:
+    """A guess at what a non-SD3 file is, for error messages."""
+    joined = "\n".join(keys[:5000])
+    guesses = [
+        ("double_blocks.", "a Flux transformer"),
+        ("input_blocks.", "an SD1.x/SDXL UNet"),
+        ("down_blocks.0.attentions", "an SD1.x/SDXL UNet (diffusers layout)"),
+        ("lora_", "a LoRA"),
+        ("text_model.", "a text encoder"),
+        ("shared.weight", "a T5 text encoder"),
+        ("decoder.conv_in", "a VAE"),
+    ]
+    for needle, what in guesses:
+        if needle in joined:
+            return f" It looks like {what}."
+    return ""
+
+
+def _unknown(shapes: Mapping[str, Any], what: str, source: str | None) -> ModelLoadError:
+    keys = sorted(shapes)
+    where = f" in {source}" if source else ""
+    sample = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+    return ModelLoadError(
+        f"no {what} found{where}: it has {len(keys)} tensors ({sample or 'none'}).{_what_else(keys)}"
+    )
+
+
+def _format_layers(layers: tuple[int, ...]) -> str:
+    if not layers:
+        return ""
+    if list(layers) == list(range(layers[0], layers[-1] + 1)) and len(layers) > 1:
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(str(i) for i in layers)
+
+
+def identify_transformer(
+    state_dict_or_shapes: Mapping[str, Any],
+    name_hint: str | None = None,
+    *,
+    source: str | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Recognise an SD3/SD3.5 transformer from tensor shapes alone.
+
+    ``state_dict_or_shapes`` maps key -> tensor (meta tensors are fine) or shape, in the original
+    single-file layout (``joint_blocks.*``, with or without ``model.diffusion_model.``) or the
+    diffusers layout (``transformer_blocks.*``, optionally under ``transformer.``). Other keys
+    (VAE, text encoders) are ignored. Returns ``(family, config)``: the family is a key of
+    ``FAMILY_NAMES`` and config holds the 13 ``SD3Transformer2DModel`` arguments, with
+    ``in_channels`` as stored (32 for an already widened file). SD3.5 Large and Large Turbo have
+    identical shapes; ``name_hint`` (a file name) containing "turbo" selects Turbo. Shapes that
+    match no shipped config give family ``"custom"`` and a config derived from the shapes.
+    """
+    shapes = {k: _shape(v) for k, v in state_dict_or_shapes.items()}
+    view = _transformer_view(shapes)
+    if view is None:
+        raise _unknown(shapes, "SD3/SD3.5 transformer (no 'x_embedder.proj.weight' nor "
+                       "'pos_embed.proj.weight' tensor)", source)
+    layout, prefix = view
+    names = _LAYOUTS[layout]
+    own = _strip(shapes, prefix)
+    where = f" in {source}" if source else ""
+
+    def need(role: str, ndim: int) -> tuple[int, ...]:
+        shape = own.get(names[role])
+        if shape is None or len(shape) != ndim:
+            seen = "missing" if shape is None else f"shape {list(shape)}"
+            raise ModelLoadError(
+                f"SD3 transformer{where} ({layout} key layout, prefix '{prefix}') is incomplete or "
+                f"not SD3: tensor '{prefix}{names[role]}' is {seen}, expected {ndim} dimensions. "
+                f"The file may be partial or another architecture."
+            )
+        return shape
+
+    hidden, in_channels, kh, kw = need("patch", 4)
+    if kh != kw:
+        raise ModelLoadError(f"SD3 transformer{where}: patch kernel {kh}x{kw} is not square")
+    patch = kh
+    pos_rows = need("pos", 3)[1]
+    pos_max = math.isqrt(pos_rows)
+    if pos_max * pos_max != pos_rows:
+        raise ModelLoadError(
+            f"SD3 transformer{where}: position table has {pos_rows} rows, not a square number"
+        )
+    caption_dim, joint_dim = need("context", 2)
+    pooled_dim = need("pooled", 2)[1]
+    out_channels = need("final", 2)[0] // (patch * patch)
+    block_re, attn2_re = re.compile(names["block"]), re.compile(names["attn2"])
+    blocks = {int(m.group(1)) for k in own if (m := block_re.match(k))}
+    if not blocks or blocks != set(range(max(blocks) + 1)):
+        raise ModelLoadError(
+            f"SD3 transformer{where}: block indices {sorted(blocks)} are not 0..N-1 "
+            f"(partial file?)"
+        )
+    dual = tuple(sorted({int(m.group(1)) for k in own if (m := attn2_re.match(k))}))
+    ln_q = own.get(names["ln_q"])
+    head_dim = ln_q[0] if ln_q else _DEFAULT_HEAD_DIM
+    if hidden % head_dim or caption_dim != hidden:
+        raise ModelLoadError(
+            f"SD3 transformer{where}: hidden size {hidden}, caption projection {caption_dim}, "
+            f"head size {head_dim} do not fit SD3 (caption projection = hidden = heads x head size)"
+        )
+    derived = {
+        "sample_size": 128,
+        "patch_size": patch,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "num_layers": max(blocks) + 1,
+        "attention_head_dim": head_dim,
+        "num_attention_heads": hidden // head_dim,
+        "joint_attention_dim": joint_dim,
+        "caption_projection_dim": caption_dim,
+        "pooled_projection_dim": pooled_dim,
+        "pos_embed_max_size": pos_max,
+        "dual_attention_layers": dual,
+        "qk_norm": "rms_norm" if ln_q else None,
+    }
+    family = "custom"
+    config = derived
+    for candidate in ("sd3.5-large", "sd3.5-medium", "sd3-medium", "tiny"):
+        shipped = _transformer_config(candidate)
+        if all(shipped[k] == derived[k] for k in _ARCH_KEYS):
+            family, config = candidate, {**shipped, "in_channels": in_channels}
+            break
+    if family == "sd3.5-large" and name_hint and "turbo" in name_hint.lower():
+        family = "sd3.5-large-turbo"
+    return family, config
+
+
+def describe_transformer(family: str, config: Mapping[str, Any]) -> str:
+    """E.g. 'SD3.5 Medium transformer (24 blocks, dual attention 0-12)'."""
+    parts = [f"{config['num_layers']} blocks"]
+    dual = tuple(config.get("dual_attention_layers") or ())
+    if dual:
+        parts.append(f"dual attention {_format_layers(dual)}")
+    if config["in_channels"] != 16:
+        parts.append(f"{config['in_channels']} input channels")
+    if family == "sd3.5-large":
+        parts.append("or Large Turbo: same shapes; a name containing 'turbo' selects Turbo")
+    if family == "custom":
+        parts.append(
+            f"{config['num_attention_heads']}x{config['attention_head_dim']} heads, "
+            "config derived from shapes"
+        )
+    return f"{FAMILY_NAMES[family]} transformer ({', '.join(parts)})"
+
+
+def _vae_view(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, str] | None:
+    prefixes = [
+        p
+        for p in _prefixes_of(list(shapes), "encoder.conv_in.weight")
+        if p + "decoder.conv_in.weight" in shapes
+    ]
+    if not prefixes:
+        return None
+    prefix = _pick(prefixes, _VAE_PREFIX_PREFERENCE)
+    own = _strip(shapes, prefix)
+    for layout, pattern in _VAE_LAYOUTS.items():
+        if any(re.match(pattern, k) for k in own):
+            return layout, prefix
+    return None
+
+
+def identify_vae(
+    state_dict_or_shapes: Mapping[str, Any], *, source: str | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Recognise the SD3/SD3.5 VAE ("sd3") or the tiny VAE ("tiny") from shapes.
+
+    Accepts the original LDM layout (``encoder.down.0.block.0...``, also under
+    ``first_stage_model.``) and the diffusers layout. The Flux VAE has the same shapes as the SD3
+    one (but other scale/shift factors); shapes cannot tell them apart.
+    """
+    shapes = {k: _shape(v) for k, v in state_dict_or_shapes.items()}
+    view = _vae_view(shapes)
+    where = f" in {source}" if source else ""
+    if view is None:
+        raise _unknown(shapes, "VAE (no 'encoder.conv_in.weight' + 'decoder.conv_in.weight')", source)
+    layout, prefix = view
+    own = _strip(shapes, prefix)
+    pattern = re.compile(_VAE_LAYOUTS[layout])
+    blocks: dict[int, dict[int, int]] = {}
+    for key, shape in own.items():
+        if m := pattern.match(key):
+            blocks.setdefault(int(m.group(1)), {})[int(m.group(2))] = shape[0]
+    block_out = [blocks[i][0] for i in sorted(blocks)]
+    layers = len(blocks[min(blocks)])
+    conv_out = own.get("encoder.conv_out.weight")
+    latent = conv_out[0] // 2 if conv_out else -1
+    has_quant = "quant_conv.weight" in own
+    seen = (
+        f"{latent} latent channels, block channels {block_out}, {layers} layers per block"
+        f"{', quant_conv' if has_quant else ''}"
+    )
+    from .tiny import TINY_VAE_CONFIG
+
+    for kind, config in (("sd3", shipped_config(VAE_CONFIG_FILE)), ("tiny", dict(TINY_VAE_CONFIG))):
+        if (
+            latent == config["latent_channels"]
+            and block_out == list(config["block_out_channels"])
+            and layers == config["layers_per_block"]
+            and has_quant == config["use_quant_conv"]
+        ):
+            return kind, config
+    hint = (
+        " A 4-channel VAE belongs to SD1.x/SDXL, not SD3." if latent == 4 else ""
+    )
+    raise ModelLoadError(
+        f"VAE{where} is not the SD3/SD3.5 VAE: it has {seen}; SD3/SD3.5 needs 16 latent "
+        f"channels, block channels [128, 256, 512, 512], 2 layers per block, no quant_conv.{hint} "
+        f"Pass the SD3.5 VAE (its diffusers vae/ folder or a .safetensors file)."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def _check_path(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    if p.is_file():
+        suffix = p.suffix.lower()
+        if suffix in _PICKLE_SUFFIXES:
+            raise ModelLoadError(
+                f"{p} is a pickle checkpoint ({suffix}); HairDiff reads only .safetensors because "
+                f"loading a pickle can run arbitrary code. Convert it to .safetensors "
+                f"(e.g. load it once in a trusted environment and save it with "
+                f"safetensors.torch.save_file) or download the .safetensors release."
+            )
+        if suffix == ".gguf":
+            raise ModelLoadError(
+                f"{p} is a GGUF (quantised) checkpoint, which HairDiff does not load; use the "
+                f".safetensors release of the model."
+            )
+    return p
+
+
+def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes in a safetensors file, from its header only (cheap for any size)."""
+    from safetensors import SafetensorError, safe_open
+
+    p = _check_path(path, "model file")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except SafetensorError as e:
+        raise ModelLoadError(
+            f"cannot read {p}: not a valid safetensors file ({e}). It is probably truncated or "
+            f"corrupted (an interrupted download or copy?); download or copy it again."
+        ) from e
+
+
+def _read_tensors(path: Path, keys: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Read ``{new_name: file_key}`` from a safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {new: f.get_tensor(old) for new, old in keys.items()}
+    except SafetensorError as e:
+        raise ModelLoadError(f"cannot read tensors from {path} ({e}); the file is corrupted") from e
+
+
+def _refuse_scaled_fp8(shapes: Mapping[str, Any], path: Path) -> None:
+    if any(k == "scaled_fp8" or k.endswith(".scaled_fp8") or k.endswith(".scale_weight") for k in shapes):
+        raise ModelLoadError(
+            f"{path} is an fp8 'scaled' checkpoint (ComfyUI *_fp8_scaled); its weights need "
+            f"per-tensor scales diffusers does not apply. Use the bf16/fp16 .safetensors release."
+        )
+
+
+@contextlib.contextmanager
+def _config_dir(config: Mapping[str, Any], class_name: str) -> Iterator[str]:
+    """A temporary folder holding ``config.json``: what diffusers' ``from_single_file`` wants
+    (its ``config=`` takes a path, not a dict) to stay off the hub."""
+    with tempfile.TemporaryDirectory(prefix="hairdiff-config-") as tmp:
+        body = {"_class_name": class_name, **config}
+        if "dual_attention_layers" in body:
+            body["dual_attention_layers"] = list(body["dual_attention_layers"])
+        Path(tmp, "config.json").write_text(json.dumps(body, indent=2), encoding="utf-8")
+        yield tmp
+
+
+def _ensure_loaded(model: torch.nn.Module, source: str) -> None:
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise ModelLoadError(
+            f"{source} lacks {len(missing)} weights the model needs (e.g. {missing[0]}); the file is "
+            f"partial or of another model variant"
+        )
+
+
+def _finish(model: torch.nn.Module, dtype: torch.dtype, device: str | torch.device):
+    # Loading already applied dtype; ModelMixin.to(dtype=...) warns even when nothing changes.
+    if any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
+        model = model.to(dtype=dtype)
+    return model.to(device=device).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer
+
+
+def _load_transformer_file(
+    path: Path, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype
+) -> tuple[Any, str, dict[str, Any]]:
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    _refuse_scaled_fp8(shapes, path)
+    family, config = identify_transformer(shapes, name_hint=path.name, source=str(path))
+    layout, prefix = _transformer_view(shapes)  # type: ignore[misc]  # identify succeeded
+    roots = _TRANSFORMER_ROOTS[layout]
+    state = _read_tensors(
+        path,
+        {k[len(prefix):]: k for k in shapes
+         if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] in roots},
+    )
+    with _config_dir(config, "SD3Transformer2DModel") as cfg:
+        try:
+            model = SD3Transformer2DModel.from_single_file(
+                state, config=cfg, local_files_only=True, torch_dtype=dtype
+            )
+        except (KeyError, RuntimeError, ValueError, SingleFileComponentError) as e:
+            raise ModelLoadError(
+                f"cannot build the {FAMILY_NAMES[family]} transformer from {path} "
+                f"({layout} layout): {type(e).__name__}: {e}"
+            ) from e
+    _ensure_loaded(model, str(path))
+    logger.info("recognised %s in %s", describe_transformer(family, config), path)
+    return model, family, config
+
+
+def _safetensors_in(folder: Path, what: str) -> list[Path]:
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelLoadError(
+                f"{folder} holds only pickle weights ({', '.join(pickles)}); HairDiff reads only "
+                f".safetensors (a pickle can run arbitrary code). Convert them or download the "
+                f"safetensors release."
+            )
+        raise ModelLoadError(f"{folder} has a config.json but no .safetensors {what} weights")
+    return weights
+
+
+def _folder_class(folder: Path) -> str | None:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{folder / 'config.json'} is not valid JSON ({e})") from e
+    return config.get("_class_name") if isinstance(config, dict) else None
+
+
+def _load_transformer_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, str, dict[str, Any]]:
+    from diffusers import SD3Transformer2DModel
+
+    cls_name = _folder_class(folder)
+    if cls_name not in (None, "SD3Transformer2DModel"):
+        raise ModelLoadError(
+            f"{folder} holds a {cls_name}, not an SD3Transformer2DModel; HairDiff needs an SD3/SD3.5 "
+            f"transformer"
+        )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for weights in _safetensors_in(folder, "transformer"):
+        shapes.update(read_shapes(weights))
+    # The folder's path (not just its last part, "transformer") names the model, e.g. "...-turbo".
+    family, config = identify_transformer(shapes, name_hint=str(folder.resolve()), source=str(folder))
+    try:
+        model = SD3Transformer2DModel.from_pretrained(
+            str(folder),
+            torch_dtype=dtype,
+            local_files_only=True,
+            use_safetensors=True,
+            in_channels=config["in_channels"],
+        )
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ModelLoadError(
+            f"cannot load the transformer folder {folder}: {type(e).__name__}: {e}"
+        ) from e
+    _ensure_loaded(model, str(folder))
+    logger.info("recognised %s in %s", describe_transformer(family, config), folder)
+    return model, family, config
+
+
+def load_transformer(
+    path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[Any, str]:
+    """Load an SD3/SD3.5 transformer from a diffusers ``transformer/`` folder or a single file.
+
+    Returns ``(transformer, family)``; the transformer is as stored (16 or 32 input channels).
+    """
+    p = _check_path(path, "transformer")
+    if p.is_dir():
+        model, family, _ = _load_transformer_folder(p, dtype)
+    else:
+        model, family, _ = _load_transformer_file(p, read_shapes(p), dtype)
+    return _finish(model, dtype, device), family
+
+
+# --------------------------------------------------------------------------------------------
+# VAE
+
+
+def _load_vae_file(path: Path, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    kind, config = identify_vae(shapes, source=str(path))
+    layout, prefix = _vae_view(shapes)  # type: ignore[misc]  # identify succeeded
+    state = _read_tensors(path, {k[len(prefix):]: k for k in shapes if k.startswith(prefix)})
+    if prefix == "":
+        # A bare VAE file's keys all belong to the VAE; anything else would confuse the converter.
+        state = {k: v for k, v in state.items() if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}
+    with _config_dir(config, "AutoencoderKL") as cfg:
+        try:
+            vae = AutoencoderKL.from_single_file(
+                state, config=cfg, local_files_only=True, torch_dtype=dtype
+            )
+        except (KeyError, RuntimeError, ValueError, SingleFileComponentError) as e:
+            raise ModelLoadError(
+                f"cannot build the VAE from {path} ({layout} layout): {type(e).__name__}: {e}"
+            ) from e
+    _ensure_loaded(vae, str(path))
+    where = f" (under '{prefix}')" if prefix else ""
+    logger.info("recognised %s VAE (%s layout) in %s%s", "SD3" if kind == "sd3" else "tiny", layout, path, where)
+    return vae
+
+
+def _load_vae_folder(folder: Path, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    cls_name = _folder_class(folder)
+    if cls_name not in (None, "AutoencoderKL"):
+        raise ModelLoadError(f"{folder} holds a {cls_name}, not an AutoencoderKL (the SD3 VAE)")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for weights in _safetensors_in(folder, "VAE"):
+        shapes.update(read_shapes(weights))
+    kind, _ = identify_vae(shapes, source=str(folder))
+    try:
+        vae = AutoencoderKL.from_pretrained(
+            str(folder), torch_dtype=dtype, local_files_only=True, use_safetensors=True
+        )
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the VAE folder {folder}: {type(e).__name__}: {e}") from e
+    _ensure_loaded(vae, str(folder))
+    logger.info("recognised %s VAE in %s", "SD3" if kind == "sd3" else "tiny", folder)
+    return vae
+
+
+def load_vae(
+    path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+):
+    """Load the SD3 VAE from a diffusers ``vae/`` folder, a pipeline folder (its ``vae/``), or a
+    ``.safetensors`` file (LDM or diffusers layout, bare or under ``first_stage_model.``)."""
+    p = _check_path(path, "VAE")
+    if p.is_dir():
+        if not (p / "config.json").is_file() and (p / "vae" / "config.json").is_file():
+            p = p / "vae"
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(
+                f"{p} is not a diffusers VAE folder (no config.json, no vae/config.json)"
+            )
+        vae = _load_vae_folder(p, dtype)
+    else:
+        vae = _load_vae_file(p, read_shapes(p), dtype)
+    return _finish(vae, dtype, device)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def load_models(
+    model: str | os.PathLike | None = None,
+    *,
+    vae: str | os.PathLike | None = None,
+    tiny: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LoadedModels:
+    """Load the transformer and VAE HairDiff needs, offline.
+
+    ``model``: a diffusers SD3/SD3.5 pipeline folder (``transformer/``, usually ``vae/``), a bare
+    ``transformer/`` folder (VAE from ``vae=`` or a sibling ``vae/``), or a single ``.safetensors``
+    checkpoint (transformer alone, or with the VAE under ``first_stage_model.``; bundled text
+    encoders are ignored). ``vae`` overrides any VAE found with the model. ``tiny=True`` returns
+    the built-in tiny model. The transformer comes back as stored: 16 input channels (stock) or
+    32 (already widened).
+    """
+    if tiny:
+        if model is not None or vae is not None:
+            raise ModelLoadError(
+                "tiny=True uses the built-in tiny transformer and VAE; do not pass model or vae with it"
+            )
+        from .tiny import build_tiny_transformer, build_tiny_vae
+
+        return LoadedModels(
+            transformer=_finish(build_tiny_transformer(dtype=dtype), dtype, device),
+            vae=_finish(build_tiny_vae(dtype=dtype), dtype, device),
+            family="tiny",
+            source="built-in tiny model (hairdiff_core.tiny)",
+        )
+    if model is None:
+        raise ModelLoadError(
+            "no model given: pass an SD3/SD3.5 diffusers folder or a .safetensors checkpoint "
+            "(e.g. ComfyUI's models/checkpoints/sd3.5_medium.safetensors), or use the tiny model"
+        )
+    path = _check_path(model, "model")
+
+    # Settle where the VAE comes from before reading gigabytes of transformer.
+    shapes: dict[str, tuple[int, ...]] | None = None
+    vae_source: tuple[str, Path] | None = None  # ("file"|"folder", path)
+    if path.is_dir():
+        if (path / "transformer").is_dir():
+            transformer_dir = path / "transformer"
+            if (path / "vae").is_dir():
+                vae_source = ("folder", path / "vae")
+        elif (path / "config.json").is_file():
+            transformer_dir = path
+            sibling = path.parent / "vae"
+            if (sibling / "config.json").is_file():
+                vae_source = ("folder", sibling)
+        else:
+            raise ModelLoadError(
+                f"{path} is not a diffusers model folder: expected a pipeline folder with "
+                f"transformer/ (and vae/) or a transformer folder with config.json and "
+                f".safetensors weights"
+            )
+    else:
+        transformer_dir = path
+        shapes = read_shapes(path)
+        if _vae_view(shapes) is not None:
+            vae_source = ("file", path)
+
+    if vae is not None:
+        vae_path = _check_path(vae, "VAE")
+        if vae_source is not None:
+            logger.info("using the VAE from %s instead of the one in %s", vae_path, vae_source[1])
+        vae_source = ("given", vae_path)
+    if vae_source is None:
+        raise ModelLoadError(
+            f"no VAE found with {path}: it holds only a transformer. Pass the SD3/SD3.5 VAE "
+            f"separately (vae=...: a diffusers vae/ folder or a .safetensors file such as "
+            f"ComfyUI's models/vae/sd3_vae.safetensors), or use a checkpoint that includes it."
+        )
+
+    if shapes is not None:
+        transformer, family, _ = _load_transformer_file(path, shapes, dtype)
+        t_desc = f"single file {path}"
+    else:
+        transformer, family, _ = _load_transformer_folder(transformer_dir, dtype)
+        t_desc = f"transformer folder {transformer_dir}"
+
+    kind, where = vae_source
+    if kind == "file":
+        vae_model = _load_vae_file(where, shapes or read_shapes(where), dtype)
+        v_desc = "VAE from the same file"
+    elif kind == "folder":
+        vae_model = _load_vae_folder(where, dtype)
+        v_desc = f"VAE folder {where}"
+    else:
+        vae_model = load_vae(where, dtype=dtype)
+        v_desc = f"VAE {where}"
+    return LoadedModels(
+        transformer=_finish(transformer, dtype, device),
+        vae=_finish(vae_model, dtype, device),
+        family=family,
+        source=f"{FAMILY_NAMES[family]}: {t_desc}; {v_desc}",
+    )
