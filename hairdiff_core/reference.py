@@ -1,0 +1,644 @@
+"""Reference attention (K/V sharing) for SD3/SD3.5 joint attention, gated by the soft mask.
+
+A *reference pass* runs the source photo's latent (sketch channels zero) through the
+transformer and stores every attention layer's image-token K and V, taken after ``norm_k``
+(and after any LoRA on ``to_k``/``to_v``), i.e. exactly what that layer's attention uses. The
+*generation pass* appends them to its own keys and values and adds one additive logit bias,
+so each layer is still one fused ``scaled_dot_product_attention`` call.
+
+Weights are probabilities, biases their logs: a weight ``w`` on a key adds ``log(w)`` to its
+logit (``w = 0`` -> ``-inf``: exactly invisible; ``w = 1`` -> ``0``: a reference key that
+duplicates one of the generation's own keys leaves the softmax unchanged). For an image query
+token i with token-grid soft mask ``m_i`` and a reference key j:
+
+    bias[i, ref j] = log((1 - m_i) * weight_outside + m_i * weight_inside) + log(kw_j)
+    kw_j           = key_weight_inside if key j lies in the dilated matte else 1
+    bias[i, own j] = log(s_i),  s_i = max(1 - suppress_self_outside * (1 - m_i), 1e-6)
+    bias[i, text]  = log(s_i + w_i)        (w_i the query weight above; keeps the text's share)
+    bias[text query, ref j] = -inf         (text never sees the reference)
+
+The text term makes a reference that duplicates the generation's own keys an exact no-op: the
+image context then appears (s_i + w_i) times and so does the text, so the softmax is unchanged.
+
+Leakage: the reference photo still carries the *old* hair. Its keys inside the (dilated)
+matte are excluded by default (``key_weight_inside = 0``), and the reference pass itself is
+*hair-blind* (``blind_reference``): every query of the reference pass sees those keys with the
+same ``key_weight_inside``, so with the default nothing of the old hair reaches the reference
+K/V outside the matte either (exactly: changing the reference inside the excluded tokens
+changes no output). ``reference_input="filled"`` instead feeds the reference pass a copy of the
+photo whose hair region was filled from its surroundings (``fill_hair_region``).
+
+SD3.5 Medium's extra image self-attention (``attn2``, blocks 0-12) takes part by default
+(``include_attn2``): it is image-only, so it is where appearance is shared most directly, and
+the hair-blind reference pass needs it gated anyway. Its cache costs 13/24 more on Medium.
+
+State never lives on the processor: mode, cache and gating travel in ``joint_attention_kwargs``
+(key ``hairdiff_reference``), so gradient checkpointing recomputes a block with the same state.
+One processor instance serves every layer (the layer's cache key is the attention module).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, fields
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from . import mask as M
+from .errors import InputError
+from .flow import timestep_from_sigma
+from .surgery import BASE_CHANNELS, input_channels
+
+logger = logging.getLogger(__name__)
+
+MODES = ("off", "once", "per_step")
+REFERENCE_INPUTS = ("photo", "filled")
+#: The ``joint_attention_kwargs`` key the processor reads (it must be a named parameter).
+KWARG = "hairdiff_reference"
+#: Floor of the own-key weight under suppression: a finite bias keeps every row non-empty.
+SUPPRESS_FLOOR = 1e-6
+#: A reference key counts as "in the matte" when its token's soft-mask coverage exceeds this
+#: (before dilation): partly covered border tokens hold old hair too.
+KEY_COVERAGE_THRESHOLD = 0.1
+#: Mask last dims are padded to this many elements so CUDA's memory-efficient kernel gets an
+#: aligned bias without copying it (it pads misaligned masks itself, on every call).
+_ALIGN = 16
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ReferenceSettings:
+    """How reference attention behaves. ``mode="off"`` leaves the model untouched.
+
+    - ``weight_outside`` / ``weight_inside``: how strongly image queries outside / inside the
+      mask see the reference (0 = not at all, 1 = like their own keys; > 1 over-weights).
+      Inside defaults to 0.5: new hair takes the photo's light without being pulled to copy it.
+    - ``suppress_self_outside`` in [0, 1]: down-weights the generation's own image keys for
+      queries outside the mask (1 = they read the photo almost only from the reference).
+    - ``key_weight_inside`` in [0, 1]: weight of reference keys inside the dilated matte
+      (0 = excluded, the default: they carry the old hair).
+    - ``key_dilate_tokens``: dilation of that key region in tokens (16 px each).
+    - ``reference_input``: ``"photo"`` or ``"filled"`` (hair region filled from its surroundings).
+    - ``once_sigma``: the noise level of the single reference pass in ``once`` mode (0.1: low
+      enough that K/V describe the photo rather than noise, non-zero so the pass stays in the
+      distribution the timestep embedding was trained on).
+    - ``include_attn2``: SD3.5 Medium's image self-attention shares the reference too.
+    - ``blind_reference``: the reference pass does not attend to the excluded keys either.
+    """
+
+    mode: str = "off"
+    weight_inside: float = 0.5
+    weight_outside: float = 1.0
+    suppress_self_outside: float = 0.0
+    key_weight_inside: float = 0.0
+    key_dilate_tokens: int = 1
+    reference_input: str = "photo"
+    once_sigma: float = 0.1
+    include_attn2: bool = True
+    blind_reference: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mode, str):
+            self.mode = self.mode.strip().lower().replace("-", "_")
+        if self.mode not in MODES:
+            raise InputError(f"reference mode {self.mode!r} is not one of {list(MODES)}")
+        for name in ("weight_inside", "weight_outside"):
+            v = _as_float(getattr(self, name), name)
+            if v < 0:
+                raise InputError(f"{name} must be >= 0 (0 = the reference is not seen), got {v}")
+            setattr(self, name, v)
+        for name in ("suppress_self_outside", "key_weight_inside"):
+            v = _as_float(getattr(self, name), name)
+            if not 0.0 <= v <= 1.0:
+                raise InputError(f"{name} must be in [0, 1], got {v}")
+            setattr(self, name, v)
+        sigma = _as_float(self.once_sigma, "once_sigma")
+        if not 0.0 < sigma <= 1.0:
+            raise InputError(f"once_sigma must be in (0, 1], got {sigma} (try 0.1)")
+        self.once_sigma = sigma
+        if isinstance(self.key_dilate_tokens, bool) or int(self.key_dilate_tokens) != self.key_dilate_tokens or self.key_dilate_tokens < 0:
+            raise InputError(f"key_dilate_tokens must be a whole number >= 0, got {self.key_dilate_tokens!r}")
+        self.key_dilate_tokens = int(self.key_dilate_tokens)
+        if self.reference_input not in REFERENCE_INPUTS:
+            raise InputError(f"reference_input {self.reference_input!r} is not one of {list(REFERENCE_INPUTS)}")
+
+    @classmethod
+    def coerce(cls, value) -> "ReferenceSettings":
+        """None -> off, a mode string -> defaults for that mode, a dict -> fields, settings as is."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(mode=value)
+        if isinstance(value, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise InputError(f"unknown reference setting(s) {unknown}; known: {sorted(known)}")
+            return cls(**value)
+        raise InputError(f"reference must be None, a mode string or ReferenceSettings, got {type(value).__name__}")
+
+
+def _as_float(v, name: str) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {v!r}") from None
+    if not math.isfinite(f):
+        raise InputError(f"{name} must be finite, got {f}")
+    return f
+
+
+# --------------------------------------------------------------------------------------------
+# Gating: token masks -> additive biases (built once per sampling call, shared by all layers)
+# --------------------------------------------------------------------------------------------
+def _safe_log(w: torch.Tensor) -> torch.Tensor:
+    return torch.where(w > 0, torch.log(w.clamp_min(torch.finfo(w.dtype).tiny)), torch.full_like(w, -math.inf))
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype, device) -> torch.Tensor:
+    last = shape[-1]
+    padded = -(-last // _ALIGN) * _ALIGN
+    return torch.empty(*shape[:-1], padded, dtype=dtype, device=device)[..., :last]
+
+
+class ReferenceGating:
+    """The per-token weights of one sampling call and the biases built from them.
+
+    ``token_mask``: (B, 1, th, tw) soft mask on the token grid (H/16, W/16), or any grid of
+    the same aspect ratio (area-resized to ``token_hw``).
+    """
+
+    def __init__(self, settings: ReferenceSettings, token_mask: torch.Tensor, token_hw: tuple[int, int]):
+        self.settings = settings
+        if not isinstance(token_mask, torch.Tensor) or token_mask.ndim != 4 or token_mask.shape[1] != 1:
+            shape = tuple(token_mask.shape) if isinstance(token_mask, torch.Tensor) else type(token_mask).__name__
+            raise InputError(f"token_mask must be a (B, 1, h, w) soft mask, got {shape}")
+        th, tw = token_hw
+        h, w = token_mask.shape[-2:]
+        if (h, w) != (th, tw):
+            if abs((w / h) / (tw / th) - 1.0) > 0.01:
+                raise InputError(
+                    f"token_mask is {w}x{h} but the latent's token grid is {tw}x{th} (different aspect "
+                    f"ratios); pass mask.token_grid(soft_mask) of the working-size mask"
+                )
+            token_mask = M.resize_area(token_mask.float(), (th, tw))
+        m = token_mask.detach().float().clamp(0.0, 1.0)
+        self.token_hw = (th, tw)
+        self.batch = m.shape[0]
+        self.m = m.flatten(1)  # (B, L): SD3's patch order is row-major, like flatten
+        covered = (m > KEY_COVERAGE_THRESHOLD).float()
+        self.key_inside = M.dilate(covered, settings.key_dilate_tokens).flatten(1) > 0.5
+        s = settings
+        ref_w = (1 - self.m) * s.weight_outside + self.m * s.weight_inside  # (B, L)
+        own_w = (1 - s.suppress_self_outside * (1 - self.m)).clamp_min(SUPPRESS_FLOOR)
+        self.row_ref = _safe_log(ref_w)
+        self.col_ref = _safe_log(torch.where(self.key_inside, torch.tensor(s.key_weight_inside), torch.tensor(1.0)))
+        self.row_own = torch.log(own_w) if s.suppress_self_outside > 0 else torch.zeros_like(self.m)
+        # The image context now appears as own + reference keys; scaling the text keys by the
+        # same total keeps the image/text balance of the model (exactly so when the reference
+        # duplicates the generation's own keys).
+        self.row_text = torch.log(own_w + ref_w)
+        # A reference item whose every key is excluded would leave attn2 rows with nothing to
+        # attend to in the blind pass; its keys are invisible to the generation anyway.
+        self.all_excluded = torch.isinf(self.col_ref).all(dim=1)
+        if bool(self.all_excluded.any()):
+            logger.warning(
+                "reference attention: the dilated matte covers the whole image for batch item(s) %s; "
+                "the reference has no visible keys there",
+                torch.nonzero(self.all_excluded).flatten().tolist(),
+            )
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def tokens(self) -> int:
+        return self.m.shape[1]
+
+    def _batched(self, bias: torch.Tensor, batch: int) -> torch.Tensor:
+        if bias.shape[0] == batch or bias.shape[0] == 1:
+            return bias
+        if batch % bias.shape[0]:
+            raise InputError(
+                f"the generation batch ({batch}) is not a multiple of the reference batch "
+                f"({bias.shape[0]}); give one reference per photo"
+            )
+        # [uncond, cond] halves each line up with the reference batch.
+        return bias.repeat(batch // bias.shape[0], 1, 1, 1)
+
+    def generation_bias(self, batch: int, text_tokens: int | None, dtype, device) -> torch.Tensor:
+        """(B|1, 1, Lq, Lk + Lref) for joint attention (``text_tokens`` set) or attn2 (None)."""
+        key = ("gen", batch, text_tokens, dtype, device)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        B, L = self.m.shape
+        Lt = text_tokens or 0
+        Lq, Lk = L + Lt, 2 * L + Lt
+        bias = _aligned_empty((B, 1, Lq, Lk), torch.float32, "cpu")
+        bias[:, 0, :L, :L] = self.row_own[:, :, None]
+        bias[:, 0, :L, L : L + Lt] = self.row_text[:, :, None]
+        bias[:, 0, L:, : L + Lt] = 0.0
+        bias[:, 0, :L, L + Lt :] = self.row_ref[:, :, None] + self.col_ref[:, None, :]
+        bias[:, 0, L:, L + Lt :] = -math.inf
+        bias = self._to(bias, dtype, device)
+        bias = self._batched(bias, batch)
+        self._cache[key] = bias
+        return bias
+
+    def reference_bias(self, batch: int, text_tokens: int | None, dtype, device) -> torch.Tensor | None:
+        """(B, 1, 1, Lk) key-only bias of the hair-blind reference pass, or None when not blind."""
+        s = self.settings
+        if not s.blind_reference or s.key_weight_inside == 1.0 or not bool(self.key_inside.any()):
+            return None
+        key = ("ref", batch, text_tokens, dtype, device)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        B, L = self.m.shape
+        Lt = text_tokens or 0
+        col = torch.where(self.all_excluded[:, None], torch.zeros_like(self.col_ref), self.col_ref)
+        bias = _aligned_empty((B, 1, 1, L + Lt), torch.float32, "cpu")
+        bias[:, 0, 0, :L] = col
+        bias[:, 0, 0, L:] = 0.0
+        bias = self._batched(self._to(bias, dtype, device), batch)
+        self._cache[key] = bias
+        return bias
+
+    @staticmethod
+    def _to(bias: torch.Tensor, dtype, device) -> torch.Tensor:
+        out = _aligned_empty(tuple(bias.shape), dtype, device)
+        out.copy_(bias)
+        return out
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Per-pass state objects (travel in joint_attention_kwargs; never mutated between passes)
+# --------------------------------------------------------------------------------------------
+class ReferenceCache(dict):
+    """attention module -> (K, V) of the reference image tokens, each (B, heads, L, head_dim)."""
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.values())
+
+
+@dataclass(eq=False)
+class ReferencePassState:
+    cache: ReferenceCache
+    gating: ReferenceGating | None
+    include_attn2: bool
+
+
+@dataclass(eq=False)
+class GenerationPassState:
+    cache: ReferenceCache
+    gating: ReferenceGating
+    include_attn2: bool
+
+
+# --------------------------------------------------------------------------------------------
+# The processor
+# --------------------------------------------------------------------------------------------
+class ReferenceAttnProcessor:
+    """Drop-in for ``JointAttnProcessor2_0`` (joint blocks and attn2) with reference K/V.
+
+    Without a ``hairdiff_reference`` kwarg it computes exactly what the stock processor does.
+    """
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        hairdiff_reference: ReferencePassState | GenerationPassState | None = None,
+    ):
+        residual_len = hidden_states.shape[1]
+        batch = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        img_key, img_value = key, value
+
+        joint = encoder_hidden_states is not None
+        text_tokens = None
+        if joint:
+            text_tokens = encoder_hidden_states.shape[1]
+            tq = attn.add_q_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            tk = attn.add_k_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            tv = attn.add_v_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_added_q is not None:
+                tq = attn.norm_added_q(tq)
+            if attn.norm_added_k is not None:
+                tk = attn.norm_added_k(tk)
+            query = torch.cat([query, tq], dim=2)
+            key = torch.cat([key, tk], dim=2)
+            value = torch.cat([value, tv], dim=2)
+
+        bias = None
+        state = hairdiff_reference
+        takes_part = state is not None and (joint or state.include_attn2)
+        if takes_part and isinstance(state, ReferencePassState):
+            state.cache[attn] = (img_key, img_value)
+            if state.gating is not None:
+                bias = state.gating.reference_bias(batch, text_tokens, query.dtype, query.device)
+        elif takes_part and isinstance(state, GenerationPassState):
+            cached = state.cache.get(attn)
+            if cached is not None:
+                ref_k, ref_v = _match_reference(cached, batch, residual_len)
+                key = torch.cat([key, ref_k.to(key.dtype)], dim=2)
+                value = torch.cat([value, ref_v.to(value.dtype)], dim=2)
+                bias = state.gating.generation_bias(batch, text_tokens, query.dtype, query.device)
+        elif state is not None and not isinstance(state, (ReferencePassState, GenerationPassState)):
+            raise InputError(f"{KWARG} must come from hairdiff_core.reference, got {type(state).__name__}")
+
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+
+        if joint:
+            hidden_states, encoder_hidden_states = hidden_states[:, :residual_len], hidden_states[:, residual_len:]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if joint:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+def _match_reference(cached, batch: int, tokens: int):
+    ref_k, ref_v = cached
+    if ref_k.shape[2] != tokens:
+        raise InputError(
+            f"the reference K/V have {ref_k.shape[2]} image tokens but the generation has {tokens}; "
+            f"the reference latent must have the generation latent's size"
+        )
+    rb = ref_k.shape[0]
+    if rb != batch:
+        if batch % rb:
+            raise InputError(
+                f"the generation batch ({batch}) is not a multiple of the reference batch ({rb}); "
+                f"give one reference per photo"
+            )
+        if rb == 1:  # a view: the concatenation below copies it once anyway
+            ref_k, ref_v = ref_k.expand(batch, -1, -1, -1), ref_v.expand(batch, -1, -1, -1)
+        else:  # [uncond, cond] halves each line up with the reference batch
+            ref_k, ref_v = ref_k.repeat(batch // rb, 1, 1, 1), ref_v.repeat(batch // rb, 1, 1, 1)
+    return ref_k, ref_v
+
+
+# --------------------------------------------------------------------------------------------
+# Installing and restoring
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def reference_processors(transformer) -> Iterator[ReferenceAttnProcessor]:
+    """Install one ``ReferenceAttnProcessor`` on every attention module; always restore.
+
+    The originals (identity included: attn and attn2 of a block may share one object) come
+    back on exit, also when the body raises or is interrupted. Training can hold this around a
+    whole run: without a ``hairdiff_reference`` kwarg the processor is the stock computation.
+    """
+    snapshot = dict(transformer.attn_processors)
+    processor = ReferenceAttnProcessor()
+    transformer.set_attn_processor(processor)
+    try:
+        yield processor
+    finally:
+        transformer.set_attn_processor(dict(snapshot))
+
+
+def reference_pass(
+    transformer,
+    model_input: torch.Tensor,
+    timestep: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    pooled_projections: torch.Tensor,
+    gating: ReferenceGating | None,
+    settings: ReferenceSettings,
+) -> ReferenceCache:
+    """Run one reference forward and return its K/V cache (lower-level API, e.g. training).
+
+    ``model_input`` is the full transformer input (reference latent + zero sketch channels).
+    Gradients follow the caller's grad mode; wrap in ``torch.no_grad()`` for a frozen reference.
+    Needs ``reference_processors`` (or equivalent) installed.
+    """
+    cache = ReferenceCache()
+    state = ReferencePassState(cache, gating, settings.include_attn2)
+    transformer(
+        hidden_states=model_input,
+        encoder_hidden_states=encoder_hidden_states,
+        pooled_projections=pooled_projections,
+        timestep=timestep,
+        joint_attention_kwargs={KWARG: state},
+        return_dict=False,
+    )
+    if not cache:
+        raise InputError(
+            "the reference pass stored no K/V: the transformer's attention processors are not "
+            "HairDiff's; install them with reference_processors(transformer)"
+        )
+    return cache
+
+
+def generation_kwargs(cache: ReferenceCache, gating: ReferenceGating, settings: ReferenceSettings) -> dict:
+    """The ``joint_attention_kwargs`` of a generation forward that uses ``cache``."""
+    return {KWARG: GenerationPassState(cache, gating, settings.include_attn2)}
+
+
+# --------------------------------------------------------------------------------------------
+# The sampling-call hook (the contract with sampler.TransformerDenoiser)
+# --------------------------------------------------------------------------------------------
+class _OffHook:
+    reference_passes = 0
+
+    def step_kwargs(self, sigma: float, step: int) -> dict:
+        return {}
+
+
+class ReferenceHook:
+    """Runs the reference pass when needed and hands out each step's attention kwargs."""
+
+    def __init__(
+        self,
+        transformer,
+        settings: ReferenceSettings,
+        reference_latent: torch.Tensor,
+        token_mask: torch.Tensor,
+        noise: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+    ):
+        if not isinstance(reference_latent, torch.Tensor) or reference_latent.ndim != 4 or reference_latent.shape[1] != BASE_CHANNELS:
+            shape = tuple(reference_latent.shape) if isinstance(reference_latent, torch.Tensor) else type(reference_latent).__name__
+            raise InputError(f"reference_latent must be a (B, {BASE_CHANNELS}, h, w) SD3 latent, got {shape}")
+        B, _, h, w = reference_latent.shape
+        patch = int(transformer.config.patch_size)
+        if h % patch or w % patch:
+            raise InputError(f"the reference latent is {w}x{h}; both sides must be multiples of {patch}")
+        if tuple(noise.shape) != tuple(reference_latent.shape):
+            raise InputError(
+                f"noise has shape {tuple(noise.shape)} but the reference latent has "
+                f"{tuple(reference_latent.shape)}; pass the generation's noise"
+            )
+        self.transformer = transformer
+        self.settings = settings
+        param = transformer.pos_embed.proj.weight
+        self.dtype, self.device = param.dtype, param.device
+        self.latent = reference_latent.detach().to(self.device, torch.float32)
+        self.noise = noise.detach().to(self.device, torch.float32)
+        self.extra_channels = input_channels(transformer) - BASE_CHANNELS
+        self.text = _batch_to(encoder_hidden_states, B, "encoder_hidden_states").to(self.device, self.dtype)
+        self.pooled = _batch_to(pooled_projections, B, "pooled_projections").to(self.device, self.dtype)
+        self.gating = ReferenceGating(settings, _batch_to(token_mask, B, "token_mask").to("cpu"), (h // patch, w // patch))
+        self.reference_passes = 0
+        self._cache: ReferenceCache | None = None
+        self._cached_at: tuple | None = None
+
+    def _model_input(self, sigma: float) -> torch.Tensor:
+        x = (1.0 - sigma) * self.latent + sigma * self.noise
+        if self.extra_channels:
+            x = torch.cat([x, torch.zeros(x.shape[0], self.extra_channels, *x.shape[2:], device=x.device)], dim=1)
+        return x.to(self.dtype)
+
+    def run_reference(self, sigma: float) -> ReferenceCache:
+        self._cache = None  # free the previous step's K/V before computing new ones
+        timestep = timestep_from_sigma(sigma, self.latent.shape[0], device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            cache = reference_pass(
+                self.transformer, self._model_input(sigma), timestep, self.text, self.pooled, self.gating, self.settings
+            )
+        self.reference_passes += 1
+        logger.debug("reference pass %d at sigma %.4f: %.1f MiB of K/V", self.reference_passes, sigma, cache.nbytes() / 2**20)
+        return cache
+
+    def step_kwargs(self, sigma: float, step: int) -> dict:
+        if self.settings.mode == "once":
+            if self._cache is None:
+                self._cache = self.run_reference(self.settings.once_sigma)
+        else:
+            at = (int(step), float(sigma))
+            if self._cache is None or self._cached_at != at:
+                self._cache = self.run_reference(float(sigma))
+                self._cached_at = at
+        return generation_kwargs(self._cache, self.gating, self.settings)
+
+    def close(self) -> None:
+        self._cache = None
+        self.gating.clear()
+
+
+def _batch_to(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{what} must be a tensor, got {type(t).__name__}")
+    if t.shape[0] == batch:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    raise InputError(f"{what} has batch {t.shape[0]} but the reference latent has batch {batch}; give 1 or {batch}")
+
+
+@contextlib.contextmanager
+def reference_attention(
+    transformer,
+    settings,
+    *,
+    reference_latent: torch.Tensor,
+    token_mask: torch.Tensor,
+    noise: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    pooled_projections: torch.Tensor,
+):
+    """Reference attention for one sampling call.
+
+    Yields a hook whose ``step_kwargs(sigma, step)`` returns the step's ``joint_attention_kwargs``
+    (running the reference pass when needed: every step in ``per_step``, the first call in
+    ``once``). ``reference_latent`` is the (B, 16, h, w) SD3-scaled latent of the photo (or of
+    the filled photo), ``noise`` the generation's noise (same shape), ``token_mask`` the (B, 1,
+    h/2, w/2) token-grid soft mask; text embeddings are the conditional ones (B or 1 rows).
+    The generation batch may be a multiple of B (classifier-free guidance: one reference pass
+    serves both halves). On exit, also on error or interrupt, the original processors are back
+    and the cache is freed. ``mode="off"`` touches nothing and yields a hook returning ``{}``.
+    """
+    settings = ReferenceSettings.coerce(settings)
+    if settings.mode == "off":
+        yield _OffHook()
+        return
+    with reference_processors(transformer):
+        hook = ReferenceHook(
+            transformer, settings, reference_latent, token_mask, noise, encoder_hidden_states, pooled_projections
+        )
+        try:
+            yield hook
+        finally:
+            hook.close()
+
+
+def predicted_cache_bytes(transformer, latent_hw: tuple[int, int], batch: int = 1, include_attn2: bool = True, dtype=None) -> int:
+    """layers x 2 (K and V) x tokens x hidden x bytes: the reference cache's size."""
+    cfg = transformer.config
+    tokens = (latent_hw[0] // cfg.patch_size) * (latent_hw[1] // cfg.patch_size)
+    hidden = cfg.num_attention_heads * cfg.attention_head_dim
+    layers = int(cfg.num_layers)
+    if include_attn2:
+        layers += len(tuple(cfg.dual_attention_layers or ()))
+    itemsize = torch.tensor([], dtype=dtype or transformer.pos_embed.proj.weight.dtype).element_size()
+    return layers * 2 * batch * tokens * hidden * itemsize
+
+
+# --------------------------------------------------------------------------------------------
+# Filling the hair region (reference_input="filled")
+# --------------------------------------------------------------------------------------------
+def fill_hair_region(image01: torch.Tensor, matte01: torch.Tensor, grow_px: int | None = None) -> torch.Tensor:
+    """Replace the (slightly grown) matte region by a smooth fill from its surroundings.
+
+    Push-pull: known pixels are averaged down a pyramid (weighted by how much of each cell is
+    known) and the holes are filled back up from the coarsest level with bilinear upsampling,
+    so a hole takes the colours of its rim, blending to the average of what lies around it.
+    Pixels outside the grown matte are returned unchanged. ``grow_px`` defaults to side/128
+    (8 px at 1024): stray strands at the matte's edge are old hair too.
+    """
+    if not isinstance(image01, torch.Tensor) or image01.ndim != 4:
+        raise InputError("fill_hair_region: image must be a (B, C, H, W) tensor in [0, 1]")
+    if not isinstance(matte01, torch.Tensor) or matte01.ndim != 4 or matte01.shape[1] != 1:
+        raise InputError("fill_hair_region: matte must be a (B, 1, H, W) tensor in [0, 1]")
+    if matte01.shape[-2:] != image01.shape[-2:] or matte01.shape[0] not in (1, image01.shape[0]):
+        raise InputError(
+            f"fill_hair_region: matte {tuple(matte01.shape)} does not match image {tuple(image01.shape)}"
+        )
+    H, W = image01.shape[-2:]
+    grow = max(1, round(max(H, W) / 128)) if grow_px is None else int(grow_px)
+    hole = M.dilate((matte01.float() > 0.5).float(), grow) if grow > 0 else (matte01.float() > 0.5).float()
+    hole = hole.expand(image01.shape[0], 1, H, W)
+    known = 1.0 - hole
+    img = image01.float()
+    levels = [(img * known, known)]
+    while min(levels[-1][1].shape[-2:]) > 1:
+        c, k = levels[-1]
+        c, k = F.avg_pool2d(c, 2, ceil_mode=True), F.avg_pool2d(k, 2, ceil_mode=True)
+        levels.append((c, k))
+    # Coarsest level: where nothing at all is known, fall back to mid grey.
+    c, k = levels[-1]
+    filled = torch.where(k > 0, c / k.clamp_min(1e-8), torch.full_like(c, 0.5))
+    for c, k in reversed(levels[:-1]):
+        up = F.interpolate(filled, size=c.shape[-2:], mode="bilinear", align_corners=False)
+        colour = c / k.clamp_min(1e-8)
+        alpha = k.clamp(0.0, 1.0)
+        filled = alpha * colour + (1 - alpha) * up
+    out = torch.where(hole > 0, filled.clamp(0, 1), img)
+    return out.to(image01.dtype)
