@@ -389,20 +389,38 @@ def sketch_adherence(result, sketch, matte, *, edge_threshold: float = EDGE_THRE
     binary_a = F.adaptive_avg_pool2d(binary, (h, w)) > 0.5
     # A thin stroke must survive downsampling: any stroke pixel in a cell marks the cell.
     strokes = (F.adaptive_max_pool2d(alpha, (h, w)) > 0.5) & binary_a
-    erode = _px(INNER_ERODE, h, w) if min(h, w) >= 64 else 1
+    erode = _px(INNER_ERODE, h, w)
+    # The matte's own outline is where old meets new, not a drawn stroke: edges need to be inside.
     inner = distance_to(~binary_a, erode + 1) > erode
-    found = edges(image_a, edge_threshold) & inner
-    chamfer = edge_chamfer(strokes, found)
+    chamfer = edge_chamfer(strokes, edges(image_a, edge_threshold) & inner)
+    return {"sketch_chamfer": chamfer, "stroke_color_de": _stroke_colour_error(image, colour, alpha, binary)}
 
-    # Colour: stroke colour averaged over the cell, on cells that are mostly stroke.
-    cover = F.adaptive_avg_pool2d(alpha, (h, w))
-    stroke_rgb = F.adaptive_avg_pool2d(colour * alpha, (h, w)) / cover.clamp_min(1e-6)
-    stroke_lab = rgb_to_lab(stroke_rgb)
-    chroma = stroke_lab[:, 1:3].square().sum(1, keepdim=True).sqrt()
-    coloured = (cover > 0.5) & (chroma > COLOURED_CHROMA) & binary_a
-    result_lab = rgb_to_lab(blur(image_a, 1.0))
-    de = (result_lab - stroke_lab).square().sum(1, keepdim=True).sqrt()
-    return {"sketch_chamfer": chamfer, "stroke_color_de": _masked_mean(de, coloured)}
+
+def _stroke_colour_error(image: torch.Tensor, colour: torch.Tensor, alpha: torch.Tensor, binary: torch.Tensor) -> torch.Tensor:
+    """Mean Delta E between coloured stroke pixels and the blurred result under them, at full
+    resolution (thin strokes would vanish in a downsampled copy) but only on stroke pixels."""
+    out = torch.full((image.shape[0],), float("nan"))
+    candidates = (alpha > 0.5) & (binary > 0.5)
+    for b in range(image.shape[0]):
+        ys, xs = torch.nonzero(candidates[b, 0], as_tuple=True)
+        if ys.numel() == 0:
+            continue
+        stroke_lab = rgb_to_lab(colour[b, :, ys, xs].view(1, 3, -1, 1))
+        chroma = stroke_lab[0, 1:3, :, 0].square().sum(0).sqrt()
+        keep = chroma > COLOURED_CHROMA
+        if not bool(keep.any()):
+            continue
+        ys, xs = ys[keep], xs[keep]
+        top, bottom = int(ys.min()), int(ys.max()) + 1
+        left, right = int(xs.min()), int(xs.max()) + 1
+        # Blur only the strokes' bounding box (plus the kernel radius), not the whole photo.
+        pad = 3
+        t0, l0 = max(0, top - pad), max(0, left - pad)
+        crop = blur(image[b : b + 1, :, t0 : bottom + pad, l0 : right + pad], 1.0)
+        result_lab = rgb_to_lab(crop[0, :, ys - t0, xs - l0].view(1, 3, -1, 1))
+        de = (result_lab - stroke_lab[:, :, keep]).square().sum(1).sqrt()
+        out[b] = de.mean()
+    return out
 
 
 def _consistency_from(image, source, geo: MatteGeometry, r: float) -> dict[str, torch.Tensor]:
