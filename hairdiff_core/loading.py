@@ -479,10 +479,28 @@ def _ensure_loaded(model: torch.nn.Module, source: str) -> None:
         )
 
 
+class _DropEmptyFp32Warning(logging.Filter):
+    # ModelMixin.to(dtype) warns "modules ... should be kept in float32: []" for every model
+    # without such modules (SD3 and its VAE have none); from_single_file always triggers it.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_dtype_casts() -> Iterator[None]:
+    target = logging.getLogger("diffusers.models.modeling_utils")
+    flt = _DropEmptyFp32Warning()
+    target.addFilter(flt)
+    try:
+        yield
+    finally:
+        target.removeFilter(flt)
+
+
 def _finish(model: torch.nn.Module, dtype: torch.dtype, device: str | torch.device):
-    # Loading already applied dtype; ModelMixin.to(dtype=...) warns even when nothing changes.
     if any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
-        model = model.to(dtype=dtype)
+        with _quiet_dtype_casts():
+            model = model.to(dtype=dtype)
     return model.to(device=device).eval()
 
 
@@ -490,14 +508,23 @@ def _finish(model: torch.nn.Module, dtype: torch.dtype, device: str | torch.devi
 # Transformer
 
 
+def _inspect_transformer_file(
+    path: Path, shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[str, dict[str, Any]]:
+    _refuse_scaled_fp8(shapes, path)
+    return identify_transformer(shapes, name_hint=path.name, source=str(path))
+
+
 def _load_transformer_file(
-    path: Path, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype
-) -> tuple[Any, str, dict[str, Any]]:
+    path: Path,
+    shapes: Mapping[str, tuple[int, ...]],
+    family: str,
+    config: dict[str, Any],
+    dtype: torch.dtype,
+):
     from diffusers import SD3Transformer2DModel
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
-    _refuse_scaled_fp8(shapes, path)
-    family, config = identify_transformer(shapes, name_hint=path.name, source=str(path))
     layout, prefix = _transformer_view(shapes)  # type: ignore[misc]  # identify succeeded
     roots = _TRANSFORMER_ROOTS[layout]
     state = _read_tensors(
@@ -507,9 +534,10 @@ def _load_transformer_file(
     )
     with _config_dir(config, "SD3Transformer2DModel") as cfg:
         try:
-            model = SD3Transformer2DModel.from_single_file(
-                state, config=cfg, local_files_only=True, torch_dtype=dtype
-            )
+            with _quiet_dtype_casts():
+                model = SD3Transformer2DModel.from_single_file(
+                    state, config=cfg, local_files_only=True, torch_dtype=dtype
+                )
         except (KeyError, RuntimeError, ValueError, SingleFileComponentError) as e:
             raise ModelLoadError(
                 f"cannot build the {FAMILY_NAMES[family]} transformer from {path} "
@@ -517,7 +545,7 @@ def _load_transformer_file(
             ) from e
     _ensure_loaded(model, str(path))
     logger.info("recognised %s in %s", describe_transformer(family, config), path)
-    return model, family, config
+    return model
 
 
 def _safetensors_in(folder: Path, what: str) -> list[Path]:
@@ -542,9 +570,7 @@ def _folder_class(folder: Path) -> str | None:
     return config.get("_class_name") if isinstance(config, dict) else None
 
 
-def _load_transformer_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, str, dict[str, Any]]:
-    from diffusers import SD3Transformer2DModel
-
+def _inspect_transformer_folder(folder: Path) -> tuple[str, dict[str, Any]]:
     cls_name = _folder_class(folder)
     if cls_name not in (None, "SD3Transformer2DModel"):
         raise ModelLoadError(
@@ -554,8 +580,15 @@ def _load_transformer_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, str
     shapes: dict[str, tuple[int, ...]] = {}
     for weights in _safetensors_in(folder, "transformer"):
         shapes.update(read_shapes(weights))
-    # The folder's path (not just its last part, "transformer") names the model, e.g. "...-turbo".
-    family, config = identify_transformer(shapes, name_hint=str(folder.resolve()), source=str(folder))
+    # A pipeline's transformer/ folder is named by its parent, e.g. "sd3.5-large-turbo/transformer".
+    resolved = folder.resolve()
+    hint = f"{resolved.parent.name}/{resolved.name}"
+    return identify_transformer(shapes, name_hint=hint, source=str(folder))
+
+
+def _load_transformer_folder(folder: Path, family: str, config: dict[str, Any], dtype: torch.dtype):
+    from diffusers import SD3Transformer2DModel
+
     try:
         model = SD3Transformer2DModel.from_pretrained(
             str(folder),
@@ -570,7 +603,7 @@ def _load_transformer_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, str
         ) from e
     _ensure_loaded(model, str(folder))
     logger.info("recognised %s in %s", describe_transformer(family, config), folder)
-    return model, family, config
+    return model
 
 
 def load_transformer(
@@ -582,9 +615,12 @@ def load_transformer(
     """
     p = _check_path(path, "transformer")
     if p.is_dir():
-        model, family, _ = _load_transformer_folder(p, dtype)
+        family, config = _inspect_transformer_folder(p)
+        model = _load_transformer_folder(p, family, config, dtype)
     else:
-        model, family, _ = _load_transformer_file(p, read_shapes(p), dtype)
+        shapes = read_shapes(p)
+        family, config = _inspect_transformer_file(p, shapes)
+        model = _load_transformer_file(p, shapes, family, config, dtype)
     return _finish(model, dtype, device), family
 
 
@@ -604,9 +640,10 @@ def _load_vae_file(path: Path, shapes: Mapping[str, tuple[int, ...]], dtype: tor
         state = {k: v for k, v in state.items() if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}
     with _config_dir(config, "AutoencoderKL") as cfg:
         try:
-            vae = AutoencoderKL.from_single_file(
-                state, config=cfg, local_files_only=True, torch_dtype=dtype
-            )
+            with _quiet_dtype_casts():
+                vae = AutoencoderKL.from_single_file(
+                    state, config=cfg, local_files_only=True, torch_dtype=dtype
+                )
         except (KeyError, RuntimeError, ValueError, SingleFileComponentError) as e:
             raise ModelLoadError(
                 f"cannot build the VAE from {path} ({layout} layout): {type(e).__name__}: {e}"
@@ -686,8 +723,8 @@ def load_models(
         from .tiny import build_tiny_transformer, build_tiny_vae
 
         return LoadedModels(
-            transformer=_finish(build_tiny_transformer(dtype=dtype), dtype, device),
-            vae=_finish(build_tiny_vae(dtype=dtype), dtype, device),
+            transformer=_finish(build_tiny_transformer(), dtype, device),
+            vae=_finish(build_tiny_vae(), dtype, device),
             family="tiny",
             source="built-in tiny model (hairdiff_core.tiny)",
         )
@@ -698,13 +735,13 @@ def load_models(
         )
     path = _check_path(model, "model")
 
-    # Settle where the VAE comes from before reading gigabytes of transformer.
+    # Recognise the transformer and settle where the VAE comes from before reading gigabytes.
     shapes: dict[str, tuple[int, ...]] | None = None
     vae_source: tuple[str, Path] | None = None  # ("file"|"folder", path)
     if path.is_dir():
         if (path / "transformer").is_dir():
             transformer_dir = path / "transformer"
-            if (path / "vae").is_dir():
+            if (path / "vae" / "config.json").is_file():
                 vae_source = ("folder", path / "vae")
         elif (path / "config.json").is_file():
             transformer_dir = path
@@ -720,6 +757,10 @@ def load_models(
     else:
         transformer_dir = path
         shapes = read_shapes(path)
+    if shapes is None:
+        family, config = _inspect_transformer_folder(transformer_dir)
+    else:
+        family, config = _inspect_transformer_file(path, shapes)
         if _vae_view(shapes) is not None:
             vae_source = ("file", path)
 
@@ -735,16 +776,10 @@ def load_models(
             f"ComfyUI's models/vae/sd3_vae.safetensors), or use a checkpoint that includes it."
         )
 
-    if shapes is not None:
-        transformer, family, _ = _load_transformer_file(path, shapes, dtype)
-        t_desc = f"single file {path}"
-    else:
-        transformer, family, _ = _load_transformer_folder(transformer_dir, dtype)
-        t_desc = f"transformer folder {transformer_dir}"
-
+    # The VAE is small: load it first so its errors come before the long transformer load.
     kind, where = vae_source
-    if kind == "file":
-        vae_model = _load_vae_file(where, shapes or read_shapes(where), dtype)
+    if kind == "file" and shapes is not None:
+        vae_model = _load_vae_file(where, shapes, dtype)
         v_desc = "VAE from the same file"
     elif kind == "folder":
         vae_model = _load_vae_folder(where, dtype)
@@ -752,6 +787,13 @@ def load_models(
     else:
         vae_model = load_vae(where, dtype=dtype)
         v_desc = f"VAE {where}"
+
+    if shapes is not None:
+        transformer = _load_transformer_file(path, shapes, family, config, dtype)
+        t_desc = f"single file {path}"
+    else:
+        transformer = _load_transformer_folder(transformer_dir, family, config, dtype)
+        t_desc = f"transformer folder {transformer_dir}"
     return LoadedModels(
         transformer=_finish(transformer, dtype, device),
         vae=_finish(vae_model, dtype, device),
