@@ -175,7 +175,7 @@ def _transformer_view(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, str] 
     for layout in ("original", "diffusers"):
         prefixes = _prefixes_of(list(shapes), _LAYOUTS[layout]["patch"])
         if layout == "diffusers":
-            # The VAE-free diffusers mark must not catch an original file's "pos_embed" key.
+            # Other DiTs (PixArt, Hunyuan, ...) share the patch-embedding name; SD3 also has this.
             prefixes = [p for p in prefixes if p + "context_embedder.weight" in shapes]
         if prefixes:
             return layout, _pick(prefixes, _TRANSFORMER_PREFIX_PREFERENCE)
@@ -705,6 +705,7 @@ def load_models(
     tiny: bool = False,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    vae_dtype: torch.dtype | None = None,
 ) -> LoadedModels:
     """Load the transformer and VAE HairDiff needs, offline.
 
@@ -713,8 +714,10 @@ def load_models(
     checkpoint (transformer alone, or with the VAE under ``first_stage_model.``; bundled text
     encoders are ignored). ``vae`` overrides any VAE found with the model. ``tiny=True`` returns
     the built-in tiny model. The transformer comes back as stored: 16 input channels (stock) or
-    32 (already widened).
+    32 (already widened). ``vae_dtype`` (default: ``dtype``) lets the VAE stay in float32 while
+    the transformer is bf16, without a lossy round trip through ``dtype``.
     """
+    vae_dtype = vae_dtype or dtype
     if tiny:
         if model is not None or vae is not None:
             raise ModelLoadError(
@@ -724,7 +727,7 @@ def load_models(
 
         return LoadedModels(
             transformer=_finish(build_tiny_transformer(), dtype, device),
-            vae=_finish(build_tiny_vae(), dtype, device),
+            vae=_finish(build_tiny_vae(), vae_dtype, device),
             family="tiny",
             source="built-in tiny model (hairdiff_core.tiny)",
         )
@@ -779,13 +782,13 @@ def load_models(
     # The VAE is small: load it first so its errors come before the long transformer load.
     kind, where = vae_source
     if kind == "file" and shapes is not None:
-        vae_model = _load_vae_file(where, shapes, dtype)
+        vae_model = _load_vae_file(where, shapes, vae_dtype)
         v_desc = "VAE from the same file"
     elif kind == "folder":
-        vae_model = _load_vae_folder(where, dtype)
+        vae_model = _load_vae_folder(where, vae_dtype)
         v_desc = f"VAE folder {where}"
     else:
-        vae_model = load_vae(where, dtype=dtype)
+        vae_model = load_vae(where, dtype=vae_dtype)
         v_desc = f"VAE {where}"
 
     if shapes is not None:
@@ -796,7 +799,7 @@ def load_models(
         t_desc = f"transformer folder {transformer_dir}"
     return LoadedModels(
         transformer=_finish(transformer, dtype, device),
-        vae=_finish(vae_model, dtype, device),
+        vae=_finish(vae_model, vae_dtype, device),
         family=family,
         source=f"{FAMILY_NAMES[family]}: {t_desc}; {v_desc}",
     )

@@ -188,6 +188,9 @@ def test_dtype_is_honoured(files):
     assert {p.dtype for p in loaded.transformer.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in loaded.vae.parameters()} == {torch.bfloat16}
     assert load_vae(files["vae_ldm"], dtype=torch.bfloat16).dtype == torch.bfloat16
+    mixed = load_models(files["pipe"], dtype=torch.bfloat16, vae_dtype=torch.float32)
+    assert {p.dtype for p in mixed.transformer.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in mixed.vae.parameters()} == {torch.float32}
 
 
 def test_tiny_flag():
