@@ -174,6 +174,10 @@ def test_widened_single_file_keeps_32_channels(tmp_path, tiny_transformer, tiny_
     assert loaded.transformer.config.out_channels == 16
     assert _max_diff(loaded.transformer, wide) == 0.0
     assert torch.equal(_forward(loaded.transformer), _forward(wide))
+    wide.save_pretrained(tmp_path / "wide_folder")
+    from_folder, _ = load_transformer(tmp_path / "wide_folder")
+    assert from_folder.config.in_channels == 32
+    assert _max_diff(from_folder, wide) == 0.0
 
 
 def test_diffusers_layout_single_file_and_load_transformer(tmp_path, tiny_transformer):
