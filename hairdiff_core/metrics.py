@@ -11,8 +11,8 @@ Notation: ``I`` the result, ``P`` the source photo, ``M`` the binary matte (matt
 ``d_out(x)`` the Euclidean distance of an outside pixel to the matte, ``d_in(x)`` that of an
 inside pixel to the background (1 for pixels touching the boundary, 0 on the other side).
 
-- ``preservation``: ``O = not dilate(M, r)`` (square dilation, r = 10 px = one feather sigma by
-  default, so the feathered band where the composite blends is partly counted).
+- ``preservation``: ``O = {d_out > r}`` (r = 10 px = one feather sigma by default, so the
+  feathered band where the composite blends is partly counted).
   ``MSE = mean_{O, c} (I - P)^2``, ``PSNR = 10 log10(1 / MSE)`` dB (inf when identical),
   ``MAE = mean_{O, c} |I - P|``.
 - ``seam``: ``G = |grad(I - blur_sigma_hp(I))|`` — Sobel gradient magnitude (over RGB) of the
@@ -37,9 +37,9 @@ inside pixel to the background (1 for pixels touching the boundary, 0 on the oth
 - ``harmony_tracking``: with a known per-channel gain ``g`` applied to the photo (``apply_gain``,
   presets ``GAINS``) and a second result ``I_g`` from the gained photo and the same seed:
   ``s_c = log mean_H(I_g,c) - log mean_H(I_c)`` over the hair ``H = erode(M, 2)``,
-  ``a_c = log mean_O(P_g,c) - log mean_O(P_c)`` over the outside ``O`` (the applied shift as
-  measured, clipping included), ``tracking = (s . a) / (a . a)``: 1 = the hair follows the
-  scene's light, 0 = it ignores it.
+  ``a_c = log mean_O(P_g,c) - log mean_O(P_c)`` over the outside ``O = {d_out > 10 px}`` (the
+  applied shift as measured, clipping included), ``tracking = (s . a) / (a . a)``: 1 = the hair
+  follows the scene's light, 0 = it ignores it.
 - ``leakage``: results from the photo (A) and from a copy with the hair region filled (B), same
   sketch, matte and seed. ``old_hair_de = mean_H DeltaE(I_A, P)`` (pixelwise), ``old_hair_chamfer``
   the symmetric edge chamfer between ``I_A``'s and ``P``'s edges inside ``H``;
@@ -227,15 +227,6 @@ class MatteGeometry:
         return self.inside & (self.d_in > r)
 
 
-def _square_dilate(binary: torch.Tensor, r: int) -> torch.Tensor:
-    """Max filter by a (2r+1)² square, separably (two 1-D max pools)."""
-    if r <= 0:
-        return binary
-    k = 2 * r + 1
-    out = F.max_pool2d(binary, (1, k), stride=1, padding=(0, r))
-    return F.max_pool2d(out, (k, 1), stride=1, padding=(r, 0))
-
-
 # -- image operators ---------------------------------------------------------------------------
 def sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised Sobel derivatives (kernel / 8, replicate border) per channel: (gx, gy).
@@ -338,16 +329,23 @@ def edge_chamfer(a: torch.Tensor, b: torch.Tensor, region: torch.Tensor | None =
 
 
 # -- the metrics -------------------------------------------------------------------------------
-def preservation(result, source, matte, dilation: float | None = None) -> dict[str, torch.Tensor]:
+def preservation(result, source, matte, dilation: float | None = None, geometry: MatteGeometry | None = None) -> dict[str, torch.Tensor]:
     """PSNR (dB, inf when untouched) and MAE of the result against the source outside the dilated matte.
 
-    ``dilation`` in pixels of this image (default ``PRESERVE_DILATION`` at 1024 px, scaled).
+    ``dilation`` in pixels of this image (default ``PRESERVE_DILATION`` at 1024 px, scaled);
+    Euclidean: a pixel counts when it lies more than ``dilation`` px from the matte.
+    ``geometry`` (same size, cap > dilation) saves recomputing the distances.
     """
     result, source, binary = _rgb(result, "result"), _rgb(source, "source"), _matte(matte)
     result, source, binary = _same_geometry(("result", result), ("source", source), ("matte", binary))
     H, W = result.shape[-2:]
     r = _px(PRESERVE_DILATION, H, W) if dilation is None else int(round(dilation))
-    outside = _square_dilate(binary, r) < 0.5
+    if geometry is None or geometry.cap <= r or tuple(geometry.inside.shape[-2:]) != (H, W):
+        inside = binary > 0.5
+        d_out = distance_to(inside, r + 1)
+    else:
+        inside, d_out = geometry.inside, geometry.d_out
+    outside = ~inside & (d_out > r)
     diff = result - source
     mse = _masked_mean(diff.square(), outside)
     mae = _masked_mean(diff.abs(), outside)
@@ -461,10 +459,11 @@ def harmony_tracking(result, result_gained, source, source_gained, matte) -> tor
     binary = _matte(matte)
     result, result_gained, source, source_gained, binary = _same_geometry(("result", result), ("gained result", result_gained), ("source", source), ("gained source", source_gained), ("matte", binary))
     H, W = result.shape[-2:]
-    r = _px(INNER_ERODE, H, W)
-    hair = MatteGeometry.of(binary, r + 1).eroded(r)
-    hair = torch.where(hair.flatten(1).any(1).view(-1, 1, 1, 1), hair, binary > 0.5)
-    outside = _square_dilate(binary, _px(PRESERVE_DILATION, H, W)) < 0.5
+    r, r_out = _px(INNER_ERODE, H, W), _px(PRESERVE_DILATION, H, W)
+    geo = MatteGeometry.of(binary, max(r, r_out) + 1)
+    hair = geo.eroded(r)
+    hair = torch.where(hair.flatten(1).any(1).view(-1, 1, 1, 1), hair, geo.inside)
+    outside = ~geo.inside & (geo.d_out > r_out)
     eps = 1e-4
     s = torch.log(_masked_channel_mean(result_gained, hair) + eps) - torch.log(_masked_channel_mean(result, hair) + eps)
     a = torch.log(_masked_channel_mean(source_gained, outside) + eps) - torch.log(_masked_channel_mean(source, outside) + eps)
@@ -507,8 +506,7 @@ def compute_metrics(result, source, sketch, matte, *, edge_threshold: float = ED
     image, source_t, binary = _rgb(result, "result"), _rgb(source, "source"), _matte(matte)
     sketch = as_nchw(sketch, "sketch")
     image, source_t, sketch, binary = _same_geometry(("result", image), ("source", source_t), ("sketch", sketch), ("matte", binary))
-    out = preservation(image, source_t, binary)
-    out.update(sketch_adherence(image, sketch, binary, edge_threshold=edge_threshold))
+    out = sketch_adherence(image, sketch, binary, edge_threshold=edge_threshold)
 
     # Seam and consistency at most ANALYSIS_SIZE a side (large photos cost what 1024² does).
     h, w = _analysis_size(*image.shape[-2:], ANALYSIS_SIZE)
@@ -517,6 +515,7 @@ def compute_metrics(result, source, sketch, matte, *, edge_threshold: float = ED
     ring = float(_px(SEAM_RING, h, w))
     band = float(_px(CONSISTENCY_BAND, h, w))
     geo = MatteGeometry.of(binary_a, int(math.ceil(max(4 * ring, band))) + 1)
+    out.update(preservation(image, source_t, binary, geometry=geo))
     sigma = max(1.0, SEAM_HIGHPASS_SIGMA * math.sqrt(h * w) / REFERENCE_SIDE)
     out["seam"] = _seam_from(image_a, geo, ring, sigma)
     if source_seam:
