@@ -1,0 +1,646 @@
+"""The HairDiff training loop (accelerate): LoRA + the sketch channels of ``pos_embed.proj``.
+
+One step, per micro-batch (DESIGN.md, "The method"):
+
+1. load photo, canonical sketch and binary matte at ``resolution`` (``hairdiff_core.data``);
+2. augment on the device (``hairdiff_core.augment``: ``all`` or ``seed``);
+3. feather the matte into the soft mask and area-resize it to the latent grid (``mask``);
+4. VAE-encode the (warped) photo, or read its cached latent in ``seed`` mode, and the sketch;
+5. draw sigma (SD3's logit-normal by default) and eps, noise per pixel at sigma * m
+   (``flow.soft_noise``), run the transformer on cat([x_in, sketch_latent]) at timestep
+   sigma * 1000 with zero (or cached caption) text;
+6. soft-mask MSE against eps - x0 + lambda_shape x Sobel shape loss (``losses``), float32.
+
+Every random draw of a step (augmentation, sigma, eps) comes from one CPU ``torch.Generator``
+per process whose state is checkpointed with the torch/numpy/python states, and the data order
+is a pure function of (seed, epoch), so a resumed run replays exactly what the uninterrupted
+run would have done.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from hairdiff_core import mask as M
+from hairdiff_core.augment import AugmentSettings, augment_batch
+from hairdiff_core.data import HairDataset, file_digest, scan_dataset
+from hairdiff_core.errors import HairDiffError, NonFiniteError
+from hairdiff_core.flow import NUM_TRAIN_TIMESTEPS, soft_noise
+from hairdiff_core.losses import hairdiff_loss, sample_sigmas
+from hairdiff_core.surgery import BASE_CHANNELS
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, fingerprint_hash, save_config
+from .logs import TrainingLogs
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EPOCHS = 10
+CHECKPOINT_VERSION = 1
+
+
+class TrainingOutOfMemoryError(HairDiffError):
+    """The device ran out of memory during a training step."""
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    adapter: Path | None
+    steps: int
+    last: dict = field(default_factory=dict)
+    epoch_rows: list = field(default_factory=list)
+    skipped: int = 0
+
+
+# -- data order and curriculum ---------------------------------------------------------------
+class EpochPlan:
+    """Which sample indices each epoch visits, in which order; a pure function of the seed.
+
+    From ``oversample_from_epoch`` (1-based) on, every braid sample appears ``factor`` times
+    per epoch (the others once), so braids are drawn ``factor`` times as often.
+    """
+
+    def __init__(self, n: int, braid: list[int], seed: int, global_batch: int, from_epoch: int | None, factor: int, pad: bool = False):
+        self.n, self.braid, self.seed = n, list(braid), int(seed)
+        self.global_batch, self.from_epoch, self.factor, self.pad = global_batch, from_epoch, int(factor), pad
+
+    def oversampling(self, epoch: int) -> bool:
+        return self.from_epoch is not None and epoch >= self.from_epoch and self.factor > 1 and bool(self.braid)
+
+    def order(self, epoch: int) -> list[int]:
+        idx = list(range(self.n))
+        if self.oversampling(epoch):
+            idx += self.braid * (self.factor - 1)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()]
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        order = self.order(epoch)
+        out = [order[i : i + self.global_batch] for i in range(0, len(order), self.global_batch)]
+        if self.pad and len(out[-1]) < self.global_batch:
+            # Several processes need equal shards: wrap around to fill the last global batch.
+            need = self.global_batch - len(out[-1])
+            out[-1] = out[-1] + (order * (need // len(order) + 1))[:need]
+        return out
+
+    def micro_batches(self, epoch: int) -> int:
+        return len(self.batches(epoch))
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """LR multiplier for optimiser step ``step`` (0-based); stateless so resume needs nothing."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _collate(items: list[dict]) -> dict:
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "sketch": torch.stack([it["sketch"] for it in items]),
+        "matte": torch.stack([it["matte"] for it in items]),
+        "index": torch.tensor([it["index"] for it in items]),
+    }
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t)
+    if oom_types and isinstance(exc, oom_types):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text)
+
+
+# -- trainable parameters --------------------------------------------------------------------
+def setup_trainable(transformer, config: TrainConfig) -> dict[str, list[torch.nn.Parameter]]:
+    """Freeze everything, add the LoRA, open the sketch channels of ``pos_embed.proj``.
+
+    The LoRA and ``pos_embed.proj`` are kept in float32 whatever the base dtype (bf16 weights
+    cannot hold small Adam updates). Channels 0-15 of the patch conv (and its bias) stay frozen
+    unless ``train_base_channels``: the weight is one tensor, so its gradient is masked (hook)
+    and its optimiser group has no weight decay; the trainer also restores channels 0-15 after
+    each step, which keeps them bit-identical even with a quantised (8-bit) optimiser.
+    """
+    from hairdiff_core.lora import add_lora
+
+    transformer.requires_grad_(False)
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    add_lora(transformer, rank=config.rank, alpha=config.lora_alpha, targets=tuple(config.lora_targets))
+    lora = []
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+            lora.append(p)
+    if not lora:
+        raise HairDiffError(f"no LoRA parameters were created for targets {config.lora_targets}; check --lora-targets")
+    proj = transformer.pos_embed.proj
+    proj.float()
+    proj.weight.requires_grad_(True)
+    proj_params = [proj.weight]
+    if config.train_base_channels:
+        if proj.bias is not None:
+            proj.bias.requires_grad_(True)
+            proj_params.append(proj.bias)
+    else:
+        def _sketch_channels_only(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            grad[:, :BASE_CHANNELS] = 0
+            return grad
+
+        proj.weight.register_hook(_sketch_channels_only)
+    return {"lora": lora, "proj": proj_params}
+
+
+def trainable_state(transformer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().cpu().clone() for n, p in transformer.named_parameters() if p.requires_grad}
+
+
+# -- the trainer -----------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, config: TrainConfig, on_step: Callable | None = None):
+        self.config = config
+        self.on_step = on_step
+
+    # setup ------------------------------------------------------------------------------
+    def _accelerator(self):
+        try:
+            from accelerate import Accelerator
+            from accelerate.state import AcceleratorState
+        except ImportError as exc:
+            raise HairDiffError("training needs accelerate: pip install 'hairdiff[train]'") from exc
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            # One process (tests, notebooks): let a new run choose its own precision.
+            AcceleratorState._reset_state(reset_partial_state=False)
+        return Accelerator(mixed_precision=self.config.mixed_precision, cpu=self.config.cpu)
+
+    def _weight_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.mixed_precision, torch.float32)
+
+    def run(self) -> TrainResult:
+        cfg = self.config
+        acc = self._accelerator()
+        self.acc = acc
+        main = acc.is_main_process
+        out = Path(cfg.output)
+        self.out = out
+        self.ckdir = out / "checkpoints"
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.json")
+
+        scan = scan_dataset(cfg.data, skip_bad=cfg.skip_bad)
+        skipped = len(scan.bad_stems)
+        if skipped and main:
+            logger.warning("--skip-bad: training on %d sample(s), skipped %d bad one(s)", len(scan.samples), skipped)
+
+        seed = int(cfg.seed)
+        random.seed(seed + acc.process_index)
+        np.random.seed(seed + acc.process_index)
+        torch.manual_seed(seed + acc.process_index)
+        self.gen = torch.Generator().manual_seed(seed * 7919 + acc.process_index)
+
+        from hairdiff_core.loading import load_models
+        from hairdiff_core.pipeline import HairDiffPipeline
+
+        weight_dtype = self._weight_dtype()
+        loaded = load_models(cfg.model, vae=cfg.vae, tiny=cfg.tiny, dtype=weight_dtype, device="cpu")
+        if loaded.vae is None:
+            raise HairDiffError("training needs a VAE: the model has none; pass --vae PATH")
+        self.family = loaded.family
+        # The pipeline widens the transformer, owns the VAE scale/shift and samples validation.
+        pipe = HairDiffPipeline(loaded.transformer, loaded.vae, device=acc.device, dtype=weight_dtype)
+        self.pipe = pipe
+        transformer = pipe.transformer
+        resolution = int(cfg.resolution or pipe.default_work_size)
+        self.resolution = resolution
+        groups = setup_trainable(transformer, cfg)
+        transformer.train()
+        self.base_channels = transformer.pos_embed.proj.weight.detach()[:, :BASE_CHANNELS].clone()
+
+        param_groups = [
+            {"params": groups["lora"], "weight_decay": cfg.weight_decay},
+            {"params": groups["proj"], "weight_decay": 0.0},
+        ]
+        optimizer = self._optimizer(param_groups)
+        model, optimizer = acc.prepare(transformer, optimizer)
+        self.model, self.optimizer, self.transformer = model, optimizer, transformer
+        self.trainable_params = groups["lora"] + groups["proj"]
+
+        # Data.
+        self.samples = scan.samples
+        dataset = HairDataset(scan.samples, resolution)
+        self.dataset = dataset
+        braid = [i for i, s in enumerate(scan.samples) if s.is_braid]
+        self.plan = EpochPlan(
+            len(scan.samples), braid, seed, cfg.batch_size * acc.num_processes,
+            cfg.oversample_from_epoch, cfg.oversample_factor, pad=acc.num_processes > 1,
+        )
+        if cfg.max_steps is not None:
+            max_steps = int(cfg.max_steps)
+        else:
+            epochs = int(cfg.epochs or DEFAULT_EPOCHS)
+            micro = sum(self.plan.micro_batches(e) for e in range(1, epochs + 1))
+            max_steps = math.ceil(micro / cfg.grad_accum)
+        self.max_steps = max_steps
+        self.aug = AugmentSettings(mode=cfg.augment, sketch_jitter_px=cfg.sketch_jitter)
+        self.latent_cache = self._prepare_latent_cache() if cfg.augment == "seed" else None
+        self.text = self._prepare_text()
+
+        # Resume.
+        step, epoch, position = 0, 1, 0
+        epoch_sums = {"total": 0.0, "mse": 0.0, "shape": 0.0, "n": 0}
+        epoch_rows: list[dict] = []
+        resume_from = ckpt.resolve_resume(cfg.resume, self.ckdir) if cfg.resume else None
+        if cfg.resume == "latest" and resume_from is None and main:
+            logger.info("--resume latest: no checkpoint in %s yet, starting from step 0", self.ckdir)
+        if resume_from is not None:
+            state = self._load_checkpoint(resume_from)
+            step, epoch, position = state["step"], state["epoch"], state["position"]
+            epoch_sums, epoch_rows = state["epoch_sums"], state["epoch_rows"]
+            if main:
+                logger.info("resumed from %s (step %d, epoch %d)", resume_from, step, epoch)
+
+        logs = TrainingLogs(out, start_step=step, epoch_rows=epoch_rows) if main else None
+        self.logs = logs
+        if main:
+            logger.info(
+                "training %s on %d sample(s) (%d braid) at %dx%d, %d step(s), batch %d x %d process(es) x %d accumulation, augment=%s, %s",
+                loaded.family, len(scan.samples), len(braid), resolution, resolution, max_steps, cfg.batch_size,
+                acc.num_processes, cfg.grad_accum, cfg.augment, cfg.mixed_precision,
+            )
+        try:
+            last = self._loop(step, epoch, position, epoch_sums)
+        except Exception as exc:
+            if _is_oom(exc):
+                raise TrainingOutOfMemoryError(self._oom_message()) from exc
+            raise
+        finally:
+            if logs is not None:
+                logs.plot()
+                logs.close()
+
+        adapter = None
+        if main:
+            adapter = self._save_adapter()
+        acc.wait_for_everyone()
+        return TrainResult(out, adapter, self.max_steps, last, list(logs.epoch_rows) if logs else [], skipped)
+
+    def _optimizer(self, param_groups):
+        cfg = self.config
+        kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        if cfg.adam_8bit:
+            try:
+                import bitsandbytes as bnb
+            except ImportError as exc:
+                raise HairDiffError("--adam-8bit needs bitsandbytes: pip install bitsandbytes (CUDA only)") from exc
+            return bnb.optim.AdamW8bit(param_groups, **kwargs)
+        return torch.optim.AdamW(param_groups, **kwargs)
+
+    def _oom_message(self) -> str:
+        cfg = self.config
+        return (
+            f"out of memory during a training step at {self.resolution}x{self.resolution}, batch {cfg.batch_size}, "
+            f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
+            f"{'8-bit' if cfg.adam_8bit else '32-bit'} AdamW, {cfg.mixed_precision}. Turn these knobs: a lower "
+            f"--resolution, a smaller --batch-size (with a larger --grad-accum to keep the effective batch), "
+            f"--gradient-checkpointing, --adam-8bit (needs bitsandbytes), --mixed-precision bf16, --augment seed "
+            f"(no photo re-encoding). The last good checkpoint in {self.ckdir} is intact."
+        )
+
+    # seed-mode photo latents ---------------------------------------------------------------
+    def _vae_fingerprint(self) -> str:
+        import hashlib
+        import json
+
+        vae = self.pipe.vae
+        h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+        first = next(vae.parameters()).detach().float().cpu().flatten()[:4096]
+        h.update(first.numpy().tobytes())
+        return h.hexdigest()[:12]
+
+    def _prepare_latent_cache(self) -> list[Path]:
+        """Encode every photo once (unaugmented, at the training resolution) and cache the latent
+        on disk, keyed by the photo's content, the resolution and the VAE."""
+        from safetensors.torch import save_file
+
+        cfg = self.config
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
+        folder = cache / "latents"
+        vae_fp = self._vae_fingerprint()
+        paths = [folder / f"{file_digest(s.img)[:32]}_{self.resolution}_{vae_fp}.safetensors" for s in self.samples]
+        if self.acc.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            todo = [i for i, p in enumerate(paths) if not p.is_file()]
+            for i in todo:
+                image = self.dataset[i]["image"][None]
+                latent = self.pipe.encode(image).cpu()[0].contiguous()
+                tmp = paths[i].with_name(f".{paths[i].name}.tmp")
+                save_file({"latent": latent}, str(tmp))
+                tmp.replace(paths[i])
+            logger.info("seed mode: %d photo latent(s) cached in %s (%d new)", len(paths), folder, len(todo))
+        self.acc.wait_for_everyone()
+        return paths
+
+    def _cached_latents(self, indices: torch.Tensor) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        return torch.stack([load_file(str(self.latent_cache[int(i)]))["latent"] for i in indices])
+
+    # text -----------------------------------------------------------------------------------
+    def _prepare_text(self):
+        from .text import load_text_embeddings
+
+        return load_text_embeddings(self.config, self.samples, self.transformer, self.out, self.acc)
+
+    def _text_batch(self, indices: torch.Tensor, device):
+        from hairdiff_core.text import zero_text
+
+        b = len(indices)
+        if self.text is None:
+            return zero_text(self.transformer, b, device, torch.float32)
+        embeds, pooled = [], []
+        for i in indices.tolist():
+            e, p = self.text.get(i, (None, None))
+            if e is None:
+                e, p = (t[0] for t in zero_text(self.transformer, 1, "cpu", torch.float32, tokens=self.text.tokens))
+            embeds.append(e)
+            pooled.append(p)
+        return torch.stack(embeds).to(device), torch.stack(pooled).to(device)
+
+    # the step -------------------------------------------------------------------------------
+    def _micro_step(self, batch: dict):
+        cfg, acc, dev = self.config, self.acc, self.acc.device
+        photo = batch["image"].to(dev)
+        sketch = batch["sketch"].to(dev)
+        matte = batch["matte"].to(dev)
+        b, _, h, w = photo.shape
+        photo_a, sketch_a, matte_a = augment_batch(photo, sketch, matte, self.aug, generator=self.gen)
+        soft = M.soft_mask(matte_a, M.feather_sigma(h, w, cfg.feather_sigma))
+        mask = M.latent_grid(soft)
+        with torch.no_grad():
+            x0 = self._cached_latents(batch["index"]).to(dev) if self.latent_cache is not None else self.pipe.encode(photo_a)
+            sketch_latent = self.pipe.encode(sketch_a)
+        sigma = sample_sigmas(
+            b, cfg.sigma_sampling, shift=cfg.shift, generator=self.gen,
+            logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
+        )
+        noise = torch.randn(x0.shape, generator=self.gen).to(dev)
+        sigma_d = sigma.to(dev)
+        x_in = soft_noise(x0, noise, sigma_d, mask)
+        embeds, pooled = self._text_batch(batch["index"], dev)
+        with acc.autocast():
+            v = self.model(
+                hidden_states=torch.cat([x_in, sketch_latent], dim=1),
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+                timestep=sigma_d * NUM_TRAIN_TIMESTEPS,
+                return_dict=False,
+            )[0]
+        terms = hairdiff_loss(v, x0, noise, x_in, sigma_d, mask, cfg.lambda_shape)
+        return terms, float(sigma.mean())
+
+    def _stream(self, epoch: int, position: int):
+        """Yield (epoch, position, micro-batches in epoch, batch) forever from (epoch, position)."""
+        cfg, acc = self.config, self.acc
+        b, r = cfg.batch_size, acc.process_index
+        while True:
+            batches = self.plan.batches(epoch)
+            shards = [gb[r * b : (r + 1) * b] for gb in batches]
+            remaining = [s for s in shards[position:] if s]
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=remaining, num_workers=cfg.num_workers, collate_fn=_collate,
+                persistent_workers=False,
+            )
+            for i, batch in enumerate(loader):
+                yield epoch, position + i, len(batches), batch
+            epoch, position = epoch + 1, 0
+
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        flag = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=self.acc.device)
+        if self.acc.num_processes > 1:
+            flag = self.acc.reduce(flag, "sum")
+        return float(flag) == 0.0
+
+    def _nonfinite(self, step: int, what: str, terms: dict | None = None) -> NonFiniteError:
+        found = ckpt.list_checkpoints(self.ckdir)
+        last = f"the last good checkpoint is {found[-1][1]} (step {found[-1][0]})" if found else "no checkpoint was written yet"
+        detail = f" (total={terms['total']}, mse={terms['mse']}, shape={terms['shape']})" if terms else ""
+        return NonFiniteError(
+            f"training stopped at step {step}: the {what} is NaN or infinite{detail}; {last}. "
+            f"Lower --lr (now {self.config.lr}), keep --max-grad-norm, use --mixed-precision bf16 rather than "
+            f"fp16, and check the data; then continue with --resume latest."
+        )
+
+    def _loop(self, step: int, epoch: int, position: int, epoch_sums: dict) -> dict:
+        cfg, acc = self.config, self.acc
+        main = acc.is_main_process
+        stream = self._stream(epoch, position)
+        bar = None
+        if main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        last: dict = {}
+        try:
+            while step < self.max_steps:
+                factor = lr_factor(step, self.max_steps, cfg.warmup_steps, cfg.lr_schedule)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = cfg.lr * factor
+                sums = {"total": 0.0, "mse": 0.0, "shape": 0.0, "sigma": 0.0}
+                finished_epochs = []
+                for k in range(cfg.grad_accum):
+                    ep, pos, n_in_epoch, batch = next(stream)
+                    sync = k == cfg.grad_accum - 1
+                    ctx = nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(self.model)
+                    with ctx:
+                        terms, sigma_mean = self._micro_step(batch)
+                        if not self._all_finite(terms.total.detach()):
+                            raise self._nonfinite(step + 1, "loss", terms.detached())
+                        acc.backward(terms.total / cfg.grad_accum)
+                    d = terms.detached()
+                    if acc.num_processes > 1:
+                        vals = acc.reduce(torch.tensor([d["total"], d["mse"], d["shape"]], device=acc.device), "mean")
+                        d = dict(zip(("total", "mse", "shape"), vals.tolist()))
+                    for key in ("total", "mse", "shape"):
+                        sums[key] += d[key] / cfg.grad_accum
+                        epoch_sums[key] += d[key]
+                    sums["sigma"] += sigma_mean / cfg.grad_accum
+                    epoch_sums["n"] += 1
+                    epoch, position, last_ep = ep, pos + 1, ep
+                    if position >= n_in_epoch:
+                        n = max(1, epoch_sums["n"])
+                        finished_epochs.append({"epoch": ep, **{k: epoch_sums[k] / n for k in ("total", "mse", "shape")}})
+                        epoch_sums = {"total": 0.0, "mse": 0.0, "shape": 0.0, "n": 0}
+                        epoch, position = ep + 1, 0
+                grad_norm = acc.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+                if grad_norm is not None and cfg.mixed_precision != "fp16" and not self._all_finite(torch.as_tensor(grad_norm)):
+                    raise self._nonfinite(step + 1, "gradient norm", sums)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if not cfg.train_base_channels:
+                    with torch.no_grad():
+                        self.transformer.pos_embed.proj.weight[:, :BASE_CHANNELS].copy_(self.base_channels)
+                step += 1
+                row = {"step": step, "epoch": last_ep, **sums, "lr": cfg.lr * factor}
+                last = row
+                if main:
+                    self.logs.log_step(row)
+                    for er in finished_epochs:
+                        self.logs.log_epoch(er)
+                    bar.update(1)
+                    bar.set_postfix(total=f"{sums['total']:.4f}", mse=f"{sums['mse']:.4f}", shape=f"{sums['shape']:.4f}", ep=row["epoch"])
+                if step % cfg.checkpoint_every == 0 or step == self.max_steps:
+                    self._save_checkpoint(step, epoch, position, epoch_sums)
+                if main and cfg.validate_every and (step % cfg.validate_every == 0 or step == self.max_steps):
+                    self.validate(step)
+                if self.on_step is not None:
+                    self.on_step(step, row, self)
+        finally:
+            if bar is not None:
+                bar.close()
+        return last
+
+    # checkpoints ----------------------------------------------------------------------------
+    def _save_checkpoint(self, step: int, epoch: int, position: int, epoch_sums: dict) -> None:
+        acc, cfg = self.acc, self.config
+        tmp = self.ckdir / f".tmp-checkpoint-{step:08d}"
+        if acc.is_main_process:
+            ckpt.begin(self.ckdir, step)
+        acc.wait_for_everyone()
+        ckpt.write_process_part(tmp, acc.process_index, self.gen)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {
+                "version": CHECKPOINT_VERSION,
+                "step": step,
+                "epoch": epoch,
+                "position": position,
+                "epoch_sums": epoch_sums,
+                "epoch_rows": list(self.logs.epoch_rows) if self.logs else [],
+                "fingerprint": cfg.fingerprint(),
+                "fingerprint_hash": fingerprint_hash(cfg.fingerprint()),
+                "num_processes": acc.num_processes,
+                "max_steps": self.max_steps,
+                "time": time.time(),
+            }
+            scaler = acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None
+            ckpt.write_main_part(tmp, trainable_state(self.transformer), self.optimizer.state_dict(), state, scaler)
+            ckpt.commit(tmp, step, cfg.checkpoints_keep)
+        acc.wait_for_everyone()
+
+    def _load_checkpoint(self, path: Path) -> dict:
+        acc, cfg = self.acc, self.config
+        data = ckpt.read(path, acc.process_index)
+        state = data["state"]
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ckpt.CheckpointError(f"{path} has checkpoint version {state.get('version')}; this HairDiff writes {CHECKPOINT_VERSION}")
+        theirs, ours = state.get("fingerprint", {}), cfg.fingerprint()
+        diff = {k: (theirs.get(k), ours.get(k)) for k in ours if theirs.get(k) != ours.get(k) and not (isinstance(ours.get(k), list) and list(theirs.get(k) or []) == ours.get(k))}
+        if diff:
+            lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise ckpt.CheckpointError(
+                f"cannot resume exactly from {path}: settings differ ({lines}); use the same settings, "
+                f"or start a new --output folder"
+            )
+        if state.get("num_processes") != acc.num_processes:
+            raise ckpt.CheckpointError(
+                f"{path} was written by {state.get('num_processes')} process(es), this run has {acc.num_processes}; "
+                "resume with the same number of processes"
+            )
+        params = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
+        saved = data["trainable"]
+        if set(saved) != set(params):
+            missing, extra = sorted(set(params) - set(saved))[:5], sorted(set(saved) - set(params))[:5]
+            raise ckpt.CheckpointError(f"{path} does not match this model's trainable parameters (missing {missing}, unexpected {extra})")
+        with torch.no_grad():
+            for n, p in params.items():
+                if tuple(saved[n].shape) != tuple(p.shape):
+                    raise ckpt.CheckpointError(f"{path}: {n} has shape {tuple(saved[n].shape)}, the model {tuple(p.shape)}")
+                p.copy_(saved[n].to(p.dtype))
+        self.base_channels = self.transformer.pos_embed.proj.weight.detach()[:, :BASE_CHANNELS].clone()
+        self.optimizer.load_state_dict(data["optimizer"])
+        if data.get("scaler") and getattr(acc, "scaler", None) is not None:
+            acc.scaler.load_state_dict(data["scaler"])
+        ckpt.restore_rng(self.gen, *data["rng"])
+        return state
+
+    # outputs ---------------------------------------------------------------------------------
+    def _adapter_metadata(self) -> dict:
+        cfg = self.config
+        keep = ("resolution", "lambda_shape", "augment", "lr", "batch_size", "grad_accum", "seed", "mixed_precision",
+                "sigma_sampling", "oversample_from_epoch", "oversample_factor", "lora_targets", "rank", "lora_alpha")
+        training = {k: getattr(cfg, k) for k in keep}
+        training["resolution"] = self.resolution
+        training["dataset_samples"] = len(self.samples)
+        return training
+
+    def _save_adapter(self) -> Path:
+        from hairdiff_core.adapter import save_adapter
+
+        path = self.out / self.config.adapter_name
+        save_adapter(self.transformer, path, step=self.max_steps, training=self._adapter_metadata())
+        logger.info("saved the adapter %s", path)
+        return path
+
+    @torch.no_grad()
+    def validate(self, step: int) -> Path | None:
+        """Contact sheet of the first ``validation_samples`` samples through the nodes' sampler."""
+        from PIL import Image
+
+        from hairdiff_core.imageio import contact_sheet
+
+        cfg = self.config
+        k = min(cfg.validation_samples, len(self.samples))
+        if k <= 0:
+            return None
+        was_training = self.transformer.training
+        self.transformer.eval()
+        rows = []
+        try:
+            for i in range(k):
+                item = self.dataset[i]
+                photo, sketch, matte = item["image"][None], item["sketch"][None], item["matte"][None]
+                with self.acc.autocast():
+                    result = self.pipe.generate(
+                        photo, sketch, matte, steps=cfg.validation_steps, seed=cfg.seed, work_size=self.resolution,
+                    )
+                rows.append(contact_sheet([photo, sketch, matte, result.image], ["photo", "sketch", "matte", f"step {step}"], height=min(256, max(64, self.resolution))))
+        finally:
+            self.transformer.train(was_training)
+        sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), (24, 24, 24))
+        y = 0
+        for r in rows:
+            sheet.paste(r, (0, y))
+            y += r.height
+        folder = self.out / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step-{step:08d}.png"
+        tmp = folder / f".step-{step:08d}.tmp.png"
+        sheet.save(tmp)
+        tmp.replace(path)
+        if self.logs is not None and self.logs.tb is not None:
+            self.logs.tb.add_image("validation", np.asarray(sheet), step, dataformats="HWC")
+        return path
+
+
+def train(config: TrainConfig, on_step: Callable | None = None) -> TrainResult:
+    """Run a training; see :class:`Trainer`. ``on_step(step, row, trainer)`` is called after each
+    optimiser step (progress reporting, tests)."""
+    return Trainer(config, on_step=on_step).run()
