@@ -25,7 +25,8 @@ matte are excluded by default (``key_weight_inside = 0``), and the reference pas
 *hair-blind* (``blind_reference``): every query of the reference pass sees those keys with the
 same ``key_weight_inside``, so with the default nothing of the old hair reaches the reference
 K/V outside the matte either (exactly: changing the reference inside the excluded tokens
-changes no output). ``reference_input="filled"`` instead feeds the reference pass a copy of the
+changes no output). Excluded keys are not even stored: the cache holds only visible tokens,
+which also makes the generation's attention cheaper by the excluded share. ``reference_input="filled"`` instead feeds the reference pass a copy of the
 photo whose hair region was filled from its surroundings (``fill_hair_region``).
 
 SD3.5 Medium's extra image self-attention (``attn2``, blocks 0-12) takes part by default
@@ -214,11 +215,40 @@ class ReferenceGating:
                 "the reference has no visible keys there",
                 torch.nonzero(self.all_excluded).flatten().tolist(),
             )
+        # Keys nobody may see are not stored at all: the cache shrinks and the generation's
+        # attention gets cheaper by the excluded share. Items with fewer visible keys than the
+        # batch's maximum are padded with (-inf) copies of an excluded key.
+        visible = torch.isfinite(self.col_ref)
+        counts = visible.sum(dim=1)
+        self.kept = int(counts.max())
+        L = self.m.shape[1]
+        if self.kept == L:
+            self.keep_index = None
+            self.col_kept = self.col_ref
+        else:
+            order = torch.argsort((~visible).to(torch.int8), dim=1, stable=True)[:, : self.kept]
+            self.keep_index = order
+            padded = torch.arange(self.kept)[None, :] >= counts[:, None]
+            self.col_kept = torch.where(padded, torch.full_like(order, 0, dtype=torch.float32) - math.inf,
+                                        self.col_ref.gather(1, order))
         self._cache: dict[tuple, torch.Tensor] = {}
 
     @property
     def tokens(self) -> int:
         return self.m.shape[1]
+
+    def compact(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, heads, L, D) image K or V -> (B, heads, kept, D): only keys someone can see."""
+        if self.keep_index is None:
+            return t
+        key = ("index", t.device)
+        index = self._cache.get(key)
+        if index is None:
+            index = self._cache[key] = self.keep_index.to(t.device)
+        if index.shape[0] == 1:
+            return t.index_select(2, index[0])
+        B, heads, _, D = t.shape
+        return t.gather(2, index[:, None, :, None].expand(B, heads, index.shape[1], D))
 
     def _batched(self, bias: torch.Tensor, batch: int) -> torch.Tensor:
         if bias.shape[0] == batch or bias.shape[0] == 1:
@@ -239,12 +269,12 @@ class ReferenceGating:
             return hit
         B, L = self.m.shape
         Lt = text_tokens or 0
-        Lq, Lk = L + Lt, 2 * L + Lt
+        Lq, Lk = L + Lt, L + Lt + self.kept
         bias = _aligned_empty((B, 1, Lq, Lk), torch.float32, "cpu")
         bias[:, 0, :L, :L] = self.row_own[:, :, None]
         bias[:, 0, :L, L : L + Lt] = self.row_text[:, :, None]
         bias[:, 0, L:, : L + Lt] = 0.0
-        bias[:, 0, :L, L + Lt :] = self.row_ref[:, :, None] + self.col_ref[:, None, :]
+        bias[:, 0, :L, L + Lt :] = self.row_ref[:, :, None] + self.col_kept[:, None, :]
         bias[:, 0, L:, L + Lt :] = -math.inf
         bias = self._to(bias, dtype, device)
         bias = self._batched(bias, batch)
@@ -284,7 +314,7 @@ class ReferenceGating:
 # Per-pass state objects (travel in joint_attention_kwargs; never mutated between passes)
 # --------------------------------------------------------------------------------------------
 class ReferenceCache(dict):
-    """attention module -> (K, V) of the reference image tokens, each (B, heads, L, head_dim)."""
+    """attention module -> (K, V) of the visible reference image tokens, (B, heads, kept, head_dim)."""
 
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.values())
@@ -295,6 +325,12 @@ class ReferencePassState:
     cache: ReferenceCache
     gating: ReferenceGating | None
     include_attn2: bool
+    #: Modules that store K/V; once all have, the rest of the forward is skipped.
+    expected: int | None = None
+
+
+class _ReferenceComplete(Exception):
+    """Raised by the processor after the last K/V of a reference pass: nothing after it is used."""
 
 
 @dataclass(eq=False)
@@ -355,13 +391,23 @@ class ReferenceAttnProcessor:
         state = hairdiff_reference
         takes_part = state is not None and (joint or state.include_attn2)
         if takes_part and isinstance(state, ReferencePassState):
-            state.cache[attn] = (img_key, img_value)
+            if state.gating is not None:
+                state.cache[attn] = (state.gating.compact(img_key), state.gating.compact(img_value))
+            else:
+                state.cache[attn] = (img_key, img_value)
+            if state.expected is not None and len(state.cache) >= state.expected:
+                raise _ReferenceComplete
             if state.gating is not None:
                 bias = state.gating.reference_bias(batch, text_tokens, query.dtype, query.device)
         elif takes_part and isinstance(state, GenerationPassState):
             cached = state.cache.get(attn)
             if cached is not None:
-                ref_k, ref_v = _match_reference(cached, batch, residual_len)
+                if state.gating.tokens != residual_len:
+                    raise InputError(
+                        f"the reference has {state.gating.tokens} image tokens but the generation has "
+                        f"{residual_len}; the reference latent must have the generation latent's size"
+                    )
+                ref_k, ref_v = _match_reference(cached, batch)
                 key = torch.cat([key, ref_k.to(key.dtype)], dim=2)
                 value = torch.cat([value, ref_v.to(value.dtype)], dim=2)
                 bias = state.gating.generation_bias(batch, text_tokens, query.dtype, query.device)
@@ -382,13 +428,8 @@ class ReferenceAttnProcessor:
         return hidden_states
 
 
-def _match_reference(cached, batch: int, tokens: int):
+def _match_reference(cached, batch: int):
     ref_k, ref_v = cached
-    if ref_k.shape[2] != tokens:
-        raise InputError(
-            f"the reference K/V have {ref_k.shape[2]} image tokens but the generation has {tokens}; "
-            f"the reference latent must have the generation latent's size"
-        )
     rb = ref_k.shape[0]
     if rb != batch:
         if batch % rb:
@@ -439,21 +480,34 @@ def reference_pass(
     Needs ``reference_processors`` (or equivalent) installed.
     """
     cache = ReferenceCache()
-    state = ReferencePassState(cache, gating, settings.include_attn2)
-    transformer(
-        hidden_states=model_input,
-        encoder_hidden_states=encoder_hidden_states,
-        pooled_projections=pooled_projections,
-        timestep=timestep,
-        joint_attention_kwargs={KWARG: state},
-        return_dict=False,
-    )
+    state = ReferencePassState(cache, gating, settings.include_attn2, _participating(transformer, settings.include_attn2))
+    try:
+        transformer(
+            hidden_states=model_input,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            joint_attention_kwargs={KWARG: state},
+            return_dict=False,
+        )
+    except _ReferenceComplete:
+        pass  # the last block's attention output, feed-forward and proj_out would be thrown away
     if not cache:
         raise InputError(
             "the reference pass stored no K/V: the transformer's attention processors are not "
             "HairDiff's; install them with reference_processors(transformer)"
         )
     return cache
+
+
+def _participating(transformer, include_attn2: bool) -> int | None:
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if blocks is None:
+        return None
+    n = len(blocks)
+    if include_attn2:
+        n += sum(getattr(b, "attn2", None) is not None for b in blocks)
+    return n
 
 
 def generation_kwargs(cache: ReferenceCache, gating: ReferenceGating, settings: ReferenceSettings) -> dict:

@@ -159,7 +159,37 @@ def test_attn2_takes_part_only_when_included(model):
             model_in = torch.cat([x0, torch.zeros_like(x0)], 1)
             cache = reference_pass(model, model_in, timestep_from_sigma(0.1, 1), text, pooled, gating, s)
             assert len(cache) == expected
-            assert cache.nbytes() == predicted_cache_bytes(model, (H, W), include_attn2=include)
+            full = predicted_cache_bytes(model, (H, W), include_attn2=include)
+            # Excluded keys are not stored.
+            assert cache.nbytes() == full * gating.kept // (TH * TW)
+            assert gating.kept == int((~gating.key_inside).sum()) < TH * TW
+    with reference_processors(model):
+        s = ReferenceSettings(mode="once", key_weight_inside=0.5)
+        gating = ReferenceGating(s, mask, (TH, TW))
+        cache = reference_pass(model, model_in, timestep_from_sigma(0.1, 1), text, pooled, gating, s)
+        assert cache.nbytes() == predicted_cache_bytes(model, (H, W))
+
+
+@torch.no_grad()
+def test_compacted_cache_equals_the_full_one(model):
+    """Dropping excluded keys (with -inf padding for items with fewer) changes nothing."""
+    x0, noise, sketch, text, pooled, mask = _inputs(batch=2, seed=4)
+    mask[1] = 0.0
+    mask[1, :, 0:2, 0:2] = 1.0  # fewer excluded keys: item 0 gets padded
+    s = ReferenceSettings(mode="once", weight_inside=0.7, suppress_self_outside=0.3)
+    t = timestep_from_sigma(0.4, 2)
+    x = torch.cat([torch.randn_like(x0), sketch], 1)
+    with reference_processors(model):
+        compact = ReferenceGating(s, mask, (TH, TW))
+        assert compact.keep_index is not None
+        full = ReferenceGating(s, mask, (TH, TW))
+        full.keep_index, full.kept, full.col_kept = None, TH * TW, full.col_ref
+        outs = []
+        for gating in (compact, full):
+            cache = reference_pass(model, torch.cat([x0, torch.zeros_like(x0)], 1), t, text, pooled, gating, s)
+            outs.append(model(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
+                              joint_attention_kwargs=generation_kwargs(cache, gating, s), return_dict=False)[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=2e-6)
 
 
 @torch.no_grad()
@@ -235,6 +265,7 @@ def test_reference_pass_counts_with_cfg(model, mode, expected):
 def test_batch_with_cfg_matches_items_run_alone(model):
     x0, noise, sketch, text, pooled, mask = _inputs(batch=2, seed=3)
     mask[1] = torch.flip(mask[1], dims=(-1,))
+    mask[1, :, 3, :] = 1.0  # a different number of excluded keys than item 0
     neg_text, neg_pooled = torch.zeros_like(text), torch.zeros_like(pooled)
     s = ReferenceSettings(mode="per_step", suppress_self_outside=0.5)
 
@@ -357,7 +388,7 @@ def test_mismatched_inputs_are_named(model):
                              **{**kw, "token_mask": torch.ones(1, 1, H, W)}) as hook:
         assert hook.gating.token_hw == (TH, TW)
     # A generation at another size than the reference is refused, naming both.
-    with pytest.raises(InputError, match="24 image tokens but the generation has 48"):
+    with pytest.raises(InputError, match="reference has 24 image tokens but the generation has 48"):
         with reference_attention(model, "once", reference_latent=x0, noise=noise, **kw) as hook:
             big = torch.randn(1, 16, H, 2 * W)
             _forward(model, big, torch.zeros_like(big), 0.5, text, pooled, hook.step_kwargs(0.5, 0))
