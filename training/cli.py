@@ -75,6 +75,8 @@ def run(args) -> int:
     cli = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("config", "command", "verbose")}
     config = resolve_config(cli, args.config)
     result = train(config)
+    if not result.main_process:
+        return 0
     msg = [f"trained {result.steps} step(s); adapter: {result.adapter}"]
     if result.skipped:
         msg.append(f"skipped {result.skipped} bad sample(s) (--skip-bad)")

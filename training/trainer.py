@@ -60,6 +60,7 @@ class TrainResult:
     last: dict = field(default_factory=dict)
     epoch_rows: list = field(default_factory=list)
     skipped: int = 0
+    main_process: bool = True
 
 
 # -- data order and curriculum ---------------------------------------------------------------
@@ -220,7 +221,8 @@ class Trainer:
         from hairdiff_core.pipeline import HairDiffPipeline
 
         weight_dtype = self._weight_dtype()
-        loaded = load_models(cfg.model, vae=cfg.vae, tiny=cfg.tiny, dtype=weight_dtype, device="cpu")
+        # The SD3 VAE runs in float32 (force_upcast): load it so, without a bf16 round trip.
+        loaded = load_models(cfg.model, vae=cfg.vae, tiny=cfg.tiny, dtype=weight_dtype, device="cpu", vae_dtype=torch.float32)
         if loaded.vae is None:
             raise HairDiffError("training needs a VAE: the model has none; pass --vae PATH")
         self.family = loaded.family
@@ -270,6 +272,13 @@ class Trainer:
         resume_from = ckpt.resolve_resume(cfg.resume, self.ckdir) if cfg.resume else None
         if cfg.resume == "latest" and resume_from is None and main:
             logger.info("--resume latest: no checkpoint in %s yet, starting from step 0", self.ckdir)
+        existing = ckpt.list_checkpoints(self.ckdir)
+        if not cfg.resume and existing:
+            # A fresh run would interleave its checkpoints and logs with the old run's.
+            raise ckpt.CheckpointError(
+                f"{out} already holds checkpoints of a run (latest: step {existing[-1][0]}); pass --resume latest "
+                f"to continue it, or choose another --output folder"
+            )
         if resume_from is not None:
             state = self._load_checkpoint(resume_from)
             step, epoch, position = state["step"], state["epoch"], state["position"]
@@ -300,7 +309,7 @@ class Trainer:
         if main:
             adapter = self._save_adapter()
         acc.wait_for_everyone()
-        return TrainResult(out, adapter, self.max_steps, last, list(logs.epoch_rows) if logs else [], skipped)
+        return TrainResult(out, adapter, self.max_steps, last, list(logs.epoch_rows) if logs else [], skipped, main)
 
     def _optimizer(self, param_groups):
         cfg = self.config
