@@ -1,0 +1,32 @@
+"""HairDiff's ComfyUI nodes (V3 API). Imported by the pack root's ``comfy_entrypoint``.
+
+Imports are relative: ComfyUI loads the pack by file path and never puts it on ``sys.path``
+(and has a top-level ``nodes`` module of its own).
+"""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .image_nodes import HairMatte, SketchPreprocess
+from .model_nodes import HairDiffLoRA, HairDiffReferenceAttention, LoadHairDiffModel, register_model_folder
+from .sampler_node import HairDiffSampler
+
+NODES: list[type[io.ComfyNode]] = [
+    LoadHairDiffModel,
+    HairDiffLoRA,
+    SketchPreprocess,
+    HairMatte,
+    HairDiffReferenceAttention,
+    HairDiffSampler,
+]
+
+register_model_folder()
+
+
+class HairDiffExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> HairDiffExtension:
+    return HairDiffExtension()

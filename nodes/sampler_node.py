@@ -1,0 +1,220 @@
+"""HairDiff Sampler: the node that runs ``HairDiffPipeline.generate`` inside ComfyUI.
+
+Glue only: layouts in and out (``convert``), ComfyUI's VAE and SD3 latent format at the
+boundary, ComfyUI's progress bar (which is also where Cancel raises), and ComfyUI's memory
+management around the transformer. Reference attention and every temporary patch are undone
+by the core in ``try/finally``, so Cancel or an error leaves the model as it was.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from comfy_api.latest import io
+
+from ..hairdiff_core.errors import HairDiffError
+from .convert import (check_batch, conditioning_to_embeds, image_to_nchw, latent_from_comfy, latent_to_comfy,
+                      mask_to_nchw, nchw_to_image, node_error)
+from .model_nodes import HairDiffModel, HairDiffModelType
+
+logger = logging.getLogger(__name__)
+
+NODE = "HairDiff Sampler"
+#: ComfyUI's activation estimate for SD3 (``BaseModel.memory_required`` with SD3's factor).
+SD3_MEMORY_USAGE_FACTOR = 1.2
+
+
+def _guess_input(message: str) -> str:
+    """Which of the sampler's image inputs a core error is about (the core names them in words)."""
+    text = message.lower()
+    for word, name in (("sketch", "sketch"), ("matte", "matte"), ("negative", "negative"), ("prompt", "positive")):
+        if word in text:
+            return name
+    return "photo"
+
+
+def memory_required(model: HairDiffModel, photo: torch.Tensor, cfg: float) -> int:
+    """Activation memory ComfyUI should keep free beside the weights (bytes), ComfyUI's formula."""
+    B, _, H, W = photo.shape
+    work = int(model.transformer.config.sample_size) * 8
+    area = min(H * W, work * work)
+    latent_area = B * (2 if cfg != 1.0 else 1) * area / 64
+    dtype_size = torch.tensor([], dtype=model.dtype).element_size()
+    need = latent_area * dtype_size * 0.01 * SD3_MEMORY_USAGE_FACTOR * 1024 * 1024
+    if model.reference is not None and model.reference.mode != "off":
+        from ..hairdiff_core.reference import predicted_cache_bytes
+
+        side = int(math.sqrt(area)) // 8
+        need += predicted_cache_bytes(model.transformer, (side, side), batch=B, dtype=model.dtype)
+    return int(need)
+
+
+def _offload_if_asked(patcher) -> None:
+    """Under --lowvram/--novram/--disable-smart-memory, give the GPU back right after sampling.
+
+    Otherwise the transformer stays loaded and ComfyUI evicts it when something else needs the
+    room (its usual smart-memory behaviour, as after a KSampler)."""
+    import comfy.model_management as mm
+
+    low = mm.vram_state in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM)
+    if not (low or mm.DISABLE_SMART_MEMORY):
+        return
+    for i, loaded in enumerate(list(mm.current_loaded_models)):
+        if loaded.model is patcher:
+            loaded.model_unload()
+            mm.current_loaded_models.pop(i)
+            mm.soft_empty_cache()
+            break
+
+
+class HairDiffSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HairDiff_Sampler",
+            display_name="HairDiff Sampler",
+            category="HairDiff/sampling",
+            description=(
+                "Redraws the hair of a photo from a sketch inside a matte with the soft-mask sampler: pixels away "
+                "from the matte stay the photo's, bit for bit. Uses ComfyUI's VAE and, optionally, conditioning "
+                "from ComfyUI's SD3 text encoders (no prompt = zero text, as in training). The tiny model brings "
+                "its own VAE, so 'vae' may stay unconnected with it."
+            ),
+            inputs=[
+                HairDiffModelType.Input("model", tooltip="The HairDiff model (Load HairDiff Model, optionally through LoRA / Reference Attention)."),
+                io.Image.Input("photo", tooltip="The portrait to edit (any size; a context box around the matte is worked at the model's resolution)."),
+                io.Image.Input("sketch", tooltip="The sketch, same aspect ratio as the photo; best through HairDiff Sketch Preprocess."),
+                io.Mask.Input("matte", tooltip="Where the new hair goes (white = hair), same aspect ratio as the photo."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Random seed of the starting noise; the same seed and settings give the same image."),
+                io.Int.Input("steps", default=28, min=1, max=200,
+                             tooltip="Denoising steps: more is slower and usually cleaner (28 for SD3.5 Large, 4-8 for Turbo)."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance: 1 = off (one model call per step); higher follows "
+                                       "the prompt more closely and doubles the cost."),
+                io.Float.Input("shift", default=3.0, min=0.0, max=100.0, step=0.01,
+                               tooltip="Flow-matching schedule shift: higher spends more steps at high noise (SD3 uses 3)."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="How much the hair region is re-noised: 1 = redrawn from scratch, lower keeps "
+                                       "more of the old hair's layout and colour."),
+                io.Boolean.Input("paste_back", default=True,
+                                 tooltip="Composite the result into the full photo with the feathered matte (off = "
+                                         "return the generated context box as is)."),
+                io.Float.Input("feather", default=10.0, min=0.0, max=100.0, step=0.5,
+                               tooltip="Soft-mask feather sigma in pixels at 1024 px (scaled with the working size); "
+                                       "higher blends the edge over a wider band."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="ComfyUI's SD3 VAE (e.g. from Load Checkpoint or Load VAE). Optional: without it "
+                                     "the model's own VAE is used (the tiny model always has one)."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="Optional prompt from ComfyUI's SD3 text encoders, e.g. a hair colour; "
+                                              "unconnected = zero text, the training default."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Optional negative prompt (used when cfg > 1); unconnected = zero text."),
+            ],
+            outputs=[
+                io.Image.Output("result", display_name="image", tooltip="The photo with the new hair (B, H, W, 3)."),
+                io.Latent.Output("result_latent", display_name="latent",
+                                 tooltip="The final latent of the generated context box at the working size "
+                                         "(ComfyUI's raw SD3 VAE latent: VAE Decode reads it)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, photo, sketch, matte, seed=0, steps=28, cfg=1.0, shift=3.0, strength=1.0,
+                paste_back=True, feather=10.0, vae=None, positive=None, negative=None) -> io.NodeOutput:
+        import comfy.latent_formats
+        import comfy.model_management as mm
+        import comfy.utils
+        import latent_preview
+
+        from ..hairdiff_core.pipeline import HairDiffPipeline
+
+        if not isinstance(model, HairDiffModel):
+            raise node_error(NODE, "model", f"expected a HAIRDIFF_MODEL, got {type(model).__name__}",
+                             "connect Load HairDiff Model")
+        photo_t = image_to_nchw(photo, NODE, "photo")
+        sketch_t = image_to_nchw(sketch, NODE, "sketch")
+        matte_t = mask_to_nchw(matte, NODE, "matte")
+        B = photo_t.shape[0]
+        check_batch(sketch_t.shape[0], B, NODE, "sketch", "photo")
+        check_batch(matte_t.shape[0], B, NODE, "matte", "photo")
+        text = {}
+        for name, cond in (("positive", positive), ("negative", negative)):
+            if cond is None:
+                continue
+            embeds, pooled = conditioning_to_embeds(cond, NODE, name)
+            check_batch(embeds.shape[0], B, NODE, name, "photo")
+            cfg_t = model.transformer.config
+            if embeds.shape[-1] != cfg_t.joint_attention_dim or pooled.shape[-1] != cfg_t.pooled_projection_dim:
+                raise node_error(NODE, name, f"conditioning is ({embeds.shape[-1]}, pooled {pooled.shape[-1]}) wide but "
+                                             f"this {model.family} model takes ({cfg_t.joint_attention_dim}, pooled "
+                                             f"{cfg_t.pooled_projection_dim})",
+                                 "use SD3 text encoders with an SD3.5 model; the tiny model takes no prompt")
+            prefix = "" if name == "positive" else "negative_"
+            text[f"{prefix}prompt_embeds"] = embeds
+            text[f"{prefix}pooled_prompt_embeds"] = pooled
+        if "negative_prompt_embeds" in text and "prompt_embeds" not in text:
+            raise node_error(NODE, "positive", "a negative prompt is connected without a positive one",
+                             "connect a positive prompt too (an empty CLIP Text Encode is fine)")
+        try:
+            HairDiffPipeline.prepare_inputs(photo_t, sketch_t, matte_t)
+        except HairDiffError as exc:
+            raise node_error(NODE, _guess_input(str(exc)), exc) from exc
+        if vae is None and model.vae is None:
+            raise node_error(NODE, "vae", f"the {model.family} model has no VAE of its own",
+                             "connect ComfyUI's SD3 VAE (Load VAE, or the VAE output of Load Checkpoint)")
+
+        patcher = model.patcher
+        need = memory_required(model, photo_t, float(cfg))
+        # ComfyUI frees what it holds (text encoders, VAE, other models) as needed, then loads the
+        # whole transformer: ComfyUI cannot partially load a module without its cast-weight ops.
+        mm.load_models_gpu([patcher], memory_required=need, force_full_load=True)
+        transformer = model.transformer
+        device = next(transformer.parameters()).device
+        latent_format = comfy.latent_formats.SD3()
+        own_vae = model.vae if vae is None else None
+        own_vae_device = next(own_vae.parameters()).device if own_vae is not None else None
+        try:
+            pipe = HairDiffPipeline(transformer, own_vae, device=device, dtype=model.dtype)
+            if vae is not None:
+                def encode(image01: torch.Tensor) -> torch.Tensor:
+                    raw = vae.encode(image01.movedim(1, -1).cpu())
+                    # Encoding may have evicted the transformer under memory pressure: reload it.
+                    mm.load_models_gpu([patcher], memory_required=need, force_full_load=True)
+                    return latent_from_comfy(raw, latent_format).to(device)
+
+                def decode(latent: torch.Tensor) -> torch.Tensor:
+                    image = vae.decode(latent_to_comfy(latent, latent_format))
+                    if image.ndim == 5:  # video VAEs add a time axis
+                        image = image[:, 0]
+                    return image.movedim(-1, 1).float().clamp(0, 1)
+
+                pipe.encode_fn, pipe.decode_fn = encode, decode
+
+            pbar = comfy.utils.ProgressBar(int(steps))
+            previewer = latent_preview.get_previewer(device, latent_format)
+
+            def on_step(step: int, total: int, latent: torch.Tensor) -> None:
+                mm.throw_exception_if_processing_interrupted()
+                preview = previewer.decode_latent_to_preview_image("JPEG", latent) if previewer is not None else None
+                pbar.update_absolute(step, total, preview)
+
+            try:
+                result = pipe.generate(
+                    photo_t, sketch_t, matte_t, steps=int(steps), seed=int(seed), strength=float(strength),
+                    cfg=float(cfg), shift=float(shift), reference=model.reference, feather_sigma=float(feather),
+                    paste_back=bool(paste_back), on_step=on_step, **text,
+                )
+            except HairDiffError as exc:
+                raise node_error(NODE, _guess_input(str(exc)), exc) from exc
+        finally:
+            if own_vae is not None and next(own_vae.parameters()).device != own_vae_device:
+                own_vae.to(own_vae_device)
+            _offload_if_asked(patcher)
+
+        out_device = mm.intermediate_device()
+        image = nchw_to_image(result.image, out_device)
+        latent = {"samples": latent_to_comfy(result.latent, latent_format).to(out_device)}
+        return io.NodeOutput(image, latent)
