@@ -5,10 +5,10 @@ memory overhead is reported next to the predicted cache size (layers x 2 x token
 bytes) and the gating bias (built once per call, shared by all layers). All three sides run the
 lead's ``TransformerDenoiser`` + ``soft_mask_sample`` on the mid-size random config of
 ``bench/_common.py`` (widened to 32 channels, 77 zero text tokens); the reference sides wrap it in
-``reference_attention`` with default settings. Wall time (and process CPU time, steadier on a shared machine): interleaved repeats, medians. Memory:
-each mode in its own process, peak RSS of one sampling call after a warm-up (weights included,
-as in bench_sampler), plus the rise above the resident set right before the call. Prints one
-JSON line last.
+``reference_attention`` with default settings. Wall time (and process CPU time, steadier on a
+shared machine): interleaved repeats, medians. Memory: each mode in its own process, peak RSS
+of one sampling call after a warm-up (weights included, as in bench_sampler); the overhead in
+MB is the difference to ``off``. Prints one JSON line last.
 
     python bench/bench_reference.py [--steps 28] [--size 64] [--repeats 3] [--cfg 1] [--dual-layers 0]
 

@@ -412,3 +412,79 @@ def test_fill_hair_region_keeps_outside_and_forgets_inside():
     torch.testing.assert_close(fill_hair_region(flat, matte, grow_px=2), torch.full_like(image, 0.25))
     with pytest.raises(InputError, match="does not match"):
         fill_hair_region(image, matte[..., :32, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the pipeline and the command line
+# ---------------------------------------------------------------------------------------------
+def _photo_inputs():
+    g = torch.Generator().manual_seed(6)
+    photo = torch.rand(1, 3, 64, 96, generator=g)
+    matte = torch.zeros(1, 1, 64, 96)
+    matte[..., 16:48, 32:64] = 1.0
+    sketch = torch.ones(1, 3, 64, 96)
+    sketch[..., 30:34, 36:60] = 0.0
+    return photo, sketch, matte
+
+
+@torch.no_grad()
+def test_pipeline_reference_counts_and_restore(tiny_transformer, tiny_vae):
+    from hairdiff_core.pipeline import HairDiffPipeline
+
+    pipe = HairDiffPipeline(tiny_transformer, tiny_vae)
+    photo, sketch, matte = _photo_inputs()
+    kw = dict(steps=3, seed=1, cfg=2.0)
+    before = _snapshot(pipe.transformer)
+    off = pipe.generate(photo, sketch, matte, **kw)
+    once = pipe.generate(photo, sketch, matte, reference="once", **kw)
+    per_step = pipe.generate(photo, sketch, matte, reference=ReferenceSettings(mode="per_step"), **kw)
+    assert once.info["reference_passes"] == 1
+    assert per_step.info["reference_passes"] == 3
+    assert once.info["model_calls"] == per_step.info["model_calls"] == 3
+    assert not torch.equal(once.latent, off.latent)
+    assert _snapshot(pipe.transformer) == before
+
+    def cancel(step, total, latent):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipe.generate(photo, sketch, matte, reference="per_step", on_step=cancel, **kw)
+    assert _snapshot(pipe.transformer) == before
+    assert torch.equal(pipe.generate(photo, sketch, matte, **kw).latent, off.latent)
+    filled = pipe.generate(photo, sketch, matte, reference={"mode": "once", "reference_input": "filled"}, **kw)
+    assert filled.info["reference_passes"] == 1 and not torch.equal(filled.latent, once.latent)
+    with pytest.raises(InputError, match="weight_inside"):
+        pipe.generate(photo, sketch, matte, reference={"mode": "once", "weight_inside": -1}, **kw)
+
+
+def test_cli_reference_flags(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    import hairdiff_cli
+    from hairdiff_core.pipeline import HairDiffPipeline
+
+    Image.new("RGB", (48, 32), (120, 90, 60)).save(tmp_path / "photo.png")
+    Image.new("RGB", (48, 32), (255, 255, 255)).save(tmp_path / "sketch.png")
+    matte = Image.new("L", (48, 32), 0)
+    matte.paste(255, (12, 8, 36, 24))
+    matte.save(tmp_path / "matte.png")
+    seen = []
+    original = HairDiffPipeline.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["reference"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HairDiffPipeline, "generate", spy)
+    base = ["generate", "--tiny", "--steps", "2", "--image", str(tmp_path / "photo.png"),
+            "--sketch", str(tmp_path / "sketch.png"), "--matte", str(tmp_path / "matte.png"),
+            "--out", str(tmp_path / "out.png")]
+    argv = base + ["--reference", "once", "--ref-weight-inside", "0.3", "--ref-suppress-self", "0.5",
+                   "--ref-input", "filled", "--ref-once-sigma", "0.2"]
+    assert hairdiff_cli.main(argv) == 0
+    s = seen[-1]
+    assert (s.mode, s.weight_inside, s.suppress_self_outside, s.reference_input, s.once_sigma) == (
+        "once", 0.3, 0.5, "filled", 0.2)
+    assert hairdiff_cli.main(base + ["--reference", "per_step", "--ref-key-weight-inside", "2"]) == 2
+    assert "key_weight_inside must be in [0, 1]" in capsys.readouterr().err
