@@ -351,14 +351,16 @@ class HairDiffPipeline:
         """Context manager that installs reference attention for one call, or does nothing."""
         import contextlib
 
-        mode = getattr(reference, "mode", "off") if reference is not None else "off"
-        if mode == "off":
+        from .reference import ReferenceSettings, fill_hair_region, reference_attention
+
+        # None, "off"|"once"|"per_step", a dict of fields or ReferenceSettings (validated here).
+        reference = ReferenceSettings.coerce(reference)
+        if reference.mode == "off":
             return contextlib.nullcontext(None)
         if method == "replace":
             raise InputError("reference attention is part of the joint method; use method='joint' or reference='off'")
-        from .reference import fill_hair_region, reference_attention
 
-        if getattr(reference, "reference_input", "photo") == "filled":
+        if reference.reference_input == "filled":
             ref_latent = self.encode(fill_hair_region(photo_w, binary_w)).to(self.device)
         else:
             ref_latent = x0
