@@ -40,6 +40,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--ref-weight-outside", type=float, help="reference weight for queries outside the matte")
     r.add_argument("--ref-key-weight-inside", type=float, help="weight of reference keys inside the matte (0 = excluded)")
     r.add_argument("--ref-input", choices=("photo", "filled"), help="feed the reference pass the photo or a hair-filled copy")
+    r.add_argument("--ref-suppress-self", type=float, help="0-1: down-weight the generation's own keys outside the matte")
+    r.add_argument("--ref-once-sigma", type=float, help="noise level of the single reference pass of --reference once")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,6 +69,8 @@ def reference_settings(args):
         "weight_outside": args.ref_weight_outside,
         "key_weight_inside": args.ref_key_weight_inside,
         "reference_input": args.ref_input,
+        "suppress_self_outside": args.ref_suppress_self,
+        "once_sigma": args.ref_once_sigma,
     }
     return ReferenceSettings(mode=args.reference, **{k: v for k, v in fields.items() if v is not None})
 
