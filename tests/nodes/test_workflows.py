@@ -1,0 +1,138 @@
+"""Every shipped workflow against the pack's own node schemas and a listed set of ComfyUI core nodes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WF = ROOT / "workflows"
+UI_FILES = sorted(WF.glob("*.json"))
+API_FILES = sorted((WF / "api").glob("*.json"))
+WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+REQUIRED = {"hairdiff_basic", "hairdiff_reference_attention", "hairdiff_colour_prompt", "hairdiff_matte_from_sketch"}
+
+
+@pytest.fixture(scope="module")
+def specs(comfy):
+    """node type -> {"inputs": [(name, type, optional, extra_widget_values, input)], "outputs": [types]}."""
+    core = json.loads((Path(__file__).with_name("core_nodes.json")).read_text())
+    out = {k: {"inputs": [tuple(i) + (None,) for i in v["inputs"]], "outputs": v["outputs"]}
+           for k, v in core.items() if not k.startswith("_")}
+    for node in comfy.nodes.NODES:
+        schema = node.GET_SCHEMA()
+        out[schema.node_id] = {
+            "inputs": [(i.id, i.io_type, i.optional, 1 if i.control_after_generate else 0, i) for i in schema.inputs],
+            "outputs": [o.io_type for o in schema.outputs],
+        }
+    out["_ui_only"] = set(core["_ui_only"])
+    return out
+
+
+def test_the_required_workflows_exist_in_both_formats():
+    assert {p.stem for p in UI_FILES} >= REQUIRED
+    assert {p.stem for p in UI_FILES} == {p.stem for p in API_FILES}
+
+
+def test_ui_workflows_sit_where_comfyui_lists_templates():
+    # ComfyUI (app/custom_node_manager.py) serves <pack>/{example_workflows,example,examples,workflow,workflows}/*.json
+    # as templates, first level only: the API twins in workflows/api/ are not listed.
+    for p in UI_FILES:
+        data = json.loads(p.read_text())
+        assert "nodes" in data and "links" in data, f"{p.name} is not UI format"
+    for p in API_FILES:
+        data = json.loads(p.read_text())
+        assert all("class_type" in n for n in data.values()), f"{p.name} is not API format"
+
+
+def _check_value(spec_input, value, where):
+    _name, kind, _opt, _extra, inp = spec_input
+    if inp is None:
+        return
+    if kind == "INT":
+        assert isinstance(value, int) and not isinstance(value, bool), where
+    if kind == "FLOAT":
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), where
+    if kind == "BOOLEAN":
+        assert isinstance(value, bool), where
+    if kind in ("INT", "FLOAT"):
+        assert inp.min is None or value >= inp.min, where
+        assert inp.max is None or value <= inp.max, where
+    if kind == "COMBO" and inp.id not in ("base_model", "adapter", "lora_name"):  # model lists depend on the machine
+        assert value in inp.options, f"{where}: {value!r} not in {inp.options}"
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.stem)
+def test_api_workflow_matches_the_schemas(specs, path):
+    graph = json.loads(path.read_text())
+    for nid, node in graph.items():
+        kind = node["class_type"]
+        assert kind in specs, f"{path.name} node {nid}: unknown node type {kind}"
+        spec = specs[kind]
+        names = {i[0]: i for i in spec["inputs"]}
+        for name, value in node["inputs"].items():
+            assert name in names, f"{path.name} node {nid} ({kind}): no input {name!r}"
+            where = f"{path.name} node {nid} ({kind}).{name}"
+            if isinstance(value, list):
+                src, slot = value
+                assert src in graph, f"{where}: link from missing node {src}"
+                out_type = specs[graph[src]["class_type"]]["outputs"][slot]
+                assert out_type == names[name][1], f"{where}: {out_type} linked into {names[name][1]}"
+            else:
+                assert names[name][1] in WIDGETS, f"{where}: a value for a socket input"
+                _check_value(names[name], value, where)
+        for name, itype, optional, _extra, _inp in spec["inputs"]:
+            assert optional or name in node["inputs"], f"{path.name} node {nid} ({kind}): required input {name!r} missing"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_matches_the_schemas_and_its_api_twin(specs, path):
+    data = json.loads(path.read_text())
+    nodes = {n["id"]: n for n in data["nodes"]}
+    links = {l[0]: l for l in data["links"]}
+    api = json.loads((WF / "api" / path.name).read_text())
+    real = {nid: n for nid, n in nodes.items() if n["type"] not in specs["_ui_only"]}
+    assert {str(i): n["type"] for i, n in real.items()} == {k: v["class_type"] for k, v in api.items()}
+    assert any(n["type"] == "MarkdownNote" for n in nodes.values()), "each workflow explains itself in a note"
+    for nid, n in real.items():
+        spec = specs[n["type"]]
+        sockets = [i for i in spec["inputs"] if i[1] not in WIDGETS or isinstance(api[str(nid)]["inputs"].get(i[0]), list)]
+        widgets = [i for i in spec["inputs"] if i not in sockets]
+        assert [x["name"] for x in n["inputs"]] == [i[0] for i in sockets], f"{path.name} node {nid} socket inputs"
+        assert len(n["widgets_values"]) == sum(1 + i[3] for i in widgets), f"{path.name} node {nid} widget count"
+        pos = 0
+        for w in widgets:
+            assert n["widgets_values"][pos] == api[str(nid)]["inputs"][w[0]], f"{path.name} node {nid}.{w[0]}"
+            pos += 1 + w[3]
+        for slot, x in enumerate(n["inputs"]):
+            if x["link"] is None:
+                assert x["name"] not in api[str(nid)]["inputs"]
+                continue
+            lid, src, src_slot, dst, dst_slot, ltype = links[x["link"]]
+            assert (dst, dst_slot) == (nid, slot) and ltype == x["type"] == specs[nodes[src]["type"]]["outputs"][src_slot]
+            assert api[str(nid)]["inputs"][x["name"]] == [str(src), src_slot]
+            assert lid in nodes[src]["outputs"][src_slot]["links"]
+    assert data["last_link_id"] == max(links, default=0) and data["last_node_id"] == max(nodes)
+
+
+def test_tiny_by_default_or_says_which_files(specs):
+    for path in API_FILES:
+        graph = json.loads(path.read_text())
+        loaders = [n for n in graph.values() if n["class_type"] == "HairDiff_LoadModel"]
+        assert len(loaders) == 1
+        if loaders[0]["inputs"]["base_model"] != "tiny (wiring check)":
+            note = next(n for n in json.loads((WF / path.name).read_text())["nodes"] if n["type"] == "MarkdownNote")
+            text = note["widgets_values"][0]
+            assert "Needs model files" in text
+            files = [v for n in graph.values() for k, v in n["inputs"].items()
+                     if isinstance(v, str) and v.endswith(".safetensors")]
+            assert files and all(Path(f).name in text for f in files), files
+
+
+def test_comfy_run_roles_are_titled(specs):
+    from hairdiff_core.comfy_client import role_nodes
+
+    for path in API_FILES:
+        roles = role_nodes(json.loads(path.read_text()))
+        assert {"photo", "sketch"} <= set(roles), path.name
