@@ -95,6 +95,9 @@ def test_hard_paste_scores_worse_than_feathered_blend():
     assert s_hard > 2.0 * s_feather
     assert 0.6 < s_feather < 1.3
     assert 0.8 < s_none < 1.25  # a stationary texture has nothing special on the boundary
+    # The baseline's seam sits on the latent grid, a few px off the matte: still found.
+    grown = (Mt.distance_to(matte > 0.5, 4) <= 2).float()
+    assert float(Mt.seam(photo * (1 - grown) + new_hair * grown, matte)[0]) > 2.0
 
 
 def test_seam_is_one_for_flat_image():
