@@ -191,6 +191,18 @@ class LoadHairDiffModel(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, base_model=TINY, adapter=NONE) -> bool | str:
+        """Refuse missing model files at /prompt time (ComfyUI does not check V3 combo values itself)."""
+        problems = []
+        if base_model not in base_model_options():
+            problems.append(f"base_model {base_model!r} is not in ComfyUI's model folders")
+        if adapter not in adapter_options():
+            problems.append(f"adapter {adapter!r} is not in models/hairdiff or models/loras")
+        if not problems:
+            return True
+        return "; ".join(problems) + " -> put the file there (and press R to refresh) or pick another"
+
+    @classmethod
     def execute(cls, base_model=TINY, adapter=NONE, dtype="auto", device="auto") -> io.NodeOutput:
         import comfy.model_management as mm
 
@@ -277,6 +289,12 @@ class HairDiffLoRA(io.ComfyNode):
             outputs=[HairDiffModelType.Output("model_with_lora", display_name="model",
                                               tooltip="A new HairDiff model with the LoRA applied.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, lora_name) -> bool | str:
+        if lora_name in lora_options():
+            return True
+        return f"lora_name {lora_name!r} is not in models/loras or models/hairdiff -> put the file there or pick another"
 
     @classmethod
     def execute(cls, model, lora_name, strength=1.0) -> io.NodeOutput:

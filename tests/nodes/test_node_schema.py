@@ -61,3 +61,11 @@ def test_root_init_is_import_safe_without_comfyui():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_missing_model_files_are_refused_at_validation(comfy):
+    loader, lora = comfy.nodes.LoadHairDiffModel, comfy.nodes.HairDiffLoRA
+    assert loader.validate_inputs(base_model="tiny (wiring check)", adapter="none") is True
+    msg = loader.validate_inputs(base_model="checkpoints/nope.safetensors", adapter="none")
+    assert "base_model 'checkpoints/nope.safetensors'" in msg and "adapter" not in msg
+    assert "lora_name 'loras/nope.safetensors'" in lora.validate_inputs(lora_name="loras/nope.safetensors")
