@@ -121,6 +121,10 @@ class EvalOptions:
             raise InputError(f"unknown harmony gain(s) {unknown}; choose from {sorted(Mt.GAINS)}")
         if int(self.steps) < 1:
             raise InputError(f"steps must be at least 1, got {self.steps}")
+        if self.reference_fields:
+            from .reference import ReferenceSettings
+
+            ReferenceSettings(mode="once", **self.reference_fields)  # bad values fail here, before any model runs
 
 
 # -- samples -----------------------------------------------------------------------------------

@@ -89,6 +89,15 @@ def test_eval_cli_missing_data_dir_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_eval_cli_bad_reference_weight_fails_before_loading(tmp_path, capsys):
+    write_dataset(tmp_path / "data", n=1)
+    rc = hairdiff_cli.main(["eval", "--data", str(tmp_path / "data"), "--tiny", "--out", str(tmp_path / "out"),
+                            "--reference", "once", "--ref-weight-inside", "-1"])
+    assert rc == 2
+    assert "weight_inside" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_eval_cli_dataset_without_subfolders(tmp_path, capsys):
     (tmp_path / "data" / "img").mkdir(parents=True)
     rc = hairdiff_cli.main(["eval", "--data", str(tmp_path / "data"), "--tiny", "--out", str(tmp_path / "out")])

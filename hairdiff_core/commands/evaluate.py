@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ref-weight-outside", type=float, help="reference weight for queries outside the matte")
     g.add_argument("--ref-key-weight-inside", type=float, help="weight of reference keys inside the matte (0 = excluded)")
     g.add_argument("--ref-input", choices=("photo", "filled"), help="feed the reference pass the photo or a hair-filled copy")
+    g.add_argument("--ref-suppress-self", type=float, help="0-1: down-weight the generation's own keys outside the matte")
+    g.add_argument("--ref-once-sigma", type=float, help="noise level of the single reference pass of --reference once")
     s = p.add_argument_group("sampling")
     s.add_argument("--steps", type=int, default=28, help="sampling steps (default 28)")
     s.add_argument("--seed", type=int, default=0)
@@ -61,6 +63,8 @@ def build_options(args):
         "weight_outside": args.ref_weight_outside,
         "key_weight_inside": args.ref_key_weight_inside,
         "reference_input": args.ref_input,
+        "suppress_self_outside": args.ref_suppress_self,
+        "once_sigma": args.ref_once_sigma,
     }
     generate_kwargs = {}
     if args.prompt_embeds:
