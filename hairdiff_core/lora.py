@@ -132,7 +132,7 @@ def _require_unfused(transformer: torch.nn.Module, action: str) -> None:
         )
 
 
-def _target_modules(transformer: torch.nn.Module, targets: Iterable[str]) -> list[str]:
+def _target_modules(transformer: torch.nn.Module, targets: Iterable[str], strict: bool = False) -> list[str]:
     """Names of the Linear layers peft would adapt for ``targets`` (its suffix rule)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -141,11 +141,17 @@ def _target_modules(transformer: torch.nn.Module, targets: Iterable[str]) -> lis
     for name, module in transformer.named_modules():
         if name.endswith(".base_layer") or ".lora_" in name:
             continue
-        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        if not isinstance(base, torch.nn.Linear):
+        if not any(name == t or name.endswith("." + t) for t in targets):
             continue
-        if any(name == t or name.endswith("." + t) for t in targets):
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if isinstance(base, torch.nn.Linear):
             found.append(name)
+        elif not strict:
+            continue
+        elif isinstance(base, torch.nn.Module) and any(True for _ in base.parameters(recurse=False)):
+            # A LoRA on e.g. pos_embed.proj would hide the widened patch conv from the adapter file.
+            raise InputError(f"LoRA target {name} is a {type(base).__name__}; HairDiff LoRAs adapt Linear "
+                             f"layers only (attention projections such as {list(DEFAULT_LORA_TARGETS)})")
     return found
 
 
@@ -220,7 +226,7 @@ def add_lora(
             f"remove_lora(transformer, '{adapter_name}') or pick another adapter_name"
         )
     _require_unfused(transformer, "add a LoRA")
-    if not _target_modules(transformer, targets):
+    if not _target_modules(transformer, targets, strict=True):
         raise InputError(
             f"no Linear layer of this transformer matches the LoRA targets {targets}; SD3 attention "
             f"projections are named e.g. {list(DEFAULT_LORA_TARGETS)}, 'add_q_proj', 'to_add_out'"
@@ -404,20 +410,18 @@ def _copy_weights(
                 param.copy_(pair[kind].to(device=param.device, dtype=param.dtype))
 
 
-def apply_lora_weights(
+def check_lora_weights(
     transformer: torch.nn.Module,
     state: Mapping[str, torch.Tensor],
     *,
     rank: int,
-    alpha: float,
     targets: Sequence[str],
-    adapter_name: str,
     source: str,
-) -> None:
-    """Add a LoRA with the given rank/alpha/targets and load ``state`` (module keys, no prefix).
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Check LoRA tensors (module keys, no prefix) against rank/targets and the transformer.
 
-    Strict: the file must hold A and B for exactly the layers the targets select, with the given
-    rank. Everything is checked before the model is touched.
+    Strict: A and B for exactly the layers the targets select, all of the given rank, shapes
+    fitting the layers. Returns the tensors grouped by module. Touches nothing.
     """
     modules, other = split_lora_state(state)
     if other:
@@ -437,6 +441,21 @@ def apply_lora_weights(
             parts.append(f"layer {wrong_rank[0]} has rank {ranks[wrong_rank[0]]}, the header says {rank}")
         raise AdapterFileError(f"{source}: LoRA weights and header disagree: " + "; ".join(parts)
                                + ". The file is damaged or was edited; re-export it.")
+    return modules
+
+
+def apply_lora_weights(
+    transformer: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str],
+    adapter_name: str,
+    source: str,
+) -> None:
+    """Add a LoRA with the given rank/alpha/targets and load ``state`` into it (checked first)."""
+    modules = check_lora_weights(transformer, state, rank=rank, targets=targets, source=source)
     add_lora(transformer, rank=rank, alpha=alpha, targets=targets, adapter_name=adapter_name)
     _copy_weights(transformer, adapter_name, modules)
 
@@ -458,10 +477,7 @@ def _adapter_name_from(path: Path) -> str:
     return name if _ADAPTER_NAME_RE.match(name) else f"lora_{name}"
 
 
-def _read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read all tensors and the header of a safetensors file, with HairDiff errors."""
-    from safetensors import SafetensorError, safe_open
-
+def _checked_path(path: str | os.PathLike, what: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{what} not found: {p}")
@@ -472,15 +488,31 @@ def _read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, tor
             f"{what} {p.name} is not a .safetensors file; HairDiff reads only safetensors (pickled "
             f".ckpt/.pt/.bin files can run code when loaded). Convert it to safetensors first."
         )
+    return p
+
+
+def _unreadable(what: str, p: Path, exc: BaseException) -> AdapterFileError:
+    return AdapterFileError(
+        f"{what} {p} cannot be read as safetensors ({exc}); the file is corrupted or truncated "
+        f"(an interrupted download or copy?). Copy it again."
+    )
+
+
+def read_safetensors(
+    path: str | os.PathLike, what: str, *, load_tensors: bool = True
+) -> tuple[dict[str, torch.Tensor | None], dict[str, str]]:
+    """All tensors (or, with ``load_tensors=False``, just their names mapped to None) and the
+    header metadata of a safetensors file; HairDiff errors for a wrong or damaged file."""
+    from safetensors import SafetensorError, safe_open
+
+    p = _checked_path(path, what)
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
             header = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterFileError(
-            f"{what} {p} cannot be read as safetensors ({exc}); the file is corrupted or truncated "
-            f"(an interrupted download or copy?). Copy it again."
-        ) from exc
+            keys = list(f.keys())
+            tensors = {k: (f.get_tensor(k) if load_tensors else None) for k in keys}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _unreadable(what, p, exc) from exc
     return tensors, header
 
 
@@ -514,7 +546,7 @@ def load_lora_file(
     to the file's stem (sanitised). Other adapters (the HairDiff one) stay active.
     """
     p = Path(path)
-    tensors, header = _read_safetensors(p, "LoRA file")
+    tensors, header = read_safetensors(p, "LoRA file")
     if "hairdiff" in header:
         raise AdapterFileError(
             f"{p.name} is a HairDiff adapter (LoRA + sketch channels), not a plain LoRA; load it with "
