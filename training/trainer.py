@@ -604,7 +604,8 @@ class Trainer:
         from hairdiff_core.adapter import save_adapter
 
         path = self.out / self.config.adapter_name
-        save_adapter(self.transformer, path, step=self.max_steps, training=self._adapter_metadata())
+        extra = {"family": self.family} if self.family not in (None, "custom") else {}
+        save_adapter(self.transformer, path, step=self.max_steps, training=self._adapter_metadata(), **extra)
         logger.info("saved the adapter %s", path)
         return path
 
