@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -196,7 +197,10 @@ def _validate_lora_args(rank: Any, alpha: Any, targets: Any, adapter_name: Any) 
 def _inject(transformer: torch.nn.Module, adapter_name: str, config) -> None:
     """``add_adapter`` + keep the previously active adapters active."""
     before = active_adapters(transformer)
-    transformer.add_adapter(config, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        # Several adapters on one model is the design here (HairDiff's + extra LoRAs).
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        transformer.add_adapter(config, adapter_name=adapter_name)
     _activate(transformer, [n for n in before if n != adapter_name] + [adapter_name])
 
 
