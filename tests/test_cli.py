@@ -90,3 +90,40 @@ def test_demo_runs_as_a_console_command(tmp_path):
     result = Image.open(tmp_path / "result.png")
     assert result.size == Image.open(sample_paths()["photo"]).size
     assert (tmp_path / "contact_sheet.png").exists()
+
+
+def test_adapter_for_another_base(files, capsys):
+    from diffusers import SD3Transformer2DModel
+
+    from hairdiff_core.adapter import save_adapter
+    from hairdiff_core.surgery import widen_input_channels
+    from hairdiff_core.tiny import TINY_TRANSFORMER_CONFIG
+
+    other = widen_input_channels(SD3Transformer2DModel(**{**TINY_TRANSFORMER_CONFIG, "num_layers": 3}))
+    path = files["tmp"] / "foreign.safetensors"
+    save_adapter(other, path)
+    code = hairdiff_cli.main(_argv(files, adapter=str(path)))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "foreign.safetensors" in err and "num_layers" in err
+
+
+def test_adapter_for_this_base_is_used(files, tiny_transformer):
+    from hairdiff_core.adapter import save_adapter
+    from hairdiff_core.surgery import widen_input_channels
+
+    widen_input_channels(tiny_transformer)
+    w = tiny_transformer.pos_embed.proj.weight.data
+    # A "trained" sketch half. Random, not constant: a constant is the same shift on every
+    # feature, which the blocks' LayerNorm removes exactly.
+    w[:, 16:] = torch.randn(w[:, 16:].shape, generator=torch.Generator().manual_seed(0)) * 0.3
+    save_adapter(tiny_transformer, files["tmp"] / "mine.safetensors")
+    sketch = Image.new("RGB", (40, 48), (255, 255, 255))
+    sketch.paste((0, 0, 0), (12, 12, 28, 16))
+    sketch.save(files["tmp"] / "strokes.png")
+    outs = []
+    for extra in ([], ["--adapter", str(files["tmp"] / "mine.safetensors")]):
+        out = files["tmp"] / f"out{len(outs)}.png"
+        assert hairdiff_cli.main(_argv(files, sketch=str(files["tmp"] / "strokes.png"), out=str(out)) + extra) == 0
+        outs.append(Image.open(out).tobytes())
+    assert outs[0] != outs[1]

@@ -65,15 +65,17 @@ def test_strength_zero_returns_source(pipe):
 
 def test_sketch_changes_the_joint_result_but_not_the_baseline(pipe):
     photo, sketch, matte = _inputs(48, 48, (8, 8, 40, 40))
-    # after training the sketch channels are non-zero; emulate that
-    pipe.transformer.pos_embed.proj.weight.data[:, 16:] = 0.05
+    # after training the sketch channels are non-zero; emulate that (random: a constant would
+    # be removed by LayerNorm)
+    w = pipe.transformer.pos_embed.proj.weight.data
+    w[:, 16:] = torch.randn(w[:, 16:].shape, generator=torch.Generator().manual_seed(0)) * 0.3
     other = torch.ones_like(sketch)
     other[..., 20:30, 10:14] = 0
     j1 = pipe.generate(photo, sketch, matte, steps=2).image
     j2 = pipe.generate(photo, other, matte, steps=2).image
     r1 = pipe.generate(photo, sketch, matte, steps=2, method="replace").image
     r2 = pipe.generate(photo, other, matte, steps=2, method="replace").image
-    assert not torch.equal(j1, j2)
+    assert (j1 - j2).abs().max() > 1e-2
     assert torch.equal(r1, r2)
 
 
