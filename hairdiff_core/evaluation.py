@@ -292,6 +292,19 @@ def _fill(image: torch.Tensor, matte: torch.Tensor) -> torch.Tensor:
     return fill_hair_region(image, (matte > 0.5).float())
 
 
+def _save_png(image: torch.Tensor, path: Path) -> None:
+    """PNG with fast compression (4x faster than the default level at 1024², ~25% larger);
+    written to a temporary name and renamed, so an interrupted run leaves no half file."""
+    import os
+
+    from .imageio import to_pil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    to_pil(image).save(tmp, format="PNG", compress_level=1)
+    os.replace(tmp, path)
+
+
 def _contact_row(sample: EvalSample, results: dict[str, torch.Tensor], height: int):
     from .imageio import contact_sheet
 
@@ -382,16 +395,14 @@ def evaluate_samples(
                 report.rows.append(row)
                 results[setting.label] = result
                 if out is not None and save_results:
-                    from .imageio import save_image
-
-                    save_image(result, out / "results" / setting.label / f"{sample.stem}.png")
+                    _save_png(result, out / "results" / setting.label / f"{sample.stem}.png")
                 count += 1
                 if on_result is not None:
                     on_result(count, row)
             if out is not None and contact_sheets:
                 sheet = _contact_row(sample, results, sheet_height)
                 (out / "sheets").mkdir(parents=True, exist_ok=True)
-                sheet.save(out / "sheets" / f"{sample.stem}.png")
+                sheet.save(out / "sheets" / f"{sample.stem}.png", compress_level=1)
                 if len(overview) < overview_rows:
                     overview.append(sheet)
     finally:
