@@ -563,6 +563,10 @@ def load_lora_file(
                             f"or remove_lora(transformer, '{name}') first")
     prefix = _strip_prefix(tensors)
     own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if len(own) < len(tensors):
+        skipped = sorted(k for k in tensors if not k.startswith(prefix))
+        logger.warning("%s: ignoring %d tensor(s) outside the transformer (e.g. text-encoder LoRA %s)",
+                       p.name, len(skipped), skipped[0])
     alphas = {k[: -len(".alpha")]: float(v.float().item()) for k, v in own.items()
               if k.endswith(".alpha") and v.numel() == 1}
     modules, other = split_lora_state(own)
