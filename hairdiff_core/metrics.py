@@ -473,7 +473,7 @@ def sketch_adherence(result, sketch, matte, *, edge_threshold: float = EDGE_THRE
 def _stroke_colour_error(image: torch.Tensor, colour: torch.Tensor, alpha: torch.Tensor, binary: torch.Tensor) -> torch.Tensor:
     """Mean Delta E between coloured stroke pixels and the blurred result under them, at full
     resolution (thin strokes would vanish in a downsampled copy) but only on stroke pixels."""
-    out = torch.full((image.shape[0],), float("nan"))
+    out = torch.full((image.shape[0],), float("nan"), device=image.device)
     candidates = (alpha > 0.5) & (binary > 0.5)
     for b in range(image.shape[0]):
         ys, xs = torch.nonzero(candidates[b, 0], as_tuple=True)
