@@ -282,6 +282,8 @@ def test_config_file_and_command_line(tmp_path):
         resolve_config({"data": "d", "output": "o"})
     with pytest.raises(InputError, match="not a multiple of 16"):
         resolve_config({"data": "d", "output": "o", "tiny": True, "resolution": 100})
+    with pytest.raises(InputError, match="must end in .safetensors"):
+        resolve_config({"data": "d", "output": "o", "tiny": True, "adapter_name": "adapter.pt"})
 
 
 def test_checkpoint_commit_is_atomic_and_pruned(tmp_path):

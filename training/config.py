@@ -139,6 +139,9 @@ class TrainConfig:
             raise InputError("--oversample-from-epoch counts epochs from 1")
         if not self.lora_targets:
             raise InputError("--lora-targets is empty; give module names such as to_q to_k to_v to_out.0")
+        if not str(self.adapter_name).endswith(".safetensors"):
+            # Checked up front: save_adapter would refuse it only after the whole run.
+            raise InputError(f"adapter_name {self.adapter_name!r} must end in .safetensors")
         return self
 
 
