@@ -65,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--validate-every", type=int, help="steps between validation contact sheets (default 500; 0 = off)")
     g.add_argument("--validation-samples", type=int, help="(default 2)")
     g.add_argument("--validation-steps", type=int, help="sampler steps of validation (default 20)")
+    g.add_argument("--eval-data", help="held-out dataset (same layout); its metrics (hairdiff eval) are logged at each validation")
+    g.add_argument("--eval-limit", type=int, help="samples of --eval-data measured per validation (default 8)")
     g.add_argument("--cache-dir", help="latent/text cache (default <output>/cache)")
 
 

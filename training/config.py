@@ -83,6 +83,8 @@ class TrainConfig:
     validate_every: int = 500  # 0: off
     validation_samples: int = 2
     validation_steps: int = 20
+    eval_data: str | None = None  # held-out dataset (training layout) measured at each validation
+    eval_limit: int | None = 8  # samples of eval_data per validation (None: all)
     cache_dir: str | None = None  # default <output>/cache
     adapter_name: str = "hairdiff_adapter.safetensors"
 
@@ -139,6 +141,10 @@ class TrainConfig:
             raise InputError("--oversample-from-epoch counts epochs from 1")
         if not self.lora_targets:
             raise InputError("--lora-targets is empty; give module names such as to_q to_k to_v to_out.0")
+        if self.eval_data is not None and not Path(self.eval_data).is_dir():
+            raise InputError(f"--eval-data {self.eval_data}: not a folder (expected img/, matte/, sketch/)")
+        if self.eval_limit is not None and int(self.eval_limit) < 1:
+            raise InputError(f"--eval-limit must be at least 1, got {self.eval_limit}")
         if not str(self.adapter_name).endswith(".safetensors"):
             # Checked up front: save_adapter would refuse it only after the whole run.
             raise InputError(f"adapter_name {self.adapter_name!r} must end in .safetensors")

@@ -647,7 +647,38 @@ class Trainer:
         tmp.replace(path)
         if self.logs is not None and self.logs.tb is not None:
             self.logs.tb.add_image("validation", np.asarray(sheet), step, dataformats="HWC")
+        if cfg.eval_data:
+            self.evaluate(step)
         return path
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The metrics of ``hairdiff eval`` on the held-out set, appended to ``eval.csv``."""
+        import csv
+
+        from hairdiff_core.evaluation import EvalOptions, EvalSetting, evaluate_samples, scan_samples
+
+        cfg = self.config
+        samples = scan_samples(cfg.eval_data, limit=cfg.eval_limit, skip_bad=True)
+        options = EvalOptions(steps=cfg.validation_steps, seed=cfg.seed, resolution=self.resolution, work_size=self.resolution)
+        with self.acc.autocast():
+            report = evaluate_samples(
+                self.pipe, samples, [EvalSetting("joint")], options,
+                out_dir=self.out / "eval" / f"step-{step:08d}", save_results=False,
+            )
+        means = report.means(prefix="")
+        path = self.out / "eval.csv"
+        new_file = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", *sorted(means)])
+            if new_file:
+                writer.writeheader()
+            writer.writerow({"step": step, **means})
+        if self.logs is not None and self.logs.tb is not None:
+            for key, value in means.items():
+                self.logs.tb.add_scalar(f"eval/{key}", value, step)
+        logger.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(means.items())))
+        return means
 
 
 def train(config: TrainConfig, on_step: Callable | None = None) -> TrainResult:
