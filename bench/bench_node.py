@@ -35,7 +35,12 @@ def _comfy() -> str:
     comfy_dir = os.environ.get("COMFYUI_DIR")
     if comfy_dir:
         sys.path.insert(0, comfy_dir)
-        import comfyui_version  # noqa: F401
+        import comfy.cli_args
+        import comfyui_version
+        import torch
+
+        # main.py would parse --cpu; model_management reads the flag when it is first imported.
+        comfy.cli_args.args.cpu = not torch.cuda.is_available()
 
         return f"ComfyUI {comfyui_version.__version__}"
     spec = importlib.util.spec_from_file_location("hairdiff_comfy_stubs", ROOT / "tests" / "nodes" / "comfy_stubs.py")
