@@ -254,12 +254,13 @@ def lora_key_map(module: torch.nn.Module) -> dict[str, str]:
     keys = set(module.state_dict().keys())
     out: dict[str, str] = {}
     for name, sub in module.named_modules():
-        if not isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) or name.endswith(".base_layer"):
+        if name.endswith(".base_layer") or ".lora_" in name:
             continue
-        if ".lora_" in name:
-            continue
-        weight = f"{name}.base_layer.weight" if f"{name}.base_layer.weight" in keys else f"{name}.weight"
-        if weight not in keys:
+        if f"{name}.base_layer.weight" in keys:  # a PEFT LoRA layer (not an nn.Linear itself)
+            weight = f"{name}.base_layer.weight"
+        elif isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) and f"{name}.weight" in keys:
+            weight = f"{name}.weight"
+        else:
             continue
         bare = name[len("transformer."):] if name.startswith("transformer.") else name
         for prefix in (f"transformer.{bare}", bare, f"base_model.model.{bare}"):

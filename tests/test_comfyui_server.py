@@ -180,3 +180,37 @@ def test_validation_errors_are_readable_and_cli_runs(server, tmp_path, capsys):
     assert main(args + ["--set", "HairDiff Sampler.steps=2"]) == 0
     assert len(list((tmp_path / "cli").glob("*.png"))) == 1
     shutil.rmtree(tmp_path / "cli")
+
+
+def test_adapter_from_models_hairdiff_with_an_extra_lora(server, tmp_path):
+    """The adapter's PEFT layers and a ComfyUI LoRA patch on their base weights, on the real ModelPatcher."""
+    import torch
+    from safetensors.torch import save_file
+
+    from hairdiff_core import comfy_client as C
+    from hairdiff_core.adapter import save_adapter
+    from hairdiff_core.lora import add_lora
+    from hairdiff_core.surgery import widen_input_channels
+    from hairdiff_core.tiny import build_tiny_transformer
+
+    model = widen_input_channels(build_tiny_transformer())
+    add_lora(model, rank=4)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    (server["base"] / "models" / "hairdiff").mkdir(parents=True, exist_ok=True)
+    save_adapter(model, server["base"] / "models" / "hairdiff" / "tiny_adapter.safetensors")
+    lin = model.transformer_blocks[0].attn.to_q.base_layer
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, lin.in_features, generator=g),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(lin.out_features, 2, generator=g)},
+              str(server["base"] / "models" / "loras" / "on_adapter.safetensors"))
+    graph = C.load_workflow(ROOT / "workflows" / "api" / "hairdiff_basic.json")
+    graph["5"]["inputs"]["adapter"] = "hairdiff/tiny_adapter.safetensors"
+    adapted = _run(server, "", tmp_path / "a", graph=graph, sets=["Save Image.filename_prefix=adapted"])
+    graph["50"] = {"class_type": "HairDiff_LoRA", "inputs": {"model": ["5", 0], "lora_name": "loras/on_adapter.safetensors",
+                                                             "strength": 1.0}, "_meta": {"title": "HairDiff LoRA"}}
+    graph["8"]["inputs"]["model"] = ["50", 0]
+    both = _run(server, "", tmp_path / "b", graph=graph, sets=["Save Image.filename_prefix=both"])
+    assert adapted[0].read_bytes() != both[0].read_bytes()
