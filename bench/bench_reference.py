@@ -10,7 +10,7 @@ shared machine): interleaved repeats in rotating order, minimum (medians reporte
 of one sampling call after a warm-up (weights included, as in bench_sampler); the overhead in
 MB is the difference to ``off``. Prints one JSON line last.
 
-    python bench/bench_reference.py [--steps 28] [--size 64] [--repeats 3] [--cfg 1] [--dual-layers 0]
+    python bench/bench_reference.py [--steps 28] [--size 64] [--repeats 3] [--cfg 1] [--dual-layers 0] [--heads 6] [--threads 1]
 
 The reference keys inside the dilated matte (default settings exclude them) are not stored,
 so the measured cache is smaller than the full-size prediction: the bench's matte is the
@@ -33,7 +33,7 @@ from _common import MID_CONFIG, build_mid_transformer, peak_rss_bytes, reset_pea
 MODES = ("off", "once", "per_step")
 
 
-def make_runner(size: int, steps: int, cfg: float, dual_layers: int):
+def make_runner(size: int, steps: int, cfg: float, dual_layers: int, heads: int = 0):
     import torch
 
     from hairdiff_core import mask as M
@@ -43,6 +43,8 @@ def make_runner(size: int, steps: int, cfg: float, dual_layers: int):
     from hairdiff_core.surgery import widen_input_channels
 
     config = dict(MID_CONFIG, dual_attention_layers=tuple(range(dual_layers)))
+    if heads:  # wider model: attention's share of the forward falls (SD3.5 Large: 38 heads)
+        config.update(num_attention_heads=heads, caption_projection_dim=heads * config["attention_head_dim"])
     model = widen_input_channels(build_mid_transformer(config=config))
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(1, 16, size, size, generator=g)
@@ -75,8 +77,8 @@ def make_runner(size: int, steps: int, cfg: float, dual_layers: int):
     return model, run, stats
 
 
-def child(mode: str, size: int, steps: int, cfg: float, dual_layers: int) -> None:
-    _, run, stats = make_runner(size, steps, cfg, dual_layers)
+def child(mode: str, size: int, steps: int, cfg: float, dual_layers: int, heads: int) -> None:
+    _, run, stats = make_runner(size, steps, cfg, dual_layers, heads)
     run(mode, 1)  # warm-up: allocator pools and lazy inits are not the call's cost
     ok = reset_peak_rss()
     run(mode)
@@ -91,23 +93,24 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cfg", type=float, default=1.0, help="!= 1 runs the uncond and cond halves as one batch of 2")
     p.add_argument("--dual-layers", type=int, default=0, help="SD3.5-Medium-style attn2 in the first N blocks")
+    p.add_argument("--heads", type=int, default=0, help="attention heads of 64 dims (default: bench/_common's 6)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads wait on each "
                         "other whenever another job takes a core, and the ratios turn to noise)")
-    p.add_argument("--child", nargs=6, metavar=("MODE", "SIZE", "STEPS", "CFG", "DUAL", "THREADS"))
+    p.add_argument("--child", nargs=7, metavar=("MODE", "SIZE", "STEPS", "CFG", "DUAL", "THREADS", "HEADS"))
     args = p.parse_args()
     import torch
 
     if args.child:
-        mode, size, steps, cfg, dual, threads = args.child
+        mode, size, steps, cfg, dual, threads, heads = args.child
         torch.set_num_threads(int(threads))
-        child(mode, int(size), int(steps), float(cfg), int(dual))
+        child(mode, int(size), int(steps), float(cfg), int(dual), int(heads))
         return
     torch.set_num_threads(args.threads)
 
     from hairdiff_core.reference import predicted_cache_bytes
 
-    model, run, _ = make_runner(args.size, args.steps, args.cfg, args.dual_layers)
+    model, run, _ = make_runner(args.size, args.steps, args.cfg, args.dual_layers, args.heads)
     for mode in MODES:
         run(mode, 1)  # warm-up
     times = {m: [] for m in MODES}
@@ -122,7 +125,7 @@ def main() -> None:
     best = {m: min(t) for m, t in times.items()}
     med = {m: sorted(t)[len(t) // 2] for m, t in times.items()}
     med_cpu = {m: min(t) for m, t in cpu.items()}
-    child_args = [str(args.size), str(args.mem_steps), str(args.cfg), str(args.dual_layers), str(args.threads)]
+    child_args = [str(args.size), str(args.mem_steps), str(args.cfg), str(args.dual_layers), str(args.threads), str(args.heads)]
     mem = {m: run_isolated(__file__, [m, *child_args]) for m in MODES}
     cache = predicted_cache_bytes(model, (args.size, args.size))
     mb = 2**20
