@@ -214,3 +214,39 @@ def test_adapter_from_models_hairdiff_with_an_extra_lora(server, tmp_path):
     graph["8"]["inputs"]["model"] = ["50", 0]
     both = _run(server, "", tmp_path / "b", graph=graph, sets=["Save Image.filename_prefix=both"])
     assert adapted[0].read_bytes() != both[0].read_bytes()
+
+
+def test_cancel_during_sampling_stops_it_and_the_next_run_works(server, tmp_path):
+    from hairdiff_core import comfy_client as C
+
+    # Reference: a separate model object (device=cpu is the same weights on this CPU-only server).
+    clean = _run(server, "hairdiff_reference_attention", tmp_path / "before",
+                 sets=["Save Image.filename_prefix=cancel", "HairDiff Sampler.seed=77", "Load HairDiff Model.device=cpu"])
+    client = C.ComfyClient(server["url"])
+    graph = C.load_workflow(ROOT / "workflows" / "api" / "hairdiff_reference_attention.json")
+    uploaded = {role: client.upload_image(ASSETS / f"sample_{role}.png") for role in C.role_nodes(graph)}
+    graph = C.prepare_graph(graph, uploaded, ["HairDiff Sampler.steps=200", "HairDiff Sampler.seed=99"])
+    ws = client.open_progress()
+    assert ws is not None, "ComfyUI's websocket should accept the client"
+    try:
+        pid = client.submit(graph)
+        deadline = time.monotonic() + 300
+        step = 0
+        while step < 2 and time.monotonic() < deadline:
+            msg = ws.recv_json(timeout=1.0)
+            if msg and msg.get("type") == "progress" and msg["data"].get("node") == "8":
+                step = msg["data"]["value"]
+        assert step >= 2, "no sampler progress seen on the websocket"
+        urllib.request.urlopen(urllib.request.Request(server["url"] + "/interrupt", data=b"", method="POST"), timeout=30)
+        entry = C.follow(client, pid, None, timeout=120)
+    finally:
+        ws.close()
+    assert C.execution_error(entry) == "the workflow was interrupted (Cancel)"
+    # The cancelled model object (the cached loader output) came back clean: with a seed it never ran, it gives
+    # exactly the reference model's image.
+    after = _run(server, "hairdiff_reference_attention", tmp_path / "after",
+                 sets=["Save Image.filename_prefix=cancel", "HairDiff Sampler.seed=77"])
+    from PIL import Image, ImageChops
+
+    with Image.open(after[0]) as a, Image.open(clean[0]) as b:
+        assert ImageChops.difference(a.convert("RGB"), b.convert("RGB")).getbbox() is None  # pixels identical
