@@ -127,7 +127,8 @@ class LoadedModels:
 
 def shipped_config(filename: str) -> dict[str, Any]:
     """Return a config shipped in ``hairdiff_core/configs`` (``_``-keys dropped, lists kept)."""
-    text = resources.files("hairdiff_core.configs").joinpath(filename).read_text(encoding="utf-8")
+    # Relative to this package: inside ComfyUI the core is a subpackage of the pack, not "hairdiff_core".
+    text = resources.files(__package__).joinpath("configs", filename).read_text(encoding="utf-8")
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
