@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import logging
 
+from .generate import add_model_arguments, add_reference_field_arguments, reference_fields
+
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .generate import add_model_arguments
-
     p.add_argument("--data", required=True, help="dataset root with img/, matte/ and sketch/ (files matched by stem)")
     p.add_argument("--out", required=True, help="output folder for metrics.csv, summary.md, results and contact sheets")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples (by stem)")
@@ -29,12 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="samplers to compare (default: joint replace)")
     g.add_argument("--reference", nargs="+", choices=("off", "once", "per_step"), default=["off"],
                    help="reference-attention modes for the joint method (default: off)")
-    g.add_argument("--ref-weight-inside", type=float, help="reference weight for queries inside the matte")
-    g.add_argument("--ref-weight-outside", type=float, help="reference weight for queries outside the matte")
-    g.add_argument("--ref-key-weight-inside", type=float, help="weight of reference keys inside the matte (0 = excluded)")
-    g.add_argument("--ref-input", choices=("photo", "filled"), help="feed the reference pass the photo or a hair-filled copy")
-    g.add_argument("--ref-suppress-self", type=float, help="0-1: down-weight the generation's own keys outside the matte")
-    g.add_argument("--ref-once-sigma", type=float, help="noise level of the single reference pass of --reference once")
+    add_reference_field_arguments(g)
     s = p.add_argument_group("sampling")
     s.add_argument("--steps", type=int, default=28, help="sampling steps (default 28)")
     s.add_argument("--seed", type=int, default=0)
@@ -58,14 +53,6 @@ def build_options(args):
     from hairdiff_core import metrics as Mt
     from hairdiff_core.evaluation import EvalOptions
 
-    ref_fields = {
-        "weight_inside": args.ref_weight_inside,
-        "weight_outside": args.ref_weight_outside,
-        "key_weight_inside": args.ref_key_weight_inside,
-        "reference_input": args.ref_input,
-        "suppress_self_outside": args.ref_suppress_self,
-        "once_sigma": args.ref_once_sigma,
-    }
     generate_kwargs = {}
     if args.prompt_embeds:
         from hairdiff_core.text import load_prompt_embeds
@@ -77,7 +64,7 @@ def build_options(args):
         work_size=args.work_size, feather_sigma=args.feather, resolution=args.resolution,
         harmony=harmony, leakage=args.leakage,
         edge_threshold=Mt.EDGE_THRESHOLD if args.edge_threshold is None else args.edge_threshold,
-        reference_fields={k: v for k, v in ref_fields.items() if v is not None},
+        reference_fields=reference_fields(args),
         generate_kwargs=generate_kwargs,
     )
 

@@ -36,12 +36,29 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-paste-back", action="store_true", help="keep the raw generated context box instead of compositing")
     r = p.add_argument_group("reference attention (lighting from the photo)")
     r.add_argument("--reference", choices=("off", "once", "per_step"), default="off")
-    r.add_argument("--ref-weight-inside", type=float, help="reference weight for queries inside the matte")
-    r.add_argument("--ref-weight-outside", type=float, help="reference weight for queries outside the matte")
-    r.add_argument("--ref-key-weight-inside", type=float, help="weight of reference keys inside the matte (0 = excluded)")
-    r.add_argument("--ref-input", choices=("photo", "filled"), help="feed the reference pass the photo or a hair-filled copy")
-    r.add_argument("--ref-suppress-self", type=float, help="0-1: down-weight the generation's own keys outside the matte")
-    r.add_argument("--ref-once-sigma", type=float, help="noise level of the single reference pass of --reference once")
+    add_reference_field_arguments(r)
+
+
+#: ``--ref-*`` flag -> ``ReferenceSettings`` field (shared by generate and eval).
+REFERENCE_FLAGS = {
+    "ref_weight_inside": ("weight_inside", float, "reference weight for queries inside the matte"),
+    "ref_weight_outside": ("weight_outside", float, "reference weight for queries outside the matte"),
+    "ref_key_weight_inside": ("key_weight_inside", float, "weight of reference keys inside the matte (0 = excluded)"),
+    "ref_input": ("reference_input", str, "feed the reference pass the 'photo' or a hair-'filled' copy"),
+    "ref_suppress_self": ("suppress_self_outside", float, "0-1: down-weight the generation's own keys outside the matte"),
+    "ref_once_sigma": ("once_sigma", float, "noise level of the single reference pass of --reference once"),
+}
+
+
+def add_reference_field_arguments(group) -> None:
+    for dest, (_, kind, help_text) in REFERENCE_FLAGS.items():
+        extra = {"choices": ("photo", "filled")} if dest == "ref_input" else {}
+        group.add_argument("--" + dest.replace("_", "-"), type=kind, help=help_text, **extra)
+
+
+def reference_fields(args) -> dict:
+    """The ``ReferenceSettings`` fields the user set with ``--ref-*`` flags."""
+    return {field: getattr(args, dest) for dest, (field, _, _) in REFERENCE_FLAGS.items() if getattr(args, dest) is not None}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,15 +81,7 @@ def reference_settings(args):
         return None
     from hairdiff_core.reference import ReferenceSettings
 
-    fields = {
-        "weight_inside": args.ref_weight_inside,
-        "weight_outside": args.ref_weight_outside,
-        "key_weight_inside": args.ref_key_weight_inside,
-        "reference_input": args.ref_input,
-        "suppress_self_outside": args.ref_suppress_self,
-        "once_sigma": args.ref_once_sigma,
-    }
-    return ReferenceSettings(mode=args.reference, **{k: v for k, v in fields.items() if v is not None})
+    return ReferenceSettings(mode=args.reference, **reference_fields(args))
 
 
 def build_pipeline(args):
