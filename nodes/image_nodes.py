@@ -43,32 +43,6 @@ def _thicken(rgb: torch.Tensor, alpha: torch.Tensor, px: int) -> tuple[torch.Ten
     return M.dilate(rgb, px), M.dilate(alpha, px)
 
 
-def fill_enclosed(strokes: torch.Tensor, max_iters: int | None = None) -> torch.Tensor:
-    """(B, 1, H, W) stroke mask -> strokes plus every pixel they enclose (not reachable from the border).
-
-    Breadth-first flood fill from the border through non-stroke pixels, written as repeated
-    4-connected max filters (diagonal gaps in a 1-px line do not leak), checked for
-    convergence every 16 steps.
-    """
-    free = (strokes < 0.5).float()
-    reach = torch.zeros_like(free)
-    reach[..., 0, :] = 1
-    reach[..., -1, :] = 1
-    reach[..., :, 0] = 1
-    reach[..., :, -1] = 1
-    reach = reach * free
-    h, w = free.shape[-2:]
-    limit = max_iters or (h * w)
-    for i in range(limit):
-        grown_h = F.max_pool2d(reach, (1, 3), stride=1, padding=(0, 1))
-        grown_v = F.max_pool2d(reach, (3, 1), stride=1, padding=(1, 0))
-        nxt = torch.maximum(grown_h, grown_v) * free
-        if i % 16 == 15 and torch.equal(nxt, reach):
-            break
-        reach = nxt
-    return 1.0 - reach
-
-
 class SketchPreprocess(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -176,9 +150,7 @@ class HairMatte(io.ComfyNode):
                 _, strokes = M.normalize_sketch(s)
             except HairDiffError as exc:
                 raise node_error(node, "sketch", exc) from exc
-            r = int(sketch_dilate_px)
-            closed = M.dilate(strokes, r) if r > 0 else strokes
-            binary = M.dilate(fill_enclosed(closed), r // 2) if r > 1 else fill_enclosed(closed)
+            binary = M.matte_from_strokes(strokes, int(sketch_dilate_px))
             source = "sketch"
         else:
             raise node_error(node, "mask", "neither 'mask' nor 'sketch' is connected",
@@ -197,4 +169,4 @@ class HairMatte(io.ComfyNode):
         return io.NodeOutput(out, ui=ui.PreviewMask(out, cls=cls))
 
 
-__all__ = ["SketchPreprocess", "HairMatte", "fill_enclosed", "check_batch"]
+__all__ = ["SketchPreprocess", "HairMatte", "check_batch"]

@@ -85,3 +85,17 @@ def test_soft_noise_is_per_pixel_noise_level():
     sigma = 0.7
     expected = (1 - sigma * m) * x0 + sigma * m * eps
     assert torch.allclose(soft_noise(x0, eps, sigma, m), expected, atol=1e-6)
+
+
+def test_matte_from_strokes_fills_what_the_strokes_enclose():
+    strokes = torch.zeros(1, 1, 64, 64)
+    strokes[..., 16, 16:48] = 1
+    strokes[..., 47, 16:48] = 1
+    strokes[..., 16:48, 16] = 1
+    strokes[..., 16:48, 47] = 1
+    strokes[..., 30, 16] = 0  # a 1-px gap: closed by the dilation
+    filled = M.fill_enclosed(M.dilate(strokes, 1))
+    assert filled[0, 0, 32, 32] == 1 and filled[0, 0, 5, 5] == 0
+    assert M.fill_enclosed(strokes)[0, 0, 32, 32] == 0  # the open outline leaks: nothing enclosed
+    matte = M.matte_from_strokes(strokes, 4)
+    assert matte[0, 0, 32, 32] == 1 and matte[0, 0, 14, 32] == 1 and matte[0, 0, 2, 2] == 0
