@@ -14,11 +14,9 @@ import importlib, sys, types
 sys.path = [p for p in sys.path if p not in ('', '.', {str(ROOT)!r})]
 pack = types.ModuleType('custom_nodes_hairdiff'); pack.__path__ = [{str(ROOT)!r}]
 sys.modules['custom_nodes_hairdiff'] = pack
-try:
-    import hairdiff_core
-    raise SystemExit('hairdiff_core is importable top-level here; the check would prove nothing')
-except ModuleNotFoundError:
-    pass
+# Block the top-level name even where the pack is pip-installed (editable installs add a finder):
+# any absolute "hairdiff_core" import inside the core then fails, as it would in ComfyUI.
+sys.modules['hairdiff_core'] = None
 L = importlib.import_module('custom_nodes_hairdiff.hairdiff_core.loading')
 for name in L.TRANSFORMER_CONFIG_FILES.values():
     L.shipped_config(name)
