@@ -58,6 +58,7 @@ from .lora import (
     remove_lora,
     split_lora_state,
 )
+from .loading import ARCH_KEYS
 from .surgery import BASE_CHANNELS, input_channels, widen_input_channels
 
 logger = logging.getLogger(__name__)
@@ -66,20 +67,9 @@ FORMAT_VERSION = 1
 HEADER_KEY = "hairdiff"
 PATCH_WEIGHT_KEY = "hairdiff.pos_embed.proj.weight"
 PATCH_BIAS_KEY = "hairdiff.pos_embed.proj.bias"
-#: Config keys that fix an SD3 transformer's weight shapes, apart from in_channels.
-SIGNATURE_KEYS = (
-    "patch_size",
-    "out_channels",
-    "num_layers",
-    "attention_head_dim",
-    "num_attention_heads",
-    "joint_attention_dim",
-    "caption_projection_dim",
-    "pooled_projection_dim",
-    "pos_embed_max_size",
-    "dual_attention_layers",
-    "qk_norm",
-)
+#: Config keys that fix an SD3 transformer's weight shapes, apart from in_channels: the same
+#: architecture keys model recognition uses.
+SIGNATURE_KEYS = ARCH_KEYS
 _RESERVED = {"format_version", "hairdiff_version", "in_channels", "base_channels", "base", "lora"}
 _KNOWN_FAMILIES = ("sd3.5-large", "sd3.5-medium", "sd3-medium", "tiny")
 

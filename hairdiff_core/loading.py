@@ -65,7 +65,7 @@ TRANSFORMER_CONFIG_KEYS = (
 )
 # What identifies an architecture; sample_size only sets a default size and in_channels is 16
 # (stock) or 32 (widened for HairDiff) within one family.
-_ARCH_KEYS = tuple(k for k in TRANSFORMER_CONFIG_KEYS if k not in ("sample_size", "in_channels"))
+ARCH_KEYS = tuple(k for k in TRANSFORMER_CONFIG_KEYS if k not in ("sample_size", "in_channels"))
 # Head size of every published SD3/SD3.5 model; used when no q/k-norm weight reveals it.
 _DEFAULT_HEAD_DIM = 64
 
@@ -308,7 +308,7 @@ def identify_transformer(
     config = derived
     for candidate in ("sd3.5-large", "sd3.5-medium", "sd3-medium", "tiny"):
         shipped = _transformer_config(candidate)
-        if all(shipped[k] == derived[k] for k in _ARCH_KEYS):
+        if all(shipped[k] == derived[k] for k in ARCH_KEYS):
             family, config = candidate, {**shipped, "in_channels": in_channels}
             break
     if family == "sd3.5-large" and name_hint and "turbo" in name_hint.lower():
