@@ -349,7 +349,9 @@ def load_adapter(transformer, path: str | os.PathLike, adapter_name: str = DEFAU
     """Apply an adapter file to ``transformer`` in place and return its metadata.
 
     A stock 16-channel transformer is widened first; a widened one is reused. The patch
-    embedding is overwritten with the file's, and the LoRA is added as ``adapter_name`` (an
+    embedding's sketch channels come from the file; its image channels and bias too, unless the
+    header says they were frozen in training (``base_channels_trained: false``), in which case
+    the model keeps its own, and the LoRA is added as ``adapter_name`` (an
     existing adapter of that name is replaced). Everything is checked before the model is
     changed: a missing, damaged or foreign file, or an adapter for other dims, leaves it as it
     was. File and model dtypes may differ (the weights are cast to the model's).
@@ -385,14 +387,21 @@ def load_adapter(transformer, path: str | os.PathLike, adapter_name: str = DEFAU
                                    f"use an earlier checkpoint.")
 
     # -- from here on the model changes; nothing below depends on the file's validity --
-    _warn_if_base_channels_differ(transformer, weight, bias, p)
+    # An adapter trained with frozen image channels carries a copy of its base's channels 0-15
+    # and bias: this model's own are the right ones (e.g. Large Turbo under a Large adapter).
+    keep_base = meta.get("base_channels_trained") is False
+    if not keep_base:
+        _warn_if_base_channels_differ(transformer, weight, bias, p)
     if have == BASE_CHANNELS:
         widen_input_channels(transformer, want - BASE_CHANNELS)
     proj = transformer.pos_embed.proj
     with torch.no_grad():
-        proj.weight.copy_(weight.to(device=proj.weight.device, dtype=proj.weight.dtype))
-        if bias is not None:
-            proj.bias.copy_(bias.to(device=proj.bias.device, dtype=proj.bias.dtype))
+        if keep_base:
+            proj.weight[:, BASE_CHANNELS:].copy_(weight[:, BASE_CHANNELS:].to(device=proj.weight.device, dtype=proj.weight.dtype))
+        else:
+            proj.weight.copy_(weight.to(device=proj.weight.device, dtype=proj.weight.dtype))
+            if bias is not None:
+                proj.bias.copy_(bias.to(device=proj.bias.device, dtype=proj.bias.dtype))
     if has_lora(transformer, adapter_name):
         logger.info("replacing the LoRA '%s' already on the transformer with %s", adapter_name, p.name)
         remove_lora(transformer, adapter_name)

@@ -291,3 +291,27 @@ def test_loading_onto_a_widened_model_warns_when_image_channels_differ(trained, 
         load_adapter(tiny_transformer, path)
     assert any("differ" in r.getMessage() for r in caplog.records)
     assert torch.equal(_out(tiny_transformer), _out(trained))
+
+
+def test_frozen_image_channels_keep_the_target_models_own(trained, tiny_transformer, tmp_path, caplog):
+    """An adapter trained with channels 0-15 frozen, loaded onto another checkpoint of the same
+    shape (Large Turbo under a Large adapter): the model keeps its own image channels and bias
+    and takes only the sketch channels and the LoRA."""
+    path = tmp_path / "a.safetensors"
+    save_adapter(trained, path, base_channels_trained=False)
+    other = widen_input_channels(tiny_transformer)
+    with torch.no_grad():
+        other.pos_embed.proj.weight[:, :16] += 0.05  # "another checkpoint"
+        other.pos_embed.proj.bias += 0.05
+    own_w = other.pos_embed.proj.weight[:, :16].clone()
+    own_b = other.pos_embed.proj.bias.clone()
+    with caplog.at_level(logging.WARNING, logger="hairdiff_core.adapter"):
+        load_adapter(other, path)
+    assert not caplog.records
+    w = other.pos_embed.proj.weight
+    assert torch.equal(w[:, :16], own_w) and torch.equal(other.pos_embed.proj.bias, own_b)
+    assert torch.equal(w[:, 16:], trained.pos_embed.proj.weight[:, 16:])
+    # without the flag (or with trained base channels) the adapter's own are used, as before
+    save_adapter(trained, path, base_channels_trained=True)
+    load_adapter(other, path)
+    assert torch.equal(other.pos_embed.proj.weight, trained.pos_embed.proj.weight)

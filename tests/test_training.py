@@ -160,6 +160,7 @@ def test_adapter_loads_into_a_fresh_model(full_run, tiny_transformer):
     out, result = full_run
     meta = load_adapter(tiny_transformer, result.adapter)
     assert meta["step"] == 4 and meta["training"]["resolution"] == RES and meta["lora"]["rank"] == 16
+    assert meta["base_channels_trained"] is False  # loaders keep their model's own image channels
     trained = load_file(str(out / "checkpoints" / "checkpoint-00000004" / "trainable.safetensors"))
     params = dict(tiny_transformer.named_parameters())
     assert torch.equal(params["pos_embed.proj.weight"].float(), trained["pos_embed.proj.weight"])

@@ -605,7 +605,8 @@ class Trainer:
 
         path = self.out / self.config.adapter_name
         extra = {"family": self.family} if self.family not in (None, "custom") else {}
-        save_adapter(self.transformer, path, step=self.max_steps, training=self._adapter_metadata(), **extra)
+        save_adapter(self.transformer, path, step=self.max_steps, training=self._adapter_metadata(),
+                     base_channels_trained=bool(self.config.train_base_channels), **extra)
         logger.info("saved the adapter %s", path)
         return path
 
