@@ -509,6 +509,18 @@ def _finish(model: torch.nn.Module, dtype: torch.dtype, device: str | torch.devi
 # Transformer
 
 
+def _build_single_file(cls, state, config, dtype: torch.dtype, what: str):
+    """``cls.from_single_file`` on an in-memory state dict with a local config (never a hub)."""
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    with _config_dir(config, cls.__name__) as cfg:
+        try:
+            with _quiet_dtype_casts():
+                return cls.from_single_file(state, config=cfg, local_files_only=True, torch_dtype=dtype)
+        except (KeyError, RuntimeError, ValueError, SingleFileComponentError) as e:
+            raise ModelLoadError(f"cannot build {what}: {type(e).__name__}: {e}") from e
+
+
 def _inspect_transformer_file(
     path: Path, shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[str, dict[str, Any]]:
@@ -524,7 +536,6 @@ def _load_transformer_file(
     dtype: torch.dtype,
 ):
     from diffusers import SD3Transformer2DModel
-    from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     layout, prefix = _transformer_view(shapes)  # type: ignore[misc]  # identify succeeded
     roots = _TRANSFORMER_ROOTS[layout]
@@ -533,17 +544,9 @@ def _load_transformer_file(
         {k[len(prefix):]: k for k in shapes
          if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] in roots},
     )
-    with _config_dir(config, "SD3Transformer2DModel") as cfg:
-        try:
-            with _quiet_dtype_casts():
-                model = SD3Transformer2DModel.from_single_file(
-                    state, config=cfg, local_files_only=True, torch_dtype=dtype
-                )
-        except (KeyError, RuntimeError, ValueError, SingleFileComponentError) as e:
-            raise ModelLoadError(
-                f"cannot build the {FAMILY_NAMES[family]} transformer from {path} "
-                f"({layout} layout): {type(e).__name__}: {e}"
-            ) from e
+    model = _build_single_file(
+        SD3Transformer2DModel, state, config, dtype, f"the {FAMILY_NAMES[family]} transformer from {path} ({layout} layout)"
+    )
     _ensure_loaded(model, str(path))
     logger.info("recognised %s in %s", describe_transformer(family, config), path)
     return model
@@ -631,7 +634,6 @@ def load_transformer(
 
 def _load_vae_file(path: Path, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype):
     from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     kind, config = identify_vae(shapes, source=str(path))
     layout, prefix = _vae_view(shapes)  # type: ignore[misc]  # identify succeeded
@@ -639,16 +641,7 @@ def _load_vae_file(path: Path, shapes: Mapping[str, tuple[int, ...]], dtype: tor
     if prefix == "":
         # A bare VAE file's keys all belong to the VAE; anything else would confuse the converter.
         state = {k: v for k, v in state.items() if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}
-    with _config_dir(config, "AutoencoderKL") as cfg:
-        try:
-            with _quiet_dtype_casts():
-                vae = AutoencoderKL.from_single_file(
-                    state, config=cfg, local_files_only=True, torch_dtype=dtype
-                )
-        except (KeyError, RuntimeError, ValueError, SingleFileComponentError) as e:
-            raise ModelLoadError(
-                f"cannot build the VAE from {path} ({layout} layout): {type(e).__name__}: {e}"
-            ) from e
+    vae = _build_single_file(AutoencoderKL, state, config, dtype, f"the VAE from {path} ({layout} layout)")
     _ensure_loaded(vae, str(path))
     where = f" (under '{prefix}')" if prefix else ""
     logger.info("recognised %s VAE (%s layout) in %s%s", "SD3" if kind == "sd3" else "tiny", layout, path, where)
