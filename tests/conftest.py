@@ -40,3 +40,19 @@ def tiny_vae(_tiny_vae_master):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def assert_same_output():
+    """Compare the outputs of two separately built or loaded copies of one model.
+
+    Their weights are compared bit for bit elsewhere; their outputs are not: a tensor read from a
+    safetensors file starts 40 bytes past a 64-byte boundary, so on some CPUs (AVX512) the GEMM
+    takes another kernel path than for freshly allocated memory and the last bits differ
+    (~1e-6). One model, one allocation, compared with itself stays bit-exact (torch.equal).
+    """
+
+    def check(actual, expected):
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+    return check

@@ -77,7 +77,7 @@ def _header(path):
         return dict(f.metadata()), list(f.keys())
 
 
-def test_round_trip_reproduces_outputs_and_metadata(trained, tiny_transformer, tmp_path):
+def test_round_trip_reproduces_outputs_and_metadata(trained, tiny_transformer, tmp_path, assert_same_output):
     path = tmp_path / "deep" / "dir" / "hair.safetensors"
     save_adapter(trained, path, step=123, training={"lr": 1e-4, "resolution": 512, "augment": "all"})
     assert path.is_file()
@@ -91,7 +91,7 @@ def test_round_trip_reproduces_outputs_and_metadata(trained, tiny_transformer, t
     meta = load_adapter(tiny_transformer, path)
     assert input_channels(tiny_transformer) == 32
     assert tiny_transformer.config.in_channels == 32
-    assert torch.equal(_out(tiny_transformer), expected)
+    assert_same_output(_out(tiny_transformer), expected)
 
     assert meta["format_version"] == FORMAT_VERSION
     assert meta["in_channels"] == 32
@@ -106,7 +106,7 @@ def test_round_trip_reproduces_outputs_and_metadata(trained, tiny_transformer, t
     # Loading again over the loaded adapter replaces it rather than stacking a second one.
     load_adapter(tiny_transformer, path)
     assert list(tiny_transformer.peft_config) == ["hairdiff"]
-    assert torch.equal(_out(tiny_transformer), expected)
+    assert_same_output(_out(tiny_transformer), expected)
 
 
 def test_file_layout_keys_and_header(trained, tmp_path):
@@ -142,7 +142,7 @@ def test_diffusers_loads_the_lora_part_onto_a_stock_model(trained, tiny_transfor
     torch.testing.assert_close(_out(tiny_transformer, x32[:, :16]), _out(trained, x32), atol=1e-6, rtol=0)
 
 
-def test_adapter_without_lora(tiny_transformer, _tiny_transformer_master, tmp_path):
+def test_adapter_without_lora(tiny_transformer, _tiny_transformer_master, tmp_path, assert_same_output):
     import copy
 
     source = _trained(copy.deepcopy(_tiny_transformer_master), lora=False)
@@ -153,10 +153,11 @@ def test_adapter_without_lora(tiny_transformer, _tiny_transformer_master, tmp_pa
     assert "lora_adapter_metadata" not in header
     meta = load_adapter(tiny_transformer, path)
     assert meta["lora"] is None and not has_lora(tiny_transformer)
-    assert torch.equal(_out(tiny_transformer), _out(source))
+    assert_same_output(_out(tiny_transformer), _out(source))
 
 
-def test_alpha_equal_rank_writes_no_alpha_tensors(tiny_transformer, _tiny_transformer_master, tmp_path):
+def test_alpha_equal_rank_writes_no_alpha_tensors(tiny_transformer, _tiny_transformer_master, tmp_path,
+                                                  assert_same_output):
     import copy
 
     source = _trained(copy.deepcopy(_tiny_transformer_master), rank=2)
@@ -164,7 +165,7 @@ def test_alpha_equal_rank_writes_no_alpha_tensors(tiny_transformer, _tiny_transf
     _, keys = _header(tmp_path / "a.safetensors")
     assert not any(k.endswith(".alpha") for k in keys)
     assert load_adapter(tiny_transformer, tmp_path / "a.safetensors")["lora"]["alpha"] == 2
-    assert torch.equal(_out(tiny_transformer), _out(source))
+    assert_same_output(_out(tiny_transformer), _out(source))
 
 
 def test_foreign_base_is_refused_naming_both_sides(trained, tmp_path):
@@ -278,7 +279,7 @@ def test_dtype_mismatch_is_cast(trained, _tiny_transformer_master, tmp_path):
 
 
 def test_loading_onto_a_widened_model_warns_when_image_channels_differ(trained, tiny_transformer, tmp_path,
-                                                                         caplog):
+                                                                         caplog, assert_same_output):
     path = tmp_path / "a.safetensors"
     save_adapter(trained, path)
     widen_input_channels(tiny_transformer)
@@ -290,7 +291,7 @@ def test_loading_onto_a_widened_model_warns_when_image_channels_differ(trained, 
     with caplog.at_level(logging.WARNING, logger="hairdiff_core.adapter"):
         load_adapter(tiny_transformer, path)
     assert any("differ" in r.getMessage() for r in caplog.records)
-    assert torch.equal(_out(tiny_transformer), _out(trained))
+    assert_same_output(_out(tiny_transformer), _out(trained))
 
 
 def test_frozen_image_channels_keep_the_target_models_own(trained, tiny_transformer, tmp_path, caplog):

@@ -34,7 +34,7 @@ def test_widened_output_equals_original_for_any_sketch(tiny_transformer):
     assert after.shape[1] == 16
 
 
-def test_config_round_trip(tiny_transformer, tmp_path):
+def test_config_round_trip(tiny_transformer, tmp_path, assert_same_output):
     from diffusers import SD3Transformer2DModel
 
     widen_input_channels(tiny_transformer)
@@ -43,7 +43,9 @@ def test_config_round_trip(tiny_transformer, tmp_path):
     assert loaded.config.in_channels == 32 and loaded.config.out_channels == 16
     assert input_channels(loaded) == 32
     x = torch.randn(1, 32, 16, 16)
-    assert torch.equal(_forward(loaded, x), _forward(tiny_transformer, x))
+    for name, value in tiny_transformer.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    assert_same_output(_forward(loaded, x), _forward(tiny_transformer, x))
 
 
 def test_idempotent(tiny_transformer):
