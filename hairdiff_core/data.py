@@ -73,10 +73,6 @@ class DatasetScan:
     def bad_stems(self) -> list[str]:
         return sorted({p.stem for p in self.problems})
 
-    @property
-    def braid_count(self) -> int:
-        return sum(s.is_braid for s in self.samples)
-
     def report(self, limit: int | None = 50) -> str:
         """Human-readable list of problems, one per line (the first ``limit``)."""
         lines = [f"  {p}" for p in self.problems[: limit or None]]

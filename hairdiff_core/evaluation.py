@@ -417,22 +417,6 @@ def evaluate_samples(
     return report
 
 
-def evaluate_dataset(
-    pipeline,
-    root,
-    settings: Sequence[EvalSetting] | None = None,
-    options: EvalOptions | None = None,
-    *,
-    limit: int | None = None,
-    skip_bad: bool = False,
-    **kwargs,
-) -> EvalReport:
-    """``evaluate_samples`` over a dataset folder in the training layout (img/, matte/, sketch/),
-    checked first by ``data.scan_dataset``; ``limit`` keeps the first N samples by stem."""
-    samples = scan_samples(root, limit=limit, skip_bad=skip_bad)
-    return evaluate_samples(pipeline, samples, settings, options, **kwargs)
-
-
 def scan_samples(root, limit: int | None = None, skip_bad: bool = False) -> list:
     """The dataset's valid samples (``data.scan_dataset``), the first ``limit`` by stem."""
     from .data import scan_dataset

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .flow import DEFAULT_SHIFT, NUM_TRAIN_TIMESTEPS, predict_x0, shift_sigmas
+from .flow import DEFAULT_SHIFT, NUM_TRAIN_TIMESTEPS, predict_x0, shift_sigmas, velocity_target
 
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "uniform")
 MASK_EPS = 1e-6
@@ -132,7 +132,7 @@ def hairdiff_loss(
     """
     with torch.autocast(device_type=v_pred.device.type, enabled=False):
         v_pred = v_pred.float()
-        target = noise.float() - x0.float()  # flow-matching velocity (flow.velocity_target)
+        target = velocity_target(x0.float(), noise.float())
         mse = masked_mse(v_pred, target, mask)
         if lambda_shape:
             # Every latent pixel was noised to sigma * m, so it is inverted with its own level:

@@ -105,7 +105,7 @@ def _broadcast_batch(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     raise InputError(f"the {what} batch has {x.shape[0]} items but the photo batch has {batch}; give 1 or {batch}")
 
 
-def context_box(binary: torch.Tensor, margin: float, min_pad: int, aspect_hw: tuple[int, int] | None = None) -> CropBox:
+def context_box(binary: torch.Tensor, margin: float, min_pad: int) -> CropBox:
     """Bounding box of the matte (union over the batch) grown by ``margin`` x its size + ``min_pad``."""
     H, W = binary.shape[-2:]
     any_rows = binary.amax(dim=(0, 1, 3)) > 0
