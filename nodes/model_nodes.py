@@ -91,6 +91,13 @@ def _safetensors(folder: str) -> list[str]:
     return [f"{folder}/{n}" for n in names if n.lower().endswith((".safetensors", ".sft"))]
 
 
+# The options are listed whenever ComfyUI builds the node list (at startup and on refresh), so the
+# walk is bounded: a model folder sits at most this many levels below models/diffusers (e.g.
+# vendor/sd3.5_large), and hidden folders (caches, .git) are never entered, so a deep or linked-in
+# tree (a dataset folder) costs nothing at startup.
+DIFFUSERS_MAX_DEPTH = 2
+
+
 def _diffusers_folders() -> list[str]:
     import folder_paths
 
@@ -98,10 +105,15 @@ def _diffusers_folders() -> list[str]:
     for base in folder_paths.get_folder_paths("diffusers"):
         if not os.path.isdir(base):
             continue
+        base_depth = base.rstrip(os.sep).count(os.sep)
         for root, dirs, files in os.walk(base, followlinks=True):
             if "model_index.json" in files or ("config.json" in files and root != base) or "transformer" in dirs:
                 out.append("diffusers/" + os.path.relpath(root, base).replace(os.sep, "/"))
                 dirs.clear()
+            elif root.rstrip(os.sep).count(os.sep) - base_depth >= DIFFUSERS_MAX_DEPTH:
+                dirs.clear()
+            else:
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
     return sorted(out)
 
 

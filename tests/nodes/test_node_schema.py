@@ -69,3 +69,14 @@ def test_missing_model_files_are_refused_at_validation(comfy):
     msg = loader.validate_inputs(base_model="checkpoints/nope.safetensors", adapter="none")
     assert "base_model 'checkpoints/nope.safetensors'" in msg and "adapter" not in msg
     assert "lora_name 'loras/nope.safetensors'" in lora.validate_inputs(lora_name="loras/nope.safetensors")
+
+
+def test_diffusers_listing_is_bounded_in_depth_and_skips_hidden_folders(comfy):
+    base = comfy.models_dir / "diffusers"
+    for rel in ("sd35/transformer", "vendor/sd35m/transformer", ".cache/hub/sd/transformer",
+                "a/b/c/d/deep/transformer"):
+        (base / rel).mkdir(parents=True, exist_ok=True)
+    (base / "sd35" / "model_index.json").write_text("{}")
+    listed = comfy.nodes.model_nodes._diffusers_folders()
+    assert "diffusers/sd35" in listed and "diffusers/vendor/sd35m" in listed
+    assert not any(".cache" in n or "deep" in n for n in listed), listed
