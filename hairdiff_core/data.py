@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from . import mask as M
 from .errors import InputError
+from .imageops import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ def load_sample(sample: Sample, resolution: int | None = None) -> dict[str, torc
     from .imageio import load_image
 
     image = load_image(sample.img)
-    image = image[:, :3] if image.shape[1] >= 3 else image.repeat(1, 3, 1, 1)
+    image = to_rgb(image, f"photo {sample.img}")
     # The sketch is made canonical at its stored size: its background is detected from the border.
     sketch, _ = M.normalize_sketch(load_image(sample.sketch))
     matte = M.binarize_matte(load_image(sample.matte), MATTE_THRESHOLD, require_nonempty=False)

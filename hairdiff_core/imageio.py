@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .imageops import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +75,7 @@ def contact_sheet(images: list[torch.Tensor], labels: list[str] | None = None, h
 
     tiles = []
     for img in images:
-        if img.shape[1] == 1:
-            img = img.repeat(1, 3, 1, 1)
-        elif img.shape[1] == 4:
-            img = img[:, :3]
-        pil = to_pil(img)
+        pil = to_pil(to_rgb(img, "contact sheet tile"))
         w = max(1, round(pil.width * height / pil.height))
         tiles.append(pil.resize((w, height), Image.BILINEAR))
     label_h = 18 if labels else 0

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .flow import DEFAULT_SHIFT, NUM_TRAIN_TIMESTEPS, predict_x0, shift_sigmas, velocity_target
+from .imageops import sobel
 
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "uniform")
 MASK_EPS = 1e-6
@@ -83,16 +84,6 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
         m, denom = _mask_weights(mask, pred)
         per_sample = (m * (pred - target) ** 2).sum(dim=(1, 2, 3)) / denom
         return per_sample.mean()
-
-
-def sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel Sobel gradients (gx, gy) of (B, C, H, W), replicate padding, same size."""
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=x.dtype, device=x.device) / 8.0
-    c = x.shape[1]
-    wx = kx.view(1, 1, 3, 3).repeat(c, 1, 1, 1)
-    wy = kx.t().contiguous().view(1, 1, 3, 3).repeat(c, 1, 1, 1)
-    xp = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    return F.conv2d(xp, wx, groups=c), F.conv2d(xp, wy, groups=c)
 
 
 def shape_loss(x0_hat: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import EmptyMaskError, InputError
+from .imageops import check_nchw as _check_nchw
+from .imageops import gaussian_blur  # noqa: F401  (re-exported: nodes and benches blur masks)
+from .imageops import luminance as _luminance
 
 #: Feather sigma in pixels at a 1024-px working resolution (design default).
 DEFAULT_FEATHER_SIGMA = 10.0
@@ -23,17 +26,6 @@ REFERENCE_RESOLUTION = 1024
 #: The VAE downsamples by 8; SD3's 2x2 patches make one token per 16x16 pixels.
 LATENT_FACTOR = 8
 TOKEN_FACTOR = 16
-
-
-def _luminance(rgb: torch.Tensor) -> torch.Tensor:
-    w = torch.tensor([0.299, 0.587, 0.114], dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
-    return (rgb * w).sum(1, keepdim=True)
-
-
-def _check_nchw(t: torch.Tensor, what: str) -> None:
-    if not isinstance(t, torch.Tensor) or t.ndim != 4:
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise InputError(f"{what} must be a (B, C, H, W) tensor, got {shape}")
 
 
 def binarize_matte(matte: torch.Tensor, threshold: float = 0.5, require_nonempty: bool = True) -> torch.Tensor:
@@ -68,35 +60,6 @@ def binarize_matte(matte: torch.Tensor, threshold: float = 0.5, require_nonempty
 def feather_sigma(height: int, width: int, sigma_at_1024: float = DEFAULT_FEATHER_SIGMA) -> float:
     """Feather sigma in pixels scaled with the working resolution (geometric mean side)."""
     return float(sigma_at_1024) * math.sqrt(height * width) / REFERENCE_RESOLUTION
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with replicate padding (a matte touching the border stays 1 there)."""
-    if sigma <= 0:
-        return x
-    radius = max(1, int(math.ceil(3.0 * sigma)))
-    coords = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
-    kernel = torch.exp(-0.5 * (coords / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(x.dtype)
-    c = x.shape[1]
-    h, w = x.shape[-2:]
-    # Replicate padding needs pad < size; fall back to reflect-free clamping by repeating.
-    ph = min(radius, h - 1) if h > 1 else 0
-    pw = min(radius, w - 1) if w > 1 else 0
-    out = x
-    kx = kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
-    ky = kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
-    out = F.pad(out, (radius, radius, 0, 0), mode="replicate") if pw == radius else _pad_edge(out, radius, axis=-1)
-    out = F.conv2d(out, kx, groups=c)
-    out = F.pad(out, (0, 0, radius, radius), mode="replicate") if ph == radius else _pad_edge(out, radius, axis=-2)
-    out = F.conv2d(out, ky, groups=c)
-    return out
-
-
-def _pad_edge(x: torch.Tensor, radius: int, axis: int) -> torch.Tensor:
-    n = x.shape[axis]
-    idx = torch.clamp(torch.arange(-radius, n + radius, device=x.device), 0, n - 1)
-    return x.index_select(axis % x.ndim, idx)
 
 
 def soft_mask(binary: torch.Tensor, sigma: float | None = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from . import mask as M
 from .errors import InputError
 from .flow import DEFAULT_SHIFT, sampling_sigmas
+from .imageops import to_rgb
 from .sampler import SAMPLERS, OnStep, TransformerDenoiser
 from .surgery import widen_input_channels
 from .text import check_text, zero_text
@@ -68,16 +69,7 @@ def _round_to(v: float, m: int) -> int:
 
 
 def _as_rgb(image: torch.Tensor, what: str) -> torch.Tensor:
-    if not isinstance(image, torch.Tensor) or image.ndim != 4:
-        raise InputError(f"{what} must be a (B, C, H, W) tensor in [0, 1]")
-    c = image.shape[1]
-    if c == 3:
-        return image.float()
-    if c == 4:
-        return image[:, :3].float()
-    if c == 1:
-        return image.float().repeat(1, 3, 1, 1)
-    raise InputError(f"{what} has {c} channels; expected 1, 3 or 4")
+    return to_rgb(image, what).float()
 
 
 def _match_size(x: torch.Tensor, size: tuple[int, int], what: str, mode: str) -> torch.Tensor:

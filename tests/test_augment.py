@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hairdiff_core.augment import AugmentParams, AugmentSettings, affine_matrices, augment_batch, sample_params
-from hairdiff_core.losses import sobel
+from hairdiff_core.imageops import sobel
 
 S = 64
 

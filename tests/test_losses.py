@@ -11,9 +11,9 @@ from hairdiff_core.losses import (
     sample_sigmas,
     sample_u,
     shape_loss,
-    sobel,
     training_sigma_table,
 )
+from hairdiff_core.imageops import sobel
 
 
 def test_soft_mask_noising_matches_the_design_formula():
