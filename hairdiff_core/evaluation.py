@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from . import metrics as Mt
+from .defaults import DEFAULTS
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -95,14 +96,14 @@ def make_settings(methods: Sequence[str] = ("joint", "replace"), references: Seq
 class EvalOptions:
     """Sampling and measurement options shared by every setting (same seed, same steps)."""
 
-    steps: int = 28
-    seed: int = 0
-    cfg: float = 1.0
-    shift: float = 3.0
-    strength: float = 1.0
+    steps: int = DEFAULTS.steps
+    seed: int = DEFAULTS.seed
+    cfg: float = DEFAULTS.cfg
+    shift: float = DEFAULTS.shift
+    strength: float = DEFAULTS.strength
     work_size: int | None = None
     feather_sigma: float | None = None
-    context_margin: float = 0.25
+    context_margin: float = DEFAULTS.context_margin
     #: Load dataset samples at this square resolution (None: as stored).
     resolution: int | None = None
     #: Colour gains for harmony tracking (names of ``metrics.GAINS``); empty = skip.

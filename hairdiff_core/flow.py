@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from .defaults import DEFAULTS
+
 NUM_TRAIN_TIMESTEPS = 1000
-DEFAULT_SHIFT = 3.0
+DEFAULT_SHIFT = DEFAULTS.shift
 
 
 def shift_sigmas(s: torch.Tensor, shift: float) -> torch.Tensor:

@@ -15,13 +15,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .defaults import DEFAULTS
 from .errors import EmptyMaskError, InputError
 from .imageops import check_nchw as _check_nchw
 from .imageops import gaussian_blur  # noqa: F401  (re-exported: nodes and benches blur masks)
 from .imageops import luminance as _luminance
 
 #: Feather sigma in pixels at a 1024-px working resolution (design default).
-DEFAULT_FEATHER_SIGMA = 10.0
+DEFAULT_FEATHER_SIGMA = DEFAULTS.feather_at_1024
 REFERENCE_RESOLUTION = 1024
 #: The VAE downsamples by 8; SD3's 2x2 patches make one token per 16x16 pixels.
 LATENT_FACTOR = 8

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from . import mask as M
 from .errors import InputError
-from .flow import DEFAULT_SHIFT, sampling_sigmas
+from .defaults import DEFAULTS
+from .flow import sampling_sigmas
 from .imageops import to_rgb
 from .sampler import SAMPLERS, OnStep, TransformerDenoiser
 from .surgery import widen_input_channels
@@ -175,7 +176,7 @@ class HairDiffPipeline:
 
     # -- the main call ----------------------------------------------------------------------
     @staticmethod
-    def prepare_inputs(image, sketch, matte, matte_threshold: float = 0.5):
+    def prepare_inputs(image, sketch, matte, matte_threshold: float = DEFAULTS.matte_threshold):
         """Validate and align the inputs: (photo RGB, sketch at photo size, binary matte).
 
         Cheap, and raises the same errors ``generate`` would: call it before loading a model.
@@ -196,11 +197,11 @@ class HairDiffPipeline:
         sketch: torch.Tensor,
         matte: torch.Tensor,
         *,
-        steps: int = 28,
-        seed: int = 0,
-        strength: float = 1.0,
-        cfg: float = 1.0,
-        shift: float = DEFAULT_SHIFT,
+        steps: int = DEFAULTS.steps,
+        seed: int = DEFAULTS.seed,
+        strength: float = DEFAULTS.strength,
+        cfg: float = DEFAULTS.cfg,
+        shift: float = DEFAULTS.shift,
         prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
@@ -208,10 +209,10 @@ class HairDiffPipeline:
         method: str = "joint",
         reference=None,
         feather_sigma: float | None = None,
-        matte_threshold: float = 0.5,
+        matte_threshold: float = DEFAULTS.matte_threshold,
         paste_back: bool = True,
         work_size: int | None = None,
-        context_margin: float = 0.25,
+        context_margin: float = DEFAULTS.context_margin,
         on_step: OnStep | None = None,
     ) -> GenerateResult:
         if method not in SAMPLERS:

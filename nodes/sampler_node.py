@@ -13,6 +13,7 @@ import math
 import torch
 from comfy_api.latest import io
 
+from ..hairdiff_core.defaults import DEFAULTS
 from ..hairdiff_core.errors import HairDiffError
 from .convert import (check_batch, conditioning_to_embeds, image_to_nchw, latent_from_comfy, latent_to_comfy,
                       mask_to_nchw, nchw_to_image, node_error)
@@ -86,22 +87,22 @@ class HairDiffSampler(io.ComfyNode):
                 io.Image.Input("photo", tooltip="The portrait to edit (any size; a context box around the matte is worked at the model's resolution)."),
                 io.Image.Input("sketch", tooltip="The sketch, same aspect ratio as the photo; best through HairDiff Sketch Preprocess."),
                 io.Mask.Input("matte", tooltip="Where the new hair goes (white = hair), same aspect ratio as the photo."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Random seed of the starting noise; the same seed and settings give the same image."),
-                io.Int.Input("steps", default=28, min=1, max=200,
+                io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=200,
                              tooltip="Denoising steps: more is slower and usually cleaner (28 for SD3.5 Large, 4-8 for Turbo)."),
-                io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                io.Float.Input("cfg", default=DEFAULTS.cfg, min=0.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance: 1 = off (one model call per step); higher follows "
                                        "the prompt more closely and doubles the cost."),
-                io.Float.Input("shift", default=3.0, min=0.0, max=100.0, step=0.01,
+                io.Float.Input("shift", default=DEFAULTS.shift, min=0.0, max=100.0, step=0.01,
                                tooltip="Flow-matching schedule shift: higher spends more steps at high noise (SD3 uses 3)."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("strength", default=DEFAULTS.strength, min=0.0, max=1.0, step=0.01,
                                tooltip="How much the hair region is re-noised: 1 = redrawn from scratch, lower keeps "
                                        "more of the old hair's layout and colour."),
                 io.Boolean.Input("paste_back", default=True,
                                  tooltip="Composite the result into the full photo with the feathered matte (off = "
                                          "return the generated context box as is)."),
-                io.Float.Input("feather", default=10.0, min=0.0, max=100.0, step=0.5,
+                io.Float.Input("feather", default=DEFAULTS.feather_at_1024, min=0.0, max=100.0, step=0.5,
                                tooltip="Soft-mask feather sigma in pixels at 1024 px (scaled with the working size); "
                                        "higher blends the edge over a wider band."),
                 io.Vae.Input("vae", optional=True,
@@ -122,8 +123,9 @@ class HairDiffSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, photo, sketch, matte, seed=0, steps=28, cfg=1.0, shift=3.0, strength=1.0,
-                paste_back=True, feather=10.0, vae=None, positive=None, negative=None) -> io.NodeOutput:
+    def execute(cls, model, photo, sketch, matte, seed=DEFAULTS.seed, steps=DEFAULTS.steps, cfg=DEFAULTS.cfg,
+                shift=DEFAULTS.shift, strength=DEFAULTS.strength,
+                paste_back=True, feather=DEFAULTS.feather_at_1024, vae=None, positive=None, negative=None) -> io.NodeOutput:
         import comfy.latent_formats
         import comfy.model_management as mm
         import comfy.utils

@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--logit-mean", type=float)
     g.add_argument("--logit-std", type=float)
     g.add_argument("--mode-scale", type=float)
-    g.add_argument("--shift", type=float, help="flow-match shift of the sigma table (default 3.0)")
+    g.add_argument("--shift", type=float, help="flow-match shift of the sigma table (default: hairdiff_core.defaults, 3.0)")
     g.add_argument("--rank", type=int, help="LoRA rank (default 16)")
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default = rank)")
     g.add_argument("--lora-targets", nargs="+", help="module names (default to_q to_k to_v to_out.0)")

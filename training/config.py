@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hairdiff_core.defaults import DEFAULTS
 from hairdiff_core.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class TrainConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
-    shift: float = 3.0
+    shift: float = DEFAULTS.shift
     # trainable parameters
     rank: int = 16
     lora_alpha: float | None = None  # None: = rank

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..defaults import DEFAULTS
 from .generate import add_model_arguments, add_reference_field_arguments, reference_fields
 
 logger = logging.getLogger(__name__)
@@ -31,13 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reference-attention modes for the joint method (default: off)")
     add_reference_field_arguments(g)
     s = p.add_argument_group("sampling")
-    s.add_argument("--steps", type=int, default=28, help="sampling steps (default 28)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--strength", type=float, default=1.0)
-    s.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    s.add_argument("--shift", type=float, default=3.0)
+    s.add_argument("--steps", type=int, default=DEFAULTS.steps, help=f"sampling steps (default {DEFAULTS.steps})")
+    s.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    s.add_argument("--strength", type=float, default=DEFAULTS.strength)
+    s.add_argument("--cfg", type=float, default=DEFAULTS.cfg, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--shift", type=float, default=DEFAULTS.shift)
     s.add_argument("--work-size", type=int, help="side of the working area in px (default: the model's)")
-    s.add_argument("--feather", type=float, help="feather sigma in px at 1024 px working size (default 10)")
+    s.add_argument("--feather", type=float, help=f"feather sigma in px at 1024 px working size (default {DEFAULTS.feather_at_1024:g})")
     s.add_argument("--prompt-embeds", help="safetensors with prompt_embeds/pooled_prompt_embeds (+ negative_*)")
     m = p.add_argument_group("extra comparisons (each costs more generations per sample)")
     m.add_argument("--harmony", nargs="*", choices=("warm", "cool", "dim"), metavar="GAIN",

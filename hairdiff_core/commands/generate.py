@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..defaults import DEFAULTS
+
 logger = logging.getLogger(__name__)
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -21,18 +23,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--steps", type=int, default=28, help="sampling steps (default 28)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--strength", type=float, default=1.0, help="denoise strength in [0, 1] (default 1)")
-    g.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    g.add_argument("--shift", type=float, default=3.0, help="flow-match schedule shift (SD3: 3.0)")
+    g.add_argument("--steps", type=int, default=DEFAULTS.steps, help=f"sampling steps (default {DEFAULTS.steps})")
+    g.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    g.add_argument("--strength", type=float, default=DEFAULTS.strength, help="denoise strength in [0, 1] (default 1)")
+    g.add_argument("--cfg", type=float, default=DEFAULTS.cfg, help="classifier-free guidance scale (1 = off)")
+    g.add_argument("--shift", type=float, default=DEFAULTS.shift, help=f"flow-match schedule shift (default {DEFAULTS.shift})")
     g.add_argument("--prompt-embeds", help="safetensors with prompt_embeds/pooled_prompt_embeds (+ negative_*)")
     g.add_argument("--method", choices=("joint", "replace"), default="joint",
                    help="joint = HairDiff soft-mask sampler; replace = latent-replacement inpainting baseline")
     g.add_argument("--work-size", type=int, help="side of the working area in px (default: the model's, 1024 for SD3.5)")
-    g.add_argument("--margin", type=float, default=0.25, help="context margin around the matte, fraction of its size")
-    g.add_argument("--feather", type=float, help="feather sigma in px at 1024 px working size (default 10)")
-    g.add_argument("--matte-threshold", type=float, default=0.5)
+    g.add_argument("--margin", type=float, default=DEFAULTS.context_margin,
+                   help="context margin around the matte, fraction of its size")
+    g.add_argument("--feather", type=float, help=f"feather sigma in px at 1024 px working size (default {DEFAULTS.feather_at_1024:g})")
+    g.add_argument("--matte-threshold", type=float, default=DEFAULTS.matte_threshold)
     g.add_argument("--no-paste-back", action="store_true", help="keep the raw generated context box instead of compositing")
     r = p.add_argument_group("reference attention (lighting from the photo)")
     r.add_argument("--reference", choices=("off", "once", "per_step"), default="off")

@@ -80,3 +80,12 @@ def test_diffusers_listing_is_bounded_in_depth_and_skips_hidden_folders(comfy):
     listed = comfy.nodes.model_nodes._diffusers_folders()
     assert "diffusers/sd35" in listed and "diffusers/vendor/sd35m" in listed
     assert not any(".cache" in n or "deep" in n for n in listed), listed
+
+
+def test_sampler_node_defaults_are_the_cores(comfy):
+    defaults = comfy.core.defaults.DEFAULTS
+    schema = comfy.nodes.HairDiffSampler.GET_SCHEMA()
+    got = {inp.id: inp.default for inp in schema.inputs if getattr(inp, "default", None) is not None}
+    for name in ("seed", "steps", "cfg", "shift", "strength"):
+        assert got[name] == getattr(defaults, name), name
+    assert got["feather"] == defaults.feather_at_1024
