@@ -45,8 +45,9 @@ LORA_METADATA_KEY = "lora_adapter_metadata"
 _INITS = {"gaussian": "gaussian", "default": True}
 _ADAPTER_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LORA_KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
-# Prefixes other tools put before the diffusers module path of the transformer.
-_FOREIGN_PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.", "model.diffusion_model.")
+#: Prefixes LoRA files put before the diffusers module path of the transformer: diffusers,
+#: peft, ComfyUI/original-SD3 layouts. The core's loader and the ComfyUI LoRA node read the same list.
+LORA_KEY_PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.", "model.diffusion_model.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,7 +471,7 @@ def apply_lora_weights(
 
 def _strip_prefix(keys: Iterable[str]) -> str:
     keys = list(keys)
-    for prefix in _FOREIGN_PREFIXES:
+    for prefix in LORA_KEY_PREFIXES:
         if any(k.startswith(prefix) for k in keys):
             return prefix
     return ""

@@ -18,6 +18,7 @@ import torch
 from comfy_api.latest import io
 
 from ..hairdiff_core.errors import HairDiffError
+from ..hairdiff_core.lora import LORA_KEY_PREFIXES
 from .convert import node_error
 
 logger = logging.getLogger(__name__)
@@ -275,8 +276,9 @@ def lora_key_map(module: torch.nn.Module) -> dict[str, str]:
         else:
             continue
         bare = name[len("transformer."):] if name.startswith("transformer.") else name
-        for prefix in (f"transformer.{bare}", bare, f"base_model.model.{bare}"):
-            out[prefix] = weight
+        out[bare] = weight
+        for prefix in LORA_KEY_PREFIXES:
+            out[prefix + bare] = weight
     return out
 
 

@@ -76,3 +76,11 @@ def test_adapter_errors_name_the_input(comfy):
     (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="input 'adapter'"):
         comfy.nodes.LoadHairDiffModel.execute(base_model="tiny (wiring check)", adapter="hairdiff/broken.safetensors")
+
+
+def test_lora_node_reads_every_key_prefix_the_core_reads(comfy):
+    model = comfy.nodes.LoadHairDiffModel.execute(base_model="tiny (wiring check)", adapter="none")[0]
+    keymap = comfy.nodes.model_nodes.lora_key_map(model.patcher.model)
+    name = next(n for n, _ in model.transformer.named_modules() if n.endswith("attn.to_q"))
+    for prefix in comfy.core.lora.LORA_KEY_PREFIXES + ("",):
+        assert keymap[prefix + name].endswith(f"{name}.weight"), prefix
