@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,12 +196,9 @@ def resolve_config(cli: dict[str, Any], config_file: str | None = None) -> Train
 
 
 def save_config(config: TrainConfig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from hairdiff_core.fileio import atomic_write_text
+
+    return atomic_write_text(Path(path), json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def fingerprint_hash(fp: dict[str, Any]) -> str:

@@ -34,6 +34,8 @@ from hairdiff_core import mask as M
 from hairdiff_core.augment import AugmentSettings, augment_batch
 from hairdiff_core.data import HairDataset, file_digest, scan_dataset
 from hairdiff_core.errors import HairDiffError, NonFiniteError
+from hairdiff_core.fileio import atomic_write
+from hairdiff_core.imageio import save_pil
 from hairdiff_core.flow import NUM_TRAIN_TIMESTEPS, soft_noise
 from hairdiff_core.losses import hairdiff_loss, sample_sigmas
 from hairdiff_core.surgery import BASE_CHANNELS
@@ -360,9 +362,8 @@ class Trainer:
             for i in todo:
                 image = self.dataset[i]["image"][None]
                 latent = self.pipe.encode(image).cpu()[0].contiguous()
-                tmp = paths[i].with_name(f".{paths[i].name}.tmp")
-                save_file({"latent": latent}, str(tmp))
-                tmp.replace(paths[i])
+                with atomic_write(paths[i], fsync=False) as tmp:
+                    save_file({"latent": latent}, str(tmp))
             logger.info("seed mode: %d photo latent(s) cached in %s (%d new)", len(paths), folder, len(todo))
         self.acc.wait_for_everyone()
         return paths
@@ -640,12 +641,7 @@ class Trainer:
         for r in rows:
             sheet.paste(r, (0, y))
             y += r.height
-        folder = self.out / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"step-{step:08d}.png"
-        tmp = folder / f".step-{step:08d}.tmp.png"
-        sheet.save(tmp)
-        tmp.replace(path)
+        path = save_pil(sheet, self.out / "samples" / f"step-{step:08d}.png")
         if self.logs is not None and self.logs.tb is not None:
             self.logs.tb.add_image("validation", np.asarray(sheet), step, dataformats="HWC")
         if cfg.eval_data:
