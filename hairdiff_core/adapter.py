@@ -350,6 +350,11 @@ def load_adapter(transformer, path: str | os.PathLike, adapter_name: str = DEFAU
     p = Path(path)
     tensors, header = read_safetensors(p, "adapter file")
     meta = _parse_header(header, list(tensors), p)
+    not_float = sorted(k for k, t in tensors.items() if not t.is_floating_point())[:3]
+    if not_float:
+        raise AdapterFileError(
+            f"{p.name}: tensor(s) {not_float} are {tensors[not_float[0]].dtype}, not floating point; a HairDiff "
+            f"adapter stores float weights (fp32/bf16/fp16). Re-export it with save_adapter.", input="adapter")
     _check_base(transformer, meta, p)
     weight, bias = _patch_tensors(tensors, meta, transformer, p)
     have, want = input_channels(transformer), meta["in_channels"]

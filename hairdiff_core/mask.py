@@ -5,8 +5,9 @@ Conventions (all torch, NCHW, float32 unless said otherwise):
 - mattes and masks: (B, 1, H, W) in [0, 1];
 - the *canonical sketch*: (B, 3, H, W) RGB in [0, 1] with the strokes in their own colour on a
   pure black background, plus its stroke alpha (B, 1, H, W). Dark strokes drawn on a light
-  background become white strokes (so "pencil on paper" and "chalk on slate" sketches encode
-  alike); coloured strokes keep their colour (they carry the wanted hair colour).
+  background or on a transparent one become white strokes (so "pencil on paper", "chalk on
+  slate" and "ink on a transparent layer" sketches encode alike); coloured strokes keep their
+  colour (they carry the wanted hair colour).
 """
 from __future__ import annotations
 
@@ -70,10 +71,43 @@ def feather_sigma(height: int, width: int, sigma_at_1024: float = DEFAULT_FEATHE
     return float(sigma_at_1024) * math.sqrt(height * width) / REFERENCE_RESOLUTION
 
 
+#: Above this sigma (px) the blur runs on a downsampled copy (a wide Gaussian is smooth, so
+#: its cost stays bounded: a 12-MP matte at sigma 1000 would otherwise take minutes).
+EXACT_BLUR_MAX_SIGMA = 32.0
+_REDUCED_SIGMA = 8.0
+
+
+def _reduction(sigma: float) -> int:
+    return 1 if sigma <= EXACT_BLUR_MAX_SIGMA else int(math.ceil(sigma / _REDUCED_SIGMA))
+
+
+def blur_radius(sigma: float) -> int:
+    """How far (px) ``gaussian_blur`` spreads a pixel: pad a crop by this to keep its border clean."""
+    if sigma <= 0:
+        return 0
+    factor = _reduction(sigma)
+    return int(math.ceil(3.0 * sigma)) + (0 if factor == 1 else 3 * factor)
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with replicate padding (a matte touching the border stays 1 there)."""
+    """Separable Gaussian blur with replicate padding (a matte touching the border stays 1 there).
+
+    Memory and time are bounded whatever ``sigma``: a sigma above ``EXACT_BLUR_MAX_SIGMA`` is
+    applied to an area-downsampled copy and upsampled back, and a sigma far beyond the image
+    is a plain mean.
+    """
+    if not math.isfinite(sigma):
+        raise InputError(f"blur sigma must be finite, got {sigma}")
     if sigma <= 0:
         return x
+    factor = _reduction(sigma)
+    if factor > 1:
+        h, w = x.shape[-2:]
+        if factor >= max(h, w):
+            return x.mean(dim=(-2, -1), keepdim=True).expand_as(x).clone()
+        small = F.avg_pool2d(x, factor, stride=factor, ceil_mode=True)
+        small = gaussian_blur(small, sigma / factor)
+        return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
     radius = max(1, int(math.ceil(3.0 * sigma)))
     coords = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
     kernel = torch.exp(-0.5 * (coords / sigma) ** 2)
@@ -158,7 +192,9 @@ def normalize_sketch(sketch: torch.Tensor, threshold: float = 0.2) -> tuple[torc
     if alpha is not None:
         stroke = (alpha > 0.5).float()
         colour = rgb
-        light_bg = torch.zeros(rgb.shape[0], dtype=torch.bool, device=rgb.device)
+        # A transparent background is paper: dark strokes on it are pencil lines and become
+        # white, as on a white background (black on the black canvas would be invisible).
+        light_bg = torch.ones(rgb.shape[0], dtype=torch.bool, device=rgb.device)
     else:
         border = torch.cat(
             [rgb[:, :, 0, :], rgb[:, :, -1, :], rgb[:, :, :, 0], rgb[:, :, :, -1]], dim=-1
