@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hairdiff {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except FileNotFoundError as exc:
-        name = exc.filename or str(exc)
-        print(f"hairdiff {args.command}: error: file not found: {name}", file=sys.stderr)
+        # "file not found: X" when the OS names the file; else the raiser's own words.
+        text = f"file not found: {exc.filename}" if exc.filename else str(exc)
+        print(f"hairdiff {args.command}: error: {text}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"hairdiff {args.command}: interrupted", file=sys.stderr)

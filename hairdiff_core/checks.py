@@ -52,14 +52,16 @@ class Bound:
         return f"a finite {kind[2:] if kind.startswith('a ') else kind}"
 
 
-def _fmt(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() and abs(v) < 1e18 else f"{v:g}"
+def _fmt(v) -> str:
+    if isinstance(v, int):
+        return str(v)
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else repr(v)
 
 
 #: Bounds of the sampling settings (Python argument name -> bound). Size-like settings are
 #: bounded so that nothing they size can exhaust memory; the image size bounds them further.
 GENERATE_BOUNDS: dict[str, Bound] = {
-    "steps": Bound("steps", integer=True, lo=1, hi=1000, hint="sampling steps (SD3.5: 28, Turbo: 4-8)"),
+    "steps": Bound("steps", integer=True, lo=1, hi=1000, hint="sampling steps; SD3.5: 28, Turbo: 4-8"),
     "seed": Bound("seed", integer=True, lo=0, hi=MAX_SEED),
     "strength": Bound("strength", lo=0.0, hi=1.0, hint="denoise strength"),
     "cfg": Bound("cfg", lo=0.0, hi=100.0, hint="guidance scale, 1 = off"),
@@ -68,7 +70,7 @@ GENERATE_BOUNDS: dict[str, Bound] = {
     "context_margin": Bound("margin", lo=0.0, hi=16.0, hint="context around the matte, a fraction of its size"),
     "matte_threshold": Bound("matte threshold", lo=0.0, hi=0.999, hint="matte values above it are hair"),
     "work_size": Bound("work size", integer=True, lo=64, hi=4096,
-                       hint="side of the working area in px, a multiple of 16 (SD3.5: 1024)"),
+                       hint="side of the working area in px, a multiple of 16; SD3.5: 1024"),
 }
 
 
@@ -79,26 +81,28 @@ def check_number(value: Any, bound: Bound, input: str | None = None):
     NaN and infinities.
     """
     name = input or bound.label
-    allowed = bound.describe()
     extra = f" ({bound.hint})" if bound.hint else ""
+
+    def refuse(shown: str):
+        return SettingsError(f"{bound.label} must be {bound.describe()}, got {shown}{extra}", input=name)
+
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SettingsError(f"{bound.label} must be {allowed}{extra}, got {value!r} ({type(value).__name__})", input=name)
+        raise refuse(f"{value!r} (a {type(value).__name__})")
     if bound.integer:
         if isinstance(value, numbers.Integral):
             value = int(value)
         elif math.isfinite(float(value)) and float(value).is_integer():
             value = int(value)
         else:
-            raise SettingsError(f"{bound.label} must be {allowed}{extra}, got {value!r}", input=name)
+            raise refuse(repr(value))
     else:
         value = float(value)
         if not math.isfinite(value):
-            raise SettingsError(f"{bound.label} must be {allowed}{extra}, got {value!r}", input=name)
+            raise refuse(repr(value))
     below = bound.lo is not None and (value <= bound.lo if bound.lo_open else value < bound.lo)
     above = bound.hi is not None and value > bound.hi
     if below or above:
-        raise SettingsError(f"{bound.label} must be {allowed}{extra}, got {_fmt(value) if bound.integer else value!r}",
-                            input=name)
+        raise refuse(_fmt(value))
     return value
 
 

@@ -443,7 +443,8 @@ class HairDiffPipeline:
         if reference.mode == "off":
             return contextlib.nullcontext(None)
         if method == "replace":
-            raise InputError("reference attention is part of the joint method; use method='joint' or reference='off'")
+            raise InputError("reference attention is part of the joint method; use the joint method or turn the "
+                             "reference off", input="reference")
 
         if reference.reference_input == "filled":
             ref_latent = self.encode(fill_hair_region(photo_w, binary_w)).to(self.device)
