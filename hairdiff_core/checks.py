@@ -69,7 +69,7 @@ GENERATE_BOUNDS: dict[str, Bound] = {
     "feather_sigma": Bound("feather", lo=0.0, hi=1024.0, hint="feather sigma in px at 1024 px, default 10"),
     "context_margin": Bound("margin", lo=0.0, hi=16.0, hint="context around the matte, a fraction of its size"),
     "matte_threshold": Bound("matte threshold", lo=0.0, hi=0.999, hint="matte values above it are hair"),
-    "work_size": Bound("work size", integer=True, lo=64, hi=4096,
+    "work_size": Bound("work size", integer=True, lo=16, hi=4096,
                        hint="side of the working area in px, a multiple of 16; SD3.5: 1024"),
 }
 
@@ -120,7 +120,7 @@ def check_generate_settings(**settings: Any) -> dict[str, Any]:
         out[name] = check_number(value, bound, input=name)
     ws = out.get("work_size")
     if ws is not None and ws % 16:
-        raise SettingsError(f"work size must be a multiple of 16, got {ws}; e.g. {max(64, round(ws / 16) * 16)}",
+        raise SettingsError(f"work size must be a multiple of 16, got {ws}; e.g. {max(16, round(ws / 16) * 16)}",
                             input="work_size")
     return out
 

@@ -192,7 +192,7 @@ def scan_dataset(root, skip_bad: bool = False) -> DatasetScan:
         raise DatasetError(
             f"dataset {root} has {len(scan.problems)} problem(s) in {len(scan.bad_stems)} sample(s) "
             f"({len(scan.samples)} good):\n{scan.report()}\n"
-            "Fix or remove these samples, or pass --skip-bad to train on the good ones."
+            "Fix or remove these samples, or pass --skip-bad to use only the good ones."
         )
     if not scan.samples:
         detail = f":\n{scan.report()}" if scan.problems else ""
@@ -206,7 +206,10 @@ def scan_dataset(root, skip_bad: bool = False) -> DatasetScan:
 
 
 def check_resolution(resolution: int) -> int:
-    resolution = int(resolution)
+    from .checks import Bound, check_number
+
+    resolution = check_number(resolution, Bound("resolution", integer=True, lo=RESOLUTION_MULTIPLE, hi=4096),
+                              "resolution")
     if resolution < RESOLUTION_MULTIPLE or resolution % RESOLUTION_MULTIPLE:
         lower = max(RESOLUTION_MULTIPLE, resolution // RESOLUTION_MULTIPLE * RESOLUTION_MULTIPLE)
         raise InputError(

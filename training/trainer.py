@@ -204,12 +204,22 @@ class Trainer:
         out = Path(cfg.output)
         self.out = out
         self.ckdir = out / "checkpoints"
+
+        # Everything that can be refused is refused before the output folder is touched and
+        # before the model loads: the dataset, the checkpoint to resume from.
+        scan = scan_dataset(cfg.data, skip_bad=cfg.skip_bad)
+        skipped = len(scan.bad_stems)
+        existing = ckpt.list_checkpoints(self.ckdir)
+        if not cfg.resume and existing:
+            # A fresh run would interleave its checkpoints and logs with the old run's.
+            raise ckpt.CheckpointError(
+                f"{out} already holds checkpoints of a run (latest: step {existing[-1][0]}); pass --resume latest "
+                f"to continue it, or choose another --output folder"
+            )
+        resume_from = ckpt.resolve_resume(cfg.resume, self.ckdir) if cfg.resume else None
         if main:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.json")
-
-        scan = scan_dataset(cfg.data, skip_bad=cfg.skip_bad)
-        skipped = len(scan.bad_stems)
         if skipped and main:
             logger.warning("--skip-bad: training on %d sample(s), skipped %d bad one(s)", len(scan.samples), skipped)
 
@@ -271,16 +281,8 @@ class Trainer:
         step, epoch, position = 0, 1, 0
         epoch_sums = {"total": 0.0, "mse": 0.0, "shape": 0.0, "n": 0}
         epoch_rows: list[dict] = []
-        resume_from = ckpt.resolve_resume(cfg.resume, self.ckdir) if cfg.resume else None
         if cfg.resume == "latest" and resume_from is None and main:
             logger.info("--resume latest: no checkpoint in %s yet, starting from step 0", self.ckdir)
-        existing = ckpt.list_checkpoints(self.ckdir)
-        if not cfg.resume and existing:
-            # A fresh run would interleave its checkpoints and logs with the old run's.
-            raise ckpt.CheckpointError(
-                f"{out} already holds checkpoints of a run (latest: step {existing[-1][0]}); pass --resume latest "
-                f"to continue it, or choose another --output folder"
-            )
         if resume_from is not None:
             state = self._load_checkpoint(resume_from)
             step, epoch, position = state["step"], state["epoch"], state["position"]
