@@ -34,7 +34,7 @@ def _luminance(rgb: torch.Tensor) -> torch.Tensor:
 def _check_nchw(t: torch.Tensor, what: str) -> None:
     if not isinstance(t, torch.Tensor) or t.ndim != 4:
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise InputError(f"{what} must be a (B, C, H, W) tensor, got {shape}")
+        raise InputError(f"{what} must be a (B, C, H, W) tensor, got {shape}", input=what)
 
 
 def binarize_matte(matte: torch.Tensor, threshold: float = 0.5, require_nonempty: bool = True) -> torch.Tensor:
@@ -54,14 +54,15 @@ def binarize_matte(matte: torch.Tensor, threshold: float = 0.5, require_nonempty
         alpha = matte[:, 3:4]
         value = alpha if bool((alpha < 0.999).any()) else _luminance(matte[:, :3])
     else:
-        raise InputError(f"matte has {c} channels; expected 1 (mask), 3 (RGB) or 4 (RGBA)")
+        raise InputError(f"matte has {c} channels; expected 1 (mask), 3 (RGB) or 4 (RGBA)", input="matte")
     binary = (value > threshold).float()
     if require_nonempty:
         empty = [i for i in range(binary.shape[0]) if not bool(binary[i].any())]
         if empty:
             raise EmptyMaskError(
                 f"the hair matte is empty (no pixel above threshold {threshold}) for batch item(s) "
-                f"{empty}; paint the hair region white on black, or lower the threshold"
+                f"{empty}; paint the hair region white on black, or lower the threshold",
+                input="matte",
             )
     return binary
 
@@ -187,7 +188,7 @@ def normalize_sketch(sketch: torch.Tensor, threshold: float = 0.2) -> tuple[torc
         if bool((alpha > 0.999).all()):
             alpha = None
     else:
-        raise InputError(f"sketch has {c} channels; expected 1 (L), 3 (RGB) or 4 (RGBA)")
+        raise InputError(f"sketch has {c} channels; expected 1 (L), 3 (RGB) or 4 (RGBA)", input="sketch")
 
     if alpha is not None:
         stroke = (alpha > 0.5).float()
