@@ -77,6 +77,13 @@ class DatasetScan:
     def braid_count(self) -> int:
         return sum(s.is_braid for s in self.samples)
 
+    def one_line(self, limit: int = 5) -> str:
+        """The first ``limit`` problems on one line (error messages are one line)."""
+        text = "; ".join(str(p) for p in self.problems[:limit])
+        if len(self.problems) > limit:
+            text += f"; and {len(self.problems) - limit} more"
+        return text
+
     def report(self, limit: int | None = 50) -> str:
         """Human-readable list of problems, one per line (the first ``limit``)."""
         lines = [f"  {p}" for p in self.problems[: limit or None]]
@@ -191,11 +198,11 @@ def scan_dataset(root, skip_bad: bool = False) -> DatasetScan:
     if scan.problems and not skip_bad:
         raise DatasetError(
             f"dataset {root} has {len(scan.problems)} problem(s) in {len(scan.bad_stems)} sample(s) "
-            f"({len(scan.samples)} good):\n{scan.report()}\n"
+            f"({len(scan.samples)} good): {scan.one_line(10)}. "
             "Fix or remove these samples, or pass --skip-bad to use only the good ones."
         )
     if not scan.samples:
-        detail = f":\n{scan.report()}" if scan.problems else ""
+        detail = f": {scan.one_line()}" if scan.problems else ""
         raise DatasetError(f"dataset {root} has no usable sample{detail}")
     if scan.problems:
         logger.warning(
