@@ -25,8 +25,15 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (the contract of every error), not usage + error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hairdiff", description="HairDiff: sketch-guided hair editing with SD3.5.")
+    parser = _OneLineParser(prog="hairdiff", description="HairDiff: sketch-guided hair editing with SD3.5.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
@@ -62,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hairdiff {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except FileNotFoundError as exc:
-        name = exc.filename or str(exc)
-        print(f"hairdiff {args.command}: error: file not found: {name}", file=sys.stderr)
+        # "file not found: X" when the OS names the file; else the raiser's own words.
+        text = f"file not found: {exc.filename}" if exc.filename else str(exc)
+        print(f"hairdiff {args.command}: error: {text}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"hairdiff {args.command}: interrupted", file=sys.stderr)

@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -159,18 +158,10 @@ def _jsonable(value: Any) -> Any:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    from .fileio import atomic_write
+
+    with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_adapter(transformer, path: str | os.PathLike, **metadata: Any) -> None:
@@ -359,6 +350,11 @@ def load_adapter(transformer, path: str | os.PathLike, adapter_name: str = DEFAU
     p = Path(path)
     tensors, header = read_safetensors(p, "adapter file")
     meta = _parse_header(header, list(tensors), p)
+    not_float = sorted(k for k, t in tensors.items() if not t.is_floating_point())[:3]
+    if not_float:
+        raise AdapterFileError(
+            f"{p.name}: tensor(s) {not_float} are {tensors[not_float[0]].dtype}, not floating point; a HairDiff "
+            f"adapter stores float weights (fp32/bf16/fp16). Re-export it with save_adapter.", input="adapter")
     _check_base(transformer, meta, p)
     weight, bias = _patch_tensors(tensors, meta, transformer, p)
     have, want = input_channels(transformer), meta["in_channels"]

@@ -159,9 +159,11 @@ class ComfyClient:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
         except (urllib.error.URLError, OSError) as exc:
+            url = urllib.parse.urlsplit(self.server)
+            host, port = url.hostname or "127.0.0.1", url.port or (443 if url.scheme == "https" else 80)
             raise ComfyServerError(
-                f"cannot reach ComfyUI at {self.server} ({getattr(exc, 'reason', exc)}); start it "
-                f"(python main.py --listen 127.0.0.1 --port 8188) or pass --server"
+                f"cannot reach ComfyUI at {self.server} ({getattr(exc, 'reason', exc)}); start it there "
+                f"(python main.py --listen {host} --port {port}) or pass --server with its address"
             ) from exc
 
     def _json(self, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
@@ -343,8 +345,11 @@ def execution_error(entry: dict[str, Any]) -> str | None:
         return None
     for kind, data in status.get("messages", []):
         if kind == "execution_error":
+            # ComfyUI reports a custom node's exception by its module path
+            # (/.../custom_nodes/pack.module.Class): the class name is what a user can read.
+            kind_name = str(data.get("exception_type") or "error").rsplit(".", 1)[-1]
             return (f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
-                    f"{data.get('exception_type', 'error')}: {data.get('exception_message', '').strip()}")
+                    f"{kind_name}: {data.get('exception_message', '').strip()}")
         if kind == "execution_interrupted":
             return "the workflow was interrupted (Cancel)"
     return "the workflow failed (see the ComfyUI console)"

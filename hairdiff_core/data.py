@@ -74,6 +74,13 @@ class DatasetScan:
     def bad_stems(self) -> list[str]:
         return sorted({p.stem for p in self.problems})
 
+    def one_line(self, limit: int = 5) -> str:
+        """The first ``limit`` problems on one line (error messages are one line)."""
+        text = "; ".join(str(p) for p in self.problems[:limit])
+        if len(self.problems) > limit:
+            text += f"; and {len(self.problems) - limit} more"
+        return text
+
     def report(self, limit: int | None = 50) -> str:
         """Human-readable list of problems, one per line (the first ``limit``)."""
         lines = [f"  {p}" for p in self.problems[: limit or None]]
@@ -188,11 +195,11 @@ def scan_dataset(root, skip_bad: bool = False) -> DatasetScan:
     if scan.problems and not skip_bad:
         raise DatasetError(
             f"dataset {root} has {len(scan.problems)} problem(s) in {len(scan.bad_stems)} sample(s) "
-            f"({len(scan.samples)} good):\n{scan.report()}\n"
-            "Fix or remove these samples, or pass --skip-bad to train on the good ones."
+            f"({len(scan.samples)} good): {scan.one_line(10)}. "
+            "Fix or remove these samples, or pass --skip-bad to use only the good ones."
         )
     if not scan.samples:
-        detail = f":\n{scan.report()}" if scan.problems else ""
+        detail = f": {scan.one_line()}" if scan.problems else ""
         raise DatasetError(f"dataset {root} has no usable sample{detail}")
     if scan.problems:
         logger.warning(
@@ -203,7 +210,10 @@ def scan_dataset(root, skip_bad: bool = False) -> DatasetScan:
 
 
 def check_resolution(resolution: int) -> int:
-    resolution = int(resolution)
+    from .checks import Bound, check_number
+
+    resolution = check_number(resolution, Bound("resolution", integer=True, lo=RESOLUTION_MULTIPLE, hi=4096),
+                              "resolution")
     if resolution < RESOLUTION_MULTIPLE or resolution % RESOLUTION_MULTIPLE:
         lower = max(RESOLUTION_MULTIPLE, resolution // RESOLUTION_MULTIPLE * RESOLUTION_MULTIPLE)
         raise InputError(

@@ -8,7 +8,28 @@ from __future__ import annotations
 
 
 class HairDiffError(ValueError):
-    """Base class of errors caused by user input or user files."""
+    """Base class of errors caused by user input or user files.
+
+    Args:
+        message: what was wrong, both sides of a mismatch, and the fix.
+        input: the name of the argument (Python API) or node input the error is about, e.g.
+            ``"sketch"`` or ``"steps"``; ``None`` when it is about no single input. The ComfyUI
+            nodes map it to the node input to highlight; the CLI ignores it.
+    """
+
+    def __init__(self, message: str = "", *args, input: str | None = None):
+        super().__init__(message, *args)
+        self.input = input
+
+    def __reduce__(self):
+        # Keeps ``input`` across pickling (multiprocessing data loaders re-raise in the parent).
+        return (_rebuild, (type(self), self.args, self.input))
+
+
+def _rebuild(cls, args, input):
+    err = cls(*args)
+    err.input = input
+    return err
 
 
 class InputError(HairDiffError):
@@ -37,3 +58,11 @@ class ModelLoadError(HairDiffError):
 
 class NonFiniteError(HairDiffError):
     """NaN or inf appeared during sampling or training."""
+
+
+class SettingsError(InputError):
+    """A numeric or named setting is out of range, not finite, or of the wrong type."""
+
+
+class OutputPathError(HairDiffError):
+    """An output path cannot be written (a folder, an input file, an unsupported suffix...)."""

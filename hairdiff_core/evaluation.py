@@ -29,6 +29,7 @@ import torch
 from . import metrics as Mt
 from .defaults import DEFAULTS
 from .errors import InputError
+from .imageio import save_pil
 
 logger = logging.getLogger(__name__)
 
@@ -251,17 +252,19 @@ class EvalReport:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"csv": out / "metrics.csv", "summary": out / "summary.md", "json": out / "summary.json"}
-        with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
+        from .fileio import atomic_write, atomic_write_text
+
+        with atomic_write(paths["csv"]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             for row in self.rows:
                 writer.writerow({k: _csv_value(row.get(k, "")) for k in self.columns})
-        paths["summary"].write_text(self.markdown(), encoding="utf-8")
+        atomic_write_text(paths["summary"], self.markdown())
         js = {
             label: {m: {"mean": _json_num(st.mean), "std": _json_num(st.std), "n": st.n, "n_inf": st.n_inf} for m, st in stats.items()}
             for label, stats in self.summary().items()
         }
-        paths["json"].write_text(json.dumps(js, indent=2), encoding="utf-8")
+        atomic_write_text(paths["json"], json.dumps(js, indent=2))
         return paths
 
 
@@ -296,14 +299,9 @@ def _fill(image: torch.Tensor, matte: torch.Tensor) -> torch.Tensor:
 def _save_png(image: torch.Tensor, path: Path) -> None:
     """PNG with fast compression (4x faster than the default level at 1024², ~25% larger);
     written to a temporary name and renamed, so an interrupted run leaves no half file."""
-    import os
+    from .imageio import save_image
 
-    from .imageio import to_pil
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    to_pil(image).save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)
+    save_image(image, path, compress_level=1)
 
 
 def _contact_row(sample: EvalSample, results: dict[str, torch.Tensor], height: int):
@@ -402,8 +400,7 @@ def evaluate_samples(
                     on_result(count, row)
             if out is not None and contact_sheets:
                 sheet = _contact_row(sample, results, sheet_height)
-                (out / "sheets").mkdir(parents=True, exist_ok=True)
-                sheet.save(out / "sheets" / f"{sample.stem}.png", compress_level=1)
+                save_pil(sheet, out / "sheets" / f"{sample.stem}.png", compress_level=1)
                 if len(overview) < overview_rows:
                     overview.append(sheet)
     finally:
@@ -414,7 +411,7 @@ def evaluate_samples(
     if out is not None:
         report.write(out)
         if contact_sheets and overview:
-            _stack_rows(overview).save(out / "contact_sheet.png")
+            save_pil(_stack_rows(overview), out / "contact_sheet.png")
     return report
 
 

@@ -5,8 +5,9 @@ Conventions (all torch, NCHW, float32 unless said otherwise):
 - mattes and masks: (B, 1, H, W) in [0, 1];
 - the *canonical sketch*: (B, 3, H, W) RGB in [0, 1] with the strokes in their own colour on a
   pure black background, plus its stroke alpha (B, 1, H, W). Dark strokes drawn on a light
-  background become white strokes (so "pencil on paper" and "chalk on slate" sketches encode
-  alike); coloured strokes keep their colour (they carry the wanted hair colour).
+  background or on a transparent one become white strokes (so "pencil on paper", "chalk on
+  slate" and "ink on a transparent layer" sketches encode alike); coloured strokes keep their
+  colour (they carry the wanted hair colour).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from .defaults import DEFAULTS
 from .errors import EmptyMaskError, InputError
 from .imageops import check_nchw as _check_nchw
-from .imageops import gaussian_blur  # noqa: F401  (re-exported: nodes and benches blur masks)
+from .imageops import blur_radius, gaussian_blur  # noqa: F401  (re-exported: nodes, pipeline, benches)
 from .imageops import luminance as _luminance
 
 #: Feather sigma in pixels at a 1024-px working resolution (design default).
@@ -46,14 +47,15 @@ def binarize_matte(matte: torch.Tensor, threshold: float = 0.5, require_nonempty
         alpha = matte[:, 3:4]
         value = alpha if bool((alpha < 0.999).any()) else _luminance(matte[:, :3])
     else:
-        raise InputError(f"matte has {c} channels; expected 1 (mask), 3 (RGB) or 4 (RGBA)")
+        raise InputError(f"matte has {c} channels; expected 1 (mask), 3 (RGB) or 4 (RGBA)", input="matte")
     binary = (value > threshold).float()
     if require_nonempty:
         empty = [i for i in range(binary.shape[0]) if not bool(binary[i].any())]
         if empty:
             raise EmptyMaskError(
                 f"the hair matte is empty (no pixel above threshold {threshold}) for batch item(s) "
-                f"{empty}; paint the hair region white on black, or lower the threshold"
+                f"{empty}; paint the hair region white on black, or lower the threshold",
+                input="matte",
             )
     return binary
 
@@ -117,12 +119,14 @@ def normalize_sketch(sketch: torch.Tensor, threshold: float = 0.2) -> tuple[torc
         if bool((alpha > 0.999).all()):
             alpha = None
     else:
-        raise InputError(f"sketch has {c} channels; expected 1 (L), 3 (RGB) or 4 (RGBA)")
+        raise InputError(f"sketch has {c} channels; expected 1 (L), 3 (RGB) or 4 (RGBA)", input="sketch")
 
     if alpha is not None:
         stroke = (alpha > 0.5).float()
         colour = rgb
-        light_bg = torch.zeros(rgb.shape[0], dtype=torch.bool, device=rgb.device)
+        # A transparent background is paper: dark strokes on it are pencil lines and become
+        # white, as on a white background (black on the black canvas would be invisible).
+        light_bg = torch.ones(rgb.shape[0], dtype=torch.bool, device=rgb.device)
     else:
         border = torch.cat(
             [rgb[:, :, 0, :], rgb[:, :, -1, :], rgb[:, :, :, 0], rgb[:, :, :, -1]], dim=-1

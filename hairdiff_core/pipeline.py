@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from . import mask as M
+from .checks import GENERATE_BOUNDS, check_device, check_generate_settings, check_number, parse_dtype
 from .errors import InputError
 from .defaults import DEFAULTS
 from .flow import sampling_sigmas
@@ -69,11 +71,27 @@ def _round_to(v: float, m: int) -> int:
     return max(m, int(round(v / m)) * m)
 
 
+def _check_range(x: torch.Tensor, what: str) -> None:
+    """Refuse NaN/inf pixels and 0..255 images: the core takes float images in [0, 1]."""
+    if x.numel() == 0:
+        raise InputError(f"the {what} is empty ({tuple(x.shape)})", input=what)
+    if not x.is_floating_point():
+        raise InputError(f"the {what} is a {x.dtype} tensor; HairDiff takes float images in [0, 1] "
+                         f"(divide 8-bit images by 255)", input=what)
+    if not bool(torch.isfinite(x).all()):
+        raise InputError(f"the {what} holds NaN or inf values; give a finite image in [0, 1]", input=what)
+    lo, hi = float(x.min()), float(x.max())
+    if hi > 1.0 + 1e-3 or lo < -1e-3:
+        fix = "divide it by 255" if hi > 1.5 else "clamp it to [0, 1]"
+        raise InputError(f"the {what} has values {lo:g}..{hi:g}, but HairDiff takes images in [0, 1]: {fix}",
+                         input=what)
+
+
 def _as_rgb(image: torch.Tensor, what: str) -> torch.Tensor:
     return to_rgb(image, what).float()
 
 
-def _match_size(x: torch.Tensor, size: tuple[int, int], what: str, mode: str) -> torch.Tensor:
+def _match_size(x: torch.Tensor, size: tuple[int, int], what: str, mode: str, announce: bool = True) -> torch.Tensor:
     """Resize a sketch/matte to the photo's size when the aspect ratios agree (within 1%)."""
     h, w = x.shape[-2:]
     H, W = size
@@ -82,9 +100,11 @@ def _match_size(x: torch.Tensor, size: tuple[int, int], what: str, mode: str) ->
     if abs((w / h) / (W / H) - 1.0) > 0.01:
         raise InputError(
             f"the {what} is {w}x{h} but the photo is {W}x{H}: different aspect ratios "
-            f"({w / h:.3f} vs {W / H:.3f}); draw the {what} on a canvas of the photo's size"
+            f"({w / h:.3f} vs {W / H:.3f}); draw the {what} on a canvas of the photo's size",
+            input=what,
         )
-    logger.info("resizing the %s from %dx%d to the photo's %dx%d (same aspect ratio)", what, w, h, W, H)
+    if announce:
+        logger.info("resizing the %s from %dx%d to the photo's %dx%d (same aspect ratio)", what, w, h, W, H)
     if mode == "nearest":
         return F.interpolate(x, size=(H, W), mode="nearest")
     return F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False, antialias=True)
@@ -95,7 +115,8 @@ def _broadcast_batch(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
         return x
     if x.shape[0] == 1:
         return x.expand(batch, *x.shape[1:])
-    raise InputError(f"the {what} batch has {x.shape[0]} items but the photo batch has {batch}; give 1 or {batch}")
+    raise InputError(f"the {what} batch has {x.shape[0]} items but the photo batch has {batch}; give 1 or {batch}",
+                     input=what.split()[0] if what.split()[0] in ("sketch", "matte") else None)
 
 
 def context_box(binary: torch.Tensor, margin: float, min_pad: int) -> CropBox:
@@ -114,6 +135,31 @@ def context_box(binary: torch.Tensor, margin: float, min_pad: int) -> CropBox:
     return CropBox(t, l, b - t, r - l)
 
 
+def check_model_files(model=None, vae=None, adapter=None, tiny: bool = False) -> None:
+    """Cheap checks of model arguments before anything loads: the paths exist and an adapter
+    carries a HairDiff header (read without its tensors)."""
+    from .errors import ModelLoadError
+
+    if tiny and (model is not None or vae is not None):
+        raise ModelLoadError("the tiny model brings its own transformer and VAE; do not pass a model or VAE with it",
+                             input="model")
+    if not tiny and model is None:
+        raise ModelLoadError("no model given: pass an SD3/SD3.5 diffusers folder or .safetensors checkpoint "
+                             "(--model PATH), or the tiny model (--tiny) for a wiring check", input="model")
+    for value, what in ((model, "model"), (vae, "vae"), (adapter, "adapter")):
+        if value is not None and not os.path.exists(os.path.expanduser(str(value))):
+            raise ModelLoadError(f"{what} not found: {value}", input=what)
+    if adapter is not None:
+        from .adapter import read_adapter_metadata
+        from .errors import HairDiffError
+
+        try:
+            read_adapter_metadata(adapter)
+        except HairDiffError as exc:
+            exc.input = exc.input or "adapter"
+            raise
+
+
 class HairDiffPipeline:
     def __init__(self, transformer, vae, device="cpu", dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None):
         widen_input_channels(transformer)
@@ -129,7 +175,24 @@ class HairDiffPipeline:
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_files(cls, model=None, vae=None, adapter=None, tiny: bool = False, device="cpu", dtype=torch.float32):
+        """Load a pipeline from files (or the built-in tiny model).
+
+        Every argument is checked before any weight is read: the device exists, the dtype is
+        a float precision, the files exist, and the adapter's header is a HairDiff header.
+
+        Args:
+            model: SD3.5 diffusers folder or single-file .safetensors (None with ``tiny``).
+            vae: VAE folder or .safetensors when ``model`` has none.
+            adapter: HairDiff adapter .safetensors, or None for the widened base model.
+            tiny: the built-in tiny random model (a wiring check).
+            device: "cpu", "cuda", "cuda:N", "mps" or a ``torch.device``.
+            dtype: transformer precision: a torch float dtype or "fp32", "bf16", "fp16".
+        """
         from .loading import load_models
+
+        dtype = parse_dtype(dtype)
+        check_device(device)
+        check_model_files(model=model, vae=vae, adapter=adapter, tiny=tiny)
 
         # The SD3 VAE runs in float32 (force_upcast); loading it so avoids a bf16 round trip.
         loaded = load_models(model, vae=vae, tiny=tiny, dtype=dtype, device="cpu", vae_dtype=torch.float32)
@@ -176,19 +239,39 @@ class HairDiffPipeline:
 
     # -- the main call ----------------------------------------------------------------------
     @staticmethod
-    def prepare_inputs(image, sketch, matte, matte_threshold: float = DEFAULTS.matte_threshold):
+    def prepare_inputs(image, sketch, matte, matte_threshold: float = DEFAULTS.matte_threshold, *,
+                       announce: bool = True):
         """Validate and align the inputs: (photo RGB, sketch at photo size, binary matte).
 
         Cheap, and raises the same errors ``generate`` would: call it before loading a model.
+
+        Args:
+            image: the photo, (B, 1|3|4, H, W) float in [0, 1].
+            sketch: (B|1, 1|3|4, h, w) float in [0, 1], the photo's aspect ratio.
+            matte: (B|1, 1|3|4, h, w) float in [0, 1], the photo's aspect ratio.
+            matte_threshold: matte values above it are hair, in [0, 1).
+            announce: log resizes and an empty sketch (``generate`` calls it again with False
+                after a caller's early check, so each message is logged once).
         """
-        photo = _as_rgb(image, "photo").clamp(0, 1)
+        matte_threshold = check_number(matte_threshold, GENERATE_BOUNDS["matte_threshold"], "matte_threshold")
+        photo = _as_rgb(image, "photo")
+        _check_range(photo, "photo")
+        photo = photo.clamp(0, 1)
         B, _, H, W = photo.shape
         for t, what in ((sketch, "sketch"), (matte, "matte")):
             if not isinstance(t, torch.Tensor) or t.ndim != 4:
-                raise InputError(f"{what} must be a (B, C, H, W) tensor in [0, 1]")
-        sketch = _broadcast_batch(_match_size(sketch.float(), (H, W), "sketch", "bilinear"), B, "sketch")
-        matte = _broadcast_batch(_match_size(matte.float(), (H, W), "matte", "nearest"), B, "matte")
-        return photo, sketch, M.binarize_matte(matte, matte_threshold)
+                raise InputError(f"{what} must be a (B, C, H, W) tensor in [0, 1]", input=what)
+            _check_range(t, what)
+        sketch = _broadcast_batch(_match_size(sketch.float(), (H, W), "sketch", "bilinear", announce), B, "sketch")
+        matte = _broadcast_batch(_match_size(matte.float(), (H, W), "matte", "nearest", announce), B, "matte")
+        binary = M.binarize_matte(matte, matte_threshold)
+        if announce:
+            _, strokes = M.normalize_sketch(sketch)
+            empty = [i for i in range(B) if not bool((strokes[i] * binary[i]).any())]
+            if empty:
+                logger.warning("the sketch has no strokes inside the matte (batch item(s) %s): the result follows the "
+                               "photo and the matte only, not a sketch", empty)
+        return photo, sketch, binary
 
     @torch.no_grad()
     def generate(
@@ -214,14 +297,17 @@ class HairDiffPipeline:
         work_size: int | None = None,
         context_margin: float = DEFAULTS.context_margin,
         on_step: OnStep | None = None,
+        announce: bool = True,
     ) -> GenerateResult:
         if method not in SAMPLERS:
-            raise InputError(f"unknown method {method!r}; choose one of {sorted(SAMPLERS)}")
-        if steps < 1:
-            raise InputError(f"steps must be at least 1, got {steps}")
-        if not 0.0 <= strength <= 1.0:
-            raise InputError(f"strength must be in [0, 1], got {strength}")
-        photo, sketch, binary = self.prepare_inputs(image, sketch, matte, matte_threshold)
+            raise InputError(f"unknown method {method!r}; choose one of {sorted(SAMPLERS)}", input="method")
+        checked = check_generate_settings(
+            steps=steps, seed=seed, strength=strength, cfg=cfg, shift=shift, feather_sigma=feather_sigma,
+            matte_threshold=matte_threshold, work_size=work_size, context_margin=context_margin,
+        )
+        steps, seed, strength, cfg, shift = (checked[k] for k in ("steps", "seed", "strength", "cfg", "shift"))
+        feather_sigma, work_size, context_margin = checked["feather_sigma"], checked["work_size"], checked["context_margin"]
+        photo, sketch, binary = self.prepare_inputs(image, sketch, matte, matte_threshold, announce=announce)
         B, _, H, W = photo.shape
 
         # Geometry: work area and context box.
@@ -236,7 +322,7 @@ class HairDiffPipeline:
             provisional = context_box(binary, context_margin, 0)
             scale = min(1.0, math.sqrt(work_area / (provisional.height * provisional.width)))
             sigma_full = M.feather_sigma(work, work, sigma_at_work) / max(scale, 1e-6)
-            box = context_box(binary, context_margin, int(math.ceil(3 * sigma_full)) + MULTIPLE)
+            box = context_box(binary, context_margin, M.blur_radius(sigma_full) + MULTIPLE)
             scale = math.sqrt(work_area / (box.height * box.width))
         if scale == 1.0:
             wh, ww = box.height, box.width
@@ -351,7 +437,8 @@ class HairDiffPipeline:
         if reference.mode == "off":
             return contextlib.nullcontext(None)
         if method == "replace":
-            raise InputError("reference attention is part of the joint method; use method='joint' or reference='off'")
+            raise InputError("reference attention is part of the joint method; use the joint method or turn the "
+                             "reference off", input="reference")
 
         if reference.reference_input == "filled":
             ref_latent = self.encode(fill_hair_region(photo_w, binary_w)).to(self.device)

@@ -107,26 +107,26 @@ class ReferenceSettings:
         if isinstance(self.mode, str):
             self.mode = self.mode.strip().lower().replace("-", "_")
         if self.mode not in MODES:
-            raise InputError(f"reference mode {self.mode!r} is not one of {list(MODES)}")
+            raise InputError(f"reference mode {self.mode!r} is not one of {list(MODES)}", input="mode")
         for name in ("weight_inside", "weight_outside"):
             v = _as_float(getattr(self, name), name)
             if v < 0:
-                raise InputError(f"{name} must be >= 0 (0 = the reference is not seen), got {v}")
+                raise InputError(f"{name} must be >= 0 (0 = the reference is not seen), got {v}", input=name)
             setattr(self, name, v)
         for name in ("suppress_self_outside", "key_weight_inside"):
             v = _as_float(getattr(self, name), name)
             if not 0.0 <= v <= 1.0:
-                raise InputError(f"{name} must be in [0, 1], got {v}")
+                raise InputError(f"{name} must be in [0, 1], got {v}", input=name)
             setattr(self, name, v)
         sigma = _as_float(self.once_sigma, "once_sigma")
         if not 0.0 < sigma <= 1.0:
-            raise InputError(f"once_sigma must be in (0, 1], got {sigma} (try 0.1)")
+            raise InputError(f"once_sigma must be in (0, 1], got {sigma} (try 0.1)", input="once_sigma")
         self.once_sigma = sigma
         if isinstance(self.key_dilate_tokens, bool) or int(self.key_dilate_tokens) != self.key_dilate_tokens or self.key_dilate_tokens < 0:
-            raise InputError(f"key_dilate_tokens must be a whole number >= 0, got {self.key_dilate_tokens!r}")
+            raise InputError(f"key_dilate_tokens must be a whole number >= 0, got {self.key_dilate_tokens!r}", input="key_dilate_tokens")
         self.key_dilate_tokens = int(self.key_dilate_tokens)
         if self.reference_input not in REFERENCE_INPUTS:
-            raise InputError(f"reference_input {self.reference_input!r} is not one of {list(REFERENCE_INPUTS)}")
+            raise InputError(f"reference_input {self.reference_input!r} is not one of {list(REFERENCE_INPUTS)}", input="reference_input")
 
     @classmethod
     def coerce(cls, value) -> "ReferenceSettings":
@@ -150,9 +150,9 @@ def _as_float(v, name: str) -> float:
     try:
         f = float(v)
     except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {v!r}") from None
+        raise InputError(f"{name} must be a number, got {v!r}", input=name) from None
     if not math.isfinite(f):
-        raise InputError(f"{name} must be finite, got {f}")
+        raise InputError(f"{name} must be finite, got {f}", input=name)
     return f
 
 

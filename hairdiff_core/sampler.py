@@ -26,12 +26,16 @@ class AttentionHook(Protocol):
     def step_kwargs(self, sigma: float, step: int) -> dict: ...
 
 
-def _check_finite(v: torch.Tensor, step: int, total: int) -> None:
+def _check_finite(v: torch.Tensor, step: int, total: int, dtype: torch.dtype | None = None) -> None:
     if not bool(torch.isfinite(v).all()):
-        raise NonFiniteError(
-            f"the model produced NaN/inf at step {step + 1} of {total}; fp16 overflows on SD3.5: "
-            f"use bf16 or fp32 (--dtype bf16 / fp32)"
-        )
+        if dtype == torch.float16:
+            why = "fp16 overflows on SD3.5: use bf16 or fp32 (--dtype bf16 / fp32)"
+        else:
+            # Settings and inputs are checked up front, so in bf16/fp32 the weights are the suspect.
+            why = (f"the model runs in {str(dtype).replace('torch.', '') if dtype else 'its dtype'}, so the weights "
+                   f"are the likely cause: an adapter or model file holding NaN/inf or from a diverged training "
+                   f"run; try another adapter or the base model alone")
+        raise NonFiniteError(f"the model produced NaN/inf at step {step + 1} of {total}; {why}")
 
 
 def soft_mask_sample(
@@ -56,7 +60,7 @@ def soft_mask_sample(
     for i in range(total):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         v = denoise(x, s, i)
-        _check_finite(v, i, total)
+        _check_finite(v, i, total, getattr(denoise, "dtype", None))
         x = torch.where(keep, x, x + mask * (s_next - s) * v.to(x.dtype))
         if on_step is not None:
             on_step(i + 1, total, x)
@@ -85,7 +89,7 @@ def replace_sample(
     for i in range(total):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         v = denoise(x, s, i)
-        _check_finite(v, i, total)
+        _check_finite(v, i, total, getattr(denoise, "dtype", None))
         x = x + (s_next - s) * v.to(x.dtype)
         known = (1 - s_next) * x0 + s_next * noise
         x = inside * x + (1 - inside) * known

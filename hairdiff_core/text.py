@@ -40,12 +40,14 @@ def check_text(transformer, embeds: torch.Tensor, pooled: torch.Tensor, what: st
     if embeds.ndim != 3 or embeds.shape[-1] != cfg.joint_attention_dim:
         raise InputError(
             f"{what} embeddings have shape {tuple(embeds.shape)}; this transformer expects "
-            f"(B, tokens, {cfg.joint_attention_dim}). Were they made for another model?"
+            f"(B, tokens, {cfg.joint_attention_dim}). Were they made for another model?",
+            input="negative_prompt_embeds" if what.startswith("negative") else "prompt_embeds",
         )
     if pooled.ndim != 2 or pooled.shape[-1] != cfg.pooled_projection_dim:
         raise InputError(
             f"{what} pooled embeddings have shape {tuple(pooled.shape)}; this transformer expects "
-            f"(B, {cfg.pooled_projection_dim})"
+            f"(B, {cfg.pooled_projection_dim})",
+            input="negative_pooled_prompt_embeds" if what.startswith("negative") else "pooled_prompt_embeds",
         )
 
 

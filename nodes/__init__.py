@@ -10,6 +10,7 @@ from comfy_api.latest import ComfyExtension, io
 from .image_nodes import HairMatte, SketchPreprocess
 from .model_nodes import HairDiffLoRA, HairDiffReferenceAttention, LoadHairDiffModel, register_model_folder
 from .sampler_node import HairDiffSampler
+from .template_inputs import install_template_inputs
 
 NODES: list[type[io.ComfyNode]] = [
     LoadHairDiffModel,
@@ -21,6 +22,7 @@ NODES: list[type[io.ComfyNode]] = [
 ]
 
 register_model_folder()
+install_template_inputs()
 
 
 class HairDiffExtension(ComfyExtension):

@@ -12,13 +12,60 @@ import torch
 from ..hairdiff_core.errors import HairDiffError, InputError
 
 
-def node_error(node: str, input_name: str, problem: str | Exception, fix: str = "") -> InputError:
-    """An error that names the node, the input that was wrong and what to do."""
-    text = f"{node}: input '{input_name}': {problem}"
+_SHORT_CLASSES: dict[type, type] = {}
+
+
+def _short_named(cls: type) -> type:
+    """A subclass of ``cls`` that ComfyUI reports by its bare name.
+
+    ComfyUI shows an exception's type as ``module.qualname`` unless the module is ``builtins``;
+    for a custom node that is an internal path (``/.../custom_nodes/hairdiff.hairdiff_core.
+    errors.InputError``). The subclass keeps ``isinstance`` checks working.
+    """
+    if cls not in _SHORT_CLASSES:
+        _SHORT_CLASSES[cls] = type(cls.__name__, (cls,), {"__module__": "builtins", "__qualname__": cls.__name__})
+    return _SHORT_CLASSES[cls]
+
+
+def node_error(node: str, input_name: str | None, problem: str | Exception, fix: str = "") -> InputError:
+    """An error that names the node, the input that was wrong (when one is) and what to do."""
+    text = f"{node}: input '{input_name}': {problem}" if input_name else f"{node}: {problem}"
     if fix:
         text += f" -> {fix}"
-    err_cls = type(problem) if isinstance(problem, HairDiffError) else InputError
-    return err_cls(text)
+    base = type(problem) if isinstance(problem, HairDiffError) else InputError
+    if base in _SHORT_CLASSES.values():
+        base = base.__bases__[0]  # already a short-named copy: wrap its original
+    return _short_named(base)(text, input=input_name)
+
+
+def input_of(exc: HairDiffError, names: dict[str, str] | None = None, default: str | None = None) -> str | None:
+    """The node input a core error is about: the error's own ``input`` field, renamed through
+    ``names`` (core argument -> node input) when the node calls it differently."""
+    name = getattr(exc, "input", None) or default
+    return (names or {}).get(name, name)
+
+
+def check_combos(node_cls, values: dict) -> bool | str:
+    """``True`` when every given COMBO value is one of its options, else one message naming each
+    wrong input and its allowed values (``validate_inputs`` returns it; ComfyUI answers 400).
+
+    ComfyUI does not check V3 combo values sent through its API, and a node would otherwise run
+    an unknown value as some default. ``values`` maps input names to values; ``None`` (not given,
+    or linked) is skipped.
+    """
+    problems = []
+    schema = node_cls.define_schema()
+    for inp in schema.inputs:
+        options = getattr(inp, "options", None)
+        if not isinstance(options, (list, tuple)) or inp.id not in values or values[inp.id] is None:
+            continue
+        value = values[inp.id]
+        if value not in options:
+            shown = ", ".join(repr(o) for o in options[:20]) + (f" (and {len(options) - 20} more)" if len(options) > 20 else "")
+            problems.append(f"input '{inp.id}' is {value!r}; allowed: {shown}")
+    if not problems:
+        return True
+    return f"{schema.display_name}: " + "; ".join(problems)
 
 
 def image_to_nchw(image, node: str, input_name: str) -> torch.Tensor:

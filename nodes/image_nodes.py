@@ -9,7 +9,7 @@ from comfy_api.latest import io, ui
 
 from ..hairdiff_core import mask as M
 from ..hairdiff_core.errors import HairDiffError
-from .convert import check_batch, image_to_nchw, mask_to_nchw, nchw_to_image, nchw_to_mask, node_error
+from .convert import check_batch, check_combos, image_to_nchw, mask_to_nchw, nchw_to_image, nchw_to_mask, node_error
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,10 @@ class SketchPreprocess(io.ComfyNode):
                 io.Mask.Output("strokes", display_name="strokes", tooltip="Where the strokes are (1) and are not (0)."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, background=None) -> bool | str:
+        return check_combos(cls, {"background": background})
 
     @classmethod
     def execute(cls, sketch, background="auto", invert=False, threshold=0.2, thickness_px=0, photo=None) -> io.NodeOutput:

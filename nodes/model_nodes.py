@@ -19,7 +19,7 @@ from comfy_api.latest import io
 
 from ..hairdiff_core.errors import HairDiffError
 from ..hairdiff_core.lora import LORA_KEY_PREFIXES
-from .convert import node_error
+from .convert import check_combos, input_of, node_error
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +27,6 @@ TINY = "tiny (wiring check)"
 NONE = "none"
 MODEL_FOLDER = "hairdiff"
 HairDiffModelType = io.Custom("HAIRDIFF_MODEL")
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 class HairDiffModule(torch.nn.Module):
     """What the ModelPatcher wraps: ComfyUI sets plain attributes (``device``, load counters) on
@@ -150,8 +147,10 @@ def resolve(choice: str, node: str, input_name: str) -> str:
 
 
 def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
-    if choice in DTYPES:
-        return DTYPES[choice]
+    if choice != "auto":
+        from ..hairdiff_core.checks import parse_dtype
+
+        return parse_dtype(choice)
     import comfy.model_management as mm
 
     if device.type == "cpu":
@@ -204,16 +203,13 @@ class LoadHairDiffModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, base_model=TINY, adapter=NONE) -> bool | str:
-        """Refuse missing model files at /prompt time (ComfyUI does not check V3 combo values itself)."""
-        problems = []
-        if base_model not in base_model_options():
-            problems.append(f"base_model {base_model!r} is not in ComfyUI's model folders")
-        if adapter not in adapter_options():
-            problems.append(f"adapter {adapter!r} is not in models/hairdiff or models/loras")
-        if not problems:
+    def validate_inputs(cls, base_model=None, adapter=None, dtype=None, device=None) -> bool | str:
+        """Refuse unknown choices and missing model files at /prompt time (ComfyUI does not check
+        V3 combo values itself): each wrong input is named with its allowed values."""
+        verdict = check_combos(cls, {"base_model": base_model, "adapter": adapter, "dtype": dtype, "device": device})
+        if verdict is True:
             return True
-        return "; ".join(problems) + " -> put the file there (and press R to refresh) or pick another"
+        return verdict + " -> for a model file: put it in ComfyUI's model folders (press R to refresh) or pick another"
 
     @classmethod
     def execute(cls, base_model=TINY, adapter=NONE, dtype="auto", device="auto") -> io.NodeOutput:
@@ -233,7 +229,8 @@ class LoadHairDiffModel(io.ComfyNode):
                 path = resolve(base_model, node, "base_model")
                 loaded = load_models(path, dtype=torch_dtype, device=offload_device, vae_dtype=torch.float32)
         except HairDiffError as exc:
-            raise node_error(node, "base_model", exc, "pick an SD3/SD3.5 model, or the tiny model") from exc
+            raise node_error(node, input_of(exc, {"model": "base_model"}, "base_model"), exc,
+                             "pick an SD3/SD3.5 model, or the tiny model") from exc
         transformer = loaded.transformer
         if adapter != NONE:
             from ..hairdiff_core.adapter import load_adapter
@@ -306,10 +303,11 @@ class HairDiffLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, lora_name) -> bool | str:
-        if lora_name in lora_options():
+    def validate_inputs(cls, lora_name=None) -> bool | str:
+        verdict = check_combos(cls, {"lora_name": lora_name})
+        if verdict is True:
             return True
-        return f"lora_name {lora_name!r} is not in models/loras or models/hairdiff -> put the file there or pick another"
+        return verdict + " -> put the file in models/loras or models/hairdiff (press R to refresh) or pick another"
 
     @classmethod
     def execute(cls, model, lora_name, strength=1.0) -> io.NodeOutput:
@@ -392,6 +390,9 @@ class HairDiffReferenceAttention(io.ComfyNode):
         try:
             settings = ReferenceSettings(**values)
         except HairDiffError as exc:
-            bad = next((k for k in values if k in str(exc)), "mode")
-            raise node_error(node, bad, exc) from exc
+            raise node_error(node, input_of(exc), exc) from exc
         return io.NodeOutput(model.replace(reference=settings))
+
+    @classmethod
+    def validate_inputs(cls, mode=None, reference_input=None) -> bool | str:
+        return check_combos(cls, {"mode": mode, "reference_input": reference_input})

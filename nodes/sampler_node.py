@@ -15,8 +15,8 @@ from comfy_api.latest import io
 
 from ..hairdiff_core.defaults import DEFAULTS
 from ..hairdiff_core.errors import HairDiffError
-from .convert import (check_batch, conditioning_to_embeds, image_to_nchw, latent_from_comfy, latent_to_comfy,
-                      mask_to_nchw, nchw_to_image, node_error)
+from .convert import (check_batch, conditioning_to_embeds, image_to_nchw, input_of, latent_from_comfy,
+                      latent_to_comfy, mask_to_nchw, nchw_to_image, node_error)
 from .model_nodes import HairDiffModel, HairDiffModelType
 
 logger = logging.getLogger(__name__)
@@ -26,13 +26,11 @@ NODE = "HairDiff Sampler"
 SD3_MEMORY_USAGE_FACTOR = 1.2
 
 
-def _guess_input(message: str) -> str:
-    """Which of the sampler's image inputs a core error is about (the core names them in words)."""
-    text = message.lower()
-    for word, name in (("sketch", "sketch"), ("matte", "matte"), ("negative", "negative"), ("prompt", "positive")):
-        if word in text:
-            return name
-    return "photo"
+#: Core argument names -> this node's input names, for errors that name their input.
+CORE_TO_NODE_INPUT = {
+    "feather_sigma": "feather", "prompt_embeds": "positive", "pooled_prompt_embeds": "positive",
+    "negative_prompt_embeds": "negative", "negative_pooled_prompt_embeds": "negative", "reference": "model",
+}
 
 
 def memory_required(model: HairDiffModel, photo: torch.Tensor, cfg: float) -> int:
@@ -163,7 +161,7 @@ class HairDiffSampler(io.ComfyNode):
         try:
             HairDiffPipeline.prepare_inputs(photo_t, sketch_t, matte_t)
         except HairDiffError as exc:
-            raise node_error(NODE, _guess_input(str(exc)), exc) from exc
+            raise node_error(NODE, input_of(exc, CORE_TO_NODE_INPUT), exc) from exc
         if vae is None and model.vae is None:
             raise node_error(NODE, "vae", f"the {model.family} model has no VAE of its own",
                              "connect ComfyUI's SD3 VAE (Load VAE, or the VAE output of Load Checkpoint)")
@@ -207,10 +205,10 @@ class HairDiffSampler(io.ComfyNode):
                 result = pipe.generate(
                     photo_t, sketch_t, matte_t, steps=int(steps), seed=int(seed), strength=float(strength),
                     cfg=float(cfg), shift=float(shift), reference=model.reference, feather_sigma=float(feather),
-                    paste_back=bool(paste_back), on_step=on_step, **text,
+                    paste_back=bool(paste_back), on_step=on_step, announce=False, **text,
                 )
             except HairDiffError as exc:
-                raise node_error(NODE, _guess_input(str(exc)), exc) from exc
+                raise node_error(NODE, input_of(exc, CORE_TO_NODE_INPUT), exc) from exc
         finally:
             if own_vae is not None and next(own_vae.parameters()).device != own_vae_device:
                 own_vae.to(own_vae_device)

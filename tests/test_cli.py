@@ -72,12 +72,17 @@ def test_no_model_given(files, capsys):
     assert "--model" in capsys.readouterr().err
 
 
-def test_nan_during_sampling_suggests_dtype(files, capsys, monkeypatch):
+@pytest.mark.parametrize("dtype,advice", [("fp16", "fp16 overflows on SD3.5: use bf16 or fp32"),
+                                          ("fp32", "the model runs in float32, so the weights are the likely cause")])
+def test_nan_during_sampling_advice_fits_the_dtype(files, capsys, monkeypatch, dtype, advice):
     from hairdiff_core import sampler
 
     monkeypatch.setattr(sampler.TransformerDenoiser, "__call__", lambda self, x, s, i: torch.full_like(x, float("nan")))
-    assert hairdiff_cli.main(_argv(files)) == 2
-    assert "bf16 or fp32" in capsys.readouterr().err
+    assert hairdiff_cli.main(_argv(files, dtype=dtype)) == 2
+    err = capsys.readouterr().err
+    assert advice in err
+    if dtype == "fp32":
+        assert "bf16" not in err  # the fp16 hint is wrong advice in fp32
 
 
 def test_demo_runs_as_a_console_command(tmp_path):

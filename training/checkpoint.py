@@ -155,26 +155,123 @@ def list_checkpoints(folder) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is damaged (from its size and header alone), or None."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"{size} bytes, truncated"
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if 8 + n > size:
+            return f"{size} bytes but its header alone claims {n}: truncated or garbage"
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "its header is not valid JSON: garbage"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"tensor {key!r} has no valid data_offsets in the header"
+        end = max(end, offsets[1])
+    if 8 + n + end != size:
+        return f"{size} bytes, its header says {8 + n + end}: truncated or damaged"
+    return None
+
+
+def verify_checkpoint(path) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed from (a missing file, a truncated
+    or garbage safetensors file, unreadable JSON), or None when every file is intact.
+
+    Cheap: reads the JSON files and the safetensors headers, checks each file's size against
+    its header, loads no tensor.
+    """
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing"
+    except (OSError, ValueError) as exc:
+        return f"{STATE_FILE} is unreadable ({exc})"
+    if not isinstance(state, dict):
+        return f"{STATE_FILE} is not a JSON object"
+    ranks = state.get("num_processes", 1)
+    ranks = ranks if isinstance(ranks, int) and ranks >= 1 else 1
+    names = ["trainable.safetensors", "optimizer.safetensors", "optimizer.json"]
+    for r in range(ranks):
+        names += [f"rng-rank{r}.safetensors", f"rng-rank{r}.json"]
+    for name in names:
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        try:
+            if name.endswith(".json"):
+                json.loads(f.read_text(encoding="utf-8"))
+                continue
+            problem = _safetensors_problem(f)
+        except (OSError, ValueError) as exc:
+            problem = f"unreadable ({exc})"
+        if problem:
+            return f"{name}: {problem}"
+    return None
+
+
+def _checkpoint_folders(folder) -> list[tuple[int, Path]]:
+    """Every ``checkpoint-<step>`` folder, complete or not, sorted by step."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
 def resolve_resume(resume: str, checkpoints_dir) -> Path | None:
-    """``latest`` -> the newest complete checkpoint (None when there is none); else a folder."""
+    """The checkpoint to resume from, verified (``verify_checkpoint``).
+
+    ``latest``: the newest intact checkpoint; damaged newer ones are skipped with a warning that
+    names each one and why. None when there is no checkpoint at all; ``CheckpointError`` when
+    there are some but none is intact. Otherwise ``resume`` is a checkpoint folder, refused with
+    ``CheckpointError`` when it is damaged.
+    """
     if resume == "latest":
-        found = list_checkpoints(checkpoints_dir)
-        return found[-1][1] if found else None
+        skipped = []
+        for _, path in reversed(_checkpoint_folders(checkpoints_dir)):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                for bad, why in skipped:
+                    logger.warning("--resume latest: skipping damaged checkpoint %s (%s); resuming from %s",
+                                   bad, why, path.name)
+                return path
+            skipped.append((path, problem))
+        if skipped:
+            details = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+            raise CheckpointError(f"--resume latest: no intact checkpoint in {checkpoints_dir} ({details}); "
+                                  f"start again in a new --output folder, or remove the damaged checkpoints")
+        return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(
             f"{path} is not a complete HairDiff checkpoint (no {STATE_FILE}); pass a "
             f"checkpoints/checkpoint-<step> folder or --resume latest"
         )
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"cannot resume from {path}: {problem}; pick an earlier checkpoint or --resume latest")
     return path
 
 
 def begin(checkpoints_dir: Path, step: int) -> Path:
     """Create the temporary folder a checkpoint is written into."""
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    # One run owns an output folder (the trainer refuses a second one), so any temporary
+    # folder here is a leftover of a killed save of this run's lineage: remove it.
+    for stale in list(checkpoints_dir.glob(".tmp-checkpoint-*")) + list(checkpoints_dir.glob(".old-checkpoint-*")):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = checkpoints_dir / f".tmp-checkpoint-{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
 
@@ -223,6 +320,8 @@ def commit(tmp: Path, step: int, keep: int) -> Path:
 
 def read(path: Path, rank: int = 0) -> dict[str, Any]:
     """Everything of a checkpoint for one process."""
+    from safetensors import SafetensorError
+
     path = Path(path)
     try:
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
@@ -232,7 +331,7 @@ def read(path: Path, rank: int = 0) -> dict[str, Any]:
         )
         rng_file = path / f"rng-rank{rank}.safetensors"
         rng = (_load_tensors(rng_file), json.loads((path / f"rng-rank{rank}.json").read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     scaler = json.loads((path / "optimizer.json").read_text(encoding="utf-8")).get("scaler")
     return {"state": state, "trainable": trainable, "optimizer": opt, "rng": rng, "scaler": scaler}

@@ -84,6 +84,7 @@ def run(args) -> int:
         msg.append(f"skipped {result.skipped} bad sample(s) (--skip-bad)")
     if result.last:
         msg.append(f"last step: total {result.last['total']:.4f}, mse {result.last['mse']:.4f}, shape {result.last['shape']:.4f}")
-    msg.append(f"logs: {result.output / 'log.csv'}, {result.output / 'epoch_summary.md'}, {result.output / 'loss_curve.png'}")
+    logs = [result.output / "log.csv", result.output / "epoch_summary.md", result.output / "loss_curve.png"]
+    msg.append("logs: " + ", ".join(str(p) for p in logs if p.is_file()))
     print("\n".join(msg), file=sys.stderr)
     return 0

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from pathlib import Path
+
+from hairdiff_core.fileio import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -13,9 +14,7 @@ EPOCH_COLUMNS = ("epoch", "total", "mse", "shape")
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def format_epoch_table(rows: list[dict]) -> str:
@@ -58,13 +57,11 @@ class TrainingLogs:
                 logger.debug("tensorboard is not installed; skipping TensorBoard logs")
 
     def _rewrite_steps(self) -> None:
-        tmp = self.steps_path.with_name(".log.csv.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic_write(self.steps_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=STEP_COLUMNS)
             w.writeheader()
             for r in self.rows:
                 w.writerow(self._fmt(r))
-        os.replace(tmp, self.steps_path)
 
     @staticmethod
     def _fmt(row: dict) -> dict:
@@ -115,10 +112,11 @@ class TrainingLogs:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = self.curve_path.with_name(".loss_curve.tmp.png")
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, self.curve_path)
+        try:
+            with atomic_write(self.curve_path) as tmp:
+                fig.savefig(tmp, format="png")
+        finally:
+            plt.close(fig)
         return self.curve_path
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from hairdiff_core.errors import InputError
+from hairdiff_core.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +119,8 @@ def _encode_captions(captions: dict[str, str], samples, config, cache: Path, dev
                         prompt=captions[samples[i].stem], prompt_2=None, prompt_3=None, device=device,
                         num_images_per_prompt=1, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH,
                     )
-                    tmp = path.with_name(f".{path.name}.tmp")
-                    save_file({"prompt_embeds": embeds.float().cpu().contiguous(), "pooled_prompt_embeds": pooled.float().cpu().contiguous()}, str(tmp))
-                    tmp.replace(path)
+                    with atomic_write(path, fsync=False) as tmp:
+                        save_file({"prompt_embeds": embeds.float().cpu().contiguous(), "pooled_prompt_embeds": pooled.float().cpu().contiguous()}, str(tmp))
         finally:
             # The encoders (T5-XXL alone is ~9 GB) are not needed again: free them before training.
             del pipe

@@ -34,6 +34,8 @@ from hairdiff_core import mask as M
 from hairdiff_core.augment import AugmentSettings, augment_batch
 from hairdiff_core.data import HairDataset, file_digest, scan_dataset
 from hairdiff_core.errors import HairDiffError, NonFiniteError
+from hairdiff_core.fileio import atomic_write
+from hairdiff_core.imageio import save_pil
 from hairdiff_core.flow import NUM_TRAIN_TIMESTEPS, soft_noise
 from hairdiff_core.losses import hairdiff_loss, sample_sigmas
 from hairdiff_core.surgery import BASE_CHANNELS
@@ -202,12 +204,22 @@ class Trainer:
         out = Path(cfg.output)
         self.out = out
         self.ckdir = out / "checkpoints"
+
+        # Everything that can be refused is refused before the output folder is touched and
+        # before the model loads: the dataset, the checkpoint to resume from.
+        scan = scan_dataset(cfg.data, skip_bad=cfg.skip_bad)
+        skipped = len(scan.bad_stems)
+        existing = ckpt.list_checkpoints(self.ckdir)
+        if not cfg.resume and existing:
+            # A fresh run would interleave its checkpoints and logs with the old run's.
+            raise ckpt.CheckpointError(
+                f"{out} already holds checkpoints of a run (latest: step {existing[-1][0]}); pass --resume latest "
+                f"to continue it, or choose another --output folder"
+            )
+        resume_from = ckpt.resolve_resume(cfg.resume, self.ckdir) if cfg.resume else None
         if main:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.json")
-
-        scan = scan_dataset(cfg.data, skip_bad=cfg.skip_bad)
-        skipped = len(scan.bad_stems)
         if skipped and main:
             logger.warning("--skip-bad: training on %d sample(s), skipped %d bad one(s)", len(scan.samples), skipped)
 
@@ -269,16 +281,8 @@ class Trainer:
         step, epoch, position = 0, 1, 0
         epoch_sums = {"total": 0.0, "mse": 0.0, "shape": 0.0, "n": 0}
         epoch_rows: list[dict] = []
-        resume_from = ckpt.resolve_resume(cfg.resume, self.ckdir) if cfg.resume else None
         if cfg.resume == "latest" and resume_from is None and main:
             logger.info("--resume latest: no checkpoint in %s yet, starting from step 0", self.ckdir)
-        existing = ckpt.list_checkpoints(self.ckdir)
-        if not cfg.resume and existing:
-            # A fresh run would interleave its checkpoints and logs with the old run's.
-            raise ckpt.CheckpointError(
-                f"{out} already holds checkpoints of a run (latest: step {existing[-1][0]}); pass --resume latest "
-                f"to continue it, or choose another --output folder"
-            )
         if resume_from is not None:
             state = self._load_checkpoint(resume_from)
             step, epoch, position = state["step"], state["epoch"], state["position"]
@@ -360,9 +364,8 @@ class Trainer:
             for i in todo:
                 image = self.dataset[i]["image"][None]
                 latent = self.pipe.encode(image).cpu()[0].contiguous()
-                tmp = paths[i].with_name(f".{paths[i].name}.tmp")
-                save_file({"latent": latent}, str(tmp))
-                tmp.replace(paths[i])
+                with atomic_write(paths[i], fsync=False) as tmp:
+                    save_file({"latent": latent}, str(tmp))
             logger.info("seed mode: %d photo latent(s) cached in %s (%d new)", len(paths), folder, len(todo))
         self.acc.wait_for_everyone()
         return paths
@@ -640,12 +643,7 @@ class Trainer:
         for r in rows:
             sheet.paste(r, (0, y))
             y += r.height
-        folder = self.out / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"step-{step:08d}.png"
-        tmp = folder / f".step-{step:08d}.tmp.png"
-        sheet.save(tmp)
-        tmp.replace(path)
+        path = save_pil(sheet, self.out / "samples" / f"step-{step:08d}.png")
         if self.logs is not None and self.logs.tb is not None:
             self.logs.tb.add_image("validation", np.asarray(sheet), step, dataformats="HWC")
         if cfg.eval_data:

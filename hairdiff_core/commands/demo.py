@@ -30,10 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from hairdiff_core.imageio import contact_sheet, load_image, save_image
+    from hairdiff_core.imageio import contact_sheet, load_image, save_image, save_pil
     from hairdiff_core.pipeline import HairDiffPipeline
     from hairdiff_core.tiny import build_tiny_transformer, build_tiny_vae
 
+    from .preflight import check_demo_args
+
+    check_demo_args(args)
     print(NOTICE, file=sys.stderr)
     out = Path(args.out)
     paths = sample_paths()
@@ -53,8 +56,7 @@ def run(args) -> int:
         bar.close()
     save_image(result.image, out / "result.png")
     sheet = contact_sheet([photo, sketch, matte, result.image], ["photo", "sketch", "matte", "result"])
-    out.mkdir(parents=True, exist_ok=True)
-    sheet.save(out / "contact_sheet.png")
+    save_pil(sheet, out / "contact_sheet.png")
     changed = (result.image != photo[:, :3]).any(dim=1).float().mean().item()
     print(f"wrote {out / 'result.png'} and {out / 'contact_sheet.png'} "
           f"({changed:.1%} of pixels changed, all inside the feathered matte)", file=sys.stderr)

@@ -77,7 +77,10 @@ def run(args) -> int:
 
     from .generate import build_pipeline
 
+    from .preflight import check_eval_args
+
     # Everything that can be checked without the model is checked first.
+    check_eval_args(args)
     settings = make_settings(args.method, args.reference)
     options = build_options(args)
     samples = scan_samples(args.data, limit=args.limit, skip_bad=args.skip_bad)

@@ -74,9 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def torch_dtype(name: str):
-    import torch
+    from hairdiff_core.checks import parse_dtype
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return parse_dtype(name)
 
 
 def reference_settings(args):
@@ -129,6 +129,9 @@ def tqdm_callback(total_hint: int, desc: str):
 def run(args) -> int:
     from hairdiff_core.imageio import load_image, save_image
 
+    from .preflight import check_generate_args
+
+    check_generate_args(args)
     photo = load_image(args.image)
     sketch = load_image(args.sketch)
     matte = load_image(args.matte)
@@ -139,7 +142,7 @@ def run(args) -> int:
     pipe = build_pipeline(args)
     bar, on_step = tqdm_callback(args.steps, "hairdiff")
     try:
-        result = pipe.generate(photo, sketch, matte, on_step=on_step, **sampling_kwargs(args))
+        result = pipe.generate(photo, sketch, matte, on_step=on_step, announce=False, **sampling_kwargs(args))
     finally:
         bar.close()
     save_image(result.image, args.out)

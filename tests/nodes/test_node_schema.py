@@ -67,8 +67,8 @@ def test_missing_model_files_are_refused_at_validation(comfy):
     loader, lora = comfy.nodes.LoadHairDiffModel, comfy.nodes.HairDiffLoRA
     assert loader.validate_inputs(base_model="tiny (wiring check)", adapter="none") is True
     msg = loader.validate_inputs(base_model="checkpoints/nope.safetensors", adapter="none")
-    assert "base_model 'checkpoints/nope.safetensors'" in msg and "adapter" not in msg
-    assert "lora_name 'loras/nope.safetensors'" in lora.validate_inputs(lora_name="loras/nope.safetensors")
+    assert "input 'base_model' is 'checkpoints/nope.safetensors'" in msg and "input 'adapter'" not in msg
+    assert "input 'lora_name' is 'loras/nope.safetensors'" in lora.validate_inputs(lora_name="loras/nope.safetensors")
 
 
 def test_diffusers_listing_is_bounded_in_depth_and_skips_hidden_folders(comfy):

@@ -1,0 +1,101 @@
+"""Checks of a command's arguments that run before anything heavy (images, models) is read.
+
+One function per command; each calls the core's own checks (``hairdiff_core.checks``, the
+pipeline's file checks), which the Python API runs too, so a bad value gets the same message
+whichever way it comes in. A long run never starts with an argument already known to be wrong,
+and nothing is created (no output folder, no temporary file) when a check fails.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hairdiff_core.checks import Bound, check_device, check_generate_settings, check_number, parse_dtype
+from hairdiff_core.errors import InputError, SettingsError
+from hairdiff_core.fileio import check_writable_folder
+
+
+def _sampling(args) -> None:
+    check_generate_settings(
+        steps=args.steps, seed=args.seed, strength=args.strength, cfg=args.cfg, shift=args.shift,
+        feather_sigma=args.feather, work_size=args.work_size,
+        **({"context_margin": args.margin} if hasattr(args, "margin") else {}),
+        **({"matte_threshold": args.matte_threshold} if hasattr(args, "matte_threshold") else {}),
+    )
+
+
+def _model(args) -> None:
+    from hairdiff_core.pipeline import check_model_files
+
+    parse_dtype(args.dtype)
+    check_device(args.device)
+    if args.tiny and args.model:
+        raise InputError("pass either --model PATH or --tiny (the built-in model), not both", input="model")
+    if not args.tiny and not args.model:
+        raise InputError("no model given: pass --model PATH (SD3.5 folder or .safetensors) or --tiny for the "
+                         "wiring check", input="model")
+    check_model_files(model=args.model, vae=args.vae, adapter=args.adapter, tiny=bool(args.tiny))
+
+
+def _reference_flags(args, modes: list[str], methods: list[str]) -> None:
+    from .generate import reference_fields
+
+    fields = reference_fields(args)
+    if not fields:
+        return
+    flags = ", ".join("--" + dest.replace("_", "-") for dest in vars(args)
+                      if dest.startswith("ref_") and getattr(args, dest) is not None)
+    if all(m == "off" for m in modes):
+        raise SettingsError(f"{flags} given but --reference is off, so it would have no effect; add "
+                            f"--reference once (or per_step), or drop {flags}", input="reference")
+    from hairdiff_core.reference import ReferenceSettings
+
+    ReferenceSettings(mode="once", **fields)
+
+
+def _input_files(paths: dict[str, str]) -> None:
+    for flag, value in paths.items():
+        p = Path(value)
+        if not p.exists():
+            raise FileNotFoundError(2, "No such file", str(p))
+        if p.is_dir():
+            raise InputError(f"--{flag} {p} is a folder; give an image file", input=flag)
+
+
+def check_generate_args(args) -> None:
+    """``hairdiff generate``: settings, input files, output path and model files, in that order."""
+    from hairdiff_core.imageio import check_output_image
+
+    _sampling(args)
+    if args.method == "replace" and args.reference != "off":
+        raise SettingsError("--reference is part of the joint method; drop --method replace or use --reference off",
+                            input="reference")
+    _reference_flags(args, [args.reference], [args.method])
+    _input_files({"image": args.image, "sketch": args.sketch, "matte": args.matte})
+    check_output_image(args.out, inputs=(args.image, args.sketch, args.matte), what="output")
+    _model(args)
+
+
+def check_eval_args(args) -> None:
+    """``hairdiff eval``: settings, dataset folder, output folder, model files."""
+    _sampling(args)
+    if args.limit is not None:
+        check_number(args.limit, Bound("--limit", integer=True, lo=1), "limit")
+    if args.resolution is not None:
+        from hairdiff_core.data import check_resolution
+
+        check_resolution(args.resolution)
+    if args.edge_threshold is not None:
+        check_number(args.edge_threshold, Bound("--edge-threshold", lo=0.0, hi=10.0), "edge_threshold")
+    _reference_flags(args, list(args.reference), list(args.method))
+    if not Path(args.data).is_dir():
+        raise InputError(f"--data {args.data}: not a folder (expected img/, matte/ and sketch/ inside)", input="data")
+    out = check_writable_folder(args.out, "eval output")
+    if out.resolve() == Path(args.data).resolve():
+        raise InputError("--out is the dataset folder; write the results to another folder", input="out")
+    _model(args)
+
+
+def check_demo_args(args) -> None:
+    """``hairdiff demo``: sampling steps and seed, and an output folder that can be written."""
+    check_generate_settings(steps=args.steps, seed=args.seed)
+    check_writable_folder(args.out, "demo output")

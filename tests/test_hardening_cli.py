@@ -1,0 +1,238 @@
+"""The bad-input contract of the CLI, table-driven: one line on stderr, exit 2, no traceback,
+nothing written, no input touched, and no model loaded (each check runs before it).
+
+Each row is a sample of a class (a size parameter out of range, a non-finite number, an
+unwritable output, a missing file...); the same checks serve the Python API (see
+test_hardening_api.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import hairdiff_cli
+
+ASSETS = Path(__file__).resolve().parent.parent / "hairdiff_core" / "assets"
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """The bundled samples copied to a scratch folder, and an empty output folder."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in ("photo", "sketch", "matte"):
+        shutil.copy(ASSETS / f"sample_{k}.png", src / f"{k}.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "a_file").write_text("x")
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def no_model_load(monkeypatch):
+    """Every refusal must come before a model loads: loading fails the test."""
+    import hairdiff_core.loading
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(hairdiff_core.loading, "load_models", refuse)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _run(argv: list[str], capsys) -> tuple[int, list[str]]:
+    try:
+        rc = hairdiff_cli.main(argv)
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    err = capsys.readouterr().err
+    return rc, [line for line in err.splitlines() if line.strip()]
+
+
+def _check_refused(argv, pattern, capsys, root: Path):
+    before = _digest(root / "in")
+    rc, lines = _run(argv, capsys)
+    assert rc == 2, (argv, lines)
+    assert len(lines) == 1, lines
+    assert "Traceback" not in lines[0] and lines[0].startswith("hairdiff"), lines
+    import re
+
+    assert re.search(pattern, lines[0]), (pattern, lines[0])
+    assert _digest(root / "in") == before  # inputs untouched
+    assert list((root / "out").iterdir()) == []  # nothing written, no temp file left
+    assert not (root / "new_out").exists()
+
+
+BIG = str(2**64)
+GENERATE_CASES = [
+    (["--feather", "1e9"], r"feather must be a number from 0 to 1024.*got 1000000000"),
+    (["--feather", "nan"], r"feather .*got nan"),
+    (["--feather", "-5"], r"feather .*got -5"),
+    (["--seed", BIG], r"seed must be a whole number from 0 to 18446744073709551615, got 18446744073709551616"),
+    (["--seed", "-1"], r"seed .*got -1"),
+    (["--steps", "100000000000"], r"steps must be a whole number from 1 to 1000"),
+    (["--steps", "0"], r"steps .*got 0"),
+    (["--strength", "1.5"], r"strength must be a number from 0 to 1"),
+    (["--cfg", "-3"], r"cfg .*got -3"),
+    (["--cfg", "inf"], r"cfg .*got inf"),
+    (["--shift", "-2"], r"shift must be a number above 0"),
+    (["--shift", "0"], r"shift .*got 0"),
+    (["--shift", "nan"], r"shift .*got nan"),
+    (["--margin", "-5", "--work-size", "64"], r"margin .*got -5"),
+    (["--margin", "1e12"], r"margin .*got 1000000000000"),
+    (["--work-size", "-64"], r"work size .*got -64"),
+    (["--work-size", "7"], r"work size .*got 7"),
+    (["--work-size", "100"], r"work size must be a multiple of 16, got 100; e.g. 96"),
+    (["--work-size", "1000000"], r"work size .*to 4096"),
+    (["--matte-threshold", "-1"], r"matte threshold .*got -1"),
+    (["--ref-weight-inside", "2"], r"--ref-weight-inside given but --reference is off"),
+    (["--reference", "once", "--ref-weight-inside", "nan"], r"weight_inside must be finite"),
+    (["--method", "replace", "--reference", "once"], r"--reference is part of the joint method"),
+    (["--device", "banana"], r"unknown device 'banana'"),
+    (["--dtype", "fp8"], r"invalid choice: 'fp8'"),
+    (["--adapter", "missing.safetensors"], r"adapter not found: missing.safetensors"),
+    (["--tiny", "--model", "x"], r"either --model PATH or --tiny"),
+]
+
+
+@pytest.mark.parametrize("extra,pattern", GENERATE_CASES, ids=[" ".join(c[0]) for c in GENERATE_CASES])
+def test_generate_refuses_bad_settings(inputs, capsys, extra, pattern):
+    i = inputs / "in"
+    argv = ["generate", "--image", str(i / "photo.png"), "--sketch", str(i / "sketch.png"),
+            "--matte", str(i / "matte.png"), "--out", str(inputs / "out" / "r.png")]
+    if "--model" not in extra:
+        argv.append("--tiny")
+    _check_refused(argv + extra, pattern, capsys, inputs)
+
+
+def _bomb_png(path: Path, side: int = 20000) -> None:
+    """A PNG whose header claims side x side pixels (PIL refuses it when opening)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+OUT_CASES = [
+    ("out/r.jpx", r"unknown image suffix '.jpx'"),
+    ("out", r"is an existing folder"),
+    ("", r"output path is empty"),
+    ("in/photo.png", r"is also an input"),
+    ("a_file/r.png", r"a_file is a file, not a folder"),
+]
+
+
+@pytest.mark.parametrize("out,pattern", OUT_CASES, ids=[c[0] or "empty" for c in OUT_CASES])
+def test_generate_refuses_bad_outputs(inputs, capsys, out, pattern):
+    i = inputs / "in"
+    argv = ["generate", "--image", str(i / "photo.png"), "--sketch", str(i / "sketch.png"),
+            "--matte", str(i / "matte.png"), "--out", str(inputs / out) if out else "", "--tiny"]
+    _check_refused(argv, pattern, capsys, inputs)
+
+
+@pytest.mark.parametrize("kind", ["bomb", "not_an_image", "missing", "folder"])
+def test_generate_refuses_bad_image_files(inputs, capsys, kind):
+    i = inputs / "in"
+    bad = inputs / "bad.png"
+    pattern = {"bomb": r"larger than PIL's safety limit", "not_an_image": r"cannot read image",
+               "missing": r"file not found: .*bad.png", "folder": r"is a folder"}[kind]
+    if kind == "bomb":
+        _bomb_png(bad)
+    elif kind == "not_an_image":
+        bad.write_text("hello")
+    elif kind == "folder":
+        bad.mkdir()
+    argv = ["generate", "--image", str(bad), "--sketch", str(i / "sketch.png"), "--matte", str(i / "matte.png"),
+            "--out", str(inputs / "out" / "r.png"), "--tiny"]
+    _check_refused(argv, pattern, capsys, inputs)
+
+
+EVAL_CASES = [
+    (["--out", "{root}/a_file"], r"is an existing file, not a folder"),
+    (["--steps", "0"], r"steps .*got 0"),
+    (["--feather", "nan"], r"feather .*got nan"),
+    (["--ref-weight-inside", "1"], r"--reference is off"),
+    (["--limit", "0"], r"--limit must be"),
+    (["--edge-threshold", "nan"], r"--edge-threshold"),
+    (["--device", "banana"], r"unknown device"),
+    (["--data", "{root}/nope"], r"--data .*not a folder"),
+]
+
+
+@pytest.mark.parametrize("extra,pattern", EVAL_CASES, ids=[" ".join(c[0]) for c in EVAL_CASES])
+def test_eval_refuses_bad_settings(inputs, capsys, extra, pattern):
+    from training.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(inputs / "ds", n=1, size=32, braid=0)
+    args = {"--data": str(data), "--out": str(inputs / "new_out")}
+    rest = []
+    for k, v in zip(extra[::2], extra[1::2]):
+        if k in args:
+            args[k] = v.format(root=inputs)
+        else:
+            rest += [k, v]
+    argv = ["eval", "--tiny"] + [x for kv in args.items() for x in kv] + rest
+    _check_refused(argv, pattern, capsys, inputs)
+
+
+DEMO_CASES = [
+    (["--out", "{root}/a_file"], r"is an existing file, not a folder"),
+    (["--steps", "0"], r"steps .*got 0"),
+    (["--seed", BIG], r"seed .*got 18446744073709551616"),
+]
+
+
+@pytest.mark.parametrize("extra,pattern", DEMO_CASES, ids=[" ".join(c[0]) for c in DEMO_CASES])
+def test_demo_refuses_bad_settings(inputs, capsys, extra, pattern):
+    argv = ["demo"] + [x.format(root=inputs) for x in extra]
+    if "--out" not in extra:
+        argv += ["--out", str(inputs / "new_out")]
+    _check_refused(argv, pattern, capsys, inputs)
+
+
+TRAIN_CASES = [
+    (["--output", "{root}/a_file"], r"is an existing file, not a folder"),
+    (["--lr", "nan"], r"--lr must be .*got nan"),
+    (["--lr", "-1"], r"--lr must be a number above 0"),
+    (["--rank", "0"], r"--rank must be .*got 0"),
+    (["--max-steps", "0"], r"--max-steps .*got 0"),
+    (["--seed", BIG], r"--seed must be .*2147483647"),
+    (["--feather-sigma", "inf"], r"--feather-sigma .*got inf"),
+    (["--data", "{root}/nope"], r"dataset folder not found|not a folder|file not found"),
+    (["--config", "{root}/bad.json"], r"--rank must be a whole number .*'sixteen'"),
+    (["--config", "{root}/bad_bool.json"], r"--tiny is a switch: true or false, got 'yes'"),
+    (["--data", "{root}/bad_ds"], r"sketch|matte|missing"),
+]
+
+
+@pytest.mark.parametrize("extra,pattern", TRAIN_CASES, ids=[" ".join(c[0]) for c in TRAIN_CASES])
+def test_train_refuses_bad_settings(inputs, capsys, extra, pattern):
+    from training.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(inputs / "ds", n=2, size=32, braid=0)
+    bad = make_synthetic_dataset(inputs / "bad_ds", n=2, size=32, braid=0)
+    next((bad / "matte").iterdir()).unlink()  # a sample without its matte: the dataset is refused
+    (inputs / "bad.json").write_text(json.dumps({"rank": "sixteen"}))
+    (inputs / "bad_bool.json").write_text(json.dumps({"tiny": "yes"}))
+    args = {"--data": str(data), "--output": str(inputs / "new_out")}
+    rest = []
+    for k, v in zip(extra[::2], extra[1::2]):
+        if k in args:
+            args[k] = v.format(root=inputs)
+        else:
+            rest += [k, v.format(root=inputs)]
+    tiny = [] if "bad_bool" in " ".join(extra) else ["--tiny"]
+    argv = ["train", *tiny, "--mixed-precision", "no", "--max-steps", "1"] + [x for kv in args.items() for x in kv] + rest
+    _check_refused(argv, pattern, capsys, inputs)
