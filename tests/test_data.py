@@ -91,7 +91,7 @@ def test_load_sample_resolution_and_conventions(tmp_path):
     sketch[20, 30:70] = 0  # a dark pencil line on white paper
     Image.fromarray(sketch).save(root / "sketch" / "a.jpg")
     (s,) = scan_dataset(root).samples
-    item = load_sample(s, resolution=48)
+    item = load_sample(s, resolution=48, crop="center")
     assert item["image"].shape == (3, 48, 48) and item["sketch"].shape == (3, 48, 48)
     assert item["matte"].shape == (1, 48, 48)
     assert set(item["matte"].unique().tolist()) <= {0.0, 1.0} and item["matte"].sum() > 0
