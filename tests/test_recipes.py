@@ -35,3 +35,37 @@ def test_recipe_parses_and_validates(recipe, tmp_path):
     assert estimate["peak_memory_gb"] < vram
     # Every recipe optimises with the same effective batch, so runs on either set-up compare.
     assert config.batch_size * config.grad_accum * gpus == 16
+
+
+# -- bench/gpu_train_check.py (its GPU run is a benchmark; these check its arithmetic and exit) --
+def _gpu_check():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "gpu_train_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_train_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_flop_count_matches_torch_counter():
+    from hairdiff_core.loading import shipped_config
+
+    bench = _gpu_check()
+    # Medium's widths, 4 of its layers (2 with dual attention): the count is per layer.
+    config = dict(shipped_config(bench.CONFIG_FILES["medium"]), num_layers=4, dual_attention_layers=[0, 1])
+    analytic = bench.model_flops(config, 512, 384, 77)
+    counted = bench.counted_forward_flops(config, 512, 384, 77)
+    assert analytic["forward"] == pytest.approx(counted, rel=2e-3)  # adaLN's per-sample matmuls left out
+    assert analytic["image_tokens"] == 32 * 24
+    # Training (frozen base): linear layers x2, attention x3 of the forward.
+    assert 2 * analytic["forward"] < analytic["step"] < 3 * analytic["forward"]
+
+
+def test_gpu_check_without_cuda_says_so(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert _gpu_check().main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

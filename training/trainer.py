@@ -508,6 +508,18 @@ class Trainer:
             f"fp16, and check the data; then continue with --resume latest."
         )
 
+    def _apply_gradients(self, step: int, sums: dict) -> None:
+        """Clip, check, step the optimiser and keep channels 0-15 of the patch conv as they were."""
+        cfg, acc = self.config, self.acc
+        grad_norm = acc.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        if grad_norm is not None and cfg.mixed_precision != "fp16" and not self._all_finite(torch.as_tensor(grad_norm)):
+            raise self._nonfinite(step + 1, "gradient norm", sums)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not cfg.train_base_channels:
+            with torch.no_grad():
+                self.transformer.pos_embed.proj.weight[:, :BASE_CHANNELS].copy_(self.base_channels)
+
     def _loop(self, step: int, epoch: int, position: int, epoch_sums: dict) -> dict:
         cfg, acc = self.config, self.acc
         main = acc.is_main_process
@@ -549,14 +561,7 @@ class Trainer:
                         finished_epochs.append({"epoch": ep, **{k: epoch_sums[k] / n for k in ("total", "mse", "shape")}})
                         epoch_sums = {"total": 0.0, "mse": 0.0, "shape": 0.0, "n": 0}
                         epoch, position = ep + 1, 0
-                grad_norm = acc.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-                if grad_norm is not None and cfg.mixed_precision != "fp16" and not self._all_finite(torch.as_tensor(grad_norm)):
-                    raise self._nonfinite(step + 1, "gradient norm", sums)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if not cfg.train_base_channels:
-                    with torch.no_grad():
-                        self.transformer.pos_embed.proj.weight[:, :BASE_CHANNELS].copy_(self.base_channels)
+                self._apply_gradients(step, sums)
                 step += 1
                 row = {"step": step, "epoch": last_ep, **sums, "lr": cfg.lr * factor}
                 last = row
