@@ -347,6 +347,26 @@ def test_bucketed_training_batches_one_bucket_and_caches_per_bucket(tmp_path):
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "out" / "checkpoints")] == [2, 4]
 
 
+def test_matte_growth_in_training_grows_the_loss_region_not_the_sketch(dataset, tmp_path, monkeypatch):
+    """One step with growth always on vs off, same seed: the sketch the model sees is the same,
+    the mask the loss counts is larger (and contains the other)."""
+    from hairdiff_core.pipeline import HairDiffPipeline
+    from training import trainer as T
+
+    seen: dict[float, dict] = {}
+    original_encode, original_latent_grid = HairDiffPipeline.encode, T.M.latent_grid
+
+    for p in (0.0, 1.0):
+        record = seen.setdefault(p, {"encoded": []})
+        monkeypatch.setattr(HairDiffPipeline, "encode", lambda self, x, r=record: (r["encoded"].append(x.clone()), original_encode(self, x))[1])
+        monkeypatch.setattr(T.M, "latent_grid", lambda m, r=record: (r.setdefault("mask", m.clone()), original_latent_grid(m))[1])
+        _train(_config(dataset, tmp_path / f"p{p}", augment="seed", max_steps=1, matte_growth=p))
+    # Seed mode: the photos are cached first; the step encodes the sketch last.
+    assert torch.equal(seen[0.0]["encoded"][-1], seen[1.0]["encoded"][-1])
+    off, on = seen[0.0]["mask"], seen[1.0]["mask"]
+    assert float(on.sum()) > float(off.sum()) and bool((on >= off - 1e-6).all())
+
+
 def test_lr_schedule():
     from training.trainer import lr_factor
 
