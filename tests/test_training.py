@@ -457,3 +457,16 @@ def test_cli_subprocess_trains_with_skip_bad(dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipped 1 bad sample(s)" in proc.stderr
     assert (tmp_path / "o" / "hairdiff_adapter.safetensors").is_file()
+
+
+def test_new_settings_are_checked(tmp_path):
+    from hairdiff_core.errors import InputError
+
+    base = dict(data=str(tmp_path), output=str(tmp_path / "o"), tiny=True)
+    with pytest.raises(InputError, match=r"--matte-growth is a probability in \[0, 1\], got 1.5"):
+        resolve_config(dict(base, matte_growth=1.5))
+    with pytest.raises(InputError, match=r"--crop 'middle'"):
+        resolve_config(dict(base, crop="middle"))
+    with pytest.raises(InputError, match="0 turns the curriculum off"):
+        resolve_config(dict(base, oversample_from_epoch=-1))
+    assert resolve_config(dict(base, oversample_from_epoch=0)).oversample_from_epoch == 0

@@ -729,7 +729,8 @@ class Trainer:
 
         cfg = self.config
         samples = scan_samples(cfg.eval_data, limit=cfg.eval_limit, skip_bad=True)
-        options = EvalOptions(steps=cfg.validation_steps, seed=cfg.seed, resolution=self.resolution, work_size=self.resolution)
+        options = EvalOptions(steps=cfg.validation_steps, seed=cfg.seed, resolution=self.resolution, crop=cfg.crop,
+                              work_size=self.resolution)
         with self.acc.autocast():
             report = evaluate_samples(
                 self.pipe, samples, [EvalSetting("joint")], options,
