@@ -2,8 +2,10 @@
 
 One step, per micro-batch (DESIGN.md, "The method"):
 
-1. load photo, canonical sketch and binary matte at ``resolution`` (``hairdiff_core.data``);
-2. augment on the device (``hairdiff_core.augment``: ``all`` or ``seed``);
+1. load photo, canonical sketch and binary matte in their aspect bucket of about
+   ``resolution``² px (``hairdiff_core.data``; every batch is one bucket, see :class:`EpochPlan`);
+2. augment on the device (``hairdiff_core.augment``: ``all`` or ``seed``), then grow the matte
+   beyond the hair with probability ``matte_growth`` (the sketch unchanged);
 3. feather the matte into the soft mask and area-resize it to the latent grid (``mask``);
 4. VAE-encode the (warped) photo, or read its cached latent in ``seed`` mode, and the sketch;
 5. draw sigma (SD3's logit-normal by default) and eps, noise per pixel at sigma * m
