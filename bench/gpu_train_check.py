@@ -158,14 +158,23 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    # Built on the device in its dtype: an 8B float32 CPU init would take minutes and 32 GB.
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    # Built on the device (an 8B float32 CPU init takes minutes): in float32 then cast, as a
+    # loaded checkpoint would be; where 32 GB of float32 does not fit, directly in bf16.
     try:
         with torch.device(device):
-            transformer = SD3Transformer2DModel(**tconfig)
-    finally:
-        torch.set_default_dtype(default_dtype)
+            transformer = SD3Transformer2DModel(**tconfig).to(dtype)
+    except torch.OutOfMemoryError:
+        transformer = None
+        torch.cuda.empty_cache()
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                transformer = SD3Transformer2DModel(**tconfig)
+        finally:
+            torch.set_default_dtype(default_dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     if dry:
         from hairdiff_core.tiny import build_tiny_vae
 
