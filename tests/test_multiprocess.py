@@ -12,7 +12,6 @@ import csv
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
