@@ -13,16 +13,28 @@ unreadable file, photo/matte/sketch sizes that differ, an empty matte, a stem in
 that has no sample. By default a dataset with problems is refused; ``skip_bad=True`` keeps the
 good samples and reports how many were skipped.
 
-Resolution handling (``load_sample(..., resolution=N)``): the short side is resized to N and
-the centre N x N square is cut out (N a multiple of 16: SD3's VAE factor 8 x patch 2), so that
-every batch is a plain stack. Photos and sketches are resized with antialiasing; the matte is
-resized the same way and re-binarised at 0.5, so it stays a hard matte whose feathering is done
-later, at the working resolution, by :func:`hairdiff_core.mask.soft_mask`.
+Resolution handling (``load_sample(..., resolution=N, crop=...)``), N a multiple of 16 (SD3's
+VAE factor 8 x patch 2):
+
+- ``crop="bucket"`` (default): aspect-ratio buckets as SDXL/SD3 training uses them. The bucket
+  set of N (:func:`aspect_buckets`) holds sizes of about N x N pixels, sides multiples of 16,
+  up to 2:1 either way (at 1024, as height x width: 1024x1024, 1088x960, 1152x896, 1216x848,
+  1280x816, 1344x768, 1408x736 and their transposes). A sample goes to the bucket nearest its
+  aspect ratio, is resized to cover it and the few % of one side left over are cut where the
+  matte is not (:func:`crop_offset`), so a 3:4 or 2:3 portrait keeps its whole hair. Training
+  batches come from one bucket (``training.trainer.EpochPlan``).
+- ``crop="center"``: the short side is resized to N and the centre N x N square is cut out
+  (the earlier behaviour; cuts the top of the hair or long hair on portraits).
+
+Photos and sketches are resized with antialiasing; the matte is resized the same way and
+re-binarised at 0.5, so it stays a hard matte whose feathering is done later, at the working
+resolution, by :func:`hairdiff_core.mask.soft_mask`.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +65,7 @@ class Sample:
     matte: Path
     sketch: Path
     is_braid: bool = False
+    size: tuple[int, int] | None = None  # (width, height) as stored; None: read when needed
 
 
 @dataclass(frozen=True)
@@ -185,7 +198,8 @@ def scan_dataset(root, skip_bad: bool = False) -> DatasetScan:
             scan.problems.extend(Problem(stem, p) for p in problems)
         else:
             scan.samples.append(
-                Sample(stem, paths["img"], paths["matte"], paths["sketch"], is_braid=stem in braid_set)
+                Sample(stem, paths["img"], paths["matte"], paths["sketch"], is_braid=stem in braid_set,
+                       size=sizes.get("img"))
             )
     known = set(stems)
     for stem in braid:
@@ -223,21 +237,108 @@ def check_resolution(resolution: int) -> int:
     return resolution
 
 
-def resize_center_crop(x: torch.Tensor, resolution: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, N, N): short side to N (antialiased), centre crop."""
+CROP_MODES = ("bucket", "center")
+#: Widest bucket aspect ratio (long side / short side), as SDXL's and SD3's bucket sets.
+MAX_BUCKET_ASPECT = 2.0
+
+
+def check_crop(crop: str) -> str:
+    if crop not in CROP_MODES:
+        raise InputError(f"crop mode {crop!r}: choose one of {list(CROP_MODES)} (bucket keeps the aspect ratio)")
+    return crop
+
+
+def aspect_buckets(resolution: int, max_aspect: float = MAX_BUCKET_ASPECT) -> list[tuple[int, int]]:
+    """The bucket set of ``resolution``: (height, width) pairs of at most ``resolution``² pixels,
+    sides multiples of 16, from 1:``max_aspect`` to ``max_aspect``:1, sorted by aspect (h / w).
+
+    The long side grows from N in steps of N/16 (64 px at 1024, as SDXL's list; at least 16 px)
+    and the short side is the largest multiple of 16 that keeps the area within N², so 1024 gives
+    1024x1024, 1088x960, 1152x896, 1216x848, 1280x816, 1344x768, 1408x736 and their transposes
+    (13 buckets). Small resolutions have few buckets (64 px: 3; 32 px: the square only).
+    """
+    resolution = check_resolution(resolution)
+    step = max(RESOLUTION_MULTIPLE, round(resolution / 16 / RESOLUTION_MULTIPLE) * RESOLUTION_MULTIPLE)
+    area = resolution * resolution
+    found = {(resolution, resolution)}
+    long = resolution + step
+    while True:
+        short = area // long // RESOLUTION_MULTIPLE * RESOLUTION_MULTIPLE
+        if short < RESOLUTION_MULTIPLE or long / short > max_aspect + 1e-9:
+            break
+        found.add((long, short))
+        found.add((short, long))
+        long += step
+    return sorted(found, key=lambda hw: (hw[0] / hw[1], hw[0]))
+
+
+def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest (in log ratio) to height / width."""
+    target = math.log(height / width)
+    return min(buckets, key=lambda hw: (abs(math.log(hw[0] / hw[1]) - target), -hw[0] * hw[1]))
+
+
+def sample_bucket(size: tuple[int, int], resolution: int, crop: str = "bucket") -> tuple[int, int]:
+    """(height, width) a sample of stored ``size`` = (width, height) is loaded at."""
+    if check_crop(crop) == "center":
+        return (resolution, resolution)
+    w, h = size
+    return nearest_bucket(h, w, aspect_buckets(resolution))
+
+
+def crop_offset(length: int, window: int, coverage: torch.Tensor | None) -> int:
+    """Start of a ``window``-long crop of ``length`` that keeps the matte: centred on the matte's
+    extent (``coverage``: per-position matte presence along this axis) and clamped to the image,
+    so nothing of the matte is cut when its extent fits the window; centred without a matte."""
+    spare = length - window
+    if spare <= 0:
+        return 0
+    if coverage is None or not bool((coverage > 0).any()):
+        return spare // 2
+    where = torch.nonzero(coverage > 0).flatten()
+    first, last = int(where[0]), int(where[-1])
+    start = (first + last + 1 - window) // 2
+    if last - first + 1 <= window:
+        # Fits: shift as little as possible from the centred crop, and keep all of it.
+        start = min(max(spare // 2, last + 1 - window), first)
+    return int(min(max(start, 0), spare))
+
+
+def resize_to_bucket(x: torch.Tensor, size: tuple[int, int], matte: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, h, w) for ``size`` = (h, w): resize (antialiased) to cover the
+    bucket, then crop the excess where ``matte`` (B, 1, H, W; None: centre) is not."""
+    th, tw = size
     h, w = x.shape[-2:]
-    scale = resolution / min(h, w)
-    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    scale = max(th / h, tw / w)
+    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-    top, left = (nh - resolution) // 2, (nw - resolution) // 2
-    return x[..., top : top + resolution, left : left + resolution]
+        if matte is not None:
+            matte = F.interpolate(matte.float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    rows = cols = None
+    if matte is not None:
+        present = matte.float() > MATTE_THRESHOLD
+        rows, cols = present.any(dim=-1).flatten(0, -2).any(0), present.any(dim=-2).flatten(0, -2).any(0)
+    top, left = crop_offset(nh, th, rows), crop_offset(nw, tw, cols)
+    return x[..., top : top + th, left : left + tw]
 
 
-def load_sample(sample: Sample, resolution: int | None = None) -> dict[str, torch.Tensor]:
-    """One sample as tensors: ``image`` (3, N, N) in [0,1], ``sketch`` (3, N, N) canonical sketch
-    (strokes on black, see :func:`hairdiff_core.mask.normalize_sketch`), ``matte`` (1, N, N) in
-    {0, 1}. Without ``resolution`` the stored size is kept."""
+def resize_center_crop(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, N, N): short side to N (antialiased), centre crop."""
+    return resize_to_bucket(x, (resolution, resolution))
+
+
+def load_sample(sample: Sample, resolution: int | None = None, crop: str = "bucket") -> dict[str, torch.Tensor]:
+    """One sample as tensors: ``image`` (3, h, w) in [0,1], ``sketch`` (3, h, w) canonical sketch
+    (strokes on black, see :func:`hairdiff_core.mask.normalize_sketch`), ``matte`` (1, h, w) in
+    {0, 1}.
+
+    Args:
+        sample: a sample of :func:`scan_dataset`.
+        resolution: the bucket set's side N (see the module docstring); None keeps the stored size.
+        crop: ``"bucket"`` (the nearest aspect bucket of about N² pixels, the matte kept whole)
+            or ``"center"`` (N x N centre square).
+    """
     from .imageio import load_image
 
     image = load_image(sample.img)
@@ -247,9 +348,13 @@ def load_sample(sample: Sample, resolution: int | None = None) -> dict[str, torc
     matte = M.binarize_matte(load_image(sample.matte), MATTE_THRESHOLD, require_nonempty=False)
     if resolution is not None:
         resolution = check_resolution(resolution)
-        image = resize_center_crop(image, resolution).clamp(0, 1)
-        sketch = resize_center_crop(sketch, resolution).clamp(0, 1)
-        matte = (resize_center_crop(matte, resolution) > MATTE_THRESHOLD).float()
+        h, w = image.shape[-2:]
+        bucket = sample_bucket((w, h), resolution, crop)
+        # The crop is placed from the matte at the stored size, the same window for all three.
+        keep = matte if crop == "bucket" else None
+        image = resize_to_bucket(image, bucket, keep).clamp(0, 1)
+        sketch = resize_to_bucket(sketch, bucket, keep).clamp(0, 1)
+        matte = (resize_to_bucket(matte, bucket, keep) > MATTE_THRESHOLD).float()
     return {"image": image[0].contiguous(), "sketch": sketch[0].contiguous(), "matte": matte[0].contiguous()}
 
 
@@ -262,17 +367,30 @@ def file_digest(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-class HairDataset(torch.utils.data.Dataset):
-    """Samples of a scan as tensors at a fixed square resolution (see :func:`load_sample`)."""
+def stored_size(sample: Sample) -> tuple[int, int]:
+    """(width, height) of the sample's photo: from the scan, or read from the file's header."""
+    if sample.size is not None:
+        return tuple(sample.size)
+    from PIL import Image
 
-    def __init__(self, samples: list[Sample], resolution: int):
+    with Image.open(sample.img) as im:
+        return im.size
+
+
+class HairDataset(torch.utils.data.Dataset):
+    """Samples of a scan as tensors at ``resolution`` (see :func:`load_sample`); ``buckets[i]``
+    is the (height, width) sample i is loaded at, known before any image is decoded."""
+
+    def __init__(self, samples: list[Sample], resolution: int, crop: str = "bucket"):
         self.samples = list(samples)
         self.resolution = check_resolution(resolution)
+        self.crop = check_crop(crop)
+        self.buckets = [sample_bucket(stored_size(s), self.resolution, self.crop) for s in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        item = load_sample(self.samples[index], self.resolution)
+        item = load_sample(self.samples[index], self.resolution, self.crop)
         item["index"] = index
         return item

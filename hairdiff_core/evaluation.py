@@ -105,8 +105,10 @@ class EvalOptions:
     work_size: int | None = None
     feather_sigma: float | None = None
     context_margin: float = DEFAULTS.context_margin
-    #: Load dataset samples at this square resolution (None: as stored).
+    #: Load dataset samples at this resolution (None: as stored), in its aspect bucket or, with
+    #: ``crop="center"``, as the N x N centre square (``data.load_sample``).
     resolution: int | None = None
+    crop: str = "bucket"
     #: Colour gains for harmony tracking (names of ``metrics.GAINS``); empty = skip.
     harmony: tuple[str, ...] = ()
     leakage: bool = False
@@ -121,6 +123,9 @@ class EvalOptions:
         unknown = [g for g in self.harmony if g not in Mt.GAINS]
         if unknown:
             raise InputError(f"unknown harmony gain(s) {unknown}; choose from {sorted(Mt.GAINS)}")
+        from .data import check_crop
+
+        check_crop(self.crop)
         if int(self.steps) < 1:
             raise InputError(f"steps must be at least 1, got {self.steps}")
         if self.reference_fields:
@@ -144,7 +149,7 @@ def _batch1(t: torch.Tensor, what: str, stem: str) -> torch.Tensor:
     return (t if t.ndim == 4 else t.unsqueeze(0)).float()
 
 
-def as_eval_sample(item, resolution: int | None = None, index: int = 0) -> EvalSample:
+def as_eval_sample(item, resolution: int | None = None, index: int = 0, crop: str = "bucket") -> EvalSample:
     """A ``data.Sample`` (loaded here), a dict with image/sketch/matte tensors (+ stem), or an
     ``EvalSample``."""
     if isinstance(item, EvalSample):
@@ -157,7 +162,7 @@ def as_eval_sample(item, resolution: int | None = None, index: int = 0) -> EvalS
         return EvalSample(stem, _batch1(item["image"], "image", stem), _batch1(item["sketch"], "sketch", stem), _batch1(item["matte"], "matte", stem))
     from .data import load_sample
 
-    loaded = load_sample(item, resolution)
+    loaded = load_sample(item, resolution, crop)
     return EvalSample(item.stem, loaded["image"][None], loaded["sketch"][None], loaded["matte"][None])
 
 
@@ -332,6 +337,7 @@ def evaluate_samples(
     *,
     out_dir=None,
     save_results: bool = True,
+    write_report: bool = True,
     contact_sheets: bool = True,
     sheet_height: int = 256,
     overview_rows: int = 16,
@@ -340,7 +346,9 @@ def evaluate_samples(
     """Generate and measure every sample under every setting; see the module docstring.
 
     ``samples``: ``data.Sample`` items, dicts of tensors or ``EvalSample``. ``on_result(i, row)``
-    is called after each (sample, setting) with the running count. The transformer's train/eval
+    is called after each (sample, setting) with the running count. ``write_report=False`` writes
+    only the per-sample files (results, sheets): one process's share of a split evaluation, whose
+    rows :func:`merge_reports` joins. The transformer's train/eval
     mode is restored on return, so training can call this between steps.
     """
     settings = list(settings) if settings else [EvalSetting()]
@@ -360,7 +368,7 @@ def evaluate_samples(
         if transformer is not None:
             transformer.eval()
         for index, item in enumerate(samples):
-            sample = as_eval_sample(item, options.resolution, index)
+            sample = as_eval_sample(item, options.resolution, index, options.crop)
             image, sketch, matte = sample.image, sample.sketch, sample.matte
             filled = _fill(image, matte) if options.leakage else None
             gained = {g: Mt.apply_gain(image, g) for g in options.harmony}
@@ -408,7 +416,7 @@ def evaluate_samples(
             transformer.train()
     if not report.rows:
         raise InputError("no sample was evaluated: the sample list is empty")
-    if out is not None:
+    if out is not None and write_report:
         report.write(out)
         if contact_sheets and overview:
             save_pil(_stack_rows(overview), out / "contact_sheet.png")
@@ -429,3 +437,23 @@ def scan_samples(root, limit: int | None = None, skip_bad: bool = False) -> list
         raise InputError(f"--limit must be at least 1, got {limit}")
     samples = scan_dataset(root, skip_bad=skip_bad).samples
     return samples[: int(limit)] if limit is not None else samples
+
+
+# -- one dataset over several processes ------------------------------------------------------
+def shard_samples(samples: Sequence, rank: int, world: int) -> list:
+    """Process ``rank``'s share of ``samples`` (every ``world``-th, starting at ``rank``): the
+    shares are disjoint, cover every sample, and differ in size by at most one."""
+    if world < 1 or not 0 <= rank < world:
+        raise InputError(f"process rank {rank} is not in a world of {world} process(es)")
+    return list(samples)[rank::world]
+
+
+def merge_reports(settings: Sequence[EvalSetting], rows_per_process: Sequence[list[dict]], stems: Sequence[str],
+                  options: EvalOptions | None = None) -> EvalReport:
+    """One report from the rows of every process, in the dataset's sample order and the
+    settings' order (the same rows a single process would have produced)."""
+    order = {stem: i for i, stem in enumerate(stems)}
+    labels = {s.label: i for i, s in enumerate(settings)}
+    rows = [row for part in rows_per_process for row in part]
+    rows.sort(key=lambda r: (order.get(r["sample"], len(order)), labels.get(r["setting"], len(labels))))
+    return EvalReport(settings=list(settings), rows=rows, options=options)

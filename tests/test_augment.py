@@ -103,3 +103,63 @@ def test_flip_and_rotation_matrices():
 def test_unknown_mode_rejected():
     with pytest.raises(ValueError, match="unknown augmentation mode"):
         AugmentSettings(mode="sometimes")
+
+
+# -- matte growth ------------------------------------------------------------------------------
+def _hair(batch: int = 6, size: int = 128):
+    matte = torch.zeros(batch, 1, size, size)
+    matte[..., 20:60, 30:90] = 1.0
+    return matte
+
+
+def test_matte_growth_contains_the_hair_and_grows_it():
+    from hairdiff_core.augment import MatteGrowth, grow_matte
+
+    matte = _hair()
+    g = torch.Generator().manual_seed(1)
+    grown = grow_matte(matte, MatteGrowth(p=1.0), g)
+    assert grown is not matte and torch.equal(matte, _hair())  # the input is not modified
+    assert set(grown.unique().tolist()) <= {0.0, 1.0}
+    assert bool((grown >= matte).all())  # grown ⊇ original
+    added = (grown - matte).sum(dim=(1, 2, 3))
+    # Dilation of 16-64 px at 1024 is 2-8 px at 128: at least a 2 px ring around a 40x60 box.
+    assert bool((added >= 2 * 2 * (40 + 60)).all())
+    # ... but it stays a matte, not the whole image.
+    assert bool((grown.mean(dim=(1, 2, 3)) < 0.9).all())
+
+
+def test_matte_growth_probability_zero_is_the_old_behaviour():
+    from hairdiff_core.augment import MatteGrowth, grow_matte
+
+    matte = _hair()
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    assert grow_matte(matte, MatteGrowth(p=0.0), g) is matte
+    assert torch.equal(g.get_state(), state)  # no draw: sigma and noise of the step are unchanged
+
+
+def test_matte_growth_is_deterministic_and_random_per_item():
+    from hairdiff_core.augment import MatteGrowth, grow_matte
+
+    matte = _hair(batch=64, size=32)
+    a = grow_matte(matte, MatteGrowth(p=0.5), torch.Generator().manual_seed(3))
+    b = grow_matte(matte, MatteGrowth(p=0.5), torch.Generator().manual_seed(3))
+    c = grow_matte(matte, MatteGrowth(p=0.5), torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    grown = (a != matte).flatten(1).any(1).float().mean()
+    assert 0.3 < float(grown) < 0.7  # about p of the items grow
+
+
+def test_matte_growth_leaves_the_sketch_alone_in_the_training_step():
+    """The trainer's order: warp photo/sketch/matte, then grow only the matte."""
+    from hairdiff_core.augment import MatteGrowth, grow_matte
+
+    photo, sketch, matte = _scene(4)
+    g = torch.Generator().manual_seed(0)
+    _, sketch_a, matte_a = augment_batch(photo, sketch, matte, AugmentSettings(mode="seed"), generator=g)
+    kept = sketch_a.clone()
+    grown = grow_matte(matte_a, MatteGrowth(p=1.0), g)
+    assert torch.equal(sketch_a, kept)
+    assert bool((grown >= matte_a).all()) and float((grown - matte_a).sum()) > 0
+    with pytest.raises(ValueError, match="probability"):
+        MatteGrowth(p=1.5)

@@ -91,7 +91,7 @@ def test_load_sample_resolution_and_conventions(tmp_path):
     sketch[20, 30:70] = 0  # a dark pencil line on white paper
     Image.fromarray(sketch).save(root / "sketch" / "a.jpg")
     (s,) = scan_dataset(root).samples
-    item = load_sample(s, resolution=48)
+    item = load_sample(s, resolution=48, crop="center")
     assert item["image"].shape == (3, 48, 48) and item["sketch"].shape == (3, 48, 48)
     assert item["matte"].shape == (1, 48, 48)
     assert set(item["matte"].unique().tolist()) <= {0.0, 1.0} and item["matte"].sum() > 0
@@ -114,3 +114,89 @@ def test_resize_center_crop_square():
     out = resize_center_crop(x, 32)
     assert out.shape == (2, 1, 32, 32)
     assert torch.equal(out, x[..., 16:48])
+
+
+# -- aspect buckets ------------------------------------------------------------------------------
+@pytest.mark.parametrize("resolution", [32, 64, 512, 1024])
+def test_bucket_set_sides_area_and_symmetry(resolution):
+    from hairdiff_core.data import aspect_buckets
+
+    buckets = aspect_buckets(resolution)
+    assert (resolution, resolution) in buckets
+    for h, w in buckets:
+        assert h % 16 == 0 and w % 16 == 0
+        assert h * w <= resolution ** 2 and h * w >= 0.85 * resolution ** 2 or resolution < 128
+        assert max(h, w) / min(h, w) <= 2.0
+        assert (w, h) in buckets
+    if resolution == 1024:
+        # SDXL's 1024 list, every bucket of which is in ours.
+        for hw in ((1152, 896), (1216, 848), (1344, 768)):
+            assert hw in buckets and hw[::-1] in buckets
+        assert len(buckets) == 13
+
+
+def _portrait_dataset(root, h=1024, w=768, top=0, bottom=960):
+    for kind in ("img", "matte", "sketch"):
+        (root / kind).mkdir(parents=True)
+    photo = np.zeros((h, w, 3), np.uint8)
+    photo[..., 0] = np.linspace(0, 255, h, dtype=np.uint8)[:, None]  # row ramp: locates the crop
+    Image.fromarray(photo).save(root / "img" / "p.png")
+    matte = np.zeros((h, w), np.uint8)
+    matte[top:bottom, 100:668] = 255  # long hair from the top edge to 64 px above the bottom
+    Image.fromarray(matte).save(root / "matte" / "p.png")
+    sketch = np.zeros((h, w, 3), np.uint8)
+    sketch[top + 10 : bottom - 10 : 50, 120:640] = 255
+    Image.fromarray(sketch).save(root / "sketch" / "p.png")
+    (s,) = scan_dataset(root).samples
+    return s
+
+
+def test_portrait_768x1024_keeps_its_whole_matte(tmp_path):
+    from hairdiff_core.data import HairDataset
+
+    s = _portrait_dataset(tmp_path / "ds")
+    assert s.size == (768, 1024)
+    item = load_sample(s, resolution=1024)
+    h, w = item["matte"].shape[-2:]
+    assert (h, w) == (1152, 896)  # the 3:4 portrait's bucket (aspect 1.29 vs 1.33)
+    # No matte pixel cut: the matte's area is the stored one scaled by the resize (1152/1024 x).
+    scale = max(1152 / 1024, 896 / 768)
+    expected = 960 * 568 * scale ** 2
+    assert abs(float(item["matte"].sum()) - expected) / expected < 0.01
+    assert item["matte"][0, 0].any()  # the hair still touches the top edge
+    rows = item["matte"][0].any(dim=1).nonzero().flatten()
+    assert int(rows[-1]) < 1152 - 1  # and ends above the bottom: nothing was cut there either
+    # The centre square of the old behaviour cuts the top and bottom of that hair.
+    square = load_sample(s, resolution=1024, crop="center")
+    assert square["matte"].shape[-2:] == (1024, 1024)
+    assert float(square["matte"].sum()) / (960 * 568 * (1024 / 768) ** 2) < 0.85  # ~20% of the hair lost
+    ds = HairDataset([s], 1024)
+    assert ds.buckets == [(1152, 896)] and HairDataset([s], 1024, crop="center").buckets == [(1024, 1024)]
+
+
+def test_bucket_crop_is_placed_where_the_matte_is_not(tmp_path):
+    from hairdiff_core.data import crop_offset, resize_to_bucket
+
+    # 100 rows to a window of 80: a matte in rows 0..50 keeps the top, one in 60..99 the bottom.
+    cov = torch.zeros(100)
+    cov[0:50] = 1
+    assert crop_offset(100, 80, cov) == 0
+    cov = torch.zeros(100)
+    cov[60:100] = 1
+    assert crop_offset(100, 80, cov) == 20
+    assert crop_offset(100, 80, None) == 10  # no matte: centred
+    cov = torch.zeros(100)
+    cov[5:95] = 1  # longer than the window: centred on the matte
+    assert crop_offset(100, 80, cov) == 10
+    x = torch.arange(100.0).view(1, 1, 100, 1).expand(1, 1, 100, 80).contiguous()
+    m = torch.zeros(1, 1, 100, 80)
+    m[..., 60:, :] = 1
+    out = resize_to_bucket(x, (80, 80), m)
+    assert torch.equal(out[0, 0, :, 0], torch.arange(20.0, 100.0))
+
+
+def test_bad_crop_mode_is_refused():
+    from hairdiff_core.data import check_crop
+
+    with pytest.raises(InputError, match=r"crop mode 'middle'.*bucket"):
+        check_crop("middle")

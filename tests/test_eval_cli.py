@@ -136,3 +136,17 @@ def test_evaluate_samples_api_for_training(tmp_path, tiny_transformer, tiny_vae)
     first = next(r for r in report.rows if r["setting"] == "joint")
     assert again.rows[0]["seam"] == pytest.approx(first["seam"])
     assert again.rows[0]["sketch_chamfer"] == pytest.approx(first["sketch_chamfer"])
+
+
+def test_shards_cover_the_dataset_once_and_merge_in_order():
+    from hairdiff_core.evaluation import merge_reports, shard_samples
+
+    stems = [f"s{i}" for i in range(7)]
+    shards = [shard_samples(stems, r, 3) for r in range(3)]
+    assert sorted(sum(shards, [])) == stems and [len(s) for s in shards] == [3, 2, 2]
+    settings = make_settings(["joint", "replace"])
+    parts = [[{"sample": s, "setting": st.label, "psnr_out": 1.0} for s in shard for st in reversed(settings)] for shard in shards]
+    report = merge_reports(settings, parts, stems)
+    assert [(r["sample"], r["setting"]) for r in report.rows] == [(s, st.label) for s in stems for st in settings]
+    with pytest.raises(InputError, match="rank 3 is not in a world of 3"):
+        shard_samples(stems, 3, 3)

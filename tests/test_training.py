@@ -265,6 +265,108 @@ def test_curriculum_oversamples_braids_from_epoch_e():
     assert [len(b) for b in padded.batches(1)] == [4, 4, 4]
 
 
+def test_batches_never_mix_buckets_with_curriculum_and_shards():
+    from training.trainer import EpochPlan
+
+    buckets = [(64, 64)] * 5 + [(80, 48)] * 4 + [(48, 80)] * 3
+    braid = [0, 6, 11]
+    for pad, processes in ((False, 1), (True, 2)):
+        b = 2
+        plan = EpochPlan(12, braid, seed=7, global_batch=b * processes, from_epoch=2, factor=3, pad=pad, buckets=buckets)
+        for epoch in (1, 2, 3):
+            batches = plan.batches(epoch)
+            for gb in batches:
+                assert len({buckets[i] for i in gb}) == 1, gb
+                if pad:  # every process gets an equal, non-empty shard of the one bucket
+                    assert len(gb) == b * processes
+            visited = [i for gb in batches for i in gb]
+            if not pad:
+                assert sorted(visited) == sorted(plan.order(epoch))  # nothing lost or repeated
+            if epoch >= 2:
+                assert visited.count(0) >= 3 and visited.count(11) >= 3  # braids oversampled
+            # Deterministic per seed, different across seeds and epochs.
+            again = EpochPlan(12, braid, 7, b * processes, 2, 3, pad=pad, buckets=buckets).batches(epoch)
+            assert again == batches
+        assert plan.batches(1) != plan.batches(3)
+        assert EpochPlan(12, braid, 8, b * processes, 2, 3, pad=pad, buckets=buckets).batches(1) != plan.batches(1)
+    # One bucket: exactly the plain plan's batches (centre-crop runs are unchanged).
+    one = EpochPlan(10, [0], 3, 4, 2, 2, buckets=[(32, 32)] * 10)
+    assert one.batches(2) == EpochPlan(10, [0], 3, 4, 2, 2).batches(2)
+
+
+def test_curriculum_default_is_the_middle_when_braids_are_tagged():
+    from training.trainer import DEFAULT_EPOCHS, default_oversample_from
+
+    assert DEFAULT_EPOCHS == 20 and TrainConfig().epochs is None  # the published 20 epochs
+    auto = TrainConfig()
+    assert default_oversample_from(auto, braid_count=5, epochs=20) == 11
+    assert default_oversample_from(auto, braid_count=0, epochs=20) is None
+    assert default_oversample_from(TrainConfig(oversample_from_epoch=0), 5, 20) is None
+    assert default_oversample_from(TrainConfig(oversample_from_epoch=4), 5, 20) == 4
+
+
+def test_bucketed_training_batches_one_bucket_and_caches_per_bucket(tmp_path):
+    """Mixed portrait/landscape data at 64 px: each micro-batch is one bucket (seed mode caches
+    one latent per sample at its bucket's latent size); growth on, per-epoch adapters written."""
+    from PIL import Image
+
+    from training.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset(tmp_path / "mixed", n=4, size=64, braid=1)
+    for kind in ("img", "matte", "sketch"):  # two portraits (3:5) by cropping
+        for stem in ("s000", "s001"):
+            path = root / kind / f"{stem}.png"
+            with Image.open(path) as im:
+                im.crop((12, 0, 52, 64)).save(path)
+    seen = []
+
+    def on_step(step, row, trainer):
+        seen.append(trainer.last_batch_shape)
+
+    from training import trainer as T
+
+    original = T.Trainer._micro_step
+
+    def spy(self, batch):
+        self.last_batch_shape = tuple(batch["image"].shape[-2:])
+        return original(self, batch)
+
+    T.Trainer._micro_step = spy
+    try:
+        cfg = _config(root, tmp_path / "out", resolution=64, augment="seed", max_steps=None, epochs=2,
+                      checkpoint_every=100, checkpoint_every_epoch=True, matte_growth=1.0, oversample_from_epoch=0)
+        result = _train(cfg, on_step=on_step)
+    finally:
+        T.Trainer._micro_step = original
+    assert set(seen) == {(64, 64), (80, 48)}  # batch 2: the two portraits, then the two squares
+    assert result.steps == 4
+    latents = sorted((tmp_path / "out" / "cache" / "latents").glob("*.safetensors"))
+    assert len(latents) == 4 and sum("b80x48" in p.name for p in latents) == 2
+    epochs = sorted(p.name for p in (tmp_path / "out" / "epochs").glob("*.safetensors"))
+    assert epochs == ["hairdiff_adapter-epoch-001.safetensors", "hairdiff_adapter-epoch-002.safetensors"]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "out" / "checkpoints")] == [2, 4]
+
+
+def test_matte_growth_in_training_grows_the_loss_region_not_the_sketch(dataset, tmp_path, monkeypatch):
+    """One step with growth always on vs off, same seed: the sketch the model sees is the same,
+    the mask the loss counts is larger (and contains the other)."""
+    from hairdiff_core.pipeline import HairDiffPipeline
+    from training import trainer as T
+
+    seen: dict[float, dict] = {}
+    original_encode, original_latent_grid = HairDiffPipeline.encode, T.M.latent_grid
+
+    for p in (0.0, 1.0):
+        record = seen.setdefault(p, {"encoded": []})
+        monkeypatch.setattr(HairDiffPipeline, "encode", lambda self, x, r=record: (r["encoded"].append(x.clone()), original_encode(self, x))[1])
+        monkeypatch.setattr(T.M, "latent_grid", lambda m, r=record: (r.setdefault("mask", m.clone()), original_latent_grid(m))[1])
+        _train(_config(dataset, tmp_path / f"p{p}", augment="seed", max_steps=1, matte_growth=p))
+    # Seed mode: the photos are cached first; the step encodes the sketch last.
+    assert torch.equal(seen[0.0]["encoded"][-1], seen[1.0]["encoded"][-1])
+    off, on = seen[0.0]["mask"], seen[1.0]["mask"]
+    assert float(on.sum()) > float(off.sum()) and bool((on >= off - 1e-6).all())
+
+
 def test_lr_schedule():
     from training.trainer import lr_factor
 
@@ -355,3 +457,16 @@ def test_cli_subprocess_trains_with_skip_bad(dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipped 1 bad sample(s)" in proc.stderr
     assert (tmp_path / "o" / "hairdiff_adapter.safetensors").is_file()
+
+
+def test_new_settings_are_checked(tmp_path):
+    from hairdiff_core.errors import InputError
+
+    base = dict(data=str(tmp_path), output=str(tmp_path / "o"), tiny=True)
+    with pytest.raises(InputError, match=r"--matte-growth is a probability in \[0, 1\], got 1.5"):
+        resolve_config(dict(base, matte_growth=1.5))
+    with pytest.raises(InputError, match=r"--crop 'middle'"):
+        resolve_config(dict(base, crop="middle"))
+    with pytest.raises(InputError, match="0 turns the curriculum off"):
+        resolve_config(dict(base, oversample_from_epoch=-1))
+    assert resolve_config(dict(base, oversample_from_epoch=0)).oversample_from_epoch == 0

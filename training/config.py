@@ -34,11 +34,12 @@ class TrainConfig:
     vae: str | None = None
     # data
     resolution: int | None = None  # None: the model's native size (sample_size x 8)
+    crop: str = "bucket"  # bucket: aspect buckets of about resolution² px; center: N x N centre square
     skip_bad: bool = False
     num_workers: int = 2
     # length
     max_steps: int | None = None
-    epochs: int | None = None  # used when max_steps is None; default 10
+    epochs: int | None = None  # used when max_steps is None; default 20 (the published recipe)
     batch_size: int = 1
     grad_accum: int = 1
     # optimiser
@@ -57,6 +58,7 @@ class TrainConfig:
     augment: str = "all"
     sketch_jitter: float = 4.0  # px at 1024, 'all' mode
     feather_sigma: float = 10.0  # px at 1024
+    matte_growth: float = 0.5  # probability of growing the training matte beyond the hair (0 = off)
     sigma_sampling: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -71,7 +73,7 @@ class TrainConfig:
     captions: str | None = None  # file: {stem: caption} JSON or "stem<TAB>caption" lines
     text_embeds: str | None = None  # folder of <stem>.safetensors SD3 prompt embeddings
     # curriculum
-    oversample_from_epoch: int | None = None  # 1-based; None: uniform throughout
+    oversample_from_epoch: int | None = None  # 1-based; 0: off; None: the middle epoch when braid.txt tags braids
     oversample_factor: int = 3
     # engine
     mixed_precision: str = "bf16"
@@ -80,6 +82,7 @@ class TrainConfig:
     # outputs
     checkpoint_every: int = 500
     checkpoints_keep: int = 3
+    checkpoint_every_epoch: bool = False  # also a checkpoint and epochs/<adapter>-epoch-NNN.safetensors per epoch
     resume: str | None = None  # "latest" or a checkpoint folder
     validate_every: int = 500  # 0: off
     validation_samples: int = 2
@@ -95,7 +98,7 @@ class TrainConfig:
         keys = (
             "tiny", "model", "resolution", "batch_size", "grad_accum", "rank", "lora_alpha", "lora_targets",
             "train_base_channels", "augment", "seed", "sigma_sampling", "oversample_from_epoch",
-            "oversample_factor", "mixed_precision",
+            "oversample_factor", "mixed_precision", "crop", "matte_growth",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -145,8 +148,14 @@ class TrainConfig:
             from hairdiff_core.data import check_resolution
 
             check_resolution(self.resolution)
-        if self.oversample_from_epoch is not None and self.oversample_from_epoch < 1:
-            raise InputError("--oversample-from-epoch counts epochs from 1")
+        if self.oversample_from_epoch is not None and self.oversample_from_epoch < 0:
+            raise InputError("--oversample-from-epoch counts epochs from 1 (0 turns the curriculum off)")
+        from hairdiff_core.data import CROP_MODES
+
+        if self.crop not in CROP_MODES:
+            raise InputError(f"--crop {self.crop!r}: choose one of {CROP_MODES}")
+        if not 0.0 <= float(self.matte_growth) <= 1.0:
+            raise InputError(f"--matte-growth is a probability in [0, 1], got {self.matte_growth} (0 turns it off)")
         if not self.lora_targets:
             raise InputError("--lora-targets is empty; give module names such as to_q to_k to_v to_out.0")
         if self.eval_data is not None and not Path(self.eval_data).is_dir():

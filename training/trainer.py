@@ -2,8 +2,10 @@
 
 One step, per micro-batch (DESIGN.md, "The method"):
 
-1. load photo, canonical sketch and binary matte at ``resolution`` (``hairdiff_core.data``);
-2. augment on the device (``hairdiff_core.augment``: ``all`` or ``seed``);
+1. load photo, canonical sketch and binary matte in their aspect bucket of about
+   ``resolution``² px (``hairdiff_core.data``; every batch is one bucket, see :class:`EpochPlan`);
+2. augment on the device (``hairdiff_core.augment``: ``all`` or ``seed``), then grow the matte
+   beyond the hair with probability ``matte_growth`` (the sketch unchanged);
 3. feather the matte into the soft mask and area-resize it to the latent grid (``mask``);
 4. VAE-encode the (warped) photo, or read its cached latent in ``seed`` mode, and the sketch;
 5. draw sigma (SD3's logit-normal by default) and eps, noise per pixel at sigma * m
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 from hairdiff_core import mask as M
-from hairdiff_core.augment import AugmentSettings, augment_batch
+from hairdiff_core.augment import AugmentSettings, MatteGrowth, augment_batch, grow_matte
 from hairdiff_core.data import HairDataset, file_digest, scan_dataset
 from hairdiff_core.errors import HairDiffError, NonFiniteError
 from hairdiff_core.fileio import atomic_write
@@ -46,7 +48,7 @@ from .logs import TrainingLogs
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_EPOCHS = 10
+DEFAULT_EPOCHS = 20  # the published recipe
 CHECKPOINT_VERSION = 1
 
 
@@ -67,15 +69,27 @@ class TrainResult:
 
 # -- data order and curriculum ---------------------------------------------------------------
 class EpochPlan:
-    """Which sample indices each epoch visits, in which order; a pure function of the seed.
+    """Which sample indices each epoch visits, in which order and in which batches; a pure
+    function of the seed (a deterministic batch sampler, resumable by position).
 
     From ``oversample_from_epoch`` (1-based) on, every braid sample appears ``factor`` times
     per epoch (the others once), so braids are drawn ``factor`` times as often.
+
+    ``buckets`` (one hashable key per sample, e.g. its (height, width)): every global batch
+    holds samples of one bucket. The shuffled epoch order is split by bucket, each bucket's list
+    cut into global batches, and the batches shuffled again; the shards of the processes are
+    slices of one global batch, so every micro-batch of every process is from one bucket. With
+    ``pad`` (several processes) a bucket's last, short global batch is filled from the start of
+    the same bucket's list, so every process gets an equal, non-empty shard.
     """
 
-    def __init__(self, n: int, braid: list[int], seed: int, global_batch: int, from_epoch: int | None, factor: int, pad: bool = False):
+    def __init__(self, n: int, braid: list[int], seed: int, global_batch: int, from_epoch: int | None, factor: int,
+                 pad: bool = False, buckets: list | None = None):
         self.n, self.braid, self.seed = n, list(braid), int(seed)
         self.global_batch, self.from_epoch, self.factor, self.pad = global_batch, from_epoch, int(factor), pad
+        if buckets is not None and len(buckets) != n:
+            raise ValueError(f"{len(buckets)} bucket keys for {n} samples")
+        self.buckets = list(buckets) if buckets is not None else [None] * n
 
     def oversampling(self, epoch: int) -> bool:
         return self.from_epoch is not None and epoch >= self.from_epoch and self.factor > 1 and bool(self.braid)
@@ -87,8 +101,7 @@ class EpochPlan:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()]
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        order = self.order(epoch)
+    def _cut(self, order: list[int]) -> list[list[int]]:
         out = [order[i : i + self.global_batch] for i in range(0, len(order), self.global_batch)]
         if self.pad and len(out[-1]) < self.global_batch:
             # Several processes need equal shards: wrap around to fill the last global batch.
@@ -96,8 +109,31 @@ class EpochPlan:
             out[-1] = out[-1] + (order * (need // len(order) + 1))[:need]
         return out
 
+    def batches(self, epoch: int) -> list[list[int]]:
+        order = self.order(epoch)
+        groups: dict = {}
+        for i in order:
+            groups.setdefault(self.buckets[i], []).append(i)
+        if len(groups) == 1:
+            return self._cut(order)
+        out = [b for members in groups.values() for b in self._cut(members)]
+        # Bucket by bucket would run all portraits, then all landscapes: mix the batches.
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 500_009)
+        return [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
+
     def micro_batches(self, epoch: int) -> int:
         return len(self.batches(epoch))
+
+
+def default_oversample_from(config: TrainConfig, braid_count: int, epochs: int) -> int | None:
+    """The curriculum's first oversampling epoch: the configured one (0 = off), or, when the
+    dataset tags braids and none is configured, the middle of the run (the published recipe:
+    uniform for the first half, braids oversampled in the second)."""
+    if config.oversample_from_epoch is not None:
+        return None if config.oversample_from_epoch == 0 else int(config.oversample_from_epoch)
+    if braid_count == 0 or epochs < 2:
+        return None
+    return epochs // 2 + 1
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -259,21 +295,27 @@ class Trainer:
 
         # Data.
         self.samples = scan.samples
-        dataset = HairDataset(scan.samples, resolution)
+        dataset = HairDataset(scan.samples, resolution, crop=cfg.crop)
         self.dataset = dataset
         braid = [i for i, s in enumerate(scan.samples) if s.is_braid]
         self.plan = EpochPlan(
             len(scan.samples), braid, seed, cfg.batch_size * acc.num_processes,
-            cfg.oversample_from_epoch, cfg.oversample_factor, pad=acc.num_processes > 1,
+            None, cfg.oversample_factor, pad=acc.num_processes > 1, buckets=dataset.buckets,
         )
+        if cfg.max_steps is not None:
+            # The run's length in epochs (for the curriculum's middle), counted before oversampling.
+            epochs = math.ceil(int(cfg.max_steps) * cfg.grad_accum / self.plan.micro_batches(1))
+        else:
+            epochs = int(cfg.epochs or DEFAULT_EPOCHS)
+        self.plan.from_epoch = default_oversample_from(cfg, len(braid), epochs)
         if cfg.max_steps is not None:
             max_steps = int(cfg.max_steps)
         else:
-            epochs = int(cfg.epochs or DEFAULT_EPOCHS)
             micro = sum(self.plan.micro_batches(e) for e in range(1, epochs + 1))
             max_steps = math.ceil(micro / cfg.grad_accum)
         self.max_steps = max_steps
         self.aug = AugmentSettings(mode=cfg.augment, sketch_jitter_px=cfg.sketch_jitter)
+        self.growth = MatteGrowth(p=cfg.matte_growth)
         self.latent_cache = self._prepare_latent_cache() if cfg.augment == "seed" else None
         self.text = self._prepare_text()
 
@@ -293,10 +335,15 @@ class Trainer:
         logs = TrainingLogs(out, start_step=step, epoch_rows=epoch_rows) if main else None
         self.logs = logs
         if main:
+            used = sorted(set(dataset.buckets))
             logger.info(
-                "training %s on %d sample(s) (%d braid) at %dx%d, %d step(s), batch %d x %d process(es) x %d accumulation, augment=%s, %s",
-                loaded.family, len(scan.samples), len(braid), resolution, resolution, max_steps, cfg.batch_size,
-                acc.num_processes, cfg.grad_accum, cfg.augment, cfg.mixed_precision,
+                "training %s on %d sample(s) (%d braid) at ~%dx%d (%s crop: %s), %d step(s), batch %d x %d process(es) "
+                "x %d accumulation, augment=%s, matte growth p=%s, curriculum %s, %s",
+                loaded.family, len(scan.samples), len(braid), resolution, resolution, cfg.crop,
+                ", ".join(f"{h}x{w}" for h, w in used), max_steps, cfg.batch_size, acc.num_processes, cfg.grad_accum,
+                cfg.augment, cfg.matte_growth,
+                f"from epoch {self.plan.from_epoch} (x{cfg.oversample_factor})" if self.plan.from_epoch else "off",
+                cfg.mixed_precision,
             )
         try:
             last = self._loop(step, epoch, position, epoch_sums)
@@ -329,7 +376,7 @@ class Trainer:
     def _oom_message(self) -> str:
         cfg = self.config
         return (
-            f"out of memory during a training step at {self.resolution}x{self.resolution}, batch {cfg.batch_size}, "
+            f"out of memory during a training step at about {self.resolution}x{self.resolution} px, batch {cfg.batch_size}, "
             f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
             f"{'8-bit' if cfg.adam_8bit else '32-bit'} AdamW, {cfg.mixed_precision}. Turn these knobs: a lower "
             f"--resolution, a smaller --batch-size (with a larger --grad-accum to keep the effective batch), "
@@ -349,15 +396,19 @@ class Trainer:
         return h.hexdigest()[:12]
 
     def _prepare_latent_cache(self) -> list[Path]:
-        """Encode every photo once (unaugmented, at the training resolution) and cache the latent
-        on disk, keyed by the photo's content, the resolution and the VAE."""
+        """Encode every photo once (unaugmented, at its bucket) and cache the latent on disk,
+        keyed by the photo's content, the resolution, the bucket (and crop) and the VAE."""
         from safetensors.torch import save_file
 
         cfg = self.config
         cache = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
         folder = cache / "latents"
         vae_fp = self._vae_fingerprint()
-        paths = [folder / f"{file_digest(s.img)[:32]}_{self.resolution}_{vae_fp}.safetensors" for s in self.samples]
+        # The bucket (and, in bucket mode, the matte that places the crop) decide the pixels encoded.
+        paths = []
+        for s, (bh, bw) in zip(self.samples, self.dataset.buckets):
+            crop = f"c{bh}x{bw}" if cfg.crop == "center" else f"b{bh}x{bw}m{file_digest(s.matte)[:12]}"
+            paths.append(folder / f"{file_digest(s.img)[:32]}_{self.resolution}_{crop}_{vae_fp}.safetensors")
         if self.acc.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
             todo = [i for i, p in enumerate(paths) if not p.is_file()]
@@ -404,6 +455,8 @@ class Trainer:
         matte = batch["matte"].to(dev)
         b, _, h, w = photo.shape
         photo_a, sketch_a, matte_a = augment_batch(photo, sketch, matte, self.aug, generator=self.gen)
+        # The sketch keeps showing the real hair; only the region where loss counts grows.
+        matte_a = grow_matte(matte_a, self.growth, generator=self.gen)
         soft = M.soft_mask(matte_a, M.feather_sigma(h, w, cfg.feather_sigma))
         mask = M.latent_grid(soft)
         with torch.no_grad():
@@ -460,6 +513,18 @@ class Trainer:
             f"fp16, and check the data; then continue with --resume latest."
         )
 
+    def _apply_gradients(self, step: int, sums: dict) -> None:
+        """Clip, check, step the optimiser and keep channels 0-15 of the patch conv as they were."""
+        cfg, acc = self.config, self.acc
+        grad_norm = acc.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        if grad_norm is not None and cfg.mixed_precision != "fp16" and not self._all_finite(torch.as_tensor(grad_norm)):
+            raise self._nonfinite(step + 1, "gradient norm", sums)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not cfg.train_base_channels:
+            with torch.no_grad():
+                self.transformer.pos_embed.proj.weight[:, :BASE_CHANNELS].copy_(self.base_channels)
+
     def _loop(self, step: int, epoch: int, position: int, epoch_sums: dict) -> dict:
         cfg, acc = self.config, self.acc
         main = acc.is_main_process
@@ -501,14 +566,7 @@ class Trainer:
                         finished_epochs.append({"epoch": ep, **{k: epoch_sums[k] / n for k in ("total", "mse", "shape")}})
                         epoch_sums = {"total": 0.0, "mse": 0.0, "shape": 0.0, "n": 0}
                         epoch, position = ep + 1, 0
-                grad_norm = acc.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-                if grad_norm is not None and cfg.mixed_precision != "fp16" and not self._all_finite(torch.as_tensor(grad_norm)):
-                    raise self._nonfinite(step + 1, "gradient norm", sums)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if not cfg.train_base_channels:
-                    with torch.no_grad():
-                        self.transformer.pos_embed.proj.weight[:, :BASE_CHANNELS].copy_(self.base_channels)
+                self._apply_gradients(step, sums)
                 step += 1
                 row = {"step": step, "epoch": last_ep, **sums, "lr": cfg.lr * factor}
                 last = row
@@ -518,8 +576,11 @@ class Trainer:
                         self.logs.log_epoch(er)
                     bar.update(1)
                     bar.set_postfix(total=f"{sums['total']:.4f}", mse=f"{sums['mse']:.4f}", shape=f"{sums['shape']:.4f}", ep=row["epoch"])
-                if step % cfg.checkpoint_every == 0 or step == self.max_steps:
+                epoch_end = bool(finished_epochs) and cfg.checkpoint_every_epoch
+                if step % cfg.checkpoint_every == 0 or step == self.max_steps or epoch_end:
                     self._save_checkpoint(step, epoch, position, epoch_sums)
+                if epoch_end and main:
+                    self._save_adapter(epoch=finished_epochs[-1]["epoch"], step=step)
                 if main and cfg.validate_every and (step % cfg.validate_every == 0 or step == self.max_steps):
                     self.validate(step)
                 if self.on_step is not None:
@@ -596,19 +657,28 @@ class Trainer:
     # outputs ---------------------------------------------------------------------------------
     def _adapter_metadata(self) -> dict:
         cfg = self.config
-        keep = ("resolution", "lambda_shape", "augment", "lr", "batch_size", "grad_accum", "seed", "mixed_precision",
+        keep = ("resolution", "crop", "matte_growth", "lambda_shape", "augment", "lr", "batch_size", "grad_accum", "seed", "mixed_precision",
                 "sigma_sampling", "oversample_from_epoch", "oversample_factor", "lora_targets", "rank", "lora_alpha")
         training = {k: getattr(cfg, k) for k in keep}
         training["resolution"] = self.resolution
+        training["oversample_from_epoch"] = self.plan.from_epoch
         training["dataset_samples"] = len(self.samples)
         return training
 
-    def _save_adapter(self) -> Path:
+    def _save_adapter(self, epoch: int | None = None, step: int | None = None) -> Path:
+        """The final adapter, or with ``epoch`` the adapter after that epoch in ``epochs/`` (kept
+        for comparing epochs, never pruned)."""
         from hairdiff_core.adapter import save_adapter
 
-        path = self.out / self.config.adapter_name
+        name = self.config.adapter_name
+        path = self.out / name
+        training = self._adapter_metadata()
+        if epoch is not None:
+            path = self.out / "epochs" / f"{name[: -len('.safetensors')]}-epoch-{epoch:03d}.safetensors"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            training["epoch"] = epoch
         extra = {"family": self.family} if self.family not in (None, "custom") else {}
-        save_adapter(self.transformer, path, step=self.max_steps, training=self._adapter_metadata(),
+        save_adapter(self.transformer, path, step=self.max_steps if step is None else step, training=training,
                      base_channels_trained=bool(self.config.train_base_channels), **extra)
         logger.info("saved the adapter %s", path)
         return path
@@ -659,7 +729,8 @@ class Trainer:
 
         cfg = self.config
         samples = scan_samples(cfg.eval_data, limit=cfg.eval_limit, skip_bad=True)
-        options = EvalOptions(steps=cfg.validation_steps, seed=cfg.seed, resolution=self.resolution, work_size=self.resolution)
+        options = EvalOptions(steps=cfg.validation_steps, seed=cfg.seed, resolution=self.resolution, crop=cfg.crop,
+                              work_size=self.resolution)
         with self.acc.autocast():
             report = evaluate_samples(
                 self.pipe, samples, [EvalSetting("joint")], options,

@@ -6,6 +6,11 @@ under each setting (``--method`` x ``--reference``) with the same seed and steps
 setting), ``summary.json``, ``results/<setting>/<stem>.png`` and contact sheets
 (``sheets/<stem>.png``: photo | sketch | matte | result per setting; ``contact_sheet.png``: the
 first rows stacked).
+
+Several processes (``accelerate launch --num_processes N -m hairdiff_cli eval ...``, or torchrun)
+split the dataset: each evaluates every N-th sample (``evaluation.shard_samples``) on its own
+device (``--device cuda`` becomes ``cuda:<local rank>``) and writes its results and sheets; the
+first process gathers the rows and writes metrics.csv and the summaries.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset root with img/, matte/ and sketch/ (files matched by stem)")
     p.add_argument("--out", required=True, help="output folder for metrics.csv, summary.md, results and contact sheets")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples (by stem)")
-    p.add_argument("--resolution", type=int, help="load samples at N x N (short side to N, centre crop; default: as stored)")
+    p.add_argument("--resolution", type=int, help="load samples at about N x N px in their aspect bucket (default: as stored)")
+    p.add_argument("--crop", choices=("bucket", "center"), default="bucket", help="with --resolution: bucket (aspect kept, the matte whole; default) or center (N x N centre square)")
     p.add_argument("--skip-bad", action="store_true", help="leave out bad samples instead of refusing the dataset")
     add_model_arguments(p)
     g = p.add_argument_group("settings compared (same model, seed and steps)")
@@ -62,7 +68,7 @@ def build_options(args):
     harmony = () if args.harmony is None else (tuple(args.harmony) or tuple(Mt.GAINS))
     return EvalOptions(
         steps=args.steps, seed=args.seed, cfg=args.cfg, shift=args.shift, strength=args.strength,
-        work_size=args.work_size, feather_sigma=args.feather, resolution=args.resolution,
+        work_size=args.work_size, feather_sigma=args.feather, resolution=args.resolution, crop=args.crop,
         harmony=harmony, leakage=args.leakage,
         edge_threshold=Mt.EDGE_THRESHOLD if args.edge_threshold is None else args.edge_threshold,
         reference_fields=reference_fields(args),
@@ -70,10 +76,29 @@ def build_options(args):
     )
 
 
+def _process_group() -> tuple[int, int, int, bool]:
+    """(rank, world size, local rank, whether we started the group) of a launch by
+    accelerate/torchrun; (0, 1, 0, False) otherwise. Starts the process group (NCCL on CUDA,
+    else gloo) when there are several processes and nobody has started it yet."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0, False
+    import torch
+    import torch.distributed as dist
+
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world, local, started
+
+
 def run(args) -> int:
     from tqdm.auto import tqdm
 
-    from hairdiff_core.evaluation import evaluate_samples, make_settings, scan_samples
+    from hairdiff_core.evaluation import evaluate_samples, make_settings, merge_reports, scan_samples, shard_samples
 
     from .generate import build_pipeline
 
@@ -88,21 +113,39 @@ def run(args) -> int:
         from hairdiff_core.data import check_resolution
 
         check_resolution(options.resolution)
+    rank, world, local, started = _process_group()
+    if world > 1 and args.device == "cuda":
+        args.device = f"cuda:{local}"
+    mine = shard_samples(samples, rank, world)
     pipe = build_pipeline(args)
-    total = len(samples) * len(settings)
-    logger.info("evaluating %d sample(s) x %d setting(s): %s", len(samples), len(settings), ", ".join(s.label for s in settings))
-    bar = tqdm(total=total, desc="hairdiff eval", unit="result")
+    total = len(mine) * len(settings)
+    logger.info("evaluating %d sample(s) x %d setting(s): %s%s", len(mine), len(settings), ", ".join(s.label for s in settings),
+                f" (process {rank} of {world}, {len(samples)} sample(s) in all)" if world > 1 else "")
+    bar = tqdm(total=total, desc="hairdiff eval", unit="result", disable=rank != 0)
 
     def on_result(done: int, row: dict) -> None:
         bar.update(done - bar.n)
 
     try:
         report = evaluate_samples(
-            pipe, samples, settings, options, out_dir=args.out,
+            pipe, mine, settings, options, out_dir=args.out, write_report=world == 1,
             save_results=not args.no_images, contact_sheets=not args.no_sheets, on_result=on_result,
         )
     finally:
         bar.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        parts: list = [None] * world
+        dist.all_gather_object(parts, report.rows)
+        if rank == 0:
+            report = merge_reports(settings, parts, [s.stem for s in samples], options)
+            report.write(args.out)
+        dist.barrier()
+        if started:
+            dist.destroy_process_group()
+        if rank != 0:
+            return 0
     print(report.markdown())
     logger.info("wrote %s/metrics.csv and %s/summary.md", args.out, args.out)
     return 0
