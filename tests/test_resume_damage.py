@@ -22,6 +22,16 @@ def _write(folder, step: int):
     return ckpt.commit(tmp, step, keep=10)
 
 
+def test_checkpoint_files_follow_the_umask(tmp_path):
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    path = _write(tmp_path / "checkpoints", 1)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
 def _truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
