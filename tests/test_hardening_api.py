@@ -144,3 +144,23 @@ def test_blur_of_a_huge_sigma_is_the_mean_and_moderate_ones_stay_close():
     a = M.gaussian_blur(big, exact_sigma)
     b = M.gaussian_blur(big, exact_sigma + 1e-3)
     assert float((a - b).abs().max()) < 0.03
+
+
+def test_resize_message_is_logged_once_per_run(pipe, caplog):
+    photo, _, matte = _inputs(32)
+    small_sketch = torch.rand(1, 3, 16, 16)  # same aspect ratio, resized to the photo
+    from hairdiff_core.pipeline import HairDiffPipeline
+
+    with caplog.at_level("INFO", logger="hairdiff_core.pipeline"):
+        HairDiffPipeline.prepare_inputs(photo, small_sketch, matte)  # the CLI's and node's early check
+        pipe.generate(photo, small_sketch, matte, steps=1, announce=False)
+    assert caplog.text.count("resizing the sketch") == 1
+
+
+def test_dilation_radius_is_capped_by_the_image():
+    from hairdiff_core import mask as M
+
+    m = torch.zeros(1, 1, 20, 30)
+    m[..., 5, 7] = 1
+    assert torch.equal(M.dilate(m, 10**9), torch.ones_like(m))
+    assert torch.equal(M.dilate(M.dilate(m, 3), -(10**9)), torch.zeros_like(m))

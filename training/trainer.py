@@ -217,6 +217,12 @@ class Trainer:
                 f"to continue it, or choose another --output folder"
             )
         resume_from = ckpt.resolve_resume(cfg.resume, self.ckdir) if cfg.resume else None
+        from hairdiff_core.pipeline import check_model_files
+
+        check_model_files(model=cfg.model, vae=cfg.vae, tiny=cfg.tiny)
+        for value, what in ((cfg.captions, "--captions"), (cfg.text_embeds, "--text-embeds")):
+            if value is not None and not Path(value).exists():
+                raise HairDiffError(f"{what} {value} not found", input=what.strip("-").replace("-", "_"))
         if main:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.json")

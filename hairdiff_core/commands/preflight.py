@@ -70,7 +70,8 @@ def check_generate_args(args) -> None:
         raise SettingsError("--reference is part of the joint method; drop --method replace or use --reference off",
                             input="reference")
     _reference_flags(args, [args.reference], [args.method])
-    _input_files({"image": args.image, "sketch": args.sketch, "matte": args.matte})
+    _input_files({"image": args.image, "sketch": args.sketch, "matte": args.matte,
+                  **({"prompt-embeds": args.prompt_embeds} if getattr(args, "prompt_embeds", None) else {})})
     check_output_image(args.out, inputs=(args.image, args.sketch, args.matte), what="output")
     _model(args)
 
@@ -89,6 +90,8 @@ def check_eval_args(args) -> None:
     _reference_flags(args, list(args.reference), list(args.method))
     if not Path(args.data).is_dir():
         raise InputError(f"--data {args.data}: not a folder (expected img/, matte/ and sketch/ inside)", input="data")
+    if getattr(args, "prompt_embeds", None):
+        _input_files({"prompt-embeds": args.prompt_embeds})
     out = check_writable_folder(args.out, "eval output")
     if out.resolve() == Path(args.data).resolve():
         raise InputError("--out is the dataset folder; write the results to another folder", input="out")
