@@ -673,10 +673,11 @@ class Trainer:
             )
         means = report.means(prefix="")
         path = self.out / "eval.csv"
-        new_file = not path.exists()
-        with path.open("a", newline="") as f:
+        old = path.read_text(encoding="utf-8") if path.exists() else ""
+        with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            f.write(old)  # one row per validation: rewriting keeps the file whole after a kill
             writer = csv.DictWriter(f, fieldnames=["step", *sorted(means)])
-            if new_file:
+            if not old:
                 writer.writeheader()
             writer.writerow({"step": step, **means})
         if self.logs is not None and self.logs.tb is not None:
