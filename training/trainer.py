@@ -33,6 +33,7 @@ import torch
 from hairdiff_core import mask as M
 from hairdiff_core.augment import AugmentSettings, augment_batch
 from hairdiff_core.data import HairDataset, file_digest, scan_dataset
+from hairdiff_core.checks import parse_dtype
 from hairdiff_core.errors import HairDiffError, NonFiniteError
 from hairdiff_core.fileio import atomic_write
 from hairdiff_core.imageio import save_pil
@@ -194,7 +195,8 @@ class Trainer:
         return Accelerator(mixed_precision=self.config.mixed_precision, cpu=self.config.cpu)
 
     def _weight_dtype(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.mixed_precision, torch.float32)
+        mp = self.config.mixed_precision
+        return torch.float32 if mp == "no" else parse_dtype(mp)
 
     def run(self) -> TrainResult:
         cfg = self.config
