@@ -47,9 +47,19 @@ def _reference_flags(args, modes: list[str], methods: list[str]) -> None:
     if all(m == "off" for m in modes):
         raise SettingsError(f"{flags} given but --reference is off, so it would have no effect; add "
                             f"--reference once (or per_step), or drop {flags}", input="reference")
+    from hairdiff_core.errors import HairDiffError
     from hairdiff_core.reference import ReferenceSettings
 
-    ReferenceSettings(mode="once", **fields)
+    from .generate import REFERENCE_FLAGS
+
+    try:
+        ReferenceSettings(mode="once", **fields)
+    except HairDiffError as exc:
+        # The core names the field (weight_inside); on the command line it is --ref-weight-inside.
+        flag = next(("--" + d.replace("_", "-") for d, (f, _, _) in REFERENCE_FLAGS.items() if f == exc.input), None)
+        if flag is None:
+            raise
+        raise SettingsError(f"{flag}: {exc}", input=exc.input) from exc
 
 
 def _input_files(paths: dict[str, str]) -> None:
