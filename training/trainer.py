@@ -462,10 +462,11 @@ class Trainer:
         found = ckpt.list_checkpoints(self.ckdir)
         last = f"the last good checkpoint is {found[-1][1]} (step {found[-1][0]})" if found else "no checkpoint was written yet"
         detail = f" (total={terms['total']}, mse={terms['mse']}, shape={terms['shape']})" if terms else ""
+        fp16 = ", use --mixed-precision bf16 rather than fp16" if self.config.mixed_precision == "fp16" else ""
         return NonFiniteError(
             f"training stopped at step {step}: the {what} is NaN or infinite{detail}; {last}. "
-            f"Lower --lr (now {self.config.lr}), keep --max-grad-norm, use --mixed-precision bf16 rather than "
-            f"fp16, and check the data; then continue with --resume latest."
+            f"Lower --lr (now {self.config.lr}), keep --max-grad-norm{fp16}, and check the data; then continue "
+            f"with --resume latest."
         )
 
     def _loop(self, step: int, epoch: int, position: int, epoch_sums: dict) -> dict:
@@ -691,5 +692,6 @@ class Trainer:
 
 def train(config: TrainConfig, on_step: Callable | None = None) -> TrainResult:
     """Run a training; see :class:`Trainer`. ``on_step(step, row, trainer)`` is called after each
-    optimiser step (progress reporting, tests)."""
-    return Trainer(config, on_step=on_step).run()
+    optimiser step (progress reporting, tests). The configuration is validated first (the same
+    checks and messages as ``hairdiff train``), so a hand-built ``TrainConfig`` is checked too."""
+    return Trainer(config.validate(), on_step=on_step).run()
