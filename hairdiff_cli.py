@@ -69,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hairdiff {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except FileNotFoundError as exc:
-        # "file not found: X" when the OS names the file; else the raiser's own words.
-        text = f"file not found: {exc.filename}" if exc.filename else str(exc)
+        # The raiser's own words when it gave some ("dataset folder not found: X"), else
+        # "file not found: X"; never both ("file not found: model not found: X").
+        if exc.filename:
+            what = exc.strerror if exc.strerror and "not found" in exc.strerror else "file not found"
+            text = f"{what}: {exc.filename}"
+        else:
+            text = str(exc)
         print(f"hairdiff {args.command}: error: {text}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -360,9 +360,11 @@ def save_outputs(client: ComfyClient, entry: dict[str, Any], out_dir: Path) -> l
     wanted = [i for i in images if i.get("type") == "output"] or images
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = []
+    from .fileio import atomic_write_bytes
+
     for img in wanted:
         target = out_dir / Path(img["filename"]).name
-        target.write_bytes(client.download(img))
+        atomic_write_bytes(target, client.download(img))
         saved.append(target)
     return saved
 
@@ -388,6 +390,9 @@ def run(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise FileNotFoundError(2, "no such file", path)
     prepare_graph(graph, {role: "x" for role in files}, args.set)  # errors before any upload
+    from .fileio import check_writable_folder
+
+    check_writable_folder(args.out, "comfy-run output")
     client = ComfyClient(args.server)
     uploaded = {role: client.upload_image(path) for role, path in files.items()}
     graph = prepare_graph(graph, uploaded, args.set)

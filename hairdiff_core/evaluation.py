@@ -126,8 +126,15 @@ class EvalOptions:
         from .data import check_crop
 
         check_crop(self.crop)
-        if int(self.steps) < 1:
-            raise InputError(f"steps must be at least 1, got {self.steps}")
+        from .checks import check_generate_settings
+
+        # The checks and messages of generate itself, before any sample runs.
+        checked = check_generate_settings(
+            steps=self.steps, seed=self.seed, cfg=self.cfg, shift=self.shift, strength=self.strength,
+            work_size=self.work_size, feather_sigma=self.feather_sigma, context_margin=self.context_margin,
+        )
+        for name, value in checked.items():
+            setattr(self, name, value)
         if self.reference_fields:
             from .reference import ReferenceSettings
 

@@ -118,6 +118,12 @@ def _check_parent(p: Path, what: str) -> None:
         raise OutputPathError(f"cannot write the {what} {p}: the folder {parent} is not writable", input=what)
 
 
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` the permissions ``open()`` would (0666 minus the umask): writers such as
+    ``mkstemp`` and safetensors' ``save_file`` create files 0600."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` atomically.
@@ -145,8 +151,7 @@ def atomic_write(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Pat
     tmp = Path(name)
     try:
         yield tmp
-        # mkstemp makes 0600 files; a written output gets what open() would give it.
-        os.chmod(tmp, 0o666 & ~_umask())
+        apply_umask(tmp)
         if fsync:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())

@@ -94,6 +94,8 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """Binary-ish dilation (max filter) by ``radius`` pixels; negative radius erodes."""
     if radius == 0:
         return mask
+    # Beyond the image's extent a larger radius changes nothing: cap it (time and memory).
+    radius = max(-max(mask.shape[-2:]), min(radius, max(mask.shape[-2:])))
     k = 2 * abs(radius) + 1
     if radius > 0:
         return F.max_pool2d(mask, k, stride=1, padding=abs(radius))

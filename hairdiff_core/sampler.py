@@ -30,6 +30,9 @@ def _check_finite(v: torch.Tensor, step: int, total: int, dtype: torch.dtype | N
     if not bool(torch.isfinite(v).all()):
         if dtype == torch.float16:
             why = "fp16 overflows on SD3.5: use bf16 or fp32 (--dtype bf16 / fp32)"
+        elif dtype is None:
+            why = ("in fp16, SD3.5 overflows: use bf16 or fp32; in bf16/fp32 the weights are the likely cause "
+                   "(an adapter or model file holding NaN/inf)")
         else:
             # Settings and inputs are checked up front, so in bf16/fp32 the weights are the suspect.
             why = (f"the model runs in {str(dtype).replace('torch.', '') if dtype else 'its dtype'}, so the weights "

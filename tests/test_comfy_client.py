@@ -137,7 +137,9 @@ def test_validation_errors_become_readable_lines(files, tmp_path, capsys):
 
 
 def test_execution_error_is_reported(files, tmp_path, capsys):
-    fail = {"node_id": "4", "node_type": "HairDiff_Sampler", "exception_type": "InputError",
+    # ComfyUI names a custom node's exception by its module path; the user sees the class name.
+    fail = {"node_id": "4", "node_type": "HairDiff_Sampler",
+            "exception_type": "/srv/ComfyUI/custom_nodes/hairdiff.hairdiff_core.errors.InputError",
             "exception_message": "HairDiff Sampler: input 'matte': the hair matte is empty"}
     fake = FakeComfy(fail=fail)
     try:
@@ -149,7 +151,9 @@ def test_execution_error_is_reported(files, tmp_path, capsys):
 
 def test_unreachable_server_and_bad_arguments_fail_before_uploading(files, tmp_path, capsys):
     assert main(_argv("http://127.0.0.1:9", files, tmp_path / "out")) == 2
-    assert "cannot reach ComfyUI at http://127.0.0.1:9" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot reach ComfyUI at http://127.0.0.1:9" in err
+    assert "--port 9)" in err and "8188" not in err  # the hint names the server that was asked
     assert main(_argv("http://127.0.0.1:9", files, tmp_path / "out", "--set", "HairDiff Sampler.stepz=3")) == 2
     assert "has no input 'stepz'" in capsys.readouterr().err
     assert main(_argv("http://127.0.0.1:9", files, tmp_path / "out", "--set", "Nope.steps=3")) == 2

@@ -8,6 +8,7 @@ test_hardening_api.py).
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 import shutil
 from pathlib import Path
@@ -236,3 +237,43 @@ def test_train_refuses_bad_settings(inputs, capsys, extra, pattern):
     tiny = [] if "bad_bool" in " ".join(extra) else ["--tiny"]
     argv = ["train", *tiny, "--mixed-precision", "no", "--max-steps", "1"] + [x for kv in args.items() for x in kv] + rest
     _check_refused(argv, pattern, capsys, inputs)
+
+
+def _numeric_options(command: str) -> list[str]:
+    """Every int/float option of a subcommand, read from the parser itself (new flags included)."""
+    import argparse
+
+    parser = hairdiff_cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return [a.option_strings[-1] for a in sub._actions if a.type in (int, float) and a.option_strings]
+
+
+def _base_argv(command: str, root: Path) -> list[str]:
+    i = root / "in"
+    if command == "generate":
+        return ["generate", "--tiny", "--image", str(i / "photo.png"), "--sketch", str(i / "sketch.png"),
+                "--matte", str(i / "matte.png"), "--out", str(root / "out" / "r.png"), "--reference", "once"]
+    if command == "eval":
+        from training.synthetic import make_synthetic_dataset
+
+        data = make_synthetic_dataset(root / "ds", n=1, size=32, braid=0)
+        return ["eval", "--tiny", "--data", str(data), "--out", str(root / "new_out"), "--reference", "once"]
+    if command == "train":
+        from training.synthetic import make_synthetic_dataset
+
+        data = make_synthetic_dataset(root / "ds", n=1, size=32, braid=0)
+        return ["train", "--tiny", "--data", str(data), "--output", str(root / "new_out"), "--mixed-precision", "no"]
+    return ["demo", "--out", str(root / "new_out")]
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "train", "demo"])
+def test_every_numeric_option_refuses_nan_and_absurd_values(inputs, capsys, command):
+    """The class, not the samples: each int/float flag, including ones added later, must refuse a
+    non-finite or hugely negative value with one line before anything loads."""
+    base = _base_argv(command, inputs)
+    options = _numeric_options(command)
+    assert options
+    for option in options:
+        for value in ("nan", "-99999999999"):
+            names = "|".join(re.escape(n) for n in (option, option[2:].replace("-", " "), "invalid"))
+            _check_refused(base + [option, value], names, capsys, inputs)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from hairdiff_core.errors import InputError
+from hairdiff_core.fileio import apply_umask
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[s
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    apply_umask(path)  # save_file creates 0600; the JSON files beside it follow the umask
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

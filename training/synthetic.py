@@ -41,6 +41,9 @@ def make_synthetic_dataset(root, n: int = 4, size: int = 64, braid: int = 1, see
     stems go to ``braid.txt``. Returns ``root``."""
     from PIL import Image
 
+    from hairdiff_core.fileio import atomic_write_text
+    from hairdiff_core.imageio import save_pil
+
     root = Path(root)
     for kind in ("img", "matte", "sketch"):
         (root / kind).mkdir(parents=True, exist_ok=True)
@@ -49,10 +52,10 @@ def make_synthetic_dataset(root, n: int = 4, size: int = 64, braid: int = 1, see
     for i in range(n):
         stem = f"s{i:03d}"
         photo, matte, sketch = make_sample_arrays(size, rng)
-        Image.fromarray(photo).save(root / "img" / f"{stem}.png")
-        Image.fromarray(matte, mode="L").save(root / "matte" / f"{stem}.png")
-        Image.fromarray(sketch).save(root / "sketch" / f"{stem}.png")
+        save_pil(Image.fromarray(photo), root / "img" / f"{stem}.png")
+        save_pil(Image.fromarray(matte, mode="L"), root / "matte" / f"{stem}.png")
+        save_pil(Image.fromarray(sketch), root / "sketch" / f"{stem}.png")
         stems.append(stem)
     if braid:
-        (root / "braid.txt").write_text("\n".join(stems[:braid]) + "\n", encoding="utf-8")
+        atomic_write_text(root / "braid.txt", "\n".join(stems[:braid]) + "\n")
     return root

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from hairdiff_core.checks import parse_dtype
 from hairdiff_core.errors import InputError
 from hairdiff_core.fileio import atomic_write
 
@@ -108,7 +109,7 @@ def _encode_captions(captions: dict[str, str], samples, config, cache: Path, dev
             )
         from diffusers import StableDiffusion3Pipeline
 
-        dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16 if config.mixed_precision == "fp16" else torch.float32
+        dtype = torch.float32 if config.mixed_precision == "no" else parse_dtype(config.mixed_precision)
         pipe = StableDiffusion3Pipeline.from_pretrained(
             config.model, transformer=None, vae=None, torch_dtype=dtype, local_files_only=True
         ).to(device)

@@ -35,6 +35,7 @@ import torch
 from hairdiff_core import mask as M
 from hairdiff_core.augment import AugmentSettings, MatteGrowth, augment_batch, grow_matte
 from hairdiff_core.data import HairDataset, file_digest, scan_dataset
+from hairdiff_core.checks import parse_dtype
 from hairdiff_core.errors import HairDiffError, NonFiniteError
 from hairdiff_core.fileio import atomic_write
 from hairdiff_core.imageio import save_pil
@@ -230,7 +231,8 @@ class Trainer:
         return Accelerator(mixed_precision=self.config.mixed_precision, cpu=self.config.cpu)
 
     def _weight_dtype(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.mixed_precision, torch.float32)
+        mp = self.config.mixed_precision
+        return torch.float32 if mp == "no" else parse_dtype(mp)
 
     def run(self) -> TrainResult:
         cfg = self.config
@@ -253,6 +255,12 @@ class Trainer:
                 f"to continue it, or choose another --output folder"
             )
         resume_from = ckpt.resolve_resume(cfg.resume, self.ckdir) if cfg.resume else None
+        from hairdiff_core.pipeline import check_model_files
+
+        check_model_files(model=cfg.model, vae=cfg.vae, tiny=cfg.tiny)
+        for value, what in ((cfg.captions, "--captions"), (cfg.text_embeds, "--text-embeds")):
+            if value is not None and not Path(value).exists():
+                raise HairDiffError(f"{what} {value} not found", input=what.strip("-").replace("-", "_"))
         if main:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.json")
@@ -507,10 +515,11 @@ class Trainer:
         found = ckpt.list_checkpoints(self.ckdir)
         last = f"the last good checkpoint is {found[-1][1]} (step {found[-1][0]})" if found else "no checkpoint was written yet"
         detail = f" (total={terms['total']}, mse={terms['mse']}, shape={terms['shape']})" if terms else ""
+        fp16 = ", use --mixed-precision bf16 rather than fp16" if self.config.mixed_precision == "fp16" else ""
         return NonFiniteError(
             f"training stopped at step {step}: the {what} is NaN or infinite{detail}; {last}. "
-            f"Lower --lr (now {self.config.lr}), keep --max-grad-norm, use --mixed-precision bf16 rather than "
-            f"fp16, and check the data; then continue with --resume latest."
+            f"Lower --lr (now {self.config.lr}), keep --max-grad-norm{fp16}, and check the data; then continue "
+            f"with --resume latest."
         )
 
     def _apply_gradients(self, step: int, sums: dict) -> None:
@@ -738,10 +747,11 @@ class Trainer:
             )
         means = report.means(prefix="")
         path = self.out / "eval.csv"
-        new_file = not path.exists()
-        with path.open("a", newline="") as f:
+        old = path.read_text(encoding="utf-8") if path.exists() else ""
+        with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            f.write(old)  # one row per validation: rewriting keeps the file whole after a kill
             writer = csv.DictWriter(f, fieldnames=["step", *sorted(means)])
-            if new_file:
+            if not old:
                 writer.writeheader()
             writer.writerow({"step": step, **means})
         if self.logs is not None and self.logs.tb is not None:
@@ -753,5 +763,6 @@ class Trainer:
 
 def train(config: TrainConfig, on_step: Callable | None = None) -> TrainResult:
     """Run a training; see :class:`Trainer`. ``on_step(step, row, trainer)`` is called after each
-    optimiser step (progress reporting, tests)."""
-    return Trainer(config, on_step=on_step).run()
+    optimiser step (progress reporting, tests). The configuration is validated first (the same
+    checks and messages as ``hairdiff train``), so a hand-built ``TrainConfig`` is checked too."""
+    return Trainer(config.validate(), on_step=on_step).run()

@@ -47,9 +47,19 @@ def _reference_flags(args, modes: list[str], methods: list[str]) -> None:
     if all(m == "off" for m in modes):
         raise SettingsError(f"{flags} given but --reference is off, so it would have no effect; add "
                             f"--reference once (or per_step), or drop {flags}", input="reference")
+    from hairdiff_core.errors import HairDiffError
     from hairdiff_core.reference import ReferenceSettings
 
-    ReferenceSettings(mode="once", **fields)
+    from .generate import REFERENCE_FLAGS
+
+    try:
+        ReferenceSettings(mode="once", **fields)
+    except HairDiffError as exc:
+        # The core names the field (weight_inside); on the command line it is --ref-weight-inside.
+        flag = next(("--" + d.replace("_", "-") for d, (f, _, _) in REFERENCE_FLAGS.items() if f == exc.input), None)
+        if flag is None:
+            raise
+        raise SettingsError(f"{flag}: {exc}", input=exc.input) from exc
 
 
 def _input_files(paths: dict[str, str]) -> None:
@@ -70,7 +80,8 @@ def check_generate_args(args) -> None:
         raise SettingsError("--reference is part of the joint method; drop --method replace or use --reference off",
                             input="reference")
     _reference_flags(args, [args.reference], [args.method])
-    _input_files({"image": args.image, "sketch": args.sketch, "matte": args.matte})
+    _input_files({"image": args.image, "sketch": args.sketch, "matte": args.matte,
+                  **({"prompt-embeds": args.prompt_embeds} if getattr(args, "prompt_embeds", None) else {})})
     check_output_image(args.out, inputs=(args.image, args.sketch, args.matte), what="output")
     _model(args)
 
@@ -89,6 +100,8 @@ def check_eval_args(args) -> None:
     _reference_flags(args, list(args.reference), list(args.method))
     if not Path(args.data).is_dir():
         raise InputError(f"--data {args.data}: not a folder (expected img/, matte/ and sketch/ inside)", input="data")
+    if getattr(args, "prompt_embeds", None):
+        _input_files({"prompt-embeds": args.prompt_embeds})
     out = check_writable_folder(args.out, "eval output")
     if out.resolve() == Path(args.data).resolve():
         raise InputError("--out is the dataset folder; write the results to another folder", input="out")
