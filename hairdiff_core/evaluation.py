@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("joint", "replace")
 REFERENCE_MODES = ("off", "once", "per_step")
+REFERENCE_NOISES = ("auto", "clean", "matched")
 
 #: Metric columns in report order, with the direction that is better (for the summary table).
 METRIC_INFO: dict[str, str] = {
@@ -62,6 +63,8 @@ class EvalSetting:
 
     method: str = "joint"
     reference: str = "off"
+    #: What the reference pass sees (``ReferenceSettings.reference_noise``): auto, clean or matched.
+    reference_noise: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -70,22 +73,33 @@ class EvalSetting:
             raise InputError(f"unknown reference mode {self.reference!r}; choose from {list(REFERENCE_MODES)}")
         if self.method == "replace" and self.reference != "off":
             raise InputError("the replace baseline has no reference attention; use reference='off' with it")
+        if self.reference_noise not in REFERENCE_NOISES:
+            raise InputError(f"unknown reference noise {self.reference_noise!r}; choose from {list(REFERENCE_NOISES)}")
 
     @property
     def label(self) -> str:
         """Short name, also used as a folder name: ``joint``, ``joint-ref_once``, ``replace``."""
-        return self.method if self.reference == "off" else f"{self.method}-ref_{self.reference}"
+        if self.reference == "off":
+            return self.method
+        noise = "" if self.reference_noise == "auto" else f"_{self.reference_noise}"
+        return f"{self.method}-ref_{self.reference}{noise}"
 
 
-def make_settings(methods: Sequence[str] = ("joint", "replace"), references: Sequence[str] = ("off",)) -> list[EvalSetting]:
-    """The grid: every joint x reference mode, and the replace baseline once (it has no reference)."""
+def make_settings(
+    methods: Sequence[str] = ("joint", "replace"),
+    references: Sequence[str] = ("off",),
+    reference_noises: Sequence[str] = ("auto",),
+) -> list[EvalSetting]:
+    """The grid: every joint x reference mode (x reference noise, for modes other than off), and
+    the replace baseline once (it has no reference)."""
     settings: list[EvalSetting] = []
     for method in dict.fromkeys(methods):
         refs = dict.fromkeys(references) if method == "joint" else ("off",)
         for ref in refs:
-            s = EvalSetting(method, ref)
-            if s not in settings:
-                settings.append(s)
+            for noise in (("auto",) if ref == "off" else dict.fromkeys(reference_noises or ("auto",))):
+                s = EvalSetting(method, ref, noise)
+                if s not in settings:
+                    settings.append(s)
     if not settings:
         raise InputError("nothing to evaluate: give at least one method (joint, replace)")
     return settings
@@ -264,7 +278,7 @@ class EvalReport:
         return paths
 
 
-_ID_COLUMNS = ("sample", "setting", "method", "reference", "seed", "steps")
+_ID_COLUMNS = ("sample", "setting", "method", "reference", "reference_noise", "seed", "steps")
 
 
 def _csv_value(v):
@@ -283,7 +297,10 @@ def _reference_settings(setting: EvalSetting, options: EvalOptions):
         return None
     from .reference import ReferenceSettings
 
-    return ReferenceSettings(mode=setting.reference, **options.reference_fields)
+    fields = dict(options.reference_fields)
+    if setting.reference_noise != "auto":
+        fields["reference_noise"] = setting.reference_noise
+    return ReferenceSettings(mode=setting.reference, **fields)
 
 
 def _fill(image: torch.Tensor, matte: torch.Tensor) -> torch.Tensor:
@@ -377,6 +394,7 @@ def evaluate_samples(
                 row: dict[str, Any] = {
                     "sample": sample.stem, "setting": setting.label, "method": setting.method,
                     "reference": setting.reference, "seed": options.seed, "steps": options.steps,
+                    "reference_noise": "" if kw["reference"] is None else kw["reference"].noise,
                 }
                 row.update({k: float(v[0]) for k, v in scores.items()})
                 for gain, photo_g in gained.items():

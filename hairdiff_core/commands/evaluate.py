@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .generate import add_model_arguments, add_reference_field_arguments, reference_fields
+from .generate import REFERENCE_NOISES, add_model_arguments, add_reference_field_arguments, reference_fields
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="samplers to compare (default: joint replace)")
     g.add_argument("--reference", nargs="+", choices=("off", "once", "per_step"), default=["off"],
                    help="reference-attention modes for the joint method (default: off)")
+    g.add_argument("--ref-noise", nargs="+", choices=REFERENCE_NOISES, default=["auto"],
+                   help="what the reference pass sees, compared side by side: clean (the photo as is, published), "
+                        "matched (noised to each step's sigma), auto (clean for per_step, matched for once)")
     add_reference_field_arguments(g)
     s = p.add_argument_group("sampling")
     s.add_argument("--steps", type=int, default=28, help="sampling steps (default 28)")
@@ -77,7 +80,7 @@ def run(args) -> int:
     from .generate import build_pipeline
 
     # Everything that can be checked without the model is checked first.
-    settings = make_settings(args.method, args.reference)
+    settings = make_settings(args.method, args.reference, args.ref_noise)
     options = build_options(args)
     samples = scan_samples(args.data, limit=args.limit, skip_bad=args.skip_bad)
     if options.resolution is not None:

@@ -36,8 +36,13 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-paste-back", action="store_true", help="keep the raw generated context box instead of compositing")
     r = p.add_argument_group("reference attention (lighting from the photo)")
     r.add_argument("--reference", choices=("off", "once", "per_step"), default="off")
+    r.add_argument("--ref-noise", choices=REFERENCE_NOISES, default="auto",
+                   help="what the reference pass sees: clean = the photo as is (published; auto for per_step), "
+                        "matched = the photo noised to each step's sigma (auto for once)")
     add_reference_field_arguments(r)
 
+
+REFERENCE_NOISES = ("auto", "clean", "matched")
 
 #: ``--ref-*`` flag -> ``ReferenceSettings`` field (shared by generate and eval).
 REFERENCE_FLAGS = {
@@ -81,7 +86,7 @@ def reference_settings(args):
         return None
     from hairdiff_core.reference import ReferenceSettings
 
-    return ReferenceSettings(mode=args.reference, **reference_fields(args))
+    return ReferenceSettings(mode=args.reference, reference_noise=args.ref_noise, **reference_fields(args))
 
 
 def build_pipeline(args):

@@ -134,6 +134,16 @@ def test_reference_node_is_non_destructive_and_changes_the_result(comfy, tiny_mo
 def test_reference_node_names_the_bad_input(comfy, tiny_model):
     with pytest.raises(ValueError, match="input 'mode'"):
         comfy.nodes.HairDiffReferenceAttention.execute(model=tiny_model, mode="sometimes")
+    with pytest.raises(ValueError, match="input 'reference_noise'"):
+        comfy.nodes.HairDiffReferenceAttention.execute(model=tiny_model, mode="per_step", reference_noise="noisy")
+
+
+def test_reference_node_reference_noise_reaches_the_sampler(comfy, tiny_model):
+    node = comfy.nodes.HairDiffReferenceAttention
+    auto = node.execute(model=tiny_model, mode="per_step")[0]
+    matched = node.execute(model=tiny_model, mode="per_step", reference_noise="matched")[0]
+    assert auto.reference.noise == "clean" and matched.reference.noise == "matched"
+    assert not torch.equal(_sample(comfy, auto)[0], _sample(comfy, matched)[0])
 
 
 def _write_lora(path, transformer, rank=2, scale=0.5):
