@@ -69,7 +69,11 @@ def reference_fields(args) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, help="the photo")
     p.add_argument("--sketch", required=True, help="strokes of the new hair (RGB, RGBA or L; white or black background)")
-    p.add_argument("--matte", required=True, help="hair matte (white = hair)")
+    p.add_argument("--matte", action="append", help="hair matte (white = hair); repeat to add several (their union)")
+    p.add_argument("--matte-add-sketch", action="store_true",
+                   help="add the sketch's region (strokes + what they enclose) to the matte: for shorter or longer hair")
+    p.add_argument("--exclude", action="append",
+                   help="mask of what must stay the photo's (white = protected, e.g. the face); repeatable")
     p.add_argument("--out", required=True, help="output PNG")
     add_model_arguments(p)
     add_sampling_arguments(p)
@@ -128,12 +132,31 @@ def tqdm_callback(total_hint: int, desc: str):
     return bar, on_step
 
 
+def compose_matte_from_args(args, photo, sketch):
+    """The matte of ``--matte`` (repeatable), ``--matte-add-sketch`` and ``--exclude`` (binary, photo size)."""
+    from hairdiff_core.errors import InputError
+    from hairdiff_core.imageio import load_image
+    from hairdiff_core.mask import compose_matte
+
+    mattes = [load_image(p) for p in args.matte or ()]
+    if not mattes and not args.matte_add_sketch:
+        raise InputError("no matte: pass --matte FILE (white = hair), or --matte-add-sketch to use the region the sketch outlines")
+    excludes = [load_image(p) for p in args.exclude or ()]
+    composed = compose_matte(
+        mattes or None, sketch if args.matte_add_sketch else None, excludes or None,
+        threshold=args.matte_threshold, size=tuple(photo.shape[-2:]),
+    )
+    for line in composed.warnings:
+        logger.warning("%s", line)
+    return composed.binary
+
+
 def run(args) -> int:
     from hairdiff_core.imageio import load_image, save_image
 
     photo = load_image(args.image)
     sketch = load_image(args.sketch)
-    matte = load_image(args.matte)
+    matte = compose_matte_from_args(args, photo, sketch)
     from hairdiff_core.pipeline import HairDiffPipeline
 
     # Bad inputs fail here, before a multi-GB model is loaded.
