@@ -125,6 +125,8 @@ class EvalOptions:
     edge_threshold: float = Mt.EDGE_THRESHOLD
     #: Extra ``ReferenceSettings`` fields for the reference modes (weights etc.).
     reference_fields: dict[str, Any] = field(default_factory=dict)
+    #: Add each sample's sketch region (strokes + what they enclose) to its matte (``mask.compose_matte``).
+    matte_add_sketch: bool = False
     #: Extra keyword arguments for ``HairDiffPipeline.generate`` (e.g. prompt embeddings).
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -380,6 +382,13 @@ def evaluate_samples(
         for index, item in enumerate(samples):
             sample = as_eval_sample(item, options.resolution, index)
             image, sketch, matte = sample.image, sample.sketch, sample.matte
+            if options.matte_add_sketch:
+                from .mask import compose_matte
+
+                composed = compose_matte(matte, sketch, size=tuple(image.shape[-2:]))
+                for line in composed.warnings:
+                    logger.warning("sample %s: %s", sample.stem, line)
+                matte = composed.binary
             filled = _fill(image, matte) if options.leakage else None
             gained = {g: Mt.apply_gain(image, g) for g in options.harmony}
             results: dict[str, torch.Tensor] = {}

@@ -140,3 +140,25 @@ def test_cli_matte_flags_compose_mattes_sketch_and_exclusions(tmp_path, capsys, 
     assert bool(matte[30, 20] == 1)  # enclosed by the strokes, outside the face
     assert hairdiff_cli.main(base) == 2
     assert "no matte: pass --matte FILE" in capsys.readouterr().err
+
+
+def test_eval_option_adds_the_sketch_region_to_each_matte():
+    from types import SimpleNamespace
+
+    from hairdiff_core.evaluation import EvalOptions, EvalSetting, evaluate_samples
+
+    class FakePipeline:  # records the matte; the metrics run on the photo itself
+        mattes = []
+
+        def generate(self, image, sketch, matte, **kw):
+            self.mattes.append(matte)
+            return SimpleNamespace(image=image)
+
+    photo = torch.rand(1, 3, S, S)
+    sample = {"stem": "x", "image": photo, "sketch": _ring_sketch(), "matte": _old_hair()}
+    pipe = FakePipeline()
+    for add in (False, True):
+        evaluate_samples(pipe, [sample], [EvalSetting("joint")], EvalOptions(steps=1, matte_add_sketch=add))
+    plain, added = pipe.mattes
+    assert torch.equal(plain, _old_hair())
+    assert torch.equal(added, compose_matte(_old_hair(), _ring_sketch()).binary) and added.sum() > plain.sum()

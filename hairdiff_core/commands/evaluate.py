@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--shift", type=float, default=3.0)
     s.add_argument("--work-size", type=int, help="side of the working area in px (default: the model's)")
     s.add_argument("--feather", type=float, help="feather sigma in px at 1024 px working size (default 10)")
+    s.add_argument("--matte-add-sketch", action="store_true",
+                   help="add each sketch's region (strokes + what they enclose) to the sample's matte")
     s.add_argument("--prompt-embeds", help="safetensors with prompt_embeds/pooled_prompt_embeds (+ negative_*)")
     m = p.add_argument_group("extra comparisons (each costs more generations per sample)")
     m.add_argument("--harmony", nargs="*", choices=("warm", "cool", "dim"), metavar="GAIN",
@@ -65,7 +67,7 @@ def build_options(args):
     return EvalOptions(
         steps=args.steps, seed=args.seed, cfg=args.cfg, shift=args.shift, strength=args.strength,
         work_size=args.work_size, feather_sigma=args.feather, resolution=args.resolution,
-        harmony=harmony, leakage=args.leakage,
+        harmony=harmony, leakage=args.leakage, matte_add_sketch=args.matte_add_sketch,
         edge_threshold=Mt.EDGE_THRESHOLD if args.edge_threshold is None else args.edge_threshold,
         reference_fields=reference_fields(args),
         generate_kwargs=generate_kwargs,
