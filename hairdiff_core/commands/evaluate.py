@@ -12,7 +12,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .generate import REFERENCE_NOISES, add_model_arguments, add_reference_field_arguments, reference_fields
+from .generate import (
+    REFERENCE_NOISES,
+    add_model_arguments,
+    add_reference_field_arguments,
+    add_text_arguments,
+    prompt_kwargs,
+    reference_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--matte-add-sketch", action="store_true",
                    help="add each sketch's region (strokes + what they enclose) to the sample's matte")
     s.add_argument("--prompt-embeds", help="safetensors with prompt_embeds/pooled_prompt_embeds (+ negative_*)")
+    add_text_arguments(p, s)
     m = p.add_argument_group("extra comparisons (each costs more generations per sample)")
     m.add_argument("--harmony", nargs="*", choices=("warm", "cool", "dim"), metavar="GAIN",
                    help="harmony tracking: regenerate under a colour gain (warm, cool, dim; no value = all three)")
@@ -58,7 +66,7 @@ def build_options(args):
     from hairdiff_core import metrics as Mt
     from hairdiff_core.evaluation import EvalOptions
 
-    generate_kwargs = {}
+    generate_kwargs = prompt_kwargs(args)
     if args.prompt_embeds:
         from hairdiff_core.text import load_prompt_embeds
 

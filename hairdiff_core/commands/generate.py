@@ -27,6 +27,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     g.add_argument("--shift", type=float, default=3.0, help="flow-match schedule shift (SD3: 3.0)")
     g.add_argument("--prompt-embeds", help="safetensors with prompt_embeds/pooled_prompt_embeds (+ negative_*)")
+    add_text_arguments(p, g)
     g.add_argument("--method", choices=("joint", "replace"), default="joint",
                    help="joint = HairDiff soft-mask sampler; replace = latent-replacement inpainting baseline")
     g.add_argument("--work-size", type=int, help="side of the working area in px (default: the model's, 1024 for SD3.5)")
@@ -43,6 +44,42 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 REFERENCE_NOISES = ("auto", "clean", "matched")
+
+def add_text_arguments(p: argparse.ArgumentParser, group=None, prompts: bool = True) -> None:
+    """--prompt/--negative-prompt and where SD3's text encoders are (generate, eval, encode-prompt)."""
+    if prompts:
+        group.add_argument("--prompt", help="text prompt, e.g. 'copper red hair' (encoded with SD3's text encoders)")
+        group.add_argument("--negative-prompt", help="negative prompt (used when --cfg > 1)")
+    t = p.add_argument_group("text encoders (for --prompt; a diffusers --model folder brings its own; --tiny has tiny ones)")
+    t.add_argument("--text-encoders", metavar="PATH",
+                   help="a diffusers SD3 folder, or a folder of single files (clip_l*, clip_g*, t5xxl* .safetensors)")
+    t.add_argument("--clip-l", metavar="FILE", help="CLIP-L single file (e.g. models/text_encoders/clip_l.safetensors)")
+    t.add_argument("--clip-g", metavar="FILE", help="CLIP-G single file")
+    t.add_argument("--t5", metavar="FILE", help="T5-XXL single file (fp16 or fp8); optional: without it T5's part is zeros")
+    t.add_argument("--no-t5", action="store_true", help="leave T5 out even when present (saves ~9 GB)")
+    t.add_argument("--tokenizers", metavar="DIR",
+                   help="for single files: a diffusers SD3 folder (tokenizer*/) or a ComfyUI installation "
+                        "(comfy/sd1_tokenizer, comfy/text_encoders/t5_tokenizer)")
+
+
+def text_source(args):
+    """The ``TextEncoderSource`` of the flags, or None (the pipeline then picks tiny / the --model folder)."""
+    from hairdiff_core.text_encoders import TextEncoderSource
+
+    src = TextEncoderSource(folder=args.text_encoders, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5,
+                            tokenizers=args.tokenizers, use_t5=not args.no_t5)
+    return src if src.given else None
+
+
+def prompt_kwargs(args) -> dict:
+    """``prompt=``/``negative_prompt=`` for ``generate``; refuses a prompt together with --prompt-embeds."""
+    from hairdiff_core.errors import InputError
+
+    kw = {k: getattr(args, k) for k in ("prompt", "negative_prompt") if getattr(args, k, None) is not None}
+    if kw and getattr(args, "prompt_embeds", None):
+        raise InputError("give --prompt/--negative-prompt or --prompt-embeds, not both")
+    return kw
+
 
 #: ``--ref-*`` flag -> ``ReferenceSettings`` field (shared by generate and eval).
 REFERENCE_FLAGS = {
@@ -99,10 +136,11 @@ def build_pipeline(args):
 
     if not args.tiny and not args.model:
         raise InputError("no model given: pass --model PATH (SD3.5 folder or .safetensors) or --tiny for the wiring check")
-    return HairDiffPipeline.from_files(
+    pipe = HairDiffPipeline.from_files(
         model=args.model, vae=args.vae, adapter=args.adapter, tiny=args.tiny,
-        device=args.device, dtype=torch_dtype(args.dtype),
+        device=args.device, dtype=torch_dtype(args.dtype), text_encoders=text_source(args),
     )
+    return pipe
 
 
 def sampling_kwargs(args) -> dict:
@@ -112,6 +150,7 @@ def sampling_kwargs(args) -> dict:
         matte_threshold=args.matte_threshold, paste_back=not args.no_paste_back,
         work_size=args.work_size, context_margin=args.margin,
     )
+    kw.update(prompt_kwargs(args))
     if args.prompt_embeds:
         from hairdiff_core.text import load_prompt_embeds
 
