@@ -10,6 +10,7 @@ from comfy_api.latest import ComfyExtension, io
 from .image_nodes import HairMatte, SketchPreprocess
 from .model_nodes import HairDiffLoRA, HairDiffReferenceAttention, LoadHairDiffModel, register_model_folder
 from .sampler_node import HairDiffSampler
+from .text_nodes import HairDiffPrompt
 
 NODES: list[type[io.ComfyNode]] = [
     LoadHairDiffModel,
@@ -18,6 +19,7 @@ NODES: list[type[io.ComfyNode]] = [
     HairMatte,
     HairDiffReferenceAttention,
     HairDiffSampler,
+    HairDiffPrompt,
 ]
 
 register_model_folder()

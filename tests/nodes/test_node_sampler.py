@@ -238,3 +238,16 @@ def test_lowvram_offloads_after_sampling(comfy, tiny_model):
 def test_unknown_model_file_is_refused_by_name(comfy):
     with pytest.raises(ValueError, match="input 'base_model'"):
         comfy.nodes.LoadHairDiffModel.execute(base_model="checkpoints/missing.safetensors")
+
+
+def test_prompt_node_tiny_conditioning_drives_the_sampler(comfy, tiny_model):
+    cond = comfy.nodes.HairDiffPrompt.execute(text="copper red hair")[0]
+    embeds, pooled = cond[0][0], cond[0][1]["pooled_output"]
+    assert embeds.shape == (1, 154, 32) and pooled.shape == (1, 64)
+    plain = _sample(comfy, tiny_model)[0]
+    with_prompt = _sample(comfy, tiny_model, positive=cond)[0]
+    assert not torch.equal(plain, with_prompt)
+    negative = comfy.nodes.HairDiffPrompt.execute(text="")[0]
+    assert not torch.equal(_sample(comfy, tiny_model, positive=cond, negative=negative, cfg=3.0)[0], with_prompt)
+    with pytest.raises(ValueError, match="input 'encoders'"):
+        comfy.nodes.HairDiffPrompt.execute(text="red hair", encoders="sd3 files (models/text_encoders)")
