@@ -158,6 +158,13 @@ class HairMatte(io.ComfyNode):
         s = image_to_nchw(sketch, node, "sketch") if sketch is not None else None
         x = mask_to_nchw(exclude, node, "exclude") if exclude is not None else None
         p = image_to_nchw(photo, node, "photo") if photo is not None else None
+        # LoadImage gives a 64x64 zero MASK for a picture without alpha (nothing painted yet): an
+        # empty mask adds nothing to a union and an empty exclusion protects nothing.
+        if m is not None and s is not None and mode == "union" and not bool(m.any()):
+            logger.info("%s: the mask is empty (nothing painted); using the sketch's region", node)
+            m = None
+        if x is not None and not bool(x.any()):
+            x = None
         try:
             composed = M.compose_matte(
                 m, s, x, mode=mode, threshold=float(threshold), sketch_dilate_px=int(sketch_dilate_px),
