@@ -153,3 +153,16 @@ def test_cli_encode_prompt_writes_what_prompt_embeds_reads(tmp_path, capsys, tin
     assert hairdiff_cli.main(["encode-prompt", "--prompt", "red", "--out", str(out), "--clip-l", str(tmp_path / "x.safetensors"),
                               "--clip-g", str(tmp_path / "y.safetensors")]) == 2
     assert "text encoder file not found" in capsys.readouterr().err
+
+
+def test_eval_flags_pass_the_prompt_to_generate(tmp_path, capsys):
+    import hairdiff_cli
+    from hairdiff_core.commands.evaluate import build_options
+
+    parser = hairdiff_cli.build_parser()
+    args = parser.parse_args(["eval", "--data", "d", "--out", "o", "--tiny", "--prompt", "red hair",
+                              "--negative-prompt", "blurry"])
+    assert build_options(args).generate_kwargs == {"prompt": "red hair", "negative_prompt": "blurry"}
+    args = parser.parse_args(["eval", "--data", "d", "--out", "o", "--prompt", "red", "--prompt-embeds", "p.safetensors"])
+    with pytest.raises(InputError, match="not both"):
+        build_options(args)

@@ -190,7 +190,9 @@ class _CoreNodes:
 
         names = {"hairdiff_photo.png": "sample_photo.png", "hairdiff_sketch.png": "sample_sketch.png",
                  "hairdiff_matte.png": "sample_matte.png"}
-        with Image.open(ROOT / "hairdiff_core" / "assets" / names[image]) as im:
+        with Image.open(ROOT / "hairdiff_core" / "assets" / names[image]) as full:
+            # Half size keeps the test fast: below the tiny model's work area nothing is cropped.
+            im = full.resize((full.width // 2, full.height // 2), Image.NEAREST)
             rgb = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)[None]
             if "A" in im.getbands():
                 alpha = torch.from_numpy(np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0)
@@ -237,4 +239,4 @@ def test_runnable_templates_run_as_shipped_on_the_stand_ins(comfy, path):
     assert len(core.saved) == 1
     images = core.saved[0][1]
     batch = 2 if path.stem == "hairdiff_batch" else 1
-    assert images.shape == (batch, 372, 300, 3) and torch.isfinite(images).all()
+    assert images.shape == (batch, 186, 150, 3) and torch.isfinite(images).all()
