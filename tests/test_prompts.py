@@ -166,3 +166,34 @@ def test_eval_flags_pass_the_prompt_to_generate(tmp_path, capsys):
     args = parser.parse_args(["eval", "--data", "d", "--out", "o", "--prompt", "red", "--prompt-embeds", "p.safetensors"])
     with pytest.raises(InputError, match="not both"):
         build_options(args)
+
+
+def test_cli_prompt_without_encoders_fails_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    import hairdiff_cli
+    from hairdiff_core.pipeline import HairDiffPipeline
+
+    for name, colour in (("photo", (120, 90, 60)), ("sketch", (255, 255, 255)), ("matte", (255, 255, 255))):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / f"{name}.png")
+    monkeypatch.setattr(HairDiffPipeline, "from_files", lambda *a, **k: pytest.fail("the model was loaded"))
+    rc = hairdiff_cli.main(["generate", "--model", str(tmp_path / "sd35.safetensors"), "--prompt", "red hair",
+                            "--image", str(tmp_path / "photo.png"), "--sketch", str(tmp_path / "sketch.png"),
+                            "--matte", str(tmp_path / "matte.png"), "--out", str(tmp_path / "out.png")])
+    assert rc == 2
+    assert "--prompt needs SD3's text encoders" in capsys.readouterr().err
+
+
+def test_fp8_and_scaled_fp8_files_are_cast_up(tmp_path):
+    from safetensors.torch import save_file
+
+    from hairdiff_core.text_encoders import _read_state_dict
+
+    w = torch.randn(8, 4)
+    w8 = w.to(torch.float8_e4m3fn)
+    save_file({"a.weight": w8, "b.weight": w8.clone(), "b.scale_weight": torch.tensor(0.5), "scaled_fp8": torch.zeros(0)},
+              str(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"))
+    sd = _read_state_dict(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors", "T5", torch.float32)
+    assert set(sd) == {"a.weight", "b.weight"}
+    assert torch.equal(sd["a.weight"], w8.float()) and torch.equal(sd["b.weight"], w8.float() * 0.5)
+    torch.testing.assert_close(sd["a.weight"], w, atol=0.5, rtol=0.1)

@@ -17,6 +17,7 @@ from .generate import (
     add_model_arguments,
     add_reference_field_arguments,
     add_text_arguments,
+    check_prompt_source,
     prompt_kwargs,
     reference_fields,
 )
@@ -92,6 +93,7 @@ def run(args) -> int:
     # Everything that can be checked without the model is checked first.
     settings = make_settings(args.method, args.reference, args.ref_noise)
     options = build_options(args)
+    check_prompt_source(args)
     samples = scan_samples(args.data, limit=args.limit, skip_bad=args.skip_bad)
     if options.resolution is not None:
         from hairdiff_core.data import check_resolution

@@ -71,6 +71,23 @@ def text_source(args):
     return src if src.given else None
 
 
+def check_prompt_source(args) -> None:
+    """A --prompt without any text encoders fails here, before a multi-GB model is loaded."""
+    from pathlib import Path
+
+    from hairdiff_core.errors import InputError
+
+    if getattr(args, "prompt", None) is None and getattr(args, "negative_prompt", None) is None:
+        return
+    if args.tiny or text_source(args) is not None or (args.model and (Path(args.model) / "text_encoder").is_dir()):
+        return
+    raise InputError(
+        "--prompt needs SD3's text encoders: --model is not a diffusers folder with text_encoder*/tokenizer*, so pass "
+        "--text-encoders PATH (a diffusers SD3 folder, or ComfyUI's models/text_encoders) or --clip-l/--clip-g[/--t5] "
+        "files with --tokenizers DIR; or encode once with `hairdiff encode-prompt` and pass --prompt-embeds"
+    )
+
+
 def prompt_kwargs(args) -> dict:
     """``prompt=``/``negative_prompt=`` for ``generate``; refuses a prompt together with --prompt-embeds."""
     from hairdiff_core.errors import InputError
@@ -200,6 +217,7 @@ def run(args) -> int:
 
     # Bad inputs fail here, before a multi-GB model is loaded.
     HairDiffPipeline.prepare_inputs(photo, sketch, matte, args.matte_threshold)
+    check_prompt_source(args)
     pipe = build_pipeline(args)
     bar, on_step = tqdm_callback(args.steps, "hairdiff")
     try:
