@@ -53,8 +53,12 @@ class HairDiffPrompt(io.ComfyNode):
 
             folders = [p for p in folder_paths.get_folder_paths("text_encoders")]
             source = TextEncoderSource(folder=folders[0] if folders else None)
+        import torch
+
+        # On a GPU the encoders run in bf16 (T5-XXL ~9 GB) and are freed right after encoding.
+        device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
         try:
-            embeds, pooled = PromptCache().encode([text], lambda: load_text_encoders(source))[text]
+            embeds, pooled = PromptCache().encode([text], lambda: load_text_encoders(source, device=device, dtype=dtype))[text]
         except HairDiffError as exc:
             raise node_error(node, "encoders", exc) from exc
         return io.NodeOutput([[embeds, {"pooled_output": pooled}]])
