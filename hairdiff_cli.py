@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": ("hairdiff_core.commands.evaluate", "measure results on a dataset against the inpainting baseline"),
     "train": ("training.cli", "fine-tune a HairDiff adapter (LoRA + sketch channels)"),
     "comfy-run": ("hairdiff_core.comfy_client", "run a workflow on a ComfyUI server through its HTTP API"),
+    "encode-prompt": ("hairdiff_core.commands.encode_prompt", "encode a prompt with SD3's text encoders into a --prompt-embeds file"),
 }
 
 EXIT_USER_ERROR = 2

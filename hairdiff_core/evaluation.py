@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("joint", "replace")
 REFERENCE_MODES = ("off", "once", "per_step")
+REFERENCE_NOISES = ("auto", "clean", "matched")
 
 #: Metric columns in report order, with the direction that is better (for the summary table).
 METRIC_INFO: dict[str, str] = {
@@ -64,6 +65,8 @@ class EvalSetting:
 
     method: str = "joint"
     reference: str = "off"
+    #: What the reference pass sees (``ReferenceSettings.reference_noise``): auto, clean or matched.
+    reference_noise: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -72,22 +75,33 @@ class EvalSetting:
             raise InputError(f"unknown reference mode {self.reference!r}; choose from {list(REFERENCE_MODES)}")
         if self.method == "replace" and self.reference != "off":
             raise InputError("the replace baseline has no reference attention; use reference='off' with it")
+        if self.reference_noise not in REFERENCE_NOISES:
+            raise InputError(f"unknown reference noise {self.reference_noise!r}; choose from {list(REFERENCE_NOISES)}")
 
     @property
     def label(self) -> str:
         """Short name, also used as a folder name: ``joint``, ``joint-ref_once``, ``replace``."""
-        return self.method if self.reference == "off" else f"{self.method}-ref_{self.reference}"
+        if self.reference == "off":
+            return self.method
+        noise = "" if self.reference_noise == "auto" else f"_{self.reference_noise}"
+        return f"{self.method}-ref_{self.reference}{noise}"
 
 
-def make_settings(methods: Sequence[str] = ("joint", "replace"), references: Sequence[str] = ("off",)) -> list[EvalSetting]:
-    """The grid: every joint x reference mode, and the replace baseline once (it has no reference)."""
+def make_settings(
+    methods: Sequence[str] = ("joint", "replace"),
+    references: Sequence[str] = ("off",),
+    reference_noises: Sequence[str] = ("auto",),
+) -> list[EvalSetting]:
+    """The grid: every joint x reference mode (x reference noise, for modes other than off), and
+    the replace baseline once (it has no reference)."""
     settings: list[EvalSetting] = []
     for method in dict.fromkeys(methods):
         refs = dict.fromkeys(references) if method == "joint" else ("off",)
         for ref in refs:
-            s = EvalSetting(method, ref)
-            if s not in settings:
-                settings.append(s)
+            for noise in (("auto",) if ref == "off" else dict.fromkeys(reference_noises or ("auto",))):
+                s = EvalSetting(method, ref, noise)
+                if s not in settings:
+                    settings.append(s)
     if not settings:
         raise InputError("nothing to evaluate: give at least one method (joint, replace)")
     return settings
@@ -115,6 +129,8 @@ class EvalOptions:
     edge_threshold: float = Mt.EDGE_THRESHOLD
     #: Extra ``ReferenceSettings`` fields for the reference modes (weights etc.).
     reference_fields: dict[str, Any] = field(default_factory=dict)
+    #: Add each sample's sketch region (strokes + what they enclose) to its matte (``mask.compose_matte``).
+    matte_add_sketch: bool = False
     #: Extra keyword arguments for ``HairDiffPipeline.generate`` (e.g. prompt embeddings).
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -280,7 +296,7 @@ class EvalReport:
         return paths
 
 
-_ID_COLUMNS = ("sample", "setting", "method", "reference", "seed", "steps")
+_ID_COLUMNS = ("sample", "setting", "method", "reference", "reference_noise", "seed", "steps")
 
 
 def _csv_value(v):
@@ -299,7 +315,10 @@ def _reference_settings(setting: EvalSetting, options: EvalOptions):
         return None
     from .reference import ReferenceSettings
 
-    return ReferenceSettings(mode=setting.reference, **options.reference_fields)
+    fields = dict(options.reference_fields)
+    if setting.reference_noise != "auto":
+        fields["reference_noise"] = setting.reference_noise
+    return ReferenceSettings(mode=setting.reference, **fields)
 
 
 def _fill(image: torch.Tensor, matte: torch.Tensor) -> torch.Tensor:
@@ -377,6 +396,13 @@ def evaluate_samples(
         for index, item in enumerate(samples):
             sample = as_eval_sample(item, options.resolution, index, options.crop)
             image, sketch, matte = sample.image, sample.sketch, sample.matte
+            if options.matte_add_sketch:
+                from .mask import compose_matte
+
+                composed = compose_matte(matte, sketch, size=tuple(image.shape[-2:]))
+                for line in composed.warnings:
+                    logger.warning("sample %s: %s", sample.stem, line)
+                matte = composed.binary
             filled = _fill(image, matte) if options.leakage else None
             gained = {g: Mt.apply_gain(image, g) for g in options.harmony}
             results: dict[str, torch.Tensor] = {}
@@ -391,6 +417,7 @@ def evaluate_samples(
                 row: dict[str, Any] = {
                     "sample": sample.stem, "setting": setting.label, "method": setting.method,
                     "reference": setting.reference, "seed": options.seed, "steps": options.steps,
+                    "reference_noise": "" if kw["reference"] is None else kw["reference"].noise,
                 }
                 row.update({k: float(v[0]) for k, v in scores.items()})
                 for gain, photo_g in gained.items():

@@ -12,6 +12,7 @@ Conventions (all torch, NCHW, float32 unless said otherwise):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -178,3 +179,157 @@ def matte_from_strokes(strokes: torch.Tensor, dilate_px: int = 16) -> torch.Tens
     closed = dilate(strokes, dilate_px) if dilate_px > 0 else strokes
     filled = fill_enclosed(closed)
     return dilate(filled, dilate_px // 2) if dilate_px > 1 else filled
+
+
+# --------------------------------------------------------------------------------------------
+# Composing a matte from what the artist has (old hair mask, sketch, exclusions)
+# --------------------------------------------------------------------------------------------
+MATTE_MODES = ("union", "mask", "sketch")
+#: Above this share of the photo a matte gets a warning: the model then redraws most of the
+#: picture, usually a mistake (a sketch outline around the face fills the face).
+MATTE_COVERAGE_WARNING = 0.6
+
+
+@dataclass
+class ComposedMatte:
+    binary: torch.Tensor  # (B, 1, H, W) in {0, 1}: what the sampler gets
+    soft: torch.Tensor  # (B, 1, H, W) in [0, 1]: ``binary`` feathered by ``feather_px`` (preview / node output)
+    coverage: list[float]  # share of the image covered, per batch item
+    warnings: list[str]  # one line each, for a log or a node's console; never an error
+
+
+def _fit_mask(x: torch.Tensor, size: tuple[int, int], what: str, ref: str) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    H, W = size
+    if (h, w) == (H, W):
+        return x
+    if abs((w / h) / (W / H) - 1.0) > 0.01:
+        raise InputError(
+            f"the {what} is {w}x{h} but the {ref} is {W}x{H}: different aspect ratios "
+            f"({w / h:.3f} vs {W / H:.3f}); draw the {what} on a canvas of the {ref}'s size"
+        )
+    return F.interpolate(x.float(), size=(H, W), mode="nearest")
+
+
+def _union(masks, threshold: float, size, what: str):
+    """A list of masks -> their binary union (sizes fitted to ``size`` or the first's); else as is."""
+    if not isinstance(masks, (list, tuple)):
+        return masks
+    out = None
+    for i, m in enumerate(masks):
+        _check_nchw(m, f"{what} {i + 1}")
+        b = binarize_matte(m, threshold, require_nonempty=False)
+        b = _fit_mask(b, tuple(size or masks[0].shape[-2:]), f"{what} {i + 1}", "photo" if size else f"first {what}")
+        out = b if out is None else torch.maximum(out, b)
+    return out
+
+
+def compose_matte(
+    mask: torch.Tensor | None = None,
+    sketch: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
+    *,
+    mode: str = "union",
+    threshold: float = 0.5,
+    sketch_dilate_px: int = 16,
+    grow_px: int = 0,
+    feather_px: float = 0.0,
+    size: tuple[int, int] | None = None,
+) -> ComposedMatte:
+    """One hair matte from any of: the old hair's mask, the sketch's region, an exclusion mask.
+
+    Making hair shorter needs the old hair *and* the new hair's region (``union``); making it
+    longer, the region the sketch reaches. The sketch's region is its strokes plus what they
+    enclose (``matte_from_strokes``: gaps closed by ``sketch_dilate_px``). The result is grown
+    (``grow_px`` > 0) or shrunk (< 0), then everything in ``exclude`` (face, eyes, anything the
+    artist protects) is removed, so an outline drawn around the face does not select the face.
+
+    Args:
+        mask: (B, C, H, W) old-hair matte (1, 3 or 4 channels, as ``binarize_matte``), a list of
+            them (their union), or None.
+        sketch: (B, C, H, W) sketch in any form ``normalize_sketch`` reads, or None.
+        exclude: (B, C, H, W) region that must stay the photo's (white = protected), a list of
+            them, or None.
+        mode: ``union`` (every source given), ``mask`` (the mask alone) or ``sketch`` (the
+            sketch's region alone).
+        threshold: values above it count as selected in ``mask`` and ``exclude``.
+        sketch_dilate_px: gap closing and padding of the sketch's region, in pixels.
+        grow_px: grow (> 0) or shrink (< 0) the combined matte, in pixels, before the exclusion.
+        feather_px: Gaussian sigma of ``soft`` (0 = ``soft`` equals ``binary``).
+        size: (H, W) of the photo; inputs of another size but the same aspect ratio are resized.
+
+    Returns:
+        ``ComposedMatte``; ``warnings`` holds a line when the matte covers more than
+        ``MATTE_COVERAGE_WARNING`` of the image.
+
+    Raises:
+        InputError: an unknown mode, a source the mode needs is missing, sizes of another
+            aspect ratio; ``EmptyMaskError`` when nothing is left (the message says why).
+    """
+    mask = _union(mask, threshold, size, "mask")
+    exclude = _union(exclude, threshold, size, "exclusion mask")
+    if mode not in MATTE_MODES:
+        raise InputError(f"matte mode {mode!r} is not one of {list(MATTE_MODES)}")
+    if mode == "mask" and mask is None:
+        raise InputError("matte mode 'mask' needs a mask (the old hair, white on black); none was given")
+    if mode == "sketch" and sketch is None:
+        raise InputError("matte mode 'sketch' needs a sketch whose strokes outline the hair; none was given")
+    if mask is None and sketch is None:
+        raise InputError("no matte source: give a hair mask, a sketch to take the region from, or both")
+    for t, what in ((mask, "mask"), (sketch, "sketch"), (exclude, "exclusion mask")):
+        if t is not None:
+            _check_nchw(t, what)
+    ref = "photo" if size is not None else ("mask" if mask is not None else "sketch")
+    size = tuple(size) if size is not None else tuple((mask if mask is not None else sketch).shape[-2:])
+    parts = []
+    if mask is not None and mode in ("union", "mask"):
+        parts.append(("mask", _fit_mask(binarize_matte(mask, threshold, require_nonempty=False), size, "mask", ref)))
+    if sketch is not None and mode in ("union", "sketch"):
+        sk = sketch.float()
+        if tuple(sk.shape[-2:]) != size:
+            sk = _fit_mask(sk, size, "sketch", ref)
+        _, strokes = normalize_sketch(sk)
+        parts.append(("sketch", matte_from_strokes(strokes, int(sketch_dilate_px))))
+    batch = max(p.shape[0] for _, p in parts)
+    for what, p in parts:
+        if p.shape[0] not in (1, batch):
+            raise InputError(f"the {what} has {p.shape[0]} items but another input has {batch}; give 1 or {batch}")
+    binary = parts[0][1].expand(batch, -1, -1, -1)
+    for _, p in parts[1:]:
+        binary = torch.maximum(binary, p)
+    if not bool(binary.flatten(1).amax(1).all()):
+        raise EmptyMaskError(
+            f"the matte is empty: the {' and the '.join(w for w, _ in parts)} gave no hair pixels (threshold "
+            f"{threshold}); paint the hair white, draw strokes around it, or lower the threshold"
+        )
+    if grow_px:
+        binary = dilate(binary, int(grow_px))
+        if not bool(binary.flatten(1).amax(1).all()):
+            raise EmptyMaskError(f"shrinking the matte by {-int(grow_px)} px removed all of it; shrink less")
+    if exclude is not None:
+        keep_out = _fit_mask(binarize_matte(exclude, threshold, require_nonempty=False), size, "exclusion mask", ref)
+        if keep_out.shape[0] not in (1, batch):
+            raise InputError(f"the exclusion mask has {keep_out.shape[0]} items but the matte has {batch}; give 1 or {batch}")
+        binary = binary * (1.0 - keep_out)
+        if not bool(binary.flatten(1).amax(1).all()):
+            raise EmptyMaskError("the exclusion mask covers the whole matte; nothing is left to redraw")
+    binary = binary.contiguous()
+    soft = soft_mask(binary, float(feather_px)) if feather_px > 0 else binary.clone()
+    coverage = [float(v) for v in binary.flatten(1).mean(1)]
+    warnings = [
+        f"the matte covers {c:.0%} of the image (item {i}); above {MATTE_COVERAGE_WARNING:.0%} most of the picture "
+        f"is redrawn: check the sketch outline does not enclose the face, or give an exclusion mask"
+        for i, c in enumerate(coverage) if c > MATTE_COVERAGE_WARNING
+    ]
+    return ComposedMatte(binary=binary, soft=soft, coverage=coverage, warnings=warnings)
+
+
+def matte_preview(photo: torch.Tensor, matte: torch.Tensor, colour=(1.0, 0.25, 0.1), opacity: float = 0.5) -> torch.Tensor:
+    """The photo with the matte laid over it in a tint (what will be redrawn), dimmed outside."""
+    _check_nchw(photo, "photo")
+    _check_nchw(matte, "matte")
+    rgb = photo[:, :3].float() if photo.shape[1] >= 3 else photo.float().repeat(1, 3, 1, 1)
+    m = F.interpolate(matte.float(), size=rgb.shape[-2:], mode="bilinear", align_corners=False) if matte.shape[-2:] != rgb.shape[-2:] else matte.float()
+    tint = torch.tensor(colour, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    a = m.clamp(0, 1) * opacity
+    return (rgb * (1 - a) + tint * a).clamp(0, 1) * (0.6 + 0.4 * m.clamp(0, 1))

@@ -28,7 +28,7 @@ from .flow import sampling_sigmas
 from .imageops import to_rgb
 from .sampler import SAMPLERS, OnStep, TransformerDenoiser
 from .surgery import widen_input_channels
-from .text import check_text, zero_text
+from .text import PromptCache, check_text, zero_text
 
 logger = logging.getLogger(__name__)
 
@@ -171,10 +171,15 @@ class HairDiffPipeline:
         self.vae = _to(vae, self.device, self.vae_dtype).eval() if vae is not None else None
         self.encode_fn = None  # optional override: image01 (B,3,H,W) -> SD3-scaled latent
         self.decode_fn = None  # optional override: SD3-scaled latent -> image01
+        # Where prompts are encoded (text_encoders.TextEncoderSource), loaded only when a prompt
+        # is not cached yet and freed before sampling.
+        self.text_encoders = None
+        self.prompt_cache = PromptCache()
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def from_files(cls, model=None, vae=None, adapter=None, tiny: bool = False, device="cpu", dtype=torch.float32):
+    def from_files(cls, model=None, vae=None, adapter=None, tiny: bool = False, device="cpu", dtype=torch.float32,
+                   text_encoders=None):
         """Load a pipeline from files (or the built-in tiny model).
 
         Every argument is checked before any weight is read: the device exists, the dtype is
@@ -187,6 +192,8 @@ class HairDiffPipeline:
             tiny: the built-in tiny random model (a wiring check).
             device: "cpu", "cuda", "cuda:N", "mps" or a ``torch.device``.
             dtype: transformer precision: a torch float dtype or "fp32", "bf16", "fp16".
+            text_encoders: a ``TextEncoderSource`` for ``generate(prompt=...)``; None: the tiny
+                model gets the tiny encoders, a diffusers ``model`` folder its own.
         """
         from .loading import load_models
 
@@ -203,7 +210,57 @@ class HairDiffPipeline:
             load_adapter(transformer, adapter)
         pipe = cls(transformer, loaded.vae, device=device, dtype=dtype)
         pipe.family = loaded.family
+        from pathlib import Path
+
+        from .text_encoders import TextEncoderSource
+
+        if text_encoders is None and tiny:
+            text_encoders = TextEncoderSource(tiny=True)
+        elif text_encoders is None and model is not None and (Path(model) / "text_encoder").is_dir():
+            text_encoders = TextEncoderSource(folder=str(model))
+        pipe.text_encoders = text_encoders
         return pipe
+
+    def encode_prompt(self, prompt, negative_prompt=None, max_sequence_length: int = 77) -> dict[str, torch.Tensor]:
+        """Prompt text -> ``generate``'s embedding keyword arguments, through ``self.text_encoders``.
+
+        Each prompt is encoded once per pipeline (``self.prompt_cache``); the encoders are loaded
+        only for prompts not seen yet and freed before this returns, so sampling never holds them.
+
+        Args:
+            prompt: a string, or a list (one per photo of the batch).
+            negative_prompt: the same for classifier-free guidance, or None.
+            max_sequence_length: T5 tokens (SD3: 77 by default, up to 512).
+        """
+        from .text_encoders import load_text_encoders
+
+        source = self.text_encoders
+        if source is None or not source.given:
+            raise InputError(
+                "a prompt needs SD3's text encoders, and this pipeline has none: give text_encoders=TextEncoderSource("
+                "folder=... or clip_l=..., clip_g=..., t5=...) (CLI: --text-encoders or --clip-l/--clip-g/--t5), or "
+                "precomputed prompt_embeds (CLI: hairdiff encode-prompt, then --prompt-embeds)"
+            )
+        cache = self.prompt_cache
+        if cache.model_key != source.key or cache.max_sequence_length != int(max_sequence_length):
+            self.prompt_cache = cache = PromptCache(model_key=source.key, max_sequence_length=max_sequence_length)
+        as_list = {"prompt": prompt, "negative_prompt": negative_prompt}
+        texts = {k: ([v] if isinstance(v, str) else list(v)) for k, v in as_list.items() if v is not None}
+        cfg = self.transformer.config
+
+        def load():
+            return load_text_encoders(source, device=self.device, dtype=self.dtype, joint_dim=cfg.joint_attention_dim,
+                                      max_sequence_length=max_sequence_length)
+
+        pairs = cache.encode([t for v in texts.values() for t in v], load)
+        out = {}
+        for k, v in texts.items():
+            embeds = torch.cat([pairs[t][0] for t in v])
+            pooled = torch.cat([pairs[t][1] for t in v])
+            check_text(self.transformer, embeds, pooled, k.replace("_", " "))
+            prefix = "negative_" if k == "negative_prompt" else ""
+            out[f"{prefix}prompt_embeds"], out[f"{prefix}pooled_prompt_embeds"] = embeds, pooled
+        return out
 
     @property
     def default_work_size(self) -> int:
@@ -289,6 +346,8 @@ class HairDiffPipeline:
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        prompt=None,
+        negative_prompt=None,
         method: str = "joint",
         reference=None,
         feather_sigma: float | None = None,
@@ -309,6 +368,15 @@ class HairDiffPipeline:
         feather_sigma, work_size, context_margin = checked["feather_sigma"], checked["work_size"], checked["context_margin"]
         photo, sketch, binary = self.prepare_inputs(image, sketch, matte, matte_threshold, announce=announce)
         B, _, H, W = photo.shape
+        if prompt is not None or negative_prompt is not None:
+            if prompt_embeds is not None or negative_prompt_embeds is not None:
+                raise InputError("give a prompt or prompt embeddings, not both")
+            text = self.encode_prompt("" if prompt is None else prompt, negative_prompt)
+            prompt_embeds, pooled_prompt_embeds = text["prompt_embeds"], text["pooled_prompt_embeds"]
+            negative_prompt_embeds = text.get("negative_prompt_embeds")
+            negative_pooled_prompt_embeds = text.get("negative_pooled_prompt_embeds")
+            if negative_prompt is not None and cfg == 1.0:
+                logger.warning("the negative prompt has no effect at cfg 1; raise cfg (e.g. 4) to use it")
 
         # Geometry: work area and context box.
         work = int(work_size or self.default_work_size)

@@ -57,6 +57,10 @@ logger = logging.getLogger(__name__)
 
 MODES = ("off", "once", "per_step")
 REFERENCE_INPUTS = ("photo", "filled")
+#: What the reference pass sees: ``clean`` = the photo latent as is, with the step's timestep (the
+#: published dual pass); ``matched`` = the photo re-noised to the step's sigma with the
+#: generation's noise ("reference-only" UNet methods). ``auto``: clean for per_step, matched for once.
+REFERENCE_NOISES = ("auto", "clean", "matched")
 #: The ``joint_attention_kwargs`` key the processor reads (it must be a named parameter).
 KWARG = "hairdiff_reference"
 #: Floor of the own-key weight under suppression: a finite bias keeps every row non-empty.
@@ -90,6 +94,10 @@ class ReferenceSettings:
       distribution the timestep embedding was trained on).
     - ``include_attn2``: SD3.5 Medium's image self-attention shares the reference too.
     - ``blind_reference``: the reference pass does not attend to the excluded keys either.
+    - ``reference_noise``: ``clean`` (the photo latent unnoised, the transformer told the step's
+      timestep: the published method), ``matched`` (the photo noised to the step's sigma with
+      the generation's noise; at sigma 1 that is pure noise) or ``auto`` (``clean`` for
+      ``per_step``, ``matched`` for ``once``, whose single pass sits at the low ``once_sigma``).
     """
 
     mode: str = "off"
@@ -102,6 +110,7 @@ class ReferenceSettings:
     once_sigma: float = 0.1
     include_attn2: bool = True
     blind_reference: bool = True
+    reference_noise: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.mode, str):
@@ -127,6 +136,21 @@ class ReferenceSettings:
         self.key_dilate_tokens = int(self.key_dilate_tokens)
         if self.reference_input not in REFERENCE_INPUTS:
             raise InputError(f"reference_input {self.reference_input!r} is not one of {list(REFERENCE_INPUTS)}", input="reference_input")
+        if isinstance(self.reference_noise, str):
+            self.reference_noise = self.reference_noise.strip().lower()
+        if self.reference_noise not in REFERENCE_NOISES:
+            raise InputError(
+                f"reference_noise {self.reference_noise!r} is not one of {list(REFERENCE_NOISES)} "
+                f"(clean = the photo as is, the published method; matched = re-noised to each step's sigma)",
+                input="reference_noise",
+            )
+
+    @property
+    def noise(self) -> str:
+        """The effective reference noise, ``clean`` or ``matched`` (``auto`` resolved by mode)."""
+        if self.reference_noise != "auto":
+            return self.reference_noise
+        return "clean" if self.mode == "per_step" else "matched"
 
     @classmethod
     def coerce(cls, value) -> "ReferenceSettings":
@@ -565,7 +589,10 @@ class ReferenceHook:
         self._cached_at: tuple | None = None
 
     def _model_input(self, sigma: float) -> torch.Tensor:
-        x = (1.0 - sigma) * self.latent + sigma * self.noise
+        if self.settings.noise == "clean":
+            x = self.latent  # the timestep still says sigma: the published pass
+        else:
+            x = (1.0 - sigma) * self.latent + sigma * self.noise
         if self.extra_channels:
             x = torch.cat([x, torch.zeros(x.shape[0], self.extra_channels, *x.shape[2:], device=x.device)], dim=1)
         return x.to(self.dtype)

@@ -69,3 +69,105 @@ def load_prompt_embeds(path) -> dict[str, torch.Tensor]:
             f"(the negative ones optional)"
         )
     return {k: tensors[k] for k in PROMPT_KEYS if k in tensors}
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding prompts once: a cache by prompt, in memory and optionally on disk (shared by
+# ``HairDiffPipeline.generate(prompt=...)``, ``hairdiff encode-prompt`` and training's captions)
+# --------------------------------------------------------------------------------------------
+def free_memory() -> None:
+    """Give freed tensors back (the text encoders are GBs: T5-XXL alone ~9 GB in fp16)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class PromptCache:
+    """prompt -> (embeds (1, L, D), pooled (1, P)) in float32 on the CPU.
+
+    ``folder``: also keep each entry as ``<folder>/<hash>.safetensors`` (keyed by prompt,
+    ``model_key`` and ``max_sequence_length``), written atomically, so a later run skips the
+    encoders entirely. ``encode`` loads the encoders only when some prompt is missing and frees
+    them before returning, so the transformer never shares memory with them.
+    """
+
+    def __init__(self, folder=None, model_key: str = "", max_sequence_length: int = 77):
+        from pathlib import Path
+
+        self.folder = Path(folder) if folder is not None else None
+        self.model_key = str(model_key)
+        self.max_sequence_length = int(max_sequence_length)
+        self._memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.encoder_loads = 0
+
+    def path(self, prompt: str):
+        if self.folder is None:
+            return None
+        import hashlib
+
+        h = hashlib.sha256(f"{self.model_key}\n{self.max_sequence_length}\n{prompt}".encode()).hexdigest()[:32]
+        return self.folder / f"{h}.safetensors"
+
+    def get(self, prompt: str):
+        if prompt in self._memory:
+            return self._memory[prompt]
+        path = self.path(prompt)
+        if path is not None and path.is_file():
+            t = load_prompt_embeds(path)
+            pair = (t["prompt_embeds"].float(), t["pooled_prompt_embeds"].float())
+            self._memory[prompt] = pair
+            return pair
+        return None
+
+    def put(self, prompt: str, embeds: torch.Tensor, pooled: torch.Tensor) -> None:
+        embeds = embeds.detach().float().cpu().contiguous()
+        pooled = pooled.detach().float().cpu().contiguous()
+        self._memory[prompt] = (embeds, pooled)
+        path = self.path(prompt)
+        if path is not None:
+            from safetensors.torch import save_file
+
+            from .fileio import atomic_write
+
+            with atomic_write(path, fsync=False) as tmp:
+                save_file({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, str(tmp))
+
+    def encode(self, prompts, load_encoder) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every prompt's pair; ``load_encoder()`` -> a callable ``prompt -> (embeds, pooled)``
+        is called at most once, only when a prompt is not cached, and released afterwards."""
+        prompts = list(dict.fromkeys(prompts))
+        missing = [p for p in prompts if self.get(p) is None]
+        if missing:
+            encoder = load_encoder()
+            self.encoder_loads += 1
+            try:
+                with torch.no_grad():
+                    for p in missing:
+                        embeds, pooled = encoder(p)
+                        self.put(p, embeds, pooled)
+            finally:
+                # Drop our reference (the caller keeps none) and hand the memory back.
+                del encoder
+                free_memory()
+        return {p: self.get(p) for p in prompts}
+
+
+def save_prompt_embeds(path, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds=None,
+                       negative_pooled_prompt_embeds=None, metadata: dict | None = None):
+    """Write the file ``load_prompt_embeds`` (and ``--prompt-embeds``) reads, atomically."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    tensors = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+    if negative_prompt_embeds is not None:
+        tensors.update(negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    from .fileio import atomic_write
+
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    return path

@@ -11,6 +11,7 @@ from .image_nodes import HairMatte, SketchPreprocess
 from .model_nodes import HairDiffLoRA, HairDiffReferenceAttention, LoadHairDiffModel, register_model_folder
 from .sampler_node import HairDiffSampler
 from .template_inputs import install_template_inputs
+from .text_nodes import HairDiffPrompt
 
 NODES: list[type[io.ComfyNode]] = [
     LoadHairDiffModel,
@@ -19,6 +20,7 @@ NODES: list[type[io.ComfyNode]] = [
     HairMatte,
     HairDiffReferenceAttention,
     HairDiffSampler,
+    HairDiffPrompt,
 ]
 
 register_model_folder()

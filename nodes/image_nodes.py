@@ -117,8 +117,10 @@ class HairMatte(io.ComfyNode):
             display_name="HairDiff Hair Matte",
             category=CATEGORY,
             description=(
-                "Prepares the hair matte: grows or shrinks a MASK and feathers it. Without a mask, makes a "
-                "rough matte from the sketch: the strokes plus the region they enclose, dilated."
+                "Makes the hair matte, the region that gets redrawn. Connect the old hair's mask, the sketch, or "
+                "both: for shorter hair use both (the old hair must go, the new hair is drawn); for longer hair "
+                "the sketch's outline says how far it reaches. An 'exclude' mask keeps the face (or anything "
+                "else) untouched. Connect the photo to preview the matte over it."
             ),
             inputs=[
                 io.Int.Input("grow_px", default=0, min=-MAX_PX, max=MAX_PX,
@@ -131,46 +133,65 @@ class HairMatte(io.ComfyNode):
                                tooltip="Mask values above this count as hair before growing/feathering; lower "
                                        "includes soft, semi-transparent edges of a painted matte."),
                 io.Int.Input("sketch_dilate_px", default=16, min=0, max=MAX_PX,
-                             tooltip="Only for a matte made from the sketch: close gaps between strokes and pad "
-                                     "the region by this many pixels; raise it for sparse, open sketches."),
+                             tooltip="For the sketch's region: close gaps between strokes and pad the region by "
+                                     "this many pixels; raise it for sparse, open sketches."),
+                io.Combo.Input("mode", options=list(M.MATTE_MODES), default="union",
+                               tooltip="union = the old hair's mask plus the sketch's region (whatever is connected); "
+                                       "mask = the mask alone; sketch = the region the strokes outline alone."),
                 io.Mask.Input("mask", optional=True,
-                              tooltip="The hair matte (white = hair). Leave unconnected to make a rough one from the sketch."),
+                              tooltip="The old hair (white = hair), e.g. from a segmentation node or the mask editor."),
                 io.Image.Input("sketch", optional=True,
-                               tooltip="Used only when no mask is connected: a sketch whose strokes outline the new hair."),
+                               tooltip="The sketch: its strokes and what they enclose become part of the matte."),
+                io.Mask.Input("exclude", optional=True,
+                              tooltip="What must stay as it is (white = protected): the face, eyes, a hand. Taken "
+                                      "out of the matte last, after growing."),
+                io.Image.Input("photo", optional=True,
+                               tooltip="Optional: the photo, for the preview (the matte tinted over it)."),
             ],
             outputs=[io.Mask.Output("matte", display_name="matte", tooltip="The soft hair matte (B, H, W) in [0, 1].")],
         )
 
     @classmethod
-    def execute(cls, grow_px=0, feather_sigma=4.0, threshold=0.5, sketch_dilate_px=16, mask=None, sketch=None) -> io.NodeOutput:
+    def validate_inputs(cls, mode=None) -> bool | str:
+        return check_combos(cls, {"mode": mode})
+
+    @classmethod
+    def execute(cls, grow_px=0, feather_sigma=4.0, threshold=0.5, sketch_dilate_px=16, mode="union", mask=None,
+                sketch=None, exclude=None, photo=None) -> io.NodeOutput:
         node = "HairDiff Hair Matte"
-        if mask is not None:
-            m = mask_to_nchw(mask, node, "mask")
-            binary = (m > float(threshold)).float()
-            source = "mask"
-        elif sketch is not None:
-            s = image_to_nchw(sketch, node, "sketch")
-            try:
-                _, strokes = M.normalize_sketch(s)
-            except HairDiffError as exc:
-                raise node_error(node, "sketch", exc) from exc
-            binary = M.matte_from_strokes(strokes, int(sketch_dilate_px))
-            source = "sketch"
-        else:
+        if mask is None and sketch is None:
             raise node_error(node, "mask", "neither 'mask' nor 'sketch' is connected",
-                             "connect a hair MASK, or a sketch to make a rough matte from")
-        empty = [i for i in range(binary.shape[0]) if not bool(binary[i].any())]
-        if empty:
-            fix = "lower 'threshold' or paint the hair white" if source == "mask" else "draw strokes, or connect a mask"
-            raise node_error(node, source, f"no hair pixels in batch item(s) {empty}", fix)
-        g = int(grow_px)
-        if g:
-            binary = M.dilate(binary, g)
-            if not bool(binary.flatten(1).amax(1).all()):
-                raise node_error(node, "grow_px", f"shrinking by {-g} px removed the whole matte", "use a smaller shrink")
-        soft = M.gaussian_blur(binary, float(feather_sigma)).clamp(0, 1) if feather_sigma > 0 else binary
-        out = nchw_to_mask(soft, _intermediate())
-        return io.NodeOutput(out, ui=ui.PreviewMask(out, cls=cls))
+                             "connect the old hair's MASK, a sketch outlining the new hair, or both")
+        m = mask_to_nchw(mask, node, "mask") if mask is not None else None
+        s = image_to_nchw(sketch, node, "sketch") if sketch is not None else None
+        x = mask_to_nchw(exclude, node, "exclude") if exclude is not None else None
+        p = image_to_nchw(photo, node, "photo") if photo is not None else None
+        # LoadImage gives a 64x64 zero MASK for a picture without alpha (nothing painted yet): an
+        # empty mask adds nothing to a union and an empty exclusion protects nothing.
+        if m is not None and s is not None and mode == "union" and not bool(m.any()):
+            logger.info("%s: the mask is empty (nothing painted); using the sketch's region", node)
+            m = None
+        if x is not None and not bool(x.any()):
+            x = None
+        try:
+            composed = M.compose_matte(
+                m, s, x, mode=mode, threshold=float(threshold), sketch_dilate_px=int(sketch_dilate_px),
+                grow_px=int(grow_px), feather_px=float(feather_sigma),
+                size=tuple(p.shape[-2:]) if p is not None else None,
+            )
+        except HairDiffError as exc:
+            text = str(exc)
+            bad = ("grow_px" if "shrinking" in text else "exclude" if "exclusion" in text
+                   else "mode" if "mode" in text else "sketch" if m is None or "sketch" in text.split(";")[0] else "mask")
+            raise node_error(node, bad, exc) from exc
+        for line in composed.warnings:
+            logger.warning("%s: %s", node, line)
+        out = nchw_to_mask(composed.soft, _intermediate())
+        if p is not None:
+            preview = ui.PreviewImage(nchw_to_image(M.matte_preview(p, composed.soft), _intermediate()), cls=cls)
+        else:
+            preview = ui.PreviewMask(out, cls=cls)
+        return io.NodeOutput(out, ui=preview)
 
 
 __all__ = ["SketchPreprocess", "HairMatte", "check_batch"]

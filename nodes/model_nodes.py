@@ -370,6 +370,10 @@ class HairDiffReferenceAttention(io.ComfyNode):
                 io.Combo.Input("reference_input", options=["photo", "filled"], default="photo",
                                tooltip="photo = the original photo; filled = a copy with the hair region filled from "
                                        "its surroundings (even less of the old hair)."),
+                io.Combo.Input("reference_noise", options=["auto", "clean", "matched"], default="auto", optional=True,
+                               tooltip="What the look at the photo sees: clean = the photo itself at every step (the "
+                                       "published method), matched = the photo as noisy as the image being drawn; "
+                                       "auto = clean for per_step, matched for once."),
             ],
             outputs=[HairDiffModelType.Output("model_with_reference", display_name="model",
                                               tooltip="A new HairDiff model carrying the reference settings.")],
@@ -377,7 +381,7 @@ class HairDiffReferenceAttention(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mode="once", weight_inside=0.5, weight_outside=1.0, suppress_self_outside=0.0,
-                key_weight_inside=0.0, reference_input="photo") -> io.NodeOutput:
+                key_weight_inside=0.0, reference_input="photo", reference_noise="auto") -> io.NodeOutput:
         from ..hairdiff_core.reference import ReferenceSettings
 
         node = "HairDiff Reference Attention"
@@ -386,7 +390,7 @@ class HairDiffReferenceAttention(io.ComfyNode):
                              "connect Load HairDiff Model")
         values = dict(mode=mode, weight_inside=weight_inside, weight_outside=weight_outside,
                       suppress_self_outside=suppress_self_outside, key_weight_inside=key_weight_inside,
-                      reference_input=reference_input)
+                      reference_input=reference_input, reference_noise=reference_noise)
         try:
             settings = ReferenceSettings(**values)
         except HairDiffError as exc:
@@ -394,5 +398,5 @@ class HairDiffReferenceAttention(io.ComfyNode):
         return io.NodeOutput(model.replace(reference=settings))
 
     @classmethod
-    def validate_inputs(cls, mode=None, reference_input=None) -> bool | str:
-        return check_combos(cls, {"mode": mode, "reference_input": reference_input})
+    def validate_inputs(cls, mode=None, reference_input=None, reference_noise=None) -> bool | str:
+        return check_combos(cls, {"mode": mode, "reference_input": reference_input, "reference_noise": reference_noise})

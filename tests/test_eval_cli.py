@@ -112,6 +112,33 @@ def test_settings_grid():
         EvalSetting("replace", "once")
     with pytest.raises(InputError, match="harmony"):
         EvalOptions(harmony=("sepia",))
+    grid = make_settings(["joint", "replace"], ["off", "per_step"], ["clean", "matched"])
+    assert [s.label for s in grid] == ["joint", "joint-ref_per_step_clean", "joint-ref_per_step_matched", "replace"]
+    with pytest.raises(InputError, match="reference noise"):
+        EvalSetting("joint", "once", "noisy")
+
+
+def test_eval_cli_compares_reference_noises(tmp_path, capsys, monkeypatch):
+    from hairdiff_core.pipeline import HairDiffPipeline
+
+    seen = []
+    original = HairDiffPipeline.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["reference"].noise)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HairDiffPipeline, "generate", spy)
+    write_dataset(tmp_path / "data", n=1)
+    out = tmp_path / "out"
+    rc = hairdiff_cli.main(["eval", "--data", str(tmp_path / "data"), "--tiny", "--steps", "1", "--out", str(out),
+                            "--method", "joint", "--reference", "per_step", "--ref-noise", "clean", "matched",
+                            "--no-images", "--no-sheets"])
+    assert rc == 0, capsys.readouterr().err
+    assert seen == ["clean", "matched"]
+    _, rows = read_csv(out / "metrics.csv")
+    assert [(r["setting"], r["reference_noise"]) for r in rows] == [
+        ("joint-ref_per_step_clean", "clean"), ("joint-ref_per_step_matched", "matched")]
 
 
 def test_evaluate_samples_api_for_training(tmp_path, tiny_transformer, tiny_vae):

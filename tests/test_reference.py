@@ -84,8 +84,8 @@ def test_zero_weights_equal_the_plain_model(model):
     x0, noise, sketch, text, pooled, mask = _inputs()
     x = torch.randn_like(x0)
     plain = _forward(model, x, sketch, 0.7, text, pooled)
-    for mode in ("once", "per_step"):
-        s = ReferenceSettings(mode=mode, weight_inside=0.0, weight_outside=0.0)
+    for mode, ref_noise in (("once", "matched"), ("once", "clean"), ("per_step", "matched"), ("per_step", "clean")):
+        s = ReferenceSettings(mode=mode, weight_inside=0.0, weight_outside=0.0, reference_noise=ref_noise)
         out = _with_reference(model, s, x, sketch, 0.7, x0, noise, mask, text, pooled)
         torch.testing.assert_close(out, plain, rtol=0, atol=1e-5)
     # Not vacuous: non-zero weights change the output.
@@ -94,14 +94,17 @@ def test_zero_weights_equal_the_plain_model(model):
 
 
 @torch.no_grad()
-def test_reference_equal_to_generation_input_with_unit_weights_equals_plain(model):
+@pytest.mark.parametrize("ref_noise", ["matched", "clean"])
+def test_reference_equal_to_generation_input_with_unit_weights_equals_plain(model, ref_noise):
     """Duplicated keys with bias 0 leave the softmax unchanged, layer after layer."""
     x0, noise, _, text, pooled, mask = _inputs()
     sigma = 0.6
-    x = (1 - sigma) * x0 + sigma * noise
+    # What the reference pass sees at this sigma: the noised photo (matched) or the photo (clean).
+    x = (1 - sigma) * x0 + sigma * noise if ref_noise == "matched" else x0
     zero_sketch = torch.zeros_like(x0)
     plain = _forward(model, x, zero_sketch, sigma, text, pooled)
-    s = ReferenceSettings(mode="per_step", weight_inside=1.0, weight_outside=1.0, key_weight_inside=1.0)
+    s = ReferenceSettings(mode="per_step", weight_inside=1.0, weight_outside=1.0, key_weight_inside=1.0,
+                          reference_noise=ref_noise)
     out = _with_reference(model, s, x, zero_sketch, sigma, x0, noise, mask, text, pooled)
     torch.testing.assert_close(out, plain, rtol=0, atol=1e-5)
     other = _with_reference(model, s, x, zero_sketch, sigma, torch.randn_like(x0), noise, mask, text, pooled)
@@ -209,8 +212,9 @@ def _snapshot(model):
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("ref_noise", ["clean", "matched"])
 @torch.no_grad()
-def test_processors_and_outputs_restored_after_a_raise(model, error):
+def test_processors_and_outputs_restored_after_a_raise(model, error, ref_noise):
     x0, noise, sketch, text, pooled, mask = _inputs()
     before = _snapshot(model)
     plain = _forward(model, x0, sketch, 0.5, text, pooled)
@@ -220,14 +224,59 @@ def test_processors_and_outputs_restored_after_a_raise(model, error):
             raise error("cancelled")
 
     with pytest.raises(error):
-        with reference_attention(model, ReferenceSettings(mode="per_step"), reference_latent=x0, token_mask=mask,
-                                 noise=noise, encoder_hidden_states=text, pooled_projections=pooled) as hook:
+        with reference_attention(model, ReferenceSettings(mode="per_step", reference_noise=ref_noise), reference_latent=x0,
+                                 token_mask=mask, noise=noise, encoder_hidden_states=text, pooled_projections=pooled) as hook:
             denoise = TransformerDenoiser(model, sketch, text, pooled, attention_hook=hook)
             soft_mask_sample(denoise, x0, torch.ones(1, 1, H, W), sampling_sigmas(4), noise, on_step=on_step)
     assert hook.reference_passes == 2
     assert hook._cache is None  # freed
     assert _snapshot(model) == before
     torch.testing.assert_close(_forward(model, x0, sketch, 0.5, text, pooled), plain, rtol=0, atol=0)
+
+
+def _reference_inputs_seen(model, settings, steps=4):
+    """Sample ``steps`` steps; return (sigmas, [(hidden_states, timestep) of each reference pass])."""
+    from hairdiff_core.reference import ReferencePassState
+
+    x0, noise, sketch, text, pooled, mask = _inputs()
+    seen = []
+
+    def spy(module, args, kwargs):
+        if isinstance((kwargs.get("joint_attention_kwargs") or {}).get(KWARG), ReferencePassState):
+            seen.append((kwargs["hidden_states"].clone(), kwargs["timestep"].clone()))
+
+    handle = model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        with reference_attention(model, settings, reference_latent=x0, token_mask=mask, noise=noise,
+                                 encoder_hidden_states=text, pooled_projections=pooled) as hook:
+            denoise = TransformerDenoiser(model, sketch, text, pooled, attention_hook=hook)
+            sigmas = sampling_sigmas(steps)
+            soft_mask_sample(denoise, x0, torch.ones(1, 1, H, W), sigmas, noise)
+    finally:
+        handle.remove()
+    return x0, noise, sigmas, seen
+
+
+@torch.no_grad()
+def test_clean_reference_pass_gets_the_unnoised_latent_and_the_current_timestep(model):
+    settings = ReferenceSettings(mode="per_step")
+    assert settings.noise == "clean"  # the published dual pass is per_step's default
+    x0, _, sigmas, seen = _reference_inputs_seen(model, settings)
+    assert len(seen) == len(sigmas) - 1
+    for (hidden, timestep), sigma in zip(seen, sigmas[:-1]):
+        assert torch.equal(hidden[:, :16], x0)  # the photo latent as is, even at sigma 1
+        assert torch.equal(hidden[:, 16:], torch.zeros_like(hidden[:, 16:]))  # no sketch
+        assert timestep == pytest.approx([float(sigma) * 1000])
+    # ``matched`` instead re-noises the photo to each step's sigma with the generation's noise.
+    _, noise, _, matched = _reference_inputs_seen(model, ReferenceSettings(mode="per_step", reference_noise="matched"))
+    for (hidden, timestep), sigma in zip(matched, sigmas[:-1]):
+        s = float(sigma)
+        torch.testing.assert_close(hidden[:, :16], (1 - s) * x0 + s * noise, rtol=0, atol=1e-6)
+        assert timestep == pytest.approx([s * 1000])
+    assert ReferenceSettings(mode="once").noise == "matched"
+    assert ReferenceSettings(mode="once", reference_noise="clean").noise == "clean"
+    with pytest.raises(InputError, match="reference_noise 'noisy' is not one of"):
+        ReferenceSettings(mode="per_step", reference_noise="noisy")
 
 
 @torch.no_grad()

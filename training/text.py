@@ -14,8 +14,6 @@ Samples without a caption get zero text of the same length.
 """
 from __future__ import annotations
 
-import gc
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -90,18 +88,13 @@ def _from_folder(folder: Path, samples, transformer) -> dict[int, tuple[torch.Te
 
 
 def _encode_captions(captions: dict[str, str], samples, config, cache: Path, device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    from safetensors.torch import load_file, save_file
+    from hairdiff_core.text import PromptCache
 
-    folder = cache / "text"
-    folder.mkdir(parents=True, exist_ok=True)
     model_key = str(Path(config.model).resolve()) if config.model else "tiny"
-    keys = {}
-    for i, s in enumerate(samples):
-        if s.stem in captions:
-            h = hashlib.sha256(f"{model_key}\n{MAX_SEQUENCE_LENGTH}\n{captions[s.stem]}".encode()).hexdigest()[:32]
-            keys[i] = folder / f"{h}.safetensors"
-    todo = {i: p for i, p in keys.items() if not p.is_file()}
-    if todo:
+    prompts = PromptCache(cache / "text", model_key=model_key, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    wanted = {i: captions[s.stem] for i, s in enumerate(samples) if s.stem in captions}
+
+    def load_encoder():
         if not config.model or not Path(config.model).is_dir():
             raise InputError(
                 "--captions needs SD3's text encoders: pass --model as a diffusers SD3.5 folder (with text_encoder, "
@@ -113,27 +106,21 @@ def _encode_captions(captions: dict[str, str], samples, config, cache: Path, dev
         pipe = StableDiffusion3Pipeline.from_pretrained(
             config.model, transformer=None, vae=None, torch_dtype=dtype, local_files_only=True
         ).to(device)
-        try:
-            with torch.no_grad():
-                for i, path in todo.items():
-                    embeds, _, pooled, _ = pipe.encode_prompt(
-                        prompt=captions[samples[i].stem], prompt_2=None, prompt_3=None, device=device,
-                        num_images_per_prompt=1, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH,
-                    )
-                    with atomic_write(path, fsync=False) as tmp:
-                        save_file({"prompt_embeds": embeds.float().cpu().contiguous(), "pooled_prompt_embeds": pooled.float().cpu().contiguous()}, str(tmp))
-        finally:
-            # The encoders (T5-XXL alone is ~9 GB) are not needed again: free them before training.
-            del pipe
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        logger.info("encoded %d caption(s) with SD3's text encoders (cached in %s), encoders unloaded", len(todo), folder)
-    out = {}
-    for i, path in keys.items():
-        t = load_file(str(path))
-        out[i] = (t["prompt_embeds"][0].float(), t["pooled_prompt_embeds"][0].float())
-    return out
+
+        def encode(caption: str):
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                prompt=caption, prompt_2=None, prompt_3=None, device=device,
+                num_images_per_prompt=1, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH,
+            )
+            return embeds, pooled
+
+        return encode
+
+    # Encoded once, cached by caption; the encoders (T5-XXL alone is ~9 GB) are freed before training.
+    pairs = prompts.encode(wanted.values(), load_encoder)
+    if prompts.encoder_loads:
+        logger.info("encoded caption(s) with SD3's text encoders (cached in %s), encoders unloaded", prompts.folder)
+    return {i: (pairs[c][0][0].float(), pairs[c][1][0].float()) for i, c in wanted.items()}
 
 
 def load_text_embeddings(config, samples, transformer, output: Path, acc) -> TextEmbeddings | None:

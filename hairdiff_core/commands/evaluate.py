@@ -18,7 +18,15 @@ import argparse
 import logging
 
 from ..defaults import DEFAULTS
-from .generate import add_model_arguments, add_reference_field_arguments, reference_fields
+from .generate import (
+    REFERENCE_NOISES,
+    add_model_arguments,
+    add_reference_field_arguments,
+    add_text_arguments,
+    check_prompt_source,
+    prompt_kwargs,
+    reference_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="samplers to compare (default: joint replace)")
     g.add_argument("--reference", nargs="+", choices=("off", "once", "per_step"), default=["off"],
                    help="reference-attention modes for the joint method (default: off)")
+    g.add_argument("--ref-noise", nargs="+", choices=REFERENCE_NOISES, default=["auto"],
+                   help="what the reference pass sees, compared side by side: clean (the photo as is, published), "
+                        "matched (noised to each step's sigma), auto (clean for per_step, matched for once)")
     add_reference_field_arguments(g)
     s = p.add_argument_group("sampling")
     s.add_argument("--steps", type=int, default=DEFAULTS.steps, help=f"sampling steps (default {DEFAULTS.steps})")
@@ -45,7 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--shift", type=float, default=DEFAULTS.shift)
     s.add_argument("--work-size", type=int, help="side of the working area in px (default: the model's)")
     s.add_argument("--feather", type=float, help=f"feather sigma in px at 1024 px working size (default {DEFAULTS.feather_at_1024:g})")
+    s.add_argument("--matte-add-sketch", action="store_true",
+                   help="add each sketch's region (strokes + what they enclose) to the sample's matte")
     s.add_argument("--prompt-embeds", help="safetensors with prompt_embeds/pooled_prompt_embeds (+ negative_*)")
+    add_text_arguments(p, s)
     m = p.add_argument_group("extra comparisons (each costs more generations per sample)")
     m.add_argument("--harmony", nargs="*", choices=("warm", "cool", "dim"), metavar="GAIN",
                    help="harmony tracking: regenerate under a colour gain (warm, cool, dim; no value = all three)")
@@ -60,7 +74,7 @@ def build_options(args):
     from hairdiff_core import metrics as Mt
     from hairdiff_core.evaluation import EvalOptions
 
-    generate_kwargs = {}
+    generate_kwargs = prompt_kwargs(args)
     if args.prompt_embeds:
         from hairdiff_core.text import load_prompt_embeds
 
@@ -69,7 +83,7 @@ def build_options(args):
     return EvalOptions(
         steps=args.steps, seed=args.seed, cfg=args.cfg, shift=args.shift, strength=args.strength,
         work_size=args.work_size, feather_sigma=args.feather, resolution=args.resolution, crop=args.crop,
-        harmony=harmony, leakage=args.leakage,
+        harmony=harmony, leakage=args.leakage, matte_add_sketch=args.matte_add_sketch,
         edge_threshold=Mt.EDGE_THRESHOLD if args.edge_threshold is None else args.edge_threshold,
         reference_fields=reference_fields(args),
         generate_kwargs=generate_kwargs,
@@ -106,7 +120,7 @@ def run(args) -> int:
 
     # Everything that can be checked without the model is checked first.
     check_eval_args(args)
-    settings = make_settings(args.method, args.reference)
+    settings = make_settings(args.method, args.reference, args.ref_noise)
     options = build_options(args)
     samples = scan_samples(args.data, limit=args.limit, skip_bad=args.skip_bad)
     if options.resolution is not None:

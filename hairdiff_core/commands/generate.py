@@ -29,6 +29,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cfg", type=float, default=DEFAULTS.cfg, help="classifier-free guidance scale (1 = off)")
     g.add_argument("--shift", type=float, default=DEFAULTS.shift, help=f"flow-match schedule shift (default {DEFAULTS.shift})")
     g.add_argument("--prompt-embeds", help="safetensors with prompt_embeds/pooled_prompt_embeds (+ negative_*)")
+    add_text_arguments(p, g)
     g.add_argument("--method", choices=("joint", "replace"), default="joint",
                    help="joint = HairDiff soft-mask sampler; replace = latent-replacement inpainting baseline")
     g.add_argument("--work-size", type=int, help="side of the working area in px (default: the model's, 1024 for SD3.5)")
@@ -39,7 +40,65 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-paste-back", action="store_true", help="keep the raw generated context box instead of compositing")
     r = p.add_argument_group("reference attention (lighting from the photo)")
     r.add_argument("--reference", choices=("off", "once", "per_step"), default="off")
+    r.add_argument("--ref-noise", choices=REFERENCE_NOISES, default="auto",
+                   help="what the reference pass sees: clean = the photo as is (published; auto for per_step), "
+                        "matched = the photo noised to each step's sigma (auto for once)")
     add_reference_field_arguments(r)
+
+
+REFERENCE_NOISES = ("auto", "clean", "matched")
+
+def add_text_arguments(p: argparse.ArgumentParser, group=None, prompts: bool = True) -> None:
+    """--prompt/--negative-prompt and where SD3's text encoders are (generate, eval, encode-prompt)."""
+    if prompts:
+        group.add_argument("--prompt", help="text prompt, e.g. 'copper red hair' (encoded with SD3's text encoders)")
+        group.add_argument("--negative-prompt", help="negative prompt (used when --cfg > 1)")
+    t = p.add_argument_group("text encoders (for --prompt; a diffusers --model folder brings its own; --tiny has tiny ones)")
+    t.add_argument("--text-encoders", metavar="PATH",
+                   help="a diffusers SD3 folder, or a folder of single files (clip_l*, clip_g*, t5xxl* .safetensors)")
+    t.add_argument("--clip-l", metavar="FILE", help="CLIP-L single file (e.g. models/text_encoders/clip_l.safetensors)")
+    t.add_argument("--clip-g", metavar="FILE", help="CLIP-G single file")
+    t.add_argument("--t5", metavar="FILE", help="T5-XXL single file (fp16 or fp8); optional: without it T5's part is zeros")
+    t.add_argument("--no-t5", action="store_true", help="leave T5 out even when present (saves ~9 GB)")
+    t.add_argument("--tokenizers", metavar="DIR",
+                   help="for single files: a diffusers SD3 folder (tokenizer*/) or a ComfyUI installation "
+                        "(comfy/sd1_tokenizer, comfy/text_encoders/t5_tokenizer)")
+
+
+def text_source(args):
+    """The ``TextEncoderSource`` of the flags, or None (the pipeline then picks tiny / the --model folder)."""
+    from hairdiff_core.text_encoders import TextEncoderSource
+
+    src = TextEncoderSource(folder=args.text_encoders, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5,
+                            tokenizers=args.tokenizers, use_t5=not args.no_t5)
+    return src if src.given else None
+
+
+def check_prompt_source(args) -> None:
+    """A --prompt without any text encoders fails here, before a multi-GB model is loaded."""
+    from pathlib import Path
+
+    from hairdiff_core.errors import InputError
+
+    if getattr(args, "prompt", None) is None and getattr(args, "negative_prompt", None) is None:
+        return
+    if args.tiny or text_source(args) is not None or (args.model and (Path(args.model) / "text_encoder").is_dir()):
+        return
+    raise InputError(
+        "--prompt needs SD3's text encoders: --model is not a diffusers folder with text_encoder*/tokenizer*, so pass "
+        "--text-encoders PATH (a diffusers SD3 folder, or ComfyUI's models/text_encoders) or --clip-l/--clip-g[/--t5] "
+        "files with --tokenizers DIR; or encode once with `hairdiff encode-prompt` and pass --prompt-embeds"
+    )
+
+
+def prompt_kwargs(args) -> dict:
+    """``prompt=``/``negative_prompt=`` for ``generate``; refuses a prompt together with --prompt-embeds."""
+    from hairdiff_core.errors import InputError
+
+    kw = {k: getattr(args, k) for k in ("prompt", "negative_prompt") if getattr(args, k, None) is not None}
+    if kw and getattr(args, "prompt_embeds", None):
+        raise InputError("give --prompt/--negative-prompt or --prompt-embeds, not both")
+    return kw
 
 
 #: ``--ref-*`` flag -> ``ReferenceSettings`` field (shared by generate and eval).
@@ -67,7 +126,11 @@ def reference_fields(args) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, help="the photo")
     p.add_argument("--sketch", required=True, help="strokes of the new hair (RGB, RGBA or L; white or black background)")
-    p.add_argument("--matte", required=True, help="hair matte (white = hair)")
+    p.add_argument("--matte", action="append", help="hair matte (white = hair); repeat to add several (their union)")
+    p.add_argument("--matte-add-sketch", action="store_true",
+                   help="add the sketch's region (strokes + what they enclose) to the matte: for shorter or longer hair")
+    p.add_argument("--exclude", action="append",
+                   help="mask of what must stay the photo's (white = protected, e.g. the face); repeatable")
     p.add_argument("--out", required=True, help="output PNG")
     add_model_arguments(p)
     add_sampling_arguments(p)
@@ -84,7 +147,7 @@ def reference_settings(args):
         return None
     from hairdiff_core.reference import ReferenceSettings
 
-    return ReferenceSettings(mode=args.reference, **reference_fields(args))
+    return ReferenceSettings(mode=args.reference, reference_noise=args.ref_noise, **reference_fields(args))
 
 
 def build_pipeline(args):
@@ -93,10 +156,11 @@ def build_pipeline(args):
 
     if not args.tiny and not args.model:
         raise InputError("no model given: pass --model PATH (SD3.5 folder or .safetensors) or --tiny for the wiring check")
-    return HairDiffPipeline.from_files(
+    pipe = HairDiffPipeline.from_files(
         model=args.model, vae=args.vae, adapter=args.adapter, tiny=args.tiny,
-        device=args.device, dtype=torch_dtype(args.dtype),
+        device=args.device, dtype=torch_dtype(args.dtype), text_encoders=text_source(args),
     )
+    return pipe
 
 
 def sampling_kwargs(args) -> dict:
@@ -106,6 +170,7 @@ def sampling_kwargs(args) -> dict:
         matte_threshold=args.matte_threshold, paste_back=not args.no_paste_back,
         work_size=args.work_size, context_margin=args.margin,
     )
+    kw.update(prompt_kwargs(args))
     if args.prompt_embeds:
         from hairdiff_core.text import load_prompt_embeds
 
@@ -126,6 +191,25 @@ def tqdm_callback(total_hint: int, desc: str):
     return bar, on_step
 
 
+def compose_matte_from_args(args, photo, sketch):
+    """The matte of ``--matte`` (repeatable), ``--matte-add-sketch`` and ``--exclude`` (binary, photo size)."""
+    from hairdiff_core.errors import InputError
+    from hairdiff_core.imageio import load_image
+    from hairdiff_core.mask import compose_matte
+
+    mattes = [load_image(p) for p in args.matte or ()]
+    if not mattes and not args.matte_add_sketch:
+        raise InputError("no matte: pass --matte FILE (white = hair), or --matte-add-sketch to use the region the sketch outlines")
+    excludes = [load_image(p) for p in args.exclude or ()]
+    composed = compose_matte(
+        mattes or None, sketch if args.matte_add_sketch else None, excludes or None,
+        threshold=args.matte_threshold, size=tuple(photo.shape[-2:]),
+    )
+    for line in composed.warnings:
+        logger.warning("%s", line)
+    return composed.binary
+
+
 def run(args) -> int:
     from hairdiff_core.imageio import load_image, save_image
 
@@ -134,7 +218,7 @@ def run(args) -> int:
     check_generate_args(args)
     photo = load_image(args.image)
     sketch = load_image(args.sketch)
-    matte = load_image(args.matte)
+    matte = compose_matte_from_args(args, photo, sketch)
     from hairdiff_core.pipeline import HairDiffPipeline
 
     # Bad inputs fail here, before a multi-GB model is loaded.

@@ -62,13 +62,17 @@ def _reference_flags(args, modes: list[str], methods: list[str]) -> None:
         raise SettingsError(f"{flag}: {exc}", input=exc.input) from exc
 
 
-def _input_files(paths: dict[str, str]) -> None:
-    for flag, value in paths.items():
-        p = Path(value)
-        if not p.exists():
-            raise FileNotFoundError(2, "No such file", str(p))
-        if p.is_dir():
-            raise InputError(f"--{flag} {p} is a folder; give an image file", input=flag)
+def _input_files(paths: dict[str, str | list[str] | None]) -> None:
+    """Every given input file exists and is a file; repeatable flags (--matte, --exclude) give lists."""
+    for flag, values in paths.items():
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if value is None:
+                continue
+            p = Path(value)
+            if not p.exists():
+                raise FileNotFoundError(2, "No such file", str(p))
+            if p.is_dir():
+                raise InputError(f"--{flag} {p} is a folder; give an image file", input=flag)
 
 
 def check_generate_args(args) -> None:
@@ -80,9 +84,11 @@ def check_generate_args(args) -> None:
         raise SettingsError("--reference is part of the joint method; drop --method replace or use --reference off",
                             input="reference")
     _reference_flags(args, [args.reference], [args.method])
-    _input_files({"image": args.image, "sketch": args.sketch, "matte": args.matte,
-                  **({"prompt-embeds": args.prompt_embeds} if getattr(args, "prompt_embeds", None) else {})})
-    check_output_image(args.out, inputs=(args.image, args.sketch, args.matte), what="output")
+    mattes, excludes = list(args.matte or []), list(getattr(args, "exclude", None) or [])
+    _input_files({"image": args.image, "sketch": args.sketch, "matte": mattes, "exclude": excludes,
+                  "prompt-embeds": getattr(args, "prompt_embeds", None)})
+    check_output_image(args.out, inputs=(args.image, args.sketch, *mattes, *excludes), what="output")
+    _prompt(args)
     _model(args)
 
 
@@ -105,7 +111,14 @@ def check_eval_args(args) -> None:
     out = check_writable_folder(args.out, "eval output")
     if out.resolve() == Path(args.data).resolve():
         raise InputError("--out is the dataset folder; write the results to another folder", input="out")
+    _prompt(args)
     _model(args)
+
+
+def _prompt(args) -> None:
+    from .generate import check_prompt_source
+
+    check_prompt_source(args)
 
 
 def check_demo_args(args) -> None:

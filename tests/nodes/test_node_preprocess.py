@@ -84,10 +84,48 @@ def test_matte_from_sketch_fills_the_enclosed_region(comfy):
     assert float(matte[0, 60, 60]) == 0.0 and float(matte[0, 2, 2]) == 0.0  # outside
     open_box = comfy.nodes.HairMatte.execute(sketch=sketch, sketch_dilate_px=0, feather_sigma=0.0)[0]
     assert float(open_box[0, 30, 30]) == 0.0  # the 1-px gap leaks without closing
-    # A connected mask wins over the sketch.
+    # mode picks the sources: mask alone, the sketch's region alone, or both (the default).
     mask = torch.zeros(1, 64, 64)
     mask[:, 0:5, 0:5] = 1
-    assert torch.equal(comfy.nodes.HairMatte.execute(mask=mask, sketch=sketch, feather_sigma=0.0)[0], mask)
+    only_mask = comfy.nodes.HairMatte.execute(mask=mask, sketch=sketch, feather_sigma=0.0, mode="mask")[0]
+    assert torch.equal(only_mask, mask)
+    union = comfy.nodes.HairMatte.execute(mask=mask, sketch=sketch, sketch_dilate_px=2, feather_sigma=0.0)[0]
+    assert torch.equal(union, torch.maximum(mask, matte))
+    only_sketch = comfy.nodes.HairMatte.execute(mask=mask, sketch=sketch, sketch_dilate_px=2, feather_sigma=0.0,
+                                                mode="sketch")[0]
+    assert torch.equal(only_sketch, matte)
+
+
+def test_matte_shorter_hair_with_exclusion_and_photo_preview(comfy, caplog):
+    sketch = torch.ones(1, 64, 64, 3)
+    sketch[:, 8, 8:56] = 0.0  # a box outline framing the face
+    sketch[:, 8:56, 8] = 0.0
+    sketch[:, 8:56, 55] = 0.0
+    sketch[:, 55, 8:56] = 0.0
+    old_hair = torch.zeros(1, 64, 64)
+    old_hair[:, 0:12, 4:60] = 1
+    face = torch.zeros(1, 64, 64)
+    face[:, 20:50, 20:44] = 1
+    photo = torch.rand(1, 64, 64, 3)
+    out = comfy.nodes.HairMatte.execute(mask=old_hair, sketch=sketch, exclude=face, photo=photo,
+                                        sketch_dilate_px=0, feather_sigma=0.0)
+    matte = out[0]
+    assert float(matte[0, 2, 30]) == 1.0 and float(matte[0, 30, 12]) == 1.0  # old hair and the sketched region
+    assert not bool(matte[face.bool()].any())  # the face stays the photo's
+    assert out.ui.image.shape == photo.shape  # the preview is the matte over the photo
+    with caplog.at_level("WARNING"):
+        comfy.nodes.HairMatte.execute(mask=old_hair, sketch=sketch, sketch_dilate_px=0, feather_sigma=0.0)
+    assert "covers" in caplog.text  # the box encloses most of the picture: a warning, not an error
+    # LoadImage's MASK of a picture without alpha is a 64x64 zero placeholder: ignored in a union.
+    photo_wide = torch.rand(1, 64, 80, 3)
+    wide_sketch = torch.nn.functional.pad(sketch.movedim(-1, 1), (8, 8), value=1.0).movedim(1, -1)
+    placeholder = comfy.nodes.HairMatte.execute(mask=torch.zeros(1, 64, 64), sketch=wide_sketch, photo=photo_wide,
+                                                exclude=torch.zeros(1, 64, 64), sketch_dilate_px=0, feather_sigma=0.0)[0]
+    assert placeholder.shape == (1, 64, 80) and float(placeholder[0, 30, 20]) == 1.0
+    with pytest.raises(ValueError, match=r"input 'exclude'.*covers the whole matte"):
+        comfy.nodes.HairMatte.execute(mask=old_hair, exclude=torch.ones(1, 64, 64))
+    with pytest.raises(ValueError, match=r"input 'mode'.*needs a sketch"):
+        comfy.nodes.HairMatte.execute(mask=old_hair, mode="sketch")
 
 
 def test_matte_without_inputs_says_what_to_connect(comfy):

@@ -134,6 +134,16 @@ def test_reference_node_is_non_destructive_and_changes_the_result(comfy, tiny_mo
 def test_reference_node_names_the_bad_input(comfy, tiny_model):
     with pytest.raises(ValueError, match="input 'mode'"):
         comfy.nodes.HairDiffReferenceAttention.execute(model=tiny_model, mode="sometimes")
+    with pytest.raises(ValueError, match="input 'reference_noise'"):
+        comfy.nodes.HairDiffReferenceAttention.execute(model=tiny_model, mode="per_step", reference_noise="noisy")
+
+
+def test_reference_node_reference_noise_reaches_the_sampler(comfy, tiny_model):
+    node = comfy.nodes.HairDiffReferenceAttention
+    auto = node.execute(model=tiny_model, mode="per_step")[0]
+    matched = node.execute(model=tiny_model, mode="per_step", reference_noise="matched")[0]
+    assert auto.reference.noise == "clean" and matched.reference.noise == "matched"
+    assert not torch.equal(_sample(comfy, auto)[0], _sample(comfy, matched)[0])
 
 
 def _write_lora(path, transformer, rank=2, scale=0.5):
@@ -228,3 +238,16 @@ def test_lowvram_offloads_after_sampling(comfy, tiny_model):
 def test_unknown_model_file_is_refused_by_name(comfy):
     with pytest.raises(ValueError, match="input 'base_model'"):
         comfy.nodes.LoadHairDiffModel.execute(base_model="checkpoints/missing.safetensors")
+
+
+def test_prompt_node_tiny_conditioning_drives_the_sampler(comfy, tiny_model):
+    cond = comfy.nodes.HairDiffPrompt.execute(text="copper red hair")[0]
+    embeds, pooled = cond[0][0], cond[0][1]["pooled_output"]
+    assert embeds.shape == (1, 154, 32) and pooled.shape == (1, 64)
+    plain = _sample(comfy, tiny_model)[0]
+    with_prompt = _sample(comfy, tiny_model, positive=cond)[0]
+    assert not torch.equal(plain, with_prompt)
+    negative = comfy.nodes.HairDiffPrompt.execute(text="")[0]
+    assert not torch.equal(_sample(comfy, tiny_model, positive=cond, negative=negative, cfg=3.0)[0], with_prompt)
+    with pytest.raises(ValueError, match="input 'encoders'"):
+        comfy.nodes.HairDiffPrompt.execute(text="red hair", encoders="sd3 files (models/text_encoders)")
