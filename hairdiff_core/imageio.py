@@ -13,13 +13,14 @@ from .errors import InputError
 logger = logging.getLogger(__name__)
 
 
-def load_image(path, mode: str | None = None) -> torch.Tensor:
+def load_image(path, mode: str | None = None, exif_transpose: bool = False) -> torch.Tensor:
     """Load an image file as (1, C, H, W) float in [0, 1].
 
     ``mode`` None keeps L / RGB / RGBA as stored (palette and 16-bit images are converted to
-    RGB(A) / L); "RGB" or "L" force a mode.
+    RGB(A) / L); "RGB" or "L" force a mode. ``exif_transpose`` turns the pixels upright as the
+    EXIF orientation tag says (camera photos are often stored sideways), as image viewers do.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.exists():
@@ -27,6 +28,8 @@ def load_image(path, mode: str | None = None) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im.load()
+            if exif_transpose:
+                im = ImageOps.exif_transpose(im)
             if mode is not None:
                 im = im.convert(mode)
             elif im.mode in ("P", "PA"):
@@ -64,6 +67,16 @@ def save_image(image: torch.Tensor, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     to_pil(image).save(tmp, format="PNG" if path.suffix.lower() in ("", ".png") else None)
+    os.replace(tmp, path)
+    return path
+
+
+def save_text(text: str, path) -> Path:
+    """Write a text file atomically (a temporary name, then a rename), like :func:`save_image`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
 
