@@ -51,6 +51,8 @@ MAX_TURN_DEGREES = 40.0
 EDGE_STRONG_FRACTION = 0.35
 EDGE_NOISE_FLOOR = 0.05
 EDGE_MAX_GAIN = 8.0
+#: Hysteresis follows a weak edge this far (px at 1024, scaled) from a strong one.
+EDGE_MAX_REACH_AT_1024 = 64
 #: Stroke colours are kept at least this bright in their brightest channel, so that a stroke of
 #: black hair is still a stroke (not background) on the black canvas.
 MIN_STROKE_VALUE = 2.0 / 255.0
@@ -483,13 +485,14 @@ def thin(mask: torch.Tensor, max_iters: int = 64) -> torch.Tensor:
     return x
 
 
-def _hysteresis(graded: torch.Tensor, check_every: int = 8) -> torch.Tensor:
-    """Canny hysteresis on graded edges (1 strong, 0.5 weak): weak pixels 8-connected
-    to a strong one are kept. A 3x3 max filter per round; kornia's own tracking does eight
-    convolutions per round and is ~10x slower at 1024 px."""
+def _hysteresis(graded: torch.Tensor, max_reach: int, check_every: int = 8) -> torch.Tensor:
+    """Canny hysteresis on graded edges (1 strong, 0.5 weak): weak pixels 8-connected to a
+    strong one are kept, up to ``max_reach`` px along the weak chain (one 3x3 max filter per
+    px; an unbounded walk costs one filter per px of the longest weak chain, hundreds at 1024).
+    kornia's own tracking does eight convolutions per round."""
     weak = (graded > 0.25).float()
     reach = (graded > 0.75).float()
-    for i in range(max(graded.shape[-2:]) * 2):
+    for i in range(max(1, int(max_reach))):
         grown = F.max_pool2d(reach, 3, stride=1, padding=1) * weak
         if i % check_every == check_every - 1 and torch.equal(grown, reach):
             break
@@ -547,7 +550,7 @@ def edge_sketch(
         high.append(torch.quantile(values, q) if values.numel() else ridges.new_tensor(float("inf")))
     high_t = torch.stack(high).view(-1, 1, 1, 1).clamp_min(EDGE_NOISE_FLOOR)
     graded = (ridges > high_t).float() + 0.5 * ((ridges > 0.5 * high_t) & (ridges > EDGE_NOISE_FLOOR)).float()
-    lines = thin(_hysteresis(graded))
+    lines = thin(_hysteresis(graded, max_reach=max(16, round(EDGE_MAX_REACH_AT_1024 * resolution_scale(h, w)))))
     width = stroke_thickness(h, w, thickness)
     radius = int(round((width - 1) / 2))
     alpha = (M.dilate(lines, radius) if radius > 0 else lines) * matte
