@@ -142,7 +142,8 @@ def _read_upright_size(path: Path) -> tuple[tuple[int, int] | None, bool, str | 
     return (w, h), orientation not in (1, None), None
 
 
-def _braid_stems(options: PrepareOptions) -> list[str]:
+def _braid_stems(options: PrepareOptions, extensions: set[str]) -> list[str]:
+    """Stems of the --braids file: one a line, ``#`` comments, ``name.jpg`` read as ``name``."""
     if not options.braids_file:
         return []
     path = Path(options.braids_file)
@@ -152,7 +153,7 @@ def _braid_stems(options: PrepareOptions) -> list[str]:
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
-            stems.append(Path(line).stem if Path(line).suffix else line)
+            stems.append(Path(line).stem if Path(line).suffix.lower() in extensions else line)
     return stems
 
 
@@ -167,7 +168,7 @@ def scan_inputs(images, mattes, options: PrepareOptions) -> tuple[list[Pair], li
     matte_files, matte_problems = _index(mattes, extensions)
     problems += matte_problems
     duplicated = {p.stem for p in problems}
-    braid_list = set(_braid_stems(options))
+    braid_list = set(_braid_stems(options, extensions))
     pairs: list[Pair] = []
     for stem in sorted(set(photos) | set(matte_files)):
         if stem in duplicated:
@@ -365,6 +366,8 @@ def prepare_dataset(
         (out / kind).mkdir(parents=True, exist_ok=True)
 
     report = PrepareReport(out=out, problems=problems)
+    if on_sample is not None:
+        on_sample(0, len(good))
     for i, pair in enumerate(good):
         report.samples.append(prepare_sample(pair, out, options))
         if on_sample is not None:

@@ -51,7 +51,8 @@ def run(args) -> int:
         nonlocal bar
         if bar is None:
             bar = tqdm(total=total, desc="hairdiff prepare", unit="photo")
-        bar.update(done - bar.n)
+        if done > bar.n:
+            bar.update(done - bar.n)
 
     try:
         report = prepare_dataset(args.images, args.mattes, args.out, options, on_sample=on_sample)
