@@ -130,6 +130,27 @@ def test_density_length_thickness_change_the_strokes():
     assert long.valid.sum(1).float().mean() > 2 * short.valid.sum(1).float().mean()
 
 
+def test_curved_hair_gives_curved_strands():
+    """Concentric rings of hair: the estimated field is tangent to the circles everywhere and the
+    strands traced on it keep their radius (orientation_field + trace_streamlines, no truth)."""
+    size = 96
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    c = size / 2
+    radius = torch.hypot(xx - c, yy - c)
+    lum = 0.3 + 0.15 * torch.sin(2 * math.pi * radius / 6)
+    photo = torch.stack([lum, lum * 0.8, lum * 0.6])[None]
+    matte = ((radius > 12) & (radius < 44)).float()[None, None]
+    angle, _ = S.orientation_field(photo, matte)
+    tangent = torch.atan2(yy - c, xx - c) + math.pi / 2
+    error = (torch.remainder(angle[0, 0] - tangent + math.pi / 2, math.pi) - math.pi / 2).abs()[matte[0, 0] > 0.5]
+    assert math.degrees(float(error.mean())) < 3 and math.degrees(float(error.max())) < 10
+    lines = S.trace_streamlines(angle, matte, seed=0, length=2.0)
+    r = torch.hypot(lines.points[..., 0] - c, lines.points[..., 1] - c)
+    mid = lines.points.shape[1] // 2
+    assert float(((r - r[:, mid : mid + 1]).abs() * lines.valid).amax()) < 1.5
+    assert float((lines.points[:, 0] - lines.points[:, -1]).norm(dim=1).max()) > 15
+
+
 def test_known_field_traces_circles():
     """A caller with the true field: a circular field gives streamlines at constant radius."""
     size = 96
