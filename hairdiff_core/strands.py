@@ -518,9 +518,43 @@ def edge_sketch(
     one half of it, so sharp and soft hair give alike many edges; ridges below
     ``EDGE_NOISE_FLOOR`` (sensor and JPEG noise) never count, measured on the luminance
     contrast-stretched inside the matte so that dark hair keeps its edges."""
+    b, _, h, w = photo.shape
+    sigma = max(0.8, 1.5 * resolution_scale(h, w))
+    width = stroke_thickness(h, w, thickness)
+    reach = max(16, round(EDGE_MAX_REACH_AT_1024 * resolution_scale(h, w)))
+    # Work on the matte's bounding box (hair is often a small part of a portrait), with a margin
+    # wider than every filter so that the crop changes nothing inside the matte.
+    box = _matte_box(matte, margin=int(math.ceil(3 * max(sigma, width))) + 4)
+    rgb = torch.zeros_like(photo, dtype=torch.float32)
+    alpha = torch.zeros_like(matte, dtype=torch.float32)
+    if box is None:
+        return rgb, alpha
+    crop = (Ellipsis, slice(box[0], box[1]), slice(box[2], box[3]))
+    rgb[crop], alpha[crop] = _edges_in_box(
+        photo[crop], matte[crop], colour=colour, density=density, sigma=sigma, width=width, reach=reach
+    )
+    return rgb, alpha
+
+
+def _matte_box(matte: torch.Tensor, margin: int) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) of the union of the mattes of a batch, grown by ``margin``
+    (top and left rounded down to even) and clipped to the image; None for an empty matte."""
+    rows = torch.nonzero(matte.amax(dim=(0, 1, 3)) > 0.5).flatten()
+    cols = torch.nonzero(matte.amax(dim=(0, 1, 2)) > 0.5).flatten()
+    if rows.numel() == 0:
+        return None
+    h, w = matte.shape[-2:]
+    # Even top and left: :func:`thin`'s subfields follow the parity of row and column.
+    top, left = max(0, int(rows[0]) - margin), max(0, int(cols[0]) - margin)
+    return top - top % 2, min(h, int(rows[-1]) + 1 + margin), left - left % 2, min(w, int(cols[-1]) + 1 + margin)
+
+
+def _edges_in_box(
+    photo: torch.Tensor, matte: torch.Tensor, *, colour: bool, density: float, sigma: float, width: float, reach: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     import kornia
 
-    b, _, h, w = photo.shape
+    b = photo.shape[0]
     lum = M._luminance(photo.float())
     # Dark hair has little contrast: stretch the hair's luminance (2-98 percentiles, gain at most
     # EDGE_MAX_GAIN so that flat, noisy hair does not become all edges) before the noise floor.
@@ -532,7 +566,6 @@ def edge_sketch(
         lo, hi = torch.quantile(values, values.new_tensor([0.02, 0.98])) if values.numel() else (0.0, 1.0)
         stretched.append((lum[i] - lo) / max(float(hi - lo), 1.0 / EDGE_MAX_GAIN))
     lum = torch.stack(stretched)
-    sigma = max(0.8, 1.5 * resolution_scale(h, w))
     k = 2 * int(math.ceil(2.5 * sigma)) + 1
     # The matte's own border is the silhouette, not a strand: keep edges a few px inside.
     inner = M.dilate(matte, -max(1, int(round(sigma)) + 1))
@@ -540,7 +573,7 @@ def edge_sketch(
         lum, low_threshold=EDGE_NOISE_FLOOR, high_threshold=EDGE_NOISE_FLOOR, kernel_size=(k, k),
         sigma=(sigma, sigma), hysteresis=False,
     )
-    ridges = ridges * inner
+    ridges = ridges.float() * inner
     q = min(max(1.0 - EDGE_STRONG_FRACTION * float(density), 0.0), 0.99)
     high = []
     for i in range(b):
@@ -550,8 +583,7 @@ def edge_sketch(
         high.append(torch.quantile(values, q) if values.numel() else ridges.new_tensor(float("inf")))
     high_t = torch.stack(high).view(-1, 1, 1, 1).clamp_min(EDGE_NOISE_FLOOR)
     graded = (ridges > high_t).float() + 0.5 * ((ridges > 0.5 * high_t) & (ridges > EDGE_NOISE_FLOOR)).float()
-    lines = thin(_hysteresis(graded, max_reach=max(16, round(EDGE_MAX_REACH_AT_1024 * resolution_scale(h, w)))))
-    width = stroke_thickness(h, w, thickness)
+    lines = thin(_hysteresis(graded, max_reach=reach))
     radius = int(round((width - 1) / 2))
     alpha = (M.dilate(lines, radius) if radius > 0 else lines) * matte
     if colour:

@@ -24,7 +24,7 @@ def striped_hair(size: int, degrees: float, colour=(0.4, 0.25, 0.1), period: flo
     inside = ((yy - h * 0.45) / (h * 0.3)) ** 2 + ((xx - w * 0.5) / (w * 0.35)) ** 2 <= 1.0
     hair = np.asarray(colour, np.float32) * (0.6 + 0.4 * stripes[..., None])
     photo = np.where(inside[..., None], hair, np.asarray([0.8, 0.7, 0.6], np.float32))
-    return torch.from_numpy(photo).permute(2, 0, 1).contiguous(), torch.from_numpy(inside.astype(np.float32))[None]
+    return torch.from_numpy(photo).permute(2, 0, 1).float().contiguous(), torch.from_numpy(inside.astype(np.float32))[None]
 
 
 def mean_orientation(alpha: torch.Tensor) -> float:
@@ -225,6 +225,20 @@ def test_draw_polylines_straight_line_and_thickness():
     pts3 = torch.tensor([[[10.5, 5.5], [20.5, 5.5], [30.5, 30.5]]])
     _, part = S.draw_polylines(pts3, torch.tensor([[True, True, False]]), (40, 64), thickness=1.0)
     assert int(part.sum()) == 11
+
+
+def test_edges_on_the_matte_box_equal_edges_on_the_whole_image():
+    photo, matte = striped_hair(96, 35)
+    photo, matte = photo[None], matte[None]
+    matte[..., :, :30] = 0  # hair in one corner of the picture: the box is a real crop
+    matte[..., 60:, :] = 0
+    sigma, width = max(0.8, 1.5 * S.resolution_scale(96, 96)), S.stroke_thickness(96, 96, 4.0)
+    for colour in (False, True):
+        rgb, alpha = S.edge_sketch(photo, matte, colour=colour, thickness=4.0)
+        full_rgb, full_alpha = S._edges_in_box(photo, matte, colour=colour, density=1.0, sigma=sigma, width=width, reach=16)
+        assert int(alpha.sum()) > 20
+        assert torch.equal(alpha, full_alpha)
+        torch.testing.assert_close(rgb, full_rgb, atol=1e-6, rtol=0)
 
 
 def test_thin_reduces_a_bar_to_a_line_and_keeps_thin_lines():
