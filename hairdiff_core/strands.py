@@ -603,6 +603,43 @@ def _keep_visible(colours: torch.Tensor) -> torch.Tensor:
 
 
 # -- entry point --------------------------------------------------------------------------------
+def sketch_from_field(
+    angle_field: torch.Tensor,
+    matte: torch.Tensor,
+    *,
+    photo: torch.Tensor | None = None,
+    seed: int = 0,
+    density: float = 1.0,
+    length: float = 1.0,
+    thickness: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Strand strokes along a given orientation field, drawn exactly as ``synthesize_sketch``
+    draws them from an estimated one (for a caller who knows the true field, e.g. synthetic hair).
+
+    Args:
+        angle_field: (B, 1, H, W) strand angles in radians (module convention).
+        matte: (B|1, 1, H, W) hair matte; strokes stay inside it.
+        photo: (B, 3, H, W) in [0, 1]: strokes take its median colour along them; None: white.
+        seed, density, length, thickness: as in :func:`synthesize_sketch`.
+
+    Returns:
+        ``(rgb, alpha)``: (B, 3, H, W) strokes on black and (B, 1, H, W) stroke mask.
+    """
+    angle, _ = _as_batch(angle_field, "angle_field")
+    b, _, h, w = angle.shape
+    binary = _matte_batch(matte, (h, w), b).to(angle.device)
+    lines = trace_streamlines(angle, binary, seed=seed, density=density, length=length, thickness=thickness)
+    colours = None
+    if photo is not None:
+        photo_b, _ = _as_batch(photo, "photo")
+        colours = _keep_visible(stroke_colours(photo_b.float(), lines))
+    logger.debug("traced %d streamlines for %d image(s)", len(lines), b)
+    return draw_polylines(
+        lines.points, lines.valid, (h, w), batch=lines.batch, batch_size=b, colours=colours,
+        thickness=stroke_thickness(h, w, thickness), matte=binary,
+    )
+
+
 def synthesize_sketch(
     photo: torch.Tensor,
     matte: torch.Tensor,
@@ -652,13 +689,10 @@ def synthesize_sketch(
         rgb, alpha = edge_sketch(photo_b, binary, colour=colour, density=density, thickness=thickness)
     else:
         angle, _ = orientation_field(photo_b, binary)
-        lines = trace_streamlines(angle, binary, seed=seed, density=density, length=length, thickness=thickness)
-        colours = _keep_visible(stroke_colours(photo_b, lines)) if colour else None
-        rgb, alpha = draw_polylines(
-            lines.points, lines.valid, (h, w), batch=lines.batch, batch_size=b, colours=colours,
-            thickness=stroke_thickness(h, w, thickness), matte=binary,
+        rgb, alpha = sketch_from_field(
+            angle, binary, photo=photo_b if colour else None, seed=seed, density=density, length=length,
+            thickness=thickness,
         )
-        logger.debug("traced %d streamlines for %d image(s)", len(lines), b)
     if squeezed:
         rgb, alpha = rgb[0], alpha[0]
     return (rgb, alpha) if return_alpha else rgb

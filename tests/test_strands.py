@@ -213,6 +213,20 @@ def test_known_field_traces_circles():
     assert float(alpha.sum()) > 100
 
 
+def test_sketch_from_a_known_field_matches_the_estimated_path():
+    """sketch_from_field is the stroke renderer synthesize_sketch uses: given the field it
+    estimates, it draws the same sketch; given the true field of clean stripes, nearly the same."""
+    photo, matte = striped_hair(80, 60)
+    angle, _ = S.orientation_field(photo[None], matte[None])
+    sketch, alpha = S.synthesize_sketch(photo[None], matte[None], colour=True, seed=4, return_alpha=True)
+    rgb, alpha2 = S.sketch_from_field(angle, matte[None], photo=photo[None], seed=4)
+    assert torch.equal(sketch, rgb) and torch.equal(alpha, alpha2)
+    true_field = torch.full((1, 1, 80, 80), math.radians(60))
+    _, alpha3 = S.sketch_from_field(true_field, matte[None], seed=4)
+    assert angle_error(mean_orientation(alpha3), 60) < 5
+    assert float((alpha3 * alpha).sum() / alpha.sum()) > 0.5  # mostly the same pixels
+
+
 def test_draw_polylines_straight_line_and_thickness():
     pts = torch.tensor([[[10.5, 20.5], [50.5, 20.5]]])
     rgb, alpha = S.draw_polylines(pts, None, (40, 64), colours=torch.tensor([[1.0, 0.5, 0.0]]), thickness=1.0)
