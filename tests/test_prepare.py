@@ -176,6 +176,22 @@ def test_max_side_braid_file_and_overwrite(tmp_path, capsys):
     assert "nobody: listed in" in capsys.readouterr().err
 
 
+def test_help_is_cheap_and_names_the_library_defaults():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hairdiff_core.prepare import PrepareOptions
+
+    repo = Path(__file__).resolve().parent.parent
+    code = "import sys, hairdiff_cli; hairdiff_cli.build_parser(); print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "False"  # `hairdiff --help` does not import torch
+    parser = hairdiff_cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["prepare"]
+    assert f"default {PrepareOptions().max_side};" in " ".join(sub.format_help().split())
+
+
 def test_prepared_dataset_trains_and_evaluates(tmp_path, capsys):
     images, mattes, _ = write_inputs(tmp_path, n=2, size=32)
     data = tmp_path / "ds"

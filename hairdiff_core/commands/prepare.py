@@ -12,8 +12,8 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from hairdiff_core.prepare import DEFAULT_MAX_SIDE
-
+    # No import of hairdiff_core.prepare here (it imports torch): `hairdiff --help` stays instant.
+    # tests/test_prepare.py checks that the default named below is the library's.
     p.add_argument("--images", required=True, help="folder of photos (any format PIL reads; EXIF rotation applied)")
     p.add_argument("--mattes", required=True, help="folder of hair mattes matched by stem (L/RGB/RGBA-alpha PNG, white = hair)")
     p.add_argument("--out", required=True, help="output dataset folder (img/, matte/, sketch/, braid.txt, prepare.json)")
@@ -21,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="strands: streamlines along the hair's orientation (default); edges: Canny edges of the hair")
     p.add_argument("--colour", action=argparse.BooleanOptionalAction, default=False,
                    help="strokes take the hair's colour (teaches colour); default --no-colour: white strokes (shape only)")
-    p.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
-                   help=f"downscale photos whose longer side exceeds N px (default {DEFAULT_MAX_SIDE}; 0 keeps the size)")
+    p.add_argument("--max-side", type=int,
+                   help="downscale photos whose longer side exceeds N px (default 2048; 0 keeps the size)")
     braids = p.add_mutually_exclusive_group()
     braids.add_argument("--braids", metavar="FILE", help="text file of photo stems (one a line) that form the braid subset")
     braids.add_argument("--braid-pattern", metavar="GLOB", help="photo names or stems matching this glob form the braid subset, e.g. 'braid_*'")
@@ -41,7 +41,8 @@ def run(args) -> int:
     from hairdiff_core.prepare import PrepareOptions, prepare_dataset
 
     options = PrepareOptions(
-        sketch=args.sketch, colour=args.colour, max_side=args.max_side or None, variants=args.variants,
+        sketch=args.sketch, colour=args.colour, variants=args.variants,
+        max_side=PrepareOptions.max_side if args.max_side is None else (args.max_side or None),
         seed=args.seed, density=args.density, length=args.length, thickness=args.thickness,
         braids_file=args.braids, braid_pattern=args.braid_pattern, skip_bad=args.skip_bad, overwrite=args.overwrite,
     )
