@@ -662,7 +662,8 @@ def synthesize_sketch(
             (Canny edges of the hair, thinned).
         colour: strokes take the hair's colour (median along a strand, local colour for an
             edge); otherwise white.
-        seed: the sketch is a deterministic function of the inputs and this seed.
+        seed: the sketch is a deterministic function of the inputs and this seed (strands:
+            seed points and lengths; edges have no randomness and ignore it).
         density: amount of strokes relative to the default (strands: per area; edges: lower
             thresholds).
         length: strand length relative to the default (140 px at 1024; edges ignore it).
