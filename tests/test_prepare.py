@@ -33,7 +33,7 @@ def write_inputs(root, n: int = 3, size: int = SIZE, seed: int = 0) -> tuple:
     arrays = {}
     for i in range(n):
         stem = f"p{i}"
-        photo, matte, _ = make_sample_arrays(size, rng)
+        photo, matte = make_sample_arrays(size, rng)[:2]
         Image.fromarray(photo).save(images / (f"{stem}.jpg" if i % 2 else f"{stem}.png"), quality=95)
         if i % 3 == 0:
             Image.fromarray(matte, mode="L").save(mattes / f"{stem}.png")
