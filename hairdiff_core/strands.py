@@ -640,6 +640,30 @@ def sketch_from_field(
     )
 
 
+def _strands_in_box(photo, binary, *, colour, seed, density, length, thickness):
+    """Strands of (B, 3, H, W) hair, computed on the matte's bounding box (every per-pixel step
+    costs in proportion to the area, and hair is often a small part of a portrait). Sizes that
+    scale with the resolution (smoothing, stroke length and width) follow the whole image."""
+    b, _, h, w = photo.shape
+    sigma = max(1.5, ORIENTATION_SIGMA_AT_1024 * resolution_scale(h, w))
+    box = _matte_box(binary, margin=int(math.ceil(3 * sigma)) + int(math.ceil(stroke_thickness(h, w, thickness))) + 4)
+    rgb = torch.zeros_like(photo)
+    alpha = torch.zeros_like(binary)
+    if box is None:
+        return rgb, alpha
+    crop = (Ellipsis, slice(box[0], box[1]), slice(box[2], box[3]))
+    photo_c, binary_c = photo[crop], binary[crop]
+    # trace_streamlines and draw_polylines scale length and width with the size they are given:
+    # scale them back up so that a crop draws the strokes of the whole image.
+    ratio = resolution_scale(h, w) / resolution_scale(*photo_c.shape[-2:])
+    angle, _ = orientation_field(photo_c, binary_c, sigma=sigma)
+    rgb[crop], alpha[crop] = sketch_from_field(
+        angle, binary_c, photo=photo_c if colour else None, seed=seed, density=density,
+        length=length * ratio, thickness=thickness * ratio,
+    )
+    return rgb, alpha
+
+
 def synthesize_sketch(
     photo: torch.Tensor,
     matte: torch.Tensor,
@@ -689,11 +713,7 @@ def synthesize_sketch(
     if style == "edges":
         rgb, alpha = edge_sketch(photo_b, binary, colour=colour, density=density, thickness=thickness)
     else:
-        angle, _ = orientation_field(photo_b, binary)
-        rgb, alpha = sketch_from_field(
-            angle, binary, photo=photo_b if colour else None, seed=seed, density=density, length=length,
-            thickness=thickness,
-        )
+        rgb, alpha = _strands_in_box(photo_b, binary, colour=colour, seed=seed, density=density, length=length, thickness=thickness)
     if squeezed:
         rgb, alpha = rgb[0], alpha[0]
     return (rgb, alpha) if return_alpha else rgb

@@ -215,8 +215,11 @@ def test_known_field_traces_circles():
 
 def test_sketch_from_a_known_field_matches_the_estimated_path():
     """sketch_from_field is the stroke renderer synthesize_sketch uses: given the field it
-    estimates, it draws the same sketch; given the true field of clean stripes, nearly the same."""
+    estimates, it draws the same sketch; given the true field of clean stripes, nearly the same.
+    (The matte spans the picture: synthesize_sketch works on the matte's box, which is then all
+    of it.)"""
     photo, matte = striped_hair(80, 60)
+    matte[..., 2:-2, 2:-2] = 1.0
     angle, _ = S.orientation_field(photo[None], matte[None])
     sketch, alpha = S.synthesize_sketch(photo[None], matte[None], colour=True, seed=4, return_alpha=True)
     rgb, alpha2 = S.sketch_from_field(angle, matte[None], photo=photo[None], seed=4)
@@ -239,6 +242,20 @@ def test_draw_polylines_straight_line_and_thickness():
     pts3 = torch.tensor([[[10.5, 5.5], [20.5, 5.5], [30.5, 30.5]]])
     _, part = S.draw_polylines(pts3, torch.tensor([[True, True, False]]), (40, 64), thickness=1.0)
     assert int(part.sum()) == 11
+
+
+def test_strands_on_the_matte_box_look_like_strands_on_the_whole_image():
+    """A portrait with the hair in a corner: the box crop keeps stroke width, length and coverage
+    (they follow the whole image's size, not the crop's)."""
+    photo, matte = striped_hair(128, 20)
+    matte[..., :, :64] = 0
+    matte[..., 70:, :] = 0
+    angle, _ = S.orientation_field(photo[None], matte[None])
+    cropped = sum(S.synthesize_sketch(photo, matte, seed=s, thickness=6.0, return_alpha=True)[1].sum() for s in range(6))
+    whole = sum(S.sketch_from_field(angle, matte[None], seed=s, thickness=6.0)[1].sum() for s in range(6))
+    assert 0.85 < float(cropped / whole) < 1.15  # over a few seeds: few strokes fit in this hair
+    _, alpha = S.synthesize_sketch(photo, matte, seed=1, thickness=6.0, return_alpha=True)
+    assert angle_error(mean_orientation(alpha), 20) < 10
 
 
 def test_edges_on_the_matte_box_equal_edges_on_the_whole_image():
