@@ -16,6 +16,7 @@ import sys
 COMMANDS = {
     "generate": ("hairdiff_core.commands.generate", "redraw the hair of a photo from a sketch and a matte"),
     "demo": ("hairdiff_core.commands.demo", "wiring check: generate with the built-in tiny model on bundled samples"),
+    "prepare": ("hairdiff_core.commands.prepare", "make a training set from photos and hair mattes (synthesised sketches)"),
     "eval": ("hairdiff_core.commands.evaluate", "measure results on a dataset against the inpainting baseline"),
     "train": ("training.cli", "fine-tune a HairDiff adapter (LoRA + sketch channels)"),
     "comfy-run": ("hairdiff_core.comfy_client", "run a workflow on a ComfyUI server through its HTTP API"),
