@@ -121,12 +121,41 @@ def context_box(binary: torch.Tensor, margin: float, min_pad: int, aspect_hw: tu
     return CropBox(t, l, b - t, r - l)
 
 
+def _auto_offload(family: str, transformer, device, dtype: torch.dtype) -> str:
+    """offload="auto" outside ComfyUI: blocks when the model would not fit the free CUDA memory."""
+    from .memory import current_storage_dtype, estimate_peak_vram, weights_name
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "none"
+    free, _ = torch.cuda.mem_get_info(device)
+    storage = current_storage_dtype(transformer)
+    weights = "gguf_q8_0" if getattr(transformer, "is_quantized", False) else (
+        weights_name(storage) if storage is not None else weights_name(dtype) if dtype != torch.float32 else "fp32")
+    config = {k: transformer.config[k] for k in transformer.config if not k.startswith("_")}
+    need = estimate_peak_vram(config if family == "custom" else family, weights=weights, offload="none",
+                              compute_dtype=dtype, reference="once").total
+    choice = "none" if need <= 0.9 * free else "blocks"
+    logger.info("offload auto: %.1f GB needed all on the GPU, %.1f GB free -> %s", need / 2**30, free / 2**30, choice)
+    return choice
+
+
 class HairDiffPipeline:
-    def __init__(self, transformer, vae, device="cpu", dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None):
+    def __init__(self, transformer, vae, device="cpu", dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
+                 offload: str = "none"):
+        from .memory import apply_offload, check_offload
+
         widen_input_channels(transformer)
         self.device = torch.device(device)
         self.dtype = dtype
-        self.transformer = _to(transformer, self.device, dtype).eval()
+        # none: on the device for good; model: on the device while sampling only; blocks: one
+        # block at a time (memory.apply_offload). "auto" is resolved by the caller (choose_settings).
+        self.offload = check_offload(offload)
+        if offload in ("model", "blocks"):
+            self.transformer = _to(transformer, torch.device("cpu"), dtype).eval()
+            apply_offload(self.transformer, offload, self.device)
+        else:
+            self.transformer = _to(transformer, self.device, dtype).eval()
         # The SD3 VAE is numerically fragile in half precision (force_upcast in its config).
         self.vae_dtype = vae_dtype or torch.float32
         self.vae = _to(vae, self.device, self.vae_dtype).eval() if vae is not None else None
@@ -135,17 +164,39 @@ class HairDiffPipeline:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def from_files(cls, model=None, vae=None, adapter=None, tiny: bool = False, device="cpu", dtype=torch.float32):
-        from .loading import load_models
+    def from_files(cls, model=None, vae=None, adapter=None, tiny: bool = False, device="cpu", dtype=torch.float32,
+                   weights: str = "auto", offload: str = "none"):
+        """Load a base model (+ adapter) from files and build the pipeline.
 
+        Args:
+            model: SD3/SD3.5 diffusers folder, single ``.safetensors`` (bf16/fp16, fp8, ComfyUI
+                fp8_scaled) or ``.gguf`` transformer (then ``vae`` is needed).
+            vae: a VAE folder or file when ``model`` has none.
+            adapter: a HairDiff adapter ``.safetensors`` (its LoRA stays in ``dtype``).
+            tiny: the built-in tiny model instead of files.
+            device: where sampling runs.
+            dtype: the compute dtype of the transformer.
+            weights: storage of the transformer's Linear weights (``memory.WEIGHTS``): ``auto``
+                keeps an fp8 file's fp8 and otherwise ``dtype``; ``fp8_e4m3fn`` halves bf16's memory.
+            offload: ``none``, ``model`` (transformer on ``device`` only while sampling) or
+                ``blocks`` (one transformer block at a time); ``auto`` picks from free CUDA memory.
+        """
+        from .loading import load_models
+        from .memory import check_offload, check_weights
+
+        check_weights(weights)
+        check_offload(offload)
         # The SD3 VAE runs in float32 (force_upcast); loading it so avoids a bf16 round trip.
-        loaded = load_models(model, vae=vae, tiny=tiny, dtype=dtype, device="cpu", vae_dtype=torch.float32)
+        loaded = load_models(model, vae=vae, tiny=tiny, dtype=dtype, device="cpu", vae_dtype=torch.float32,
+                             weights=weights)
         transformer = loaded.transformer
         if adapter is not None:
             from .adapter import load_adapter
 
             load_adapter(transformer, adapter)
-        pipe = cls(transformer, loaded.vae, device=device, dtype=dtype)
+        if offload == "auto":
+            offload = _auto_offload(loaded.family, transformer, device, dtype)
+        pipe = cls(transformer, loaded.vae, device=device, dtype=dtype, offload=offload)
         pipe.family = loaded.family
         return pipe
 
@@ -310,7 +361,7 @@ class HairDiffPipeline:
 
         sampler = SAMPLERS[method]
         info = {"steps_run": len(sigmas) - 1, "work_size": (wh, ww), "box": box, "method": method}
-        with self._attention(reference, method, photo_w, binary_w, soft_w, x0, noise, prompt_embeds, pooled_prompt_embeds) as hook:
+        with self._placed(), self._attention(reference, method, photo_w, binary_w, soft_w, x0, noise, prompt_embeds, pooled_prompt_embeds) as hook:
             denoise = TransformerDenoiser(
                 self.transformer,
                 sketch_latent,
@@ -346,6 +397,26 @@ class HairDiffPipeline:
             region = decoded.cpu()
         result[..., box.slices[0], box.slices[1]] = region
         return GenerateResult(image=result, latent=latent, mask=full_mask, box=box, work_size=(wh, ww), info=info)
+
+    def _placed(self):
+        """offload="model": the transformer is on the device while sampling, on the CPU otherwise
+        (the VAE then has the memory for decoding)."""
+        import contextlib
+
+        if self.offload != "model":
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def placed():
+            self.transformer.to(self.device)
+            try:
+                yield
+            finally:
+                self.transformer.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+        return placed()
 
     def _attention(self, reference, method, photo_w, binary_w, soft_w, x0, noise, embeds, pooled):
         """Context manager that installs reference attention for one call, or does nothing."""
