@@ -483,9 +483,10 @@ def float8_info(shapes: Mapping[str, Any], dtypes: Mapping[str, str], path: Path
 
     Refuses quantisation layouts it cannot dequantise, naming what it found.
     """
-    own = [k for k in shapes if k.startswith(prefix)]
+    marker_key = prefix + _SCALED_FP8_MARKER
+    own = [k for k in shapes if k.startswith(prefix) and k != marker_key]
     f8 = [k for k in own if dtypes.get(k) in _FLOAT8]
-    marker = any(k == prefix + _SCALED_FP8_MARKER for k in shapes)
+    marker = marker_key in shapes
     scaled = any(k.endswith(_SCALE_WEIGHT) for k in own)
     other = sorted(k for k in own if k.endswith(_OTHER_QUANT_SUFFIXES))
     if other:
