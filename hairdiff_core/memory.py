@@ -291,19 +291,32 @@ def family_config(family: str) -> dict[str, Any]:
     return {**_transformer_config(key), "in_channels": 32}
 
 
-_PARAM_CACHE: dict[tuple, tuple[int, int, int, int, int]] = {}
+@dataclass(frozen=True)
+class _Counts:
+    cast: int  # parameters of Linears layerwise casting stores in the storage dtype
+    kept: int  # everything else (patch embedding, final layer, norms, position table)
+    block_cast: int  # the largest transformer block's share of each
+    block_kept: int
+    blocks: int
+    largest_linear: int  # weights of the largest cast Linear (what one upcast holds)
 
 
-def _param_counts(config: Mapping[str, Any]) -> tuple[int, int, int, int, int]:
-    """(cast params, kept params, params of the largest block, params outside the blocks,
-    params of the largest cast Linear), counted on a meta-device model of ``config``."""
+_COUNT_CACHE: dict[tuple, _Counts] = {}
+
+
+def _is_cast(name: str, module: torch.nn.Module) -> bool:
     import re
 
+    return isinstance(module, torch.nn.Linear) and not any(re.search(p, name) for p in KEEP_IN_COMPUTE)
+
+
+def _param_counts(config: Mapping[str, Any]) -> _Counts:
+    """Parameter counts of ``config`` by storage class, from a meta-device model (no memory)."""
     from diffusers import SD3Transformer2DModel
 
     key = tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.items()))
-    if key in _PARAM_CACHE:
-        return _PARAM_CACHE[key]
+    if key in _COUNT_CACHE:
+        return _COUNT_CACHE[key]
     # A small position table: building the real one (192² x hidden sin/cos in numpy) takes seconds;
     # its size is added below. Parameter shapes do not depend on it.
     small = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -312,22 +325,30 @@ def _param_counts(config: Mapping[str, Any]) -> tuple[int, int, int, int, int]:
         model = SD3Transformer2DModel(**small)
     hidden = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
     table = int(config["pos_embed_max_size"]) ** 2 * hidden
-    cast, kept, largest = 0, table, 0
-    for name, module in model.named_modules():
-        own = sum(p.numel() for p in module.parameters(recurse=False))
-        if not own:
-            continue
-        hooked = isinstance(module, torch.nn.Linear) and not any(re.search(p, name) for p in KEEP_IN_COMPUTE)
-        if hooked:
-            cast += own
-            largest = max(largest, module.weight.numel())
-        else:
-            kept += own
-    block = max(sum(p.numel() for p in b.parameters()) for b in model.transformer_blocks)
-    in_blocks = sum(p.numel() for b in model.transformer_blocks for p in b.parameters())
-    outside = sum(p.numel() for p in model.parameters()) - in_blocks + table
-    _PARAM_CACHE[key] = (cast, kept, block, outside, largest)
-    return _PARAM_CACHE[key]
+
+    def split(root: torch.nn.Module) -> tuple[int, int, int]:
+        cast = kept = largest = 0
+        for name, module in root.named_modules():
+            own = sum(p.numel() for p in module.parameters(recurse=False))
+            if own and _is_cast(name, module):
+                cast += own
+                largest = max(largest, module.weight.numel())
+            else:
+                kept += own
+        return cast, kept, largest
+
+    cast, kept, largest = split(model)
+    per_block = []
+    for i, block in enumerate(model.transformer_blocks):
+        # Names as seen from the model, so the KEEP patterns match as in apply_weights.
+        c = sum(sum(p.numel() for p in m.parameters(recurse=False))
+                for n, m in block.named_modules() if _is_cast(f"transformer_blocks.{i}.{n}", m))
+        per_block.append((c, sum(p.numel() for p in block.parameters()) - c))
+    block_cast, block_kept = max(per_block, key=lambda ck: ck[0] + ck[1])
+    counts = _Counts(cast=cast, kept=kept + table, block_cast=block_cast, block_kept=block_kept,
+                     blocks=len(per_block), largest_linear=largest)
+    _COUNT_CACHE[key] = counts
+    return counts
 
 
 def _bytes_per_weight(weights: str, compute_dtype: torch.dtype) -> float:
@@ -385,18 +406,18 @@ def estimate_peak_vram(
     if height <= 0 or width <= 0 or batch <= 0:
         raise InputError(f"height, width and batch must be positive, got {height}x{width}, batch {batch}")
     config = family_config(family) if isinstance(family, str) else {**family, "in_channels": 32}
-    cast, kept, block, outside, largest = _param_counts(config)
+    n = _param_counts(config)
     csize = _dtype_size(compute_dtype)
     per_weight = _bytes_per_weight(weights, compute_dtype)
     upcast = per_weight != csize  # layerwise casting or GGUF dequantisation
-    weights_total = int(cast * per_weight + kept * csize)
+    weights_total = int(n.cast * per_weight + n.kept * csize)
     if offload == "blocks":
-        blocks_on_gpu = 2 if use_stream else 1
-        share = cast / (cast + kept)  # blocks are almost entirely cast Linears
-        resident = int(outside * csize + blocks_on_gpu * block * (share * per_weight + (1 - share) * csize))
+        on_gpu = min(n.blocks, 2 if use_stream else 1)  # the running block (+ the prefetched one)
+        outside = (n.cast - n.blocks * n.block_cast) * per_weight + (n.kept - n.blocks * n.block_kept) * csize
+        resident = int(outside + on_gpu * (n.block_cast * per_weight + n.block_kept * csize))
     else:
         resident = weights_total
-    transient = int(largest * csize) if upcast else 0
+    transient = int(n.largest_linear * csize) if upcast else 0
 
     patch = int(config["patch_size"]) * 8
     th, tw = math.ceil(height / patch), math.ceil(width / patch)
@@ -435,9 +456,9 @@ def choose_settings(
     all on the GPU; the compute dtype with block offloading; fp8 with block offloading. Options
     the caller fixed are kept. Returns ``(weights, offload, estimate)``; when nothing fits within
     ``headroom`` x ``free_bytes``, the smallest setting is returned (it may still run: ComfyUI
-    and the driver can evict or page).
+    and the driver can evict or page). A fixed ``weights`` may also be ``fp32`` or ``gguf_<type>``
+    (a loaded model's, see ``weights_of``).
     """
-    check_weights(weights)
     check_offload(offload)
     # "auto" = weights kept in the compute dtype (no casting): fp32 is not a storage option.
     native = weights_name(compute_dtype) if compute_dtype != torch.float32 else "auto"
@@ -452,8 +473,42 @@ def choose_settings(
         est = estimate_peak_vram(family, weights=w, offload=off, compute_dtype=compute_dtype, **estimate_kwargs)
         if est.total <= headroom * free_bytes:
             return w, off, est
-        if best is None or est.total < best[2].total:
+        if best is None or est.total <= best[2].total:  # ties: the later, more frugal candidate
             best = (w, off, est)
     logger.warning("no weights/offload setting fits in %.1f GB free; using the smallest (%s, %s: %.1f GB)",
                    free_bytes / 2**30, best[0], best[1], best[2].total / 2**30)
     return best
+
+
+def weights_of(transformer: torch.nn.Module) -> str:
+    """The ``weights`` a loaded transformer has: its storage dtype's name, ``gguf_q8_0`` for a
+    GGUF model (sized as Q8_0: the estimate's upper end for GGUF), or ``fp32``."""
+    if getattr(transformer, "is_quantized", False):
+        return "gguf_q8_0"
+    storage = current_storage_dtype(transformer)
+    dtype = storage if storage is not None else compute_dtype_of(transformer)
+    return "fp32" if dtype == torch.float32 else weights_name(dtype)
+
+
+def _config_of(transformer: torch.nn.Module) -> dict[str, Any]:
+    return {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+
+
+def estimate_for(
+    transformer: torch.nn.Module,
+    family: str,
+    *,
+    offload: str,
+    height: int,
+    width: int,
+    cfg: float = 1.0,
+    reference: str = "off",
+    batch: int = 1,
+    text_tokens: int = SD3_TEXT_TOKENS,
+) -> MemoryEstimate:
+    """``estimate_peak_vram`` for a loaded transformer: its family (or config), storage and
+    compute dtypes are read from the model."""
+    known = family if family not in ("custom",) else _config_of(transformer)
+    return estimate_peak_vram(known, weights=weights_of(transformer), offload=offload, height=height, width=width,
+                              cfg=cfg, reference=reference, batch=batch, compute_dtype=compute_dtype_of(transformer),
+                              text_tokens=text_tokens)

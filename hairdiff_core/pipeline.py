@@ -121,20 +121,16 @@ def context_box(binary: torch.Tensor, margin: float, min_pad: int, aspect_hw: tu
     return CropBox(t, l, b - t, r - l)
 
 
-def _auto_offload(family: str, transformer, device, dtype: torch.dtype) -> str:
+def _auto_offload(family: str, transformer, device) -> str:
     """offload="auto" outside ComfyUI: blocks when the model would not fit the free CUDA memory."""
-    from .memory import current_storage_dtype, estimate_peak_vram, weights_name
+    from .memory import estimate_for
 
     device = torch.device(device)
     if device.type != "cuda":
         return "none"
     free, _ = torch.cuda.mem_get_info(device)
-    storage = current_storage_dtype(transformer)
-    weights = "gguf_q8_0" if getattr(transformer, "is_quantized", False) else (
-        weights_name(storage) if storage is not None else weights_name(dtype) if dtype != torch.float32 else "fp32")
-    config = {k: transformer.config[k] for k in transformer.config if not k.startswith("_")}
-    need = estimate_peak_vram(config if family == "custom" else family, weights=weights, offload="none",
-                              compute_dtype=dtype, reference="once").total
+    side = int(transformer.config.sample_size) * M.LATENT_FACTOR
+    need = estimate_for(transformer, family, offload="none", height=side, width=side, reference="once").total
     choice = "none" if need <= 0.9 * free else "blocks"
     logger.info("offload auto: %.1f GB needed all on the GPU, %.1f GB free -> %s", need / 2**30, free / 2**30, choice)
     return choice
@@ -195,7 +191,7 @@ class HairDiffPipeline:
 
             load_adapter(transformer, adapter)
         if offload == "auto":
-            offload = _auto_offload(loaded.family, transformer, device, dtype)
+            offload = _auto_offload(loaded.family, transformer, device)
         pipe = cls(transformer, loaded.vae, device=device, dtype=dtype, offload=offload)
         pipe.family = loaded.family
         return pipe
