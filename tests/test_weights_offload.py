@@ -57,7 +57,7 @@ def _trained_adapter(master, path):
 
 def _generate(pipe, **kw):
     photo, sketch, matte = _inputs()
-    return pipe.generate(photo, sketch, matte, steps=3, seed=4, paste_back=False, **kw)
+    return pipe.generate(photo, sketch, matte, steps=2, seed=4, paste_back=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +159,29 @@ def test_offload_through_from_files_with_fp8(adapter_file, fp8_pipe):
         torch.testing.assert_close(_generate(pipe).image, expected, atol=1e-6, rtol=0)
     with pytest.raises(InputError, match="unknown offload 'disk'"):
         HairDiffPipeline.from_files(tiny=True, offload="disk")
+
+
+def test_cli_weights_and_offload_flags(tmp_path):
+    import hairdiff_cli
+    from PIL import Image
+
+    Image.new("RGB", (48, 48), (120, 90, 60)).save(tmp_path / "photo.png")
+    Image.new("RGB", (48, 48), (255, 255, 255)).save(tmp_path / "sketch.png")
+    matte = Image.new("L", (48, 48), 0)
+    matte.paste(255, (10, 10, 38, 30))
+    matte.save(tmp_path / "matte.png")
+
+    def run(out, *extra):
+        argv = ["generate", "--tiny", "--steps", "2", "--dtype", "bf16", "--image", str(tmp_path / "photo.png"),
+                "--sketch", str(tmp_path / "sketch.png"), "--matte", str(tmp_path / "matte.png"),
+                "--out", str(tmp_path / out), *extra]
+        return hairdiff_cli.main(argv)
+
+    assert run("fp8.png", "--weights", "fp8_e4m3fn") == 0
+    assert run("fp8_blocks.png", "--weights", "fp8_e4m3fn", "--offload", "blocks") == 0
+    import numpy as np
+
+    a, b = (np.asarray(Image.open(tmp_path / name)) for name in ("fp8.png", "fp8_blocks.png"))
+    assert a.shape == (48, 48, 3) and (a == b).all()
+    with pytest.raises(SystemExit):  # argparse refuses an unknown choice
+        run("x.png", "--weights", "int4")
