@@ -108,8 +108,27 @@ def _diffusers_folders() -> list[str]:
     return sorted(out)
 
 
+def _gguf_files() -> list[str]:
+    """GGUF transformers in diffusion_models/ (and ComfyUI-GGUF's unet_gguf when registered):
+    ComfyUI's own listing filters them out by extension."""
+    import folder_paths
+
+    out = []
+    for folder in ("diffusion_models", "unet_gguf"):
+        if folder not in folder_paths.folder_names_and_paths:
+            continue
+        for base in folder_paths.get_folder_paths(folder):
+            for root, _dirs, files in os.walk(base, followlinks=True):
+                for name in files:
+                    if name.lower().endswith(".gguf"):
+                        rel = os.path.relpath(os.path.join(root, name), base).replace(os.sep, "/")
+                        out.append(f"{folder}/{rel}")
+    return sorted(set(out))
+
+
 def base_model_options() -> list[str]:
-    return [TINY] + _safetensors("checkpoints") + _safetensors("diffusion_models") + _diffusers_folders()
+    return ([TINY] + _safetensors("checkpoints") + _safetensors("diffusion_models") + _gguf_files()
+            + _diffusers_folders())
 
 
 def adapter_options() -> list[str]:
@@ -257,6 +276,14 @@ class LoadHairDiffModel(io.ComfyNode):
             if tiny:
                 loaded = load_models(tiny=True, dtype=torch_dtype, device=offload_device, vae_dtype=torch.float32,
                                      weights=weights)
+            elif base_model.startswith(("diffusion_models/", "unet_gguf/")):
+                # Transformer-only files (GGUF too): the sampler takes ComfyUI's VAE.
+                from ..hairdiff_core.loading import FAMILY_NAMES, LoadedModels, load_transformer
+
+                path = resolve(base_model, node, "base_model")
+                transformer, family = load_transformer(path, dtype=torch_dtype, device=offload_device, weights=weights)
+                loaded = LoadedModels(transformer=transformer, vae=None, family=family,
+                                      source=f"{FAMILY_NAMES[family]}: transformer file {path}")
             else:
                 path = resolve(base_model, node, "base_model")
                 loaded = load_models(path, dtype=torch_dtype, device=offload_device, vae_dtype=torch.float32,

@@ -118,3 +118,23 @@ def test_auto_picks_from_the_free_vram(comfy, monkeypatch):
     assert tight.patcher.load_device.type == "cpu" and tight.run_device.type == "meta"
     fixed = comfy.nodes.LoadHairDiffModel.execute(base_model=TINY, adapter="none", weights="bf16", offload="none")[0]
     assert fixed.offload == "none" and memory.weights_of(fixed.transformer) == "bf16"
+
+
+def test_gguf_transformers_are_listed_and_load(comfy):
+    pytest.importorskip("gguf", reason="the optional gguf package is not installed (pip install 'hairdiff[gguf]')")
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_gguf_test", Path(__file__).parents[1] / "test_gguf.py")
+    gguf_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gguf_test)
+    from hairdiff_core.tiny import build_tiny_transformer
+
+    folder = comfy.models_dir / "diffusion_models"
+    folder.mkdir(exist_ok=True)
+    gguf_test.write_q8_gguf(build_tiny_transformer(), folder / "tiny-Q8_0.gguf")
+    choice = "diffusion_models/tiny-Q8_0.gguf"
+    assert choice in comfy.nodes.LoadHairDiffModel.define_schema().inputs[0].options
+    model = comfy.nodes.LoadHairDiffModel.execute(base_model=choice, adapter="none")[0]
+    assert model.family == "tiny" and model.vae is None  # GGUF files hold the transformer only
+    assert type(model.transformer.transformer_blocks[0].attn.to_q).__name__ == "GGUFLinear"
