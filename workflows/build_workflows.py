@@ -34,7 +34,8 @@ def loaders(photo=True, matte=True):
 
 def model(base=TINY, adapter="none"):
     return dict(id=5, type="HairDiff_LoadModel", title="Load HairDiff Model",
-                widgets={"base_model": base, "adapter": adapter, "dtype": "auto", "device": "auto"})
+                widgets={"base_model": base, "adapter": adapter, "dtype": "auto", "device": "auto",
+                         "weights": "auto", "offload": "auto"})
 
 
 def sketch_node():
