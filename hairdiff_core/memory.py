@@ -216,9 +216,31 @@ def apply_offload(
         use_stream=use_stream,
         low_cpu_mem_usage=low_cpu_mem_usage,
     )
+    if use_stream:
+        prime_offload(transformer)
     logger.info("block offloading: blocks rest on %s and run on %s%s", offload_device, onload,
                 " (prefetched on a CUDA stream)" if use_stream else "")
     return offload
+
+
+@torch.no_grad()
+def prime_offload(transformer: torch.nn.Module) -> None:
+    """One small complete forward, so streamed offloading learns the block order from it.
+
+    diffusers records the order in which blocks run during the first forward and prefetches by
+    it afterwards. HairDiff's first forward may be a reference pass, which stops once every
+    layer's K/V is cached: an order learnt from it would be incomplete.
+    """
+    cfg = transformer.config
+    param = transformer.pos_embed.proj.weight
+    side = 2 * int(cfg.patch_size)
+    transformer(
+        hidden_states=torch.zeros(1, param.shape[1], side, side, dtype=param.dtype),
+        encoder_hidden_states=torch.zeros(1, 1, int(cfg.joint_attention_dim), dtype=param.dtype),
+        pooled_projections=torch.zeros(1, int(cfg.pooled_projection_dim), dtype=param.dtype),
+        timestep=torch.tensor([500.0]),
+        return_dict=False,
+    )
 
 
 def remove_offload(transformer: torch.nn.Module, device: str | torch.device = "cpu") -> None:

@@ -13,7 +13,8 @@ import torch
 
 from hairdiff_core.errors import HairDiffError, InputError
 from hairdiff_core.lora import add_lora
-from hairdiff_core.memory import apply_offload, apply_weights, current_storage_dtype, is_offloaded, remove_offload
+from hairdiff_core.memory import (apply_offload, apply_weights, current_storage_dtype, is_offloaded, prime_offload,
+                                  remove_offload)
 from hairdiff_core.pipeline import HairDiffPipeline
 from hairdiff_core.reference import ReferenceSettings
 from hairdiff_core.surgery import widen_input_channels
@@ -138,6 +139,7 @@ def test_block_offload_gives_the_same_output_and_restores_processors(tiny_transf
 
     apply_offload(pipe.transformer, "blocks", "cpu")
     assert is_offloaded(pipe.transformer)
+    prime_offload(pipe.transformer)  # what CUDA streams get first (not used on the CPU): harmless
     blocks = pipe.generate(photo, sketch, matte, steps=3, seed=4, reference=reference).image
     torch.testing.assert_close(blocks, plain, atol=1e-6, rtol=0)
     # reference attention put its processors back on the offloaded model ...
