@@ -106,3 +106,36 @@ def test_unreadable_fp8_layouts_are_refused_clearly(models, tmp_path):
     save_file(bf16, str(tmp_path / "bf16_with_scales.safetensors"))
     with pytest.raises(ModelLoadError, match="scale_weight' tensors but no float8 weights"):
         load_transformer(tmp_path / "bf16_with_scales.safetensors", dtype=torch.bfloat16)
+
+
+def test_dequantised_layer_by_layer_into_the_storage_dtype(models, tmp_path, monkeypatch):
+    """No float32 copy of the model ever exists: each fp8 layer is widened alone and cast at once."""
+    from hairdiff_core import loading
+
+    transformer, _ = models
+    path = tmp_path / "scaled.safetensors"
+    fp8u.write_fp8_checkpoint(transformer, path)
+    live = []  # weakrefs to every float32 layer made
+    alive_at_call = []  # how many earlier ones still existed when the next was made
+    real = loading._dequantise
+
+    def spy(*args, **kwargs):
+        import weakref
+
+        alive_at_call.append(sum(ref() is not None for ref in live))
+        out = real(*args, **kwargs)
+        live.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(loading, "_dequantise", spy)
+    state = {}
+    real_build = loading._build_direct
+
+    def build(s, *args, **kwargs):
+        state.update(s)
+        return real_build(s, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "_build_direct", build)
+    load_transformer(path, dtype=torch.bfloat16, weights="fp8_e4m3fn")
+    assert len(live) > 10 and max(alive_at_call) == 0  # one float32 layer at a time
+    assert {t.dtype for t in state.values()} <= {torch.bfloat16, torch.float8_e4m3fn}
