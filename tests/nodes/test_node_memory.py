@@ -138,3 +138,23 @@ def test_gguf_transformers_are_listed_and_load(comfy):
     model = comfy.nodes.LoadHairDiffModel.execute(base_model=choice, adapter="none")[0]
     assert model.family == "tiny" and model.vae is None  # GGUF files hold the transformer only
     assert type(model.transformer.transformer_blocks[0].attn.to_q).__name__ == "GGUFLinear"
+
+
+def test_model_offload_gives_the_gpu_back_after_sampling(comfy):
+    model = comfy.nodes.LoadHairDiffModel.execute(base_model=TINY, adapter="none", offload="model")[0]
+    assert model.offload == "model" and model.patcher.load_device == model.run_device
+    _sample(comfy, model)
+    assert comfy.mm.load_calls[-1][0] is model.patcher  # loaded through ComfyUI for the call ...
+    assert not any(lm.model is model.patcher for lm in comfy.mm.current_loaded_models)  # ... and unloaded after
+
+
+def test_cancel_during_block_offload_removes_the_hooks(comfy):
+    from hairdiff_pack.hairdiff_core.memory import is_offloaded
+
+    model = comfy.nodes.LoadHairDiffModel.execute(base_model=TINY, adapter="none", offload="blocks")[0]
+    before = {k: type(v) for k, v in model.transformer.attn_processors.items()}
+    comfy.mm.interrupt_processing = True  # Cancel: raised from the progress bar after the first step
+    with pytest.raises(comfy.mm.InterruptProcessingException):
+        _sample(comfy, model)
+    assert not is_offloaded(model.transformer)
+    assert {k: type(v) for k, v in model.transformer.attn_processors.items()} == before
