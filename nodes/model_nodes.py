@@ -249,8 +249,11 @@ class LoadHairDiffModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, base_model=TINY, adapter=NONE) -> bool | str:
+    def validate_inputs(cls, base_model=TINY, adapter=NONE, weights="auto", offload="auto") -> bool | str:
         """Refuse missing model files at /prompt time (ComfyUI does not check V3 combo values itself)."""
+        for name, value, options in (("weights", weights, WEIGHTS), ("offload", offload, OFFLOADS)):
+            if value not in options:
+                return f"{name} {value!r} is not one of {', '.join(options)} -> pick one of them"
         problems = []
         if base_model not in base_model_options():
             problems.append(f"base_model {base_model!r} is not in ComfyUI's model folders")

@@ -158,3 +158,10 @@ def test_cancel_during_block_offload_removes_the_hooks(comfy):
         _sample(comfy, model)
     assert not is_offloaded(model.transformer)
     assert {k: type(v) for k, v in model.transformer.attn_processors.items()} == before
+
+
+def test_unknown_weights_or_offload_are_refused_at_prompt_time(comfy):
+    validate = comfy.nodes.LoadHairDiffModel.validate_inputs
+    assert validate(base_model=TINY, adapter="none", weights="fp8_e5m2", offload="blocks") is True
+    assert "weights 'int4' is not one of auto, bf16" in validate(base_model=TINY, adapter="none", weights="int4")
+    assert "offload 'disk' is not one of auto, none, model, blocks" in validate(base_model=TINY, offload="disk")
