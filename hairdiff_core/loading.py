@@ -417,11 +417,6 @@ def _check_path(path: str | os.PathLike, what: str) -> Path:
                 f"(e.g. load it once in a trusted environment and save it with "
                 f"safetensors.torch.save_file) or download the .safetensors release."
             )
-        if suffix == ".gguf":
-            raise ModelLoadError(
-                f"{p} is a GGUF (quantised) checkpoint, which HairDiff does not load; use the "
-                f".safetensors release of the model."
-            )
     return p
 
 
@@ -451,12 +446,160 @@ def _read_tensors(path: Path, keys: Mapping[str, str]) -> dict[str, torch.Tensor
         raise ModelLoadError(f"cannot read tensors from {path} ({e}); the file is corrupted") from e
 
 
-def _refuse_scaled_fp8(shapes: Mapping[str, Any], path: Path) -> None:
-    if any(k == "scaled_fp8" or k.endswith(".scaled_fp8") or k.endswith(".scale_weight") for k in shapes):
+def read_dtypes(path: str | os.PathLike) -> dict[str, str]:
+    """Tensor dtypes in a safetensors file ('BF16', 'F8_E4M3', ...), from its header only."""
+    from safetensors import SafetensorError, safe_open
+
+    p = _check_path(path, "model file")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    except SafetensorError as e:
+        raise ModelLoadError(f"cannot read {p}: not a valid safetensors file ({e})") from e
+
+
+_FLOAT8 = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# ComfyUI's fp8_scaled layout: a `scaled_fp8` marker tensor beside the model's keys (its dtype is
+# the fp8 format), float8 weights and per layer `<layer>.scale_weight` (weight = fp8 x scale) and
+# optionally `<layer>.scale_input` (for fp8 matmuls of the activations; not needed to dequantise).
+_SCALED_FP8_MARKER = "scaled_fp8"
+_SCALE_WEIGHT, _SCALE_INPUT = ".scale_weight", ".scale_input"
+# Other quantised-weight layouts, which HairDiff does not read.
+_OTHER_QUANT_SUFFIXES = (".weight_scale", ".comfy_quant", ".input_scale", ".weight_scale_2", ".scales", ".qweight")
+
+
+@dataclass(frozen=True)
+class Float8Info:
+    """What float8 content a transformer file has."""
+
+    dtype: torch.dtype  # the weights' float8 format
+    scaled: bool  # per-layer scale_weight tensors present
+    marker: bool  # ComfyUI's scaled_fp8 marker present
+    tensors: int  # float8 tensors in the transformer
+
+
+def float8_info(shapes: Mapping[str, Any], dtypes: Mapping[str, str], path: Path, prefix: str) -> Float8Info | None:
+    """Recognise float8 weights in a transformer file (ComfyUI fp8_scaled or plain fp8), or None.
+
+    Refuses quantisation layouts it cannot dequantise, naming what it found.
+    """
+    marker_key = prefix + _SCALED_FP8_MARKER
+    own = [k for k in shapes if k.startswith(prefix) and k != marker_key]
+    f8 = [k for k in own if dtypes.get(k) in _FLOAT8]
+    marker = marker_key in shapes
+    scaled = any(k.endswith(_SCALE_WEIGHT) for k in own)
+    other = sorted(k for k in own if k.endswith(_OTHER_QUANT_SUFFIXES))
+    if other:
         raise ModelLoadError(
-            f"{path} is an fp8 'scaled' checkpoint (ComfyUI *_fp8_scaled); its weights need "
-            f"per-tensor scales diffusers does not apply. Use the bf16/fp16 .safetensors release."
+            f"{path} holds quantised weights in a layout HairDiff cannot dequantise (e.g. '{other[0]}'; "
+            f"it reads ComfyUI's fp8_scaled files with '{_SCALE_WEIGHT}' tensors, plain fp8/bf16/fp16 "
+            f".safetensors and GGUF). Use the bf16 release or Comfy-Org's *_fp8_scaled file of the model."
         )
+    if not f8:
+        if scaled:
+            raise ModelLoadError(
+                f"{path} has '{_SCALE_WEIGHT}' tensors but no float8 weights; it is not an fp8_scaled "
+                f"file HairDiff can read (damaged or another format)"
+            )
+        return None
+    kinds = {dtypes[k] for k in f8}
+    if len(kinds) > 1:
+        raise ModelLoadError(f"{path} mixes float8 formats {sorted(kinds)}; HairDiff reads one per file")
+    bad = sorted(k for k in f8 if not k.endswith(".weight"))
+    if bad:
+        raise ModelLoadError(
+            f"{path}: float8 tensor '{bad[0]}' is not a layer weight; only weights may be fp8 in the "
+            f"files HairDiff reads (ComfyUI's fp8_scaled layout)"
+        )
+    return Float8Info(dtype=_FLOAT8[kinds.pop()], scaled=scaled, marker=marker, tensors=len(f8))
+
+
+# Keys (after the prefix) whose modules stay in the compute dtype under fp8 storage: the patch
+# embedding and the final layer (memory.KEEP_IN_COMPUTE in diffusers names), in both layouts.
+_KEPT_IN_COMPUTE = {
+    "original": ("pos_embed", "x_embedder.", "final_layer."),
+    "diffusers": ("pos_embed", "proj_out.", "norm_out."),
+}
+
+
+def _dequantise(t: torch.Tensor, scale: torch.Tensor | None, key: str, path: Path) -> torch.Tensor:
+    """fp8 weight (x its ComfyUI scale_weight) -> float32, one layer at a time."""
+    w = t.to(torch.float32)
+    if scale is None:
+        return w
+    scale = scale.to(torch.float32)
+    if scale.numel() != 1 and scale.ndim != w.ndim:
+        raise ModelLoadError(
+            f"{path}: scale of '{key}' has shape {list(scale.shape)}, which does not fit the weight "
+            f"{list(w.shape)} (expected one scale per layer, as ComfyUI writes)"
+        )
+    return w * (scale.reshape(()) if scale.numel() == 1 else scale)
+
+
+def _to_storage(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        # Out-of-range values would become NaN in float8; saturate like ComfyUI does.
+        limit = torch.finfo(dtype).max
+        t = t.clamp(-limit, limit)
+    return t.to(dtype)
+
+
+def _read_transformer_state(
+    path: Path,
+    keys: Mapping[str, str],
+    layout: str,
+    compute_dtype: torch.dtype,
+    storage: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """Read ``{new_name: file_key}`` tensor by tensor, dequantising fp8 (with ComfyUI's
+    ``scale_weight``) and casting each to its final dtype: Linear weights to ``storage``, the
+    rest to ``compute_dtype``. At most one layer is ever held in float32."""
+    from safetensors import SafetensorError, safe_open
+
+    kept = _KEPT_IN_COMPUTE[layout]
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            for new, old in keys.items():
+                if new.endswith((_SCALE_WEIGHT, _SCALE_INPUT)):
+                    continue
+                t = f.get_tensor(old)
+                stored = t.ndim >= 2 and not new.startswith(kept)
+                target = storage if stored else compute_dtype
+                if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    scale_key = old[: -len(".weight")] + _SCALE_WEIGHT
+                    scale = f.get_tensor(scale_key) if scale_key in names else None
+                    if scale is None and t.dtype == target:
+                        out[new] = t  # plain fp8 into the same fp8: no round trip
+                        continue
+                    t = _dequantise(t, scale, old, path)
+                if not bool(torch.isfinite(t).all()):
+                    raise ModelLoadError(f"{path}: tensor '{old}' holds NaN/inf; the file is damaged")
+                out[new] = _to_storage(t, target) if t.dtype != target else t
+    except SafetensorError as e:
+        raise ModelLoadError(f"cannot read tensors from {path} ({e}); the file is corrupted") from e
+    return out
+
+
+def _build_direct(state: dict[str, torch.Tensor], layout: str, config: Mapping[str, Any], what: str):
+    """An ``SD3Transformer2DModel`` that takes ``state``'s tensors as they are (dtypes mixed:
+    fp8 Linears, compute-dtype rest), converting the original key layout with diffusers' own
+    converter. ``from_single_file`` would cast everything to one dtype first."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    try:
+        if layout == "original":
+            state = convert_sd3_transformer_checkpoint_to_diffusers(state)
+        body = dict(config)
+        body["dual_attention_layers"] = tuple(body.get("dual_attention_layers") or ())
+        with torch.device("meta"):
+            model = SD3Transformer2DModel(**body)
+        model.load_state_dict(state, strict=True, assign=True)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ModelLoadError(f"cannot build {what}: {type(e).__name__}: {e}") from e
+    return model.eval()
 
 
 @contextlib.contextmanager
@@ -499,7 +642,11 @@ def _quiet_dtype_casts() -> Iterator[None]:
 
 
 def _finish(model: torch.nn.Module, dtype: torch.dtype, device: str | torch.device):
-    if any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
+    from .memory import current_storage_dtype
+
+    # Weights stored in another dtype (layerwise casting) or quantised (GGUF) stay so.
+    stored_apart = current_storage_dtype(model) is not None or getattr(model, "is_quantized", False)
+    if not stored_apart and any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
         with _quiet_dtype_casts():
             model = model.to(dtype=dtype)
     return model.to(device=device).eval()
@@ -524,8 +671,19 @@ def _build_single_file(cls, state, config, dtype: torch.dtype, what: str):
 def _inspect_transformer_file(
     path: Path, shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[str, dict[str, Any]]:
-    _refuse_scaled_fp8(shapes, path)
     return identify_transformer(shapes, name_hint=path.name, source=str(path))
+
+
+def resolve_file_weights(weights: str, fp8: Float8Info | None, dtype: torch.dtype) -> str:
+    """``auto`` for a file: its own fp8 format for an fp8 file, else the compute dtype."""
+    from .memory import check_weights, weights_name
+
+    check_weights(weights)
+    if weights != "auto":
+        return weights
+    if fp8 is not None:
+        return weights_name(fp8.dtype)
+    return "auto"
 
 
 def _load_transformer_file(
@@ -534,22 +692,91 @@ def _load_transformer_file(
     family: str,
     config: dict[str, Any],
     dtype: torch.dtype,
+    weights: str = "auto",
 ):
     from diffusers import SD3Transformer2DModel
 
+    from .memory import apply_weights, storage_dtype
+
     layout, prefix = _transformer_view(shapes)  # type: ignore[misc]  # identify succeeded
     roots = _TRANSFORMER_ROOTS[layout]
-    state = _read_tensors(
-        path,
-        {k[len(prefix):]: k for k in shapes
-         if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] in roots},
-    )
-    model = _build_single_file(
-        SD3Transformer2DModel, state, config, dtype, f"the {FAMILY_NAMES[family]} transformer from {path} ({layout} layout)"
-    )
+    keys = {k[len(prefix):]: k for k in shapes
+            if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] in roots}
+    fp8 = float8_info(shapes, read_dtypes(path), path, prefix)
+    weights = resolve_file_weights(weights, fp8, dtype)
+    storage = storage_dtype(weights, dtype)
+    what = f"the {FAMILY_NAMES[family]} transformer from {path} ({layout} layout)"
+    if fp8 is not None or storage != dtype:
+        # Tensor by tensor into its final dtype: never the whole model in a wider dtype.
+        state = _read_transformer_state(path, keys, layout, dtype, storage)
+        model = _build_direct(state, layout, config, what)
+        if fp8 is not None:
+            logger.info("%s: %d %s weights%s dequantised layer by layer into %s", path.name, fp8.tensors,
+                        "scaled fp8 (ComfyUI fp8_scaled)" if fp8.scaled else "plain fp8",
+                        "" if fp8.marker or not fp8.scaled else " (no scaled_fp8 marker)", weights)
+    else:
+        model = _build_single_file(SD3Transformer2DModel, _read_tensors(path, keys), config, dtype, what)
     _ensure_loaded(model, str(path))
+    apply_weights(model, weights, dtype)
     logger.info("recognised %s in %s", describe_transformer(family, config), path)
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF (optional extra: pip install "hairdiff[gguf]")
+
+
+def _require_gguf(path: Path):
+    try:
+        import gguf
+    except ImportError as e:
+        raise ModelLoadError(
+            f"{path} is a GGUF checkpoint; reading it needs the 'gguf' package: pip install \"hairdiff[gguf]\" "
+            f"(or pip install gguf). Or use the .safetensors release."
+        ) from e
+    return gguf
+
+
+def read_gguf_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Logical tensor shapes in a GGUF file (GGUF lists dimensions innermost first)."""
+    p = _check_path(path, "model file")
+    gguf = _require_gguf(p)
+    try:
+        reader = gguf.GGUFReader(str(p))
+    except (ValueError, OSError) as e:
+        raise ModelLoadError(f"cannot read {p}: not a valid GGUF file ({e}); copy or download it again") from e
+    return {t.name: tuple(int(d) for d in reversed(list(t.shape))) for t in reader.tensors}
+
+
+def _load_transformer_gguf(path: Path, family: str, config: dict[str, Any], dtype: torch.dtype, weights: str):
+    from diffusers import GGUFQuantizationConfig, SD3Transformer2DModel
+
+    from .memory import check_weights, weights_name
+
+    check_weights(weights)
+    if weights not in ("auto", weights_name(dtype) if dtype != torch.float32 else "auto"):
+        raise ModelLoadError(
+            f"{path.name} is GGUF: its weights keep the file's own quantisation, so weights={weights!r} "
+            f"does not apply. Use weights='auto' with GGUF files, or a .safetensors file for {weights}."
+        )
+    with _config_dir(config, "SD3Transformer2DModel") as cfg:
+        try:
+            with _quiet_dtype_casts():
+                model = SD3Transformer2DModel.from_single_file(
+                    str(path), config=cfg, local_files_only=True, torch_dtype=dtype,
+                    quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
+                )
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ModelLoadError(f"cannot build the {FAMILY_NAMES[family]} transformer from {path} (GGUF): "
+                                 f"{type(e).__name__}: {e}") from e
+    _ensure_loaded(model, str(path))
+    logger.info("recognised %s in %s (GGUF, dequantised per layer in %s)", describe_transformer(family, config),
+                path, dtype)
+    return model
+
+
+def _is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".gguf"
 
 
 def _safetensors_in(folder: Path, what: str) -> list[Path]:
@@ -590,7 +817,8 @@ def _inspect_transformer_folder(folder: Path) -> tuple[str, dict[str, Any]]:
     return identify_transformer(shapes, name_hint=hint, source=str(folder))
 
 
-def _load_transformer_folder(folder: Path, family: str, config: dict[str, Any], dtype: torch.dtype):
+def _load_transformer_folder(folder: Path, family: str, config: dict[str, Any], dtype: torch.dtype,
+                             weights: str = "auto"):
     from diffusers import SD3Transformer2DModel
 
     try:
@@ -606,25 +834,38 @@ def _load_transformer_folder(folder: Path, family: str, config: dict[str, Any], 
             f"cannot load the transformer folder {folder}: {type(e).__name__}: {e}"
         ) from e
     _ensure_loaded(model, str(folder))
+    from .memory import apply_weights
+
+    apply_weights(model, weights, dtype)
     logger.info("recognised %s in %s", describe_transformer(family, config), folder)
     return model
 
 
 def load_transformer(
-    path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    weights: str = "auto",
 ) -> tuple[Any, str]:
-    """Load an SD3/SD3.5 transformer from a diffusers ``transformer/`` folder or a single file.
+    """Load an SD3/SD3.5 transformer from a diffusers ``transformer/`` folder or a single file
+    (``.safetensors``: bf16/fp16/fp32, plain fp8 or ComfyUI fp8_scaled; ``.gguf`` with the extra).
 
-    Returns ``(transformer, family)``; the transformer is as stored (16 or 32 input channels).
+    ``dtype`` is the compute dtype; ``weights`` (``memory.WEIGHTS``) the storage of the Linear
+    weights (``auto``: the file's fp8 format for an fp8 file, else ``dtype``). Returns
+    ``(transformer, family)``; the transformer is as stored (16 or 32 input channels).
     """
     p = _check_path(path, "transformer")
     if p.is_dir():
         family, config = _inspect_transformer_folder(p)
-        model = _load_transformer_folder(p, family, config, dtype)
+        model = _load_transformer_folder(p, family, config, dtype, weights)
+    elif _is_gguf(p):
+        family, config = identify_transformer(read_gguf_shapes(p), name_hint=p.name, source=str(p))
+        model = _load_transformer_gguf(p, family, config, dtype, weights)
     else:
         shapes = read_shapes(p)
         family, config = _inspect_transformer_file(p, shapes)
-        model = _load_transformer_file(p, shapes, family, config, dtype)
+        model = _load_transformer_file(p, shapes, family, config, dtype, weights)
     return _finish(model, dtype, device), family
 
 
@@ -700,6 +941,7 @@ def load_models(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     vae_dtype: torch.dtype | None = None,
+    weights: str = "auto",
 ) -> LoadedModels:
     """Load the transformer and VAE HairDiff needs, offline.
 
@@ -709,8 +951,12 @@ def load_models(
     encoders are ignored). ``vae`` overrides any VAE found with the model. ``tiny=True`` returns
     the built-in tiny model. The transformer comes back as stored: 16 input channels (stock) or
     32 (already widened). ``vae_dtype`` (default: ``dtype``) lets the VAE stay in float32 while
-    the transformer is bf16, without a lossy round trip through ``dtype``.
+    the transformer is bf16, without a lossy round trip through ``dtype``. ``weights``
+    (``memory.WEIGHTS``) stores the transformer's Linear weights in another dtype than the
+    compute ``dtype`` (layerwise casting; ``auto``: an fp8 file's own format, else ``dtype``).
+    A ``.gguf`` transformer (optional ``gguf`` extra) keeps its quantisation.
     """
+    from .memory import apply_weights
     vae_dtype = vae_dtype or dtype
     if tiny:
         if model is not None or vae is not None:
@@ -719,8 +965,10 @@ def load_models(
             )
         from .tiny import build_tiny_transformer, build_tiny_vae
 
+        tiny_transformer = _finish(build_tiny_transformer(), dtype, device)
+        apply_weights(tiny_transformer, weights, dtype)
         return LoadedModels(
-            transformer=_finish(build_tiny_transformer(), dtype, device),
+            transformer=tiny_transformer,
             vae=_finish(build_tiny_vae(), vae_dtype, device),
             family="tiny",
             source="built-in tiny model (hairdiff_core.tiny)",
@@ -734,6 +982,7 @@ def load_models(
 
     # Recognise the transformer and settle where the VAE comes from before reading gigabytes.
     shapes: dict[str, tuple[int, ...]] | None = None
+    gguf_shapes: dict[str, tuple[int, ...]] | None = None
     vae_source: tuple[str, Path] | None = None  # ("file"|"folder", path)
     if path.is_dir():
         if (path / "transformer").is_dir():
@@ -751,10 +1000,15 @@ def load_models(
                 f"transformer/ (and vae/) or a transformer folder with config.json and "
                 f".safetensors weights"
             )
+    elif _is_gguf(path):
+        transformer_dir = path
+        gguf_shapes = read_gguf_shapes(path)
     else:
         transformer_dir = path
         shapes = read_shapes(path)
-    if shapes is None:
+    if gguf_shapes is not None:
+        family, config = identify_transformer(gguf_shapes, name_hint=path.name, source=str(path))
+    elif shapes is None:
         family, config = _inspect_transformer_folder(transformer_dir)
     else:
         family, config = _inspect_transformer_file(path, shapes)
@@ -785,11 +1039,14 @@ def load_models(
         vae_model = load_vae(where, dtype=vae_dtype)
         v_desc = f"VAE {where}"
 
-    if shapes is not None:
-        transformer = _load_transformer_file(path, shapes, family, config, dtype)
+    if gguf_shapes is not None:
+        transformer = _load_transformer_gguf(path, family, config, dtype, weights)
+        t_desc = f"GGUF file {path}"
+    elif shapes is not None:
+        transformer = _load_transformer_file(path, shapes, family, config, dtype, weights)
         t_desc = f"single file {path}"
     else:
-        transformer = _load_transformer_folder(transformer_dir, family, config, dtype)
+        transformer = _load_transformer_folder(transformer_dir, family, config, dtype, weights)
         t_desc = f"transformer folder {transformer_dir}"
     return LoadedModels(
         transformer=_finish(transformer, dtype, device),

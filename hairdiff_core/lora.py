@@ -205,6 +205,18 @@ def _inject(transformer: torch.nn.Module, adapter_name: str, config) -> None:
     _activate(transformer, [n for n in before if n != adapter_name] + [adapter_name])
 
 
+def _lora_in_compute_dtype(transformer: torch.nn.Module, adapter_name: str) -> None:
+    # peft gives a new LoRA its base layer's dtype; weights stored in fp8 (layerwise casting) or
+    # quantised (GGUF) are no dtype to hold a LoRA in: it takes the compute dtype instead.
+    from .memory import lora_compute_dtype
+
+    for _, layer in _lora_layers(transformer):
+        dtype = lora_compute_dtype(transformer, layer.get_base_layer().weight)
+        if dtype is not None and adapter_name in layer.lora_A:
+            layer.lora_A[adapter_name].to(dtype=dtype)
+            layer.lora_B[adapter_name].to(dtype=dtype)
+
+
 def add_lora(
     transformer: torch.nn.Module,
     rank: int = DEFAULT_RANK,
@@ -244,6 +256,7 @@ def add_lora(
         lora_dropout=0.0,
     )
     _inject(transformer, adapter_name, config)
+    _lora_in_compute_dtype(transformer, adapter_name)
     logger.debug("added LoRA '%s' rank %d alpha %s on %s", adapter_name, rank, alpha, targets)
 
 

@@ -158,14 +158,37 @@ def check_model_files(model=None, vae=None, adapter=None, tiny: bool = False) ->
         except HairDiffError as exc:
             exc.input = exc.input or "adapter"
             raise
+def _auto_offload(family: str, transformer, device) -> str:
+    """offload="auto" outside ComfyUI: blocks when the model would not fit the free CUDA memory."""
+    from .memory import estimate_for
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "none"
+    free, _ = torch.cuda.mem_get_info(device)
+    side = int(transformer.config.sample_size) * M.LATENT_FACTOR
+    need = estimate_for(transformer, family, offload="none", height=side, width=side, reference="once").total
+    choice = "none" if need <= 0.9 * free else "blocks"
+    logger.info("offload auto: %.1f GB needed all on the GPU, %.1f GB free -> %s", need / 2**30, free / 2**30, choice)
+    return choice
 
 
 class HairDiffPipeline:
-    def __init__(self, transformer, vae, device="cpu", dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None):
+    def __init__(self, transformer, vae, device="cpu", dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
+                 offload: str = "none"):
+        from .memory import apply_offload, check_offload
+
         widen_input_channels(transformer)
         self.device = torch.device(device)
         self.dtype = dtype
-        self.transformer = _to(transformer, self.device, dtype).eval()
+        # none: on the device for good; model: on the device while sampling only; blocks: one
+        # block at a time (memory.apply_offload). "auto" is resolved by the caller (choose_settings).
+        self.offload = check_offload(offload)
+        if offload in ("model", "blocks"):
+            self.transformer = _to(transformer, torch.device("cpu"), dtype).eval()
+            apply_offload(self.transformer, offload, self.device)
+        else:
+            self.transformer = _to(transformer, self.device, dtype).eval()
         # The SD3 VAE is numerically fragile in half precision (force_upcast in its config).
         self.vae_dtype = vae_dtype or torch.float32
         self.vae = _to(vae, self.device, self.vae_dtype).eval() if vae is not None else None
@@ -179,36 +202,47 @@ class HairDiffPipeline:
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_files(cls, model=None, vae=None, adapter=None, tiny: bool = False, device="cpu", dtype=torch.float32,
-                   text_encoders=None):
-        """Load a pipeline from files (or the built-in tiny model).
+                   text_encoders=None, weights: str = "auto", offload: str = "none"):
+        """Load a base model (+ adapter) from files and build the pipeline.
 
         Every argument is checked before any weight is read: the device exists, the dtype is
         a float precision, the files exist, and the adapter's header is a HairDiff header.
 
         Args:
-            model: SD3.5 diffusers folder or single-file .safetensors (None with ``tiny``).
-            vae: VAE folder or .safetensors when ``model`` has none.
-            adapter: HairDiff adapter .safetensors, or None for the widened base model.
-            tiny: the built-in tiny random model (a wiring check).
-            device: "cpu", "cuda", "cuda:N", "mps" or a ``torch.device``.
-            dtype: transformer precision: a torch float dtype or "fp32", "bf16", "fp16".
+            model: SD3/SD3.5 diffusers folder, single ``.safetensors`` (bf16/fp16, fp8, ComfyUI
+                fp8_scaled) or ``.gguf`` transformer (then ``vae`` is needed); None with ``tiny``.
+            vae: a VAE folder or file when ``model`` has none.
+            adapter: a HairDiff adapter ``.safetensors`` (its LoRA stays in ``dtype``), or None
+                for the widened base model.
+            tiny: the built-in tiny random model instead of files (a wiring check).
+            device: "cpu", "cuda", "cuda:N", "mps" or a ``torch.device``: where sampling runs.
+            dtype: the compute dtype of the transformer: a torch float dtype or "fp32", "bf16", "fp16".
             text_encoders: a ``TextEncoderSource`` for ``generate(prompt=...)``; None: the tiny
                 model gets the tiny encoders, a diffusers ``model`` folder its own.
+            weights: storage of the transformer's Linear weights (``memory.WEIGHTS``): ``auto``
+                keeps an fp8 file's fp8 and otherwise ``dtype``; ``fp8_e4m3fn`` halves bf16's memory.
+            offload: ``none``, ``model`` (transformer on ``device`` only while sampling) or
+                ``blocks`` (one transformer block at a time); ``auto`` picks from free CUDA memory.
         """
         from .loading import load_models
+        from .memory import check_offload, check_weights
 
         dtype = parse_dtype(dtype)
         check_device(device)
+        check_weights(weights)
+        check_offload(offload)
         check_model_files(model=model, vae=vae, adapter=adapter, tiny=tiny)
-
         # The SD3 VAE runs in float32 (force_upcast); loading it so avoids a bf16 round trip.
-        loaded = load_models(model, vae=vae, tiny=tiny, dtype=dtype, device="cpu", vae_dtype=torch.float32)
+        loaded = load_models(model, vae=vae, tiny=tiny, dtype=dtype, device="cpu", vae_dtype=torch.float32,
+                             weights=weights)
         transformer = loaded.transformer
         if adapter is not None:
             from .adapter import load_adapter
 
             load_adapter(transformer, adapter)
-        pipe = cls(transformer, loaded.vae, device=device, dtype=dtype)
+        if offload == "auto":
+            offload = _auto_offload(loaded.family, transformer, device)
+        pipe = cls(transformer, loaded.vae, device=device, dtype=dtype, offload=offload)
         pipe.family = loaded.family
         from pathlib import Path
 
@@ -457,7 +491,7 @@ class HairDiffPipeline:
 
         sampler = SAMPLERS[method]
         info = {"steps_run": len(sigmas) - 1, "work_size": (wh, ww), "box": box, "method": method}
-        with self._attention(reference, method, photo_w, binary_w, soft_w, x0, noise, prompt_embeds, pooled_prompt_embeds) as hook:
+        with self._placed(), self._attention(reference, method, photo_w, binary_w, soft_w, x0, noise, prompt_embeds, pooled_prompt_embeds) as hook:
             denoise = TransformerDenoiser(
                 self.transformer,
                 sketch_latent,
@@ -493,6 +527,26 @@ class HairDiffPipeline:
             region = decoded.cpu()
         result[..., box.slices[0], box.slices[1]] = region
         return GenerateResult(image=result, latent=latent, mask=full_mask, box=box, work_size=(wh, ww), info=info)
+
+    def _placed(self):
+        """offload="model": the transformer is on the device while sampling, on the CPU otherwise
+        (the VAE then has the memory for decoding)."""
+        import contextlib
+
+        if self.offload != "model":
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def placed():
+            self.transformer.to(self.device)
+            try:
+                yield
+            finally:
+                self.transformer.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+        return placed()
 
     def _attention(self, reference, method, photo_w, binary_w, soft_w, x0, noise, embeds, pooled):
         """Context manager that installs reference attention for one call, or does nothing."""

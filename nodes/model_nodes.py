@@ -19,6 +19,7 @@ from comfy_api.latest import io
 
 from ..hairdiff_core.errors import HairDiffError
 from ..hairdiff_core.lora import LORA_KEY_PREFIXES
+from ..hairdiff_core.memory import OFFLOADS, WEIGHTS, weights_of
 from .convert import check_combos, input_of, node_error
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class HairDiffModel:
     dtype: torch.dtype
     reference: Any | None = None  # hairdiff_core.reference.ReferenceSettings
     loras: tuple[tuple[str, float], ...] = ()
+    offload: str = "none"  # none | model | blocks (resolved from "auto" when loaded)
+    run_device: Any = None  # where sampling runs (with blocks offload the patcher lives on the CPU)
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -115,8 +118,27 @@ def _diffusers_folders() -> list[str]:
     return sorted(out)
 
 
+def _gguf_files() -> list[str]:
+    """GGUF transformers in diffusion_models/ (and ComfyUI-GGUF's unet_gguf when registered):
+    ComfyUI's own listing filters them out by extension."""
+    import folder_paths
+
+    out = []
+    for folder in ("diffusion_models", "unet_gguf"):
+        if folder not in folder_paths.folder_names_and_paths:
+            continue
+        for base in folder_paths.get_folder_paths(folder):
+            for root, _dirs, files in os.walk(base, followlinks=True):
+                for name in files:
+                    if name.lower().endswith(".gguf"):
+                        rel = os.path.relpath(os.path.join(root, name), base).replace(os.sep, "/")
+                        out.append(f"{folder}/{rel}")
+    return sorted(set(out))
+
+
 def base_model_options() -> list[str]:
-    return [TINY] + _safetensors("checkpoints") + _safetensors("diffusion_models") + _diffusers_folders()
+    return ([TINY] + _safetensors("checkpoints") + _safetensors("diffusion_models") + _gguf_files()
+            + _diffusers_folders())
 
 
 def adapter_options() -> list[str]:
@@ -159,6 +181,33 @@ def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
 
 
+def _settle_memory(transformer: torch.nn.Module, family: str, weights: str, offload: str,
+                   device: torch.device) -> str:
+    """Resolve "auto" weights/offload from the VRAM ComfyUI reports free (for a 1024² call with
+    reference attention); fp8 storage is applied here when auto picks it. Returns the offload."""
+    import comfy.model_management as mm
+
+    from ..hairdiff_core.memory import apply_weights, choose_settings, weights_of
+
+    if device.type == "cpu":
+        return "none" if offload == "auto" else offload
+    if weights != "auto" and offload != "auto":
+        return offload
+    current = weights_of(transformer)
+    # An fp8 file loaded with auto is already fp8; bf16/fp16 files may still go to fp8.
+    fixed = "auto" if weights == "auto" and current in ("bf16", "fp16", "fp32") else current
+    side = int(transformer.config.sample_size) * 8
+    known = family if family != "custom" else {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+    chosen_weights, chosen_offload, est = choose_settings(
+        known, mm.get_free_memory(device), weights=fixed, offload=offload,
+        compute_dtype=transformer.pos_embed.proj.weight.dtype, height=side, width=side, reference="once")
+    if chosen_weights not in (current, "auto"):
+        apply_weights(transformer, chosen_weights)
+    logger.info("HairDiff memory: weights %s, offload %s, predicted peak %.1f GB", chosen_weights, chosen_offload,
+                est.total / 2**30)
+    return chosen_offload
+
+
 def make_patcher(transformer: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
     from comfy.model_patcher import ModelPatcher
 
@@ -197,22 +246,34 @@ class LoadHairDiffModel(io.ComfyNode):
                 io.Combo.Input("device", options=["auto", "cpu"], default="auto",
                                tooltip="auto = ComfyUI's device with ComfyUI's memory management; cpu = always run "
                                        "on the CPU (slow, for machines without a GPU)."),
+                io.Combo.Input("weights", options=list(WEIGHTS), default="auto", optional=True,
+                               tooltip="How the transformer's weights are stored (computed in 'dtype'): fp8 halves "
+                                       "bf16's memory (SD3.5 Large 16 -> 8 GB). auto = an fp8 file's own fp8; other "
+                                       "files stay in 'dtype' unless they would not fit the free VRAM, then fp8."),
+                io.Combo.Input("offload", options=list(OFFLOADS), default="auto", optional=True,
+                               tooltip="blocks = only one or two transformer blocks on the GPU at a time (SD3.5 Large "
+                                       "in about 3 GB, slower); model = the whole transformer on the GPU while "
+                                       "sampling, given back after; none = stays loaded (ComfyUI evicts it when "
+                                       "needed); auto = none if it fits the free VRAM, else blocks."),
             ],
             outputs=[HairDiffModelType.Output("hairdiff_model", display_name="model",
                                               tooltip="The HairDiff model for the HairDiff nodes.")],
         )
 
     @classmethod
-    def validate_inputs(cls, base_model=None, adapter=None, dtype=None, device=None) -> bool | str:
+    def validate_inputs(cls, base_model=None, adapter=None, dtype=None, device=None, weights=None,
+                        offload=None) -> bool | str:
         """Refuse unknown choices and missing model files at /prompt time (ComfyUI does not check
         V3 combo values itself): each wrong input is named with its allowed values."""
-        verdict = check_combos(cls, {"base_model": base_model, "adapter": adapter, "dtype": dtype, "device": device})
+        verdict = check_combos(cls, {"base_model": base_model, "adapter": adapter, "dtype": dtype, "device": device,
+                                     "weights": weights, "offload": offload})
         if verdict is True:
             return True
         return verdict + " -> for a model file: put it in ComfyUI's model folders (press R to refresh) or pick another"
 
     @classmethod
-    def execute(cls, base_model=TINY, adapter=NONE, dtype="auto", device="auto") -> io.NodeOutput:
+    def execute(cls, base_model=TINY, adapter=NONE, dtype="auto", device="auto", weights="auto",
+                offload="auto") -> io.NodeOutput:
         import comfy.model_management as mm
 
         from ..hairdiff_core.loading import load_models
@@ -224,10 +285,20 @@ class LoadHairDiffModel(io.ComfyNode):
         tiny = base_model == TINY
         try:
             if tiny:
-                loaded = load_models(tiny=True, dtype=torch_dtype, device=offload_device, vae_dtype=torch.float32)
+                loaded = load_models(tiny=True, dtype=torch_dtype, device=offload_device, vae_dtype=torch.float32,
+                                     weights=weights)
+            elif base_model.startswith(("diffusion_models/", "unet_gguf/")):
+                # Transformer-only files (GGUF too): the sampler takes ComfyUI's VAE.
+                from ..hairdiff_core.loading import FAMILY_NAMES, LoadedModels, load_transformer
+
+                path = resolve(base_model, node, "base_model")
+                transformer, family = load_transformer(path, dtype=torch_dtype, device=offload_device, weights=weights)
+                loaded = LoadedModels(transformer=transformer, vae=None, family=family,
+                                      source=f"{FAMILY_NAMES[family]}: transformer file {path}")
             else:
                 path = resolve(base_model, node, "base_model")
-                loaded = load_models(path, dtype=torch_dtype, device=offload_device, vae_dtype=torch.float32)
+                loaded = load_models(path, dtype=torch_dtype, device=offload_device, vae_dtype=torch.float32,
+                                     weights=weights)
         except HairDiffError as exc:
             raise node_error(node, input_of(exc, {"model": "base_model"}, "base_model"), exc,
                              "pick an SD3/SD3.5 model, or the tiny model") from exc
@@ -244,14 +315,21 @@ class LoadHairDiffModel(io.ComfyNode):
 
         widen_input_channels(transformer)
         transformer.eval().requires_grad_(False)
+        offload = _settle_memory(transformer, loaded.family, weights, offload, load_device)
+        # With blocks offload the weights rest on the CPU: ComfyUI applies LoRA patches there, and
+        # the sampler streams the blocks to run_device (see nodes/sampler_node.py).
+        patcher_device = offload_device if offload == "blocks" else load_device
         model = HairDiffModel(
-            patcher=make_patcher(transformer, load_device, offload_device),
+            patcher=make_patcher(transformer, patcher_device, offload_device),
             vae=loaded.vae.eval().requires_grad_(False) if loaded.vae is not None else None,
             family=loaded.family,
             source=loaded.source + (f" + adapter {adapter}" if adapter != NONE else ""),
             dtype=torch_dtype,
+            offload=offload,
+            run_device=load_device,
         )
-        logger.info("HairDiff model ready: %s (%s, %s)", model.source, model.family, torch_dtype)
+        logger.info("HairDiff model ready: %s (%s, %s, weights %s, offload %s)", model.source, model.family,
+                    torch_dtype, weights_of(transformer), offload)
         return io.NodeOutput(model)
 
 

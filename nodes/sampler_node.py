@@ -22,8 +22,6 @@ from .model_nodes import HairDiffModel, HairDiffModelType
 logger = logging.getLogger(__name__)
 
 NODE = "HairDiff Sampler"
-#: ComfyUI's activation estimate for SD3 (``BaseModel.memory_required`` with SD3's factor).
-SD3_MEMORY_USAGE_FACTOR = 1.2
 
 
 #: Core argument names -> this node's input names, for errors that name their input.
@@ -33,31 +31,37 @@ CORE_TO_NODE_INPUT = {
 }
 
 
-def memory_required(model: HairDiffModel, photo: torch.Tensor, cfg: float) -> int:
-    """Activation memory ComfyUI should keep free beside the weights (bytes), ComfyUI's formula."""
+def memory_estimate(model: HairDiffModel, photo: torch.Tensor, cfg: float):
+    """The core's peak-VRAM estimate for this call (``hairdiff_core.memory``): resolution (the
+    context box, at most the model's work area), cfg, reference mode, weights and offload."""
+    from ..hairdiff_core.memory import estimate_for
+
     B, _, H, W = photo.shape
     work = int(model.transformer.config.sample_size) * 8
-    area = min(H * W, work * work)
-    latent_area = B * (2 if cfg != 1.0 else 1) * area / 64
-    dtype_size = torch.tensor([], dtype=model.dtype).element_size()
-    need = latent_area * dtype_size * 0.01 * SD3_MEMORY_USAGE_FACTOR * 1024 * 1024
-    if model.reference is not None and model.reference.mode != "off":
-        from ..hairdiff_core.reference import predicted_cache_bytes
-
-        side = int(math.sqrt(area)) // 8
-        need += predicted_cache_bytes(model.transformer, (side, side), batch=B, dtype=model.dtype)
-    return int(need)
+    scale = min(1.0, math.sqrt(work * work / (H * W)))
+    mode = model.reference.mode if model.reference is not None else "off"
+    return estimate_for(model.transformer, model.family, offload=model.offload, height=max(16, int(H * scale)),
+                        width=max(16, int(W * scale)), cfg=cfg, reference=mode, batch=B)
 
 
-def _offload_if_asked(patcher) -> None:
-    """Under --lowvram/--novram/--disable-smart-memory, give the GPU back right after sampling.
+def memory_required(model: HairDiffModel, photo: torch.Tensor, cfg: float) -> int:
+    """What ComfyUI should keep free beside the weights it loads (bytes): the estimate's peak
+    minus the weights ComfyUI already counts (all of them, except with blocks offload, where the
+    weights stay on the CPU and the streamed blocks count as working memory)."""
+    est = memory_estimate(model, photo, cfg)
+    return int(est.total if model.offload == "blocks" else est.beyond_weights)
+
+
+def _offload_if_asked(patcher, always: bool = False) -> None:
+    """Under --lowvram/--novram/--disable-smart-memory (or offload "model": ``always``), give the
+    GPU back right after sampling.
 
     Otherwise the transformer stays loaded and ComfyUI evicts it when something else needs the
     room (its usual smart-memory behaviour, as after a KSampler)."""
     import comfy.model_management as mm
 
     low = mm.vram_state in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM)
-    if not (low or mm.DISABLE_SMART_MEMORY):
+    if not (low or mm.DISABLE_SMART_MEMORY or always):
         return
     for i, loaded in enumerate(list(mm.current_loaded_models)):
         if loaded.model is patcher:
@@ -173,11 +177,17 @@ class HairDiffSampler(io.ComfyNode):
         mm.load_models_gpu([patcher], memory_required=need, force_full_load=True)
         transformer = model.transformer
         device = next(transformer.parameters()).device
+        if model.offload == "blocks":
+            # The patcher (and its LoRA patches) lives on the CPU; make room on the GPU for the
+            # streamed blocks and activations, which ComfyUI cannot see as a loaded model.
+            device = torch.device(model.run_device)
+            mm.free_memory(need, device)
         latent_format = comfy.latent_formats.SD3()
         own_vae = model.vae if vae is None else None
         own_vae_device = next(own_vae.parameters()).device if own_vae is not None else None
         try:
-            pipe = HairDiffPipeline(transformer, own_vae, device=device, dtype=model.dtype)
+            pipe = HairDiffPipeline(transformer, own_vae, device=device, dtype=model.dtype,
+                                    offload="blocks" if model.offload == "blocks" else "none")
             if vae is not None:
                 def encode(image01: torch.Tensor) -> torch.Tensor:
                     raw = vae.encode(image01.movedim(1, -1).cpu())
@@ -212,7 +222,11 @@ class HairDiffSampler(io.ComfyNode):
         finally:
             if own_vae is not None and next(own_vae.parameters()).device != own_vae_device:
                 own_vae.to(own_vae_device)
-            _offload_if_asked(patcher)
+            if model.offload == "blocks":
+                from ..hairdiff_core.memory import remove_offload
+
+                remove_offload(transformer, patcher.offload_device)
+            _offload_if_asked(patcher, always=model.offload == "model")
 
         out_device = mm.intermediate_device()
         image = nchw_to_image(result.image, out_device)

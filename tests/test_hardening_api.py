@@ -132,7 +132,7 @@ def test_extreme_size_settings_stay_within_a_memory_limit():
 
 
 def test_blur_of_a_huge_sigma_is_the_mean_and_moderate_ones_stay_close():
-    from hairdiff_core import mask as M
+    from hairdiff_core import imageops as M
 
     x = torch.zeros(1, 1, 40, 60)
     x[..., 10:20, 10:30] = 1

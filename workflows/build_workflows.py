@@ -45,7 +45,8 @@ def loaders(photo=True, matte=True, photo_title="Photo"):
 
 def model(base=None, adapter="none"):
     return dict(id=5, type="HairDiff_LoadModel", title="Load HairDiff Model",
-                widgets={"base_model": base or MODEL, "adapter": adapter, "dtype": "auto", "device": "auto"})
+                widgets={"base_model": base or MODEL, "adapter": adapter, "dtype": "auto", "device": "auto",
+                         "weights": "auto", "offload": "auto"})
 
 
 def sketch_node():

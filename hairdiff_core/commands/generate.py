@@ -19,6 +19,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tiny", action="store_true", help="use the built-in tiny random model (a wiring check, not art)")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     g.add_argument("--dtype", choices=DTYPES, default="fp32", help="transformer precision (default fp32; bf16 on GPUs)")
+    g.add_argument("--weights", choices=("auto", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2"), default="auto",
+                   help="storage of the transformer's weights, computed in --dtype (fp8 halves bf16's memory); "
+                        "auto = an fp8 file's own fp8, else --dtype")
+    g.add_argument("--offload", choices=("auto", "none", "model", "blocks"), default="none",
+                   help="blocks = one transformer block on the GPU at a time (12 GB cards); model = transformer on "
+                        "the GPU only while sampling; auto = blocks when the model does not fit the free VRAM")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -159,6 +165,7 @@ def build_pipeline(args):
     pipe = HairDiffPipeline.from_files(
         model=args.model, vae=args.vae, adapter=args.adapter, tiny=args.tiny,
         device=args.device, dtype=torch_dtype(args.dtype), text_encoders=text_source(args),
+        weights=getattr(args, "weights", "auto"), offload=getattr(args, "offload", "none"),
     )
     return pipe
 

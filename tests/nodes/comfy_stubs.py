@@ -258,6 +258,16 @@ def _model_management() -> types.ModuleType:
     def soft_empty_cache(force=False):
         return None
 
+    mm.free_vram = 24 * 2**30  # what get_free_memory reports; tests set it
+    mm.free_calls = []  # (memory_required, device): room the nodes asked ComfyUI to make
+
+    def get_free_memory(dev=None, torch_free_too=False):
+        return (mm.free_vram, mm.free_vram) if torch_free_too else mm.free_vram
+
+    def free_memory(memory_required, device, keep_loaded=[]):  # noqa: B006 - ComfyUI's signature
+        mm.free_calls.append((memory_required, device))
+        return []
+
     mm.get_torch_device = get_torch_device
     mm.unet_offload_device = unet_offload_device
     mm.intermediate_device = intermediate_device
@@ -266,6 +276,8 @@ def _model_management() -> types.ModuleType:
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
     mm.load_models_gpu = load_models_gpu
     mm.soft_empty_cache = soft_empty_cache
+    mm.get_free_memory = get_free_memory
+    mm.free_memory = free_memory
     return mm
 
 
