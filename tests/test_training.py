@@ -467,6 +467,6 @@ def test_new_settings_are_checked(tmp_path):
         resolve_config(dict(base, matte_growth=1.5))
     with pytest.raises(InputError, match=r"--crop 'middle'"):
         resolve_config(dict(base, crop="middle"))
-    with pytest.raises(InputError, match="0 turns the curriculum off"):
+    with pytest.raises(InputError, match="--oversample-from-epoch must be a whole number from 0 to"):
         resolve_config(dict(base, oversample_from_epoch=-1))
     assert resolve_config(dict(base, oversample_from_epoch=0)).oversample_from_epoch == 0

@@ -205,7 +205,7 @@ TRAIN_BOUNDS: dict[str, tuple[bool, float | None, float | None, bool]] = {
     "feather_sigma": (False, 0.0, 1024.0, False), "logit_mean": (False, -10.0, 10.0, False),
     "logit_std": (False, 0.0, 10.0, True), "mode_scale": (False, 0.0, 10.0, False),
     "shift": (False, 0.0, 100.0, True), "rank": (True, 1, 1024, False), "lora_alpha": (False, 0.0, 1e5, True),
-    "oversample_from_epoch": (True, 1, 10**6, False), "oversample_factor": (True, 1, 1000, False),
+    "oversample_from_epoch": (True, 0, 10**6, False), "oversample_factor": (True, 1, 1000, False),
     "checkpoint_every": (True, 1, 10**9, False), "checkpoints_keep": (True, 1, 10**6, False),
     "validate_every": (True, 0, 10**9, False), "validation_samples": (True, 1, 1000, False),
     "validation_steps": (True, 1, 1000, False), "eval_limit": (True, 1, 10**6, False),
