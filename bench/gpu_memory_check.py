@@ -66,12 +66,16 @@ def child(family: str, weights: str, offload: str, size: int, steps: int) -> dic
     # Blocks rest on the CPU; otherwise build on the GPU directly (fast, no 16 GB host copy).
     model = random_transformer(family, "cpu" if offload == "blocks" else "cuda")
     apply_weights(model, weights, torch.bfloat16)
-    pipe = HairDiffPipeline(model, None, device=cuda, dtype=torch.bfloat16, offload=offload)
     g = torch.Generator().manual_seed(1)
-    lat = size // 8
-    pipe.encode_fn = lambda image01: torch.randn(image01.shape[0], 16, image01.shape[2] // 8, image01.shape[3] // 8,
-                                                 generator=g).to(cuda)
-    pipe.decode_fn = lambda latent: torch.zeros(latent.shape[0], 3, latent.shape[2] * 8, latent.shape[3] * 8)
+
+    class RandomCodec:  # no VAE at this size: random latents in, blank images out
+        def encode(self, image01):
+            return torch.randn(image01.shape[0], 16, image01.shape[2] // 8, image01.shape[3] // 8, generator=g).to(cuda)
+
+        def decode(self, latent):
+            return torch.zeros(latent.shape[0], 3, latent.shape[2] * 8, latent.shape[3] * 8)
+
+    pipe = HairDiffPipeline(model, None, device=cuda, dtype=torch.bfloat16, offload=offload, codec=RandomCodec())
     photo = torch.rand(1, 3, size, size)
     sketch = torch.zeros(1, 3, size, size)
     sketch[..., size // 4: size // 4 + 8, size // 4: 3 * size // 4] = 1

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -173,9 +174,31 @@ def _auto_offload(family: str, transformer, device) -> str:
     return choice
 
 
+class LatentCodec(Protocol):
+    """Encodes images to SD3-scaled latents and back, in place of the pipeline's own VAE."""
+
+    def encode(self, image01: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor: ...
+
+
 class HairDiffPipeline:
     def __init__(self, transformer, vae, device="cpu", dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
-                 offload: str = "none"):
+                 offload: str = "none", codec: LatentCodec | None = None):
+        """Build a pipeline around a (16- or 32-channel) SD3 transformer.
+
+        Args:
+            transformer: a diffusers ``SD3Transformer2DModel``; widened to 32 input channels here
+                if it is stock (outputs unchanged until an adapter is loaded).
+            vae: the SD3 VAE (``AutoencoderKL``), or None when ``codec`` encodes and decodes.
+            device: where sampling runs.
+            dtype: the transformer's compute dtype.
+            vae_dtype: the VAE's dtype (default float32: the SD3 VAE is fragile in half precision).
+            offload: ``none``, ``model`` or ``blocks`` (see ``memory.apply_offload``).
+            codec: an object with ``encode(image01) -> latent`` and ``decode(latent) -> image01``
+                used instead of ``vae`` (ComfyUI passes its own VAE this way); latents are
+                SD3-scaled, images (B, 3, H, W) in [0, 1].
+        """
         from .memory import apply_offload, check_offload
 
         widen_input_channels(transformer)
@@ -192,8 +215,7 @@ class HairDiffPipeline:
         # The SD3 VAE is numerically fragile in half precision (force_upcast in its config).
         self.vae_dtype = vae_dtype or torch.float32
         self.vae = _to(vae, self.device, self.vae_dtype).eval() if vae is not None else None
-        self.encode_fn = None  # optional override: image01 (B,3,H,W) -> SD3-scaled latent
-        self.decode_fn = None  # optional override: SD3-scaled latent -> image01
+        self.codec = codec
         # Where prompts are encoded (text_encoders.TextEncoderSource), loaded only when a prompt
         # is not cached yet and freed before sampling.
         self.text_encoders = None
@@ -309,10 +331,10 @@ class HairDiffPipeline:
 
     @torch.no_grad()
     def encode(self, image01: torch.Tensor) -> torch.Tensor:
-        if self.encode_fn is not None:
-            return self.encode_fn(image01)
+        if self.codec is not None:
+            return self.codec.encode(image01)
         if self.vae is None:
-            raise InputError("this pipeline has no VAE; pass one (vae=...) or set encode_fn")
+            raise InputError("this pipeline has no VAE; pass one (vae=...) or a codec (codec=...)")
         scale, shift = self._scale_shift
         x = image01.to(self.device, self.vae_dtype) * 2 - 1
         latent = self.vae.encode(x).latent_dist.mode()
@@ -320,10 +342,10 @@ class HairDiffPipeline:
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        if self.decode_fn is not None:
-            return self.decode_fn(latent)
+        if self.codec is not None:
+            return self.codec.decode(latent)
         if self.vae is None:
-            raise InputError("this pipeline has no VAE; pass one (vae=...) or set decode_fn")
+            raise InputError("this pipeline has no VAE; pass one (vae=...) or a codec (codec=...)")
         scale, shift = self._scale_shift
         image = self.vae.decode((latent.to(self.device, self.vae_dtype) / scale) + shift).sample
         return ((image.float() + 1) / 2).clamp(0, 1)

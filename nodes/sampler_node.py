@@ -8,15 +8,14 @@ by the core in ``try/finally``, so Cancel or an error leaves the model as it was
 from __future__ import annotations
 
 import logging
-import math
 
-import torch
 from comfy_api.latest import io
 
 from ..hairdiff_core.defaults import DEFAULTS
 from ..hairdiff_core.errors import HairDiffError
-from .convert import (check_batch, conditioning_to_embeds, image_to_nchw, input_of, latent_from_comfy,
-                      latent_to_comfy, mask_to_nchw, nchw_to_image, node_error)
+from .comfy_bridge import memory_estimate, memory_required, sampling_session  # noqa: F401  (re-exported for tests)
+from .convert import (check_batch, conditioning_to_embeds, image_to_nchw, input_of, latent_to_comfy, mask_to_nchw,
+                      nchw_to_image, node_error)
 from .model_nodes import HairDiffModel, HairDiffModelType
 
 logger = logging.getLogger(__name__)
@@ -29,46 +28,6 @@ CORE_TO_NODE_INPUT = {
     "feather_sigma": "feather", "prompt_embeds": "positive", "pooled_prompt_embeds": "positive",
     "negative_prompt_embeds": "negative", "negative_pooled_prompt_embeds": "negative", "reference": "model",
 }
-
-
-def memory_estimate(model: HairDiffModel, photo: torch.Tensor, cfg: float):
-    """The core's peak-VRAM estimate for this call (``hairdiff_core.memory``): resolution (the
-    context box, at most the model's work area), cfg, reference mode, weights and offload."""
-    from ..hairdiff_core.memory import estimate_for
-
-    B, _, H, W = photo.shape
-    work = int(model.transformer.config.sample_size) * 8
-    scale = min(1.0, math.sqrt(work * work / (H * W)))
-    mode = model.reference.mode if model.reference is not None else "off"
-    return estimate_for(model.transformer, model.family, offload=model.offload, height=max(16, int(H * scale)),
-                        width=max(16, int(W * scale)), cfg=cfg, reference=mode, batch=B)
-
-
-def memory_required(model: HairDiffModel, photo: torch.Tensor, cfg: float) -> int:
-    """What ComfyUI should keep free beside the weights it loads (bytes): the estimate's peak
-    minus the weights ComfyUI already counts (all of them, except with blocks offload, where the
-    weights stay on the CPU and the streamed blocks count as working memory)."""
-    est = memory_estimate(model, photo, cfg)
-    return int(est.total if model.offload == "blocks" else est.beyond_weights)
-
-
-def _offload_if_asked(patcher, always: bool = False) -> None:
-    """Under --lowvram/--novram/--disable-smart-memory (or offload "model": ``always``), give the
-    GPU back right after sampling.
-
-    Otherwise the transformer stays loaded and ComfyUI evicts it when something else needs the
-    room (its usual smart-memory behaviour, as after a KSampler)."""
-    import comfy.model_management as mm
-
-    low = mm.vram_state in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM)
-    if not (low or mm.DISABLE_SMART_MEMORY or always):
-        return
-    for i, loaded in enumerate(list(mm.current_loaded_models)):
-        if loaded.model is patcher:
-            loaded.model_unload()
-            mm.current_loaded_models.pop(i)
-            mm.soft_empty_cache()
-            break
 
 
 class HairDiffSampler(io.ComfyNode):
@@ -128,13 +87,11 @@ class HairDiffSampler(io.ComfyNode):
     def execute(cls, model, photo, sketch, matte, seed=DEFAULTS.seed, steps=DEFAULTS.steps, cfg=DEFAULTS.cfg,
                 shift=DEFAULTS.shift, strength=DEFAULTS.strength,
                 paste_back=True, feather=DEFAULTS.feather_at_1024, vae=None, positive=None, negative=None) -> io.NodeOutput:
-        import comfy.latent_formats
         import comfy.model_management as mm
-        import comfy.utils
-        import latent_preview
 
         from ..hairdiff_core.pipeline import HairDiffPipeline
 
+        # 1. Convert in (ComfyUI layouts -> the core's), checked before anything loads.
         if not isinstance(model, HairDiffModel):
             raise node_error(NODE, "model", f"expected a HAIRDIFF_MODEL, got {type(model).__name__}",
                              "connect Load HairDiff Model")
@@ -144,24 +101,7 @@ class HairDiffSampler(io.ComfyNode):
         B = photo_t.shape[0]
         check_batch(sketch_t.shape[0], B, NODE, "sketch", "photo")
         check_batch(matte_t.shape[0], B, NODE, "matte", "photo")
-        text = {}
-        for name, cond in (("positive", positive), ("negative", negative)):
-            if cond is None:
-                continue
-            embeds, pooled = conditioning_to_embeds(cond, NODE, name)
-            check_batch(embeds.shape[0], B, NODE, name, "photo")
-            cfg_t = model.transformer.config
-            if embeds.shape[-1] != cfg_t.joint_attention_dim or pooled.shape[-1] != cfg_t.pooled_projection_dim:
-                raise node_error(NODE, name, f"conditioning is ({embeds.shape[-1]}, pooled {pooled.shape[-1]}) wide but "
-                                             f"this {model.family} model takes ({cfg_t.joint_attention_dim}, pooled "
-                                             f"{cfg_t.pooled_projection_dim})",
-                                 "use SD3 text encoders with an SD3.5 model; the tiny model takes no prompt")
-            prefix = "" if name == "positive" else "negative_"
-            text[f"{prefix}prompt_embeds"] = embeds
-            text[f"{prefix}pooled_prompt_embeds"] = pooled
-        if "negative_prompt_embeds" in text and "prompt_embeds" not in text:
-            raise node_error(NODE, "positive", "a negative prompt is connected without a positive one",
-                             "connect a positive prompt too (an empty CLIP Text Encode is fine)")
+        text = _text_kwargs(model, positive, negative, B)
         try:
             HairDiffPipeline.prepare_inputs(photo_t, sketch_t, matte_t)
         except HairDiffError as exc:
@@ -170,65 +110,43 @@ class HairDiffSampler(io.ComfyNode):
             raise node_error(NODE, "vae", f"the {model.family} model has no VAE of its own",
                              "connect ComfyUI's SD3 VAE (Load VAE, or the VAE output of Load Checkpoint)")
 
-        patcher = model.patcher
-        need = memory_required(model, photo_t, float(cfg))
-        # ComfyUI frees what it holds (text encoders, VAE, other models) as needed, then loads the
-        # whole transformer: ComfyUI cannot partially load a module without its cast-weight ops.
-        mm.load_models_gpu([patcher], memory_required=need, force_full_load=True)
-        transformer = model.transformer
-        device = next(transformer.parameters()).device
-        if model.offload == "blocks":
-            # The patcher (and its LoRA patches) lives on the CPU; make room on the GPU for the
-            # streamed blocks and activations, which ComfyUI cannot see as a loaded model.
-            device = torch.device(model.run_device)
-            mm.free_memory(need, device)
-        latent_format = comfy.latent_formats.SD3()
-        own_vae = model.vae if vae is None else None
-        own_vae_device = next(own_vae.parameters()).device if own_vae is not None else None
-        try:
-            pipe = HairDiffPipeline(transformer, own_vae, device=device, dtype=model.dtype,
-                                    offload="blocks" if model.offload == "blocks" else "none")
-            if vae is not None:
-                def encode(image01: torch.Tensor) -> torch.Tensor:
-                    raw = vae.encode(image01.movedim(1, -1).cpu())
-                    # Encoding may have evicted the transformer under memory pressure: reload it.
-                    mm.load_models_gpu([patcher], memory_required=need, force_full_load=True)
-                    return latent_from_comfy(raw, latent_format).to(device)
-
-                def decode(latent: torch.Tensor) -> torch.Tensor:
-                    image = vae.decode(latent_to_comfy(latent, latent_format))
-                    if image.ndim == 5:  # video VAEs add a time axis
-                        image = image[:, 0]
-                    return image.movedim(-1, 1).float().clamp(0, 1)
-
-                pipe.encode_fn, pipe.decode_fn = encode, decode
-
-            pbar = comfy.utils.ProgressBar(int(steps))
-            previewer = latent_preview.get_previewer(device, latent_format)
-
-            def on_step(step: int, total: int, latent: torch.Tensor) -> None:
-                mm.throw_exception_if_processing_interrupted()
-                preview = previewer.decode_latent_to_preview_image("JPEG", latent) if previewer is not None else None
-                pbar.update_absolute(step, total, preview)
-
+        # 2. One core call, inside ComfyUI's memory management, progress bar and Cancel.
+        with sampling_session(model, photo_t, float(cfg), int(steps), vae=vae) as session:
             try:
-                result = pipe.generate(
+                result = session.pipe.generate(
                     photo_t, sketch_t, matte_t, steps=int(steps), seed=int(seed), strength=float(strength),
                     cfg=float(cfg), shift=float(shift), reference=model.reference, feather_sigma=float(feather),
-                    paste_back=bool(paste_back), on_step=on_step, announce=False, **text,
+                    paste_back=bool(paste_back), on_step=session.on_step, announce=False, **text,
                 )
             except HairDiffError as exc:
                 raise node_error(NODE, input_of(exc, CORE_TO_NODE_INPUT), exc) from exc
-        finally:
-            if own_vae is not None and next(own_vae.parameters()).device != own_vae_device:
-                own_vae.to(own_vae_device)
-            if model.offload == "blocks":
-                from ..hairdiff_core.memory import remove_offload
 
-                remove_offload(transformer, patcher.offload_device)
-            _offload_if_asked(patcher, always=model.offload == "model")
-
+        # 3. Convert out.
         out_device = mm.intermediate_device()
         image = nchw_to_image(result.image, out_device)
-        latent = {"samples": latent_to_comfy(result.latent, latent_format).to(out_device)}
+        latent = {"samples": latent_to_comfy(result.latent, session.latent_format).to(out_device)}
         return io.NodeOutput(image, latent)
+
+
+def _text_kwargs(model: HairDiffModel, positive, negative, batch: int) -> dict:
+    """ComfyUI CONDITIONING -> ``generate``'s prompt embedding arguments, checked against the
+    model's text dimensions."""
+    text = {}
+    for name, cond in (("positive", positive), ("negative", negative)):
+        if cond is None:
+            continue
+        embeds, pooled = conditioning_to_embeds(cond, NODE, name)
+        check_batch(embeds.shape[0], batch, NODE, name, "photo")
+        cfg_t = model.transformer.config
+        if embeds.shape[-1] != cfg_t.joint_attention_dim or pooled.shape[-1] != cfg_t.pooled_projection_dim:
+            raise node_error(NODE, name, f"conditioning is ({embeds.shape[-1]}, pooled {pooled.shape[-1]}) wide but "
+                                         f"this {model.family} model takes ({cfg_t.joint_attention_dim}, pooled "
+                                         f"{cfg_t.pooled_projection_dim})",
+                             "use SD3 text encoders with an SD3.5 model; the tiny model takes no prompt")
+        prefix = "" if name == "positive" else "negative_"
+        text[f"{prefix}prompt_embeds"] = embeds
+        text[f"{prefix}pooled_prompt_embeds"] = pooled
+    if "negative_prompt_embeds" in text and "prompt_embeds" not in text:
+        raise node_error(NODE, "positive", "a negative prompt is connected without a positive one",
+                         "connect a positive prompt too (an empty CLIP Text Encode is fine)")
+    return text
