@@ -135,11 +135,11 @@ class HairDiffPipeline:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def from_files(cls, model=None, vae=None, adapter=None, tiny: bool = False, device="cpu", dtype=torch.float32):
+    def from_files(cls, model=None, vae=None, adapter=None, tiny: bool = False, device="cpu", dtype=torch.float32, toy: bool = False):
         from .loading import load_models
 
         # The SD3 VAE runs in float32 (force_upcast); loading it so avoids a bf16 round trip.
-        loaded = load_models(model, vae=vae, tiny=tiny, dtype=dtype, device="cpu", vae_dtype=torch.float32)
+        loaded = load_models(model, vae=vae, tiny=tiny, toy=toy, dtype=dtype, device="cpu", vae_dtype=torch.float32)
         transformer = loaded.transformer
         if adapter is not None:
             from .adapter import load_adapter

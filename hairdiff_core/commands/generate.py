@@ -15,6 +15,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", help="VAE folder or .safetensors, if not inside --model")
     g.add_argument("--adapter", help="HairDiff adapter .safetensors (LoRA + sketch channels)")
     g.add_argument("--tiny", action="store_true", help="use the built-in tiny random model (a wiring check, not art)")
+    g.add_argument("--toy", action="store_true",
+                   help="use the shipped toy model (trained on synthetic portraits, 128 px) with its shipped adapter "
+                        "(--adapter overrides it)")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     g.add_argument("--dtype", choices=DTYPES, default="fp32", help="transformer precision (default fp32; bf16 on GPUs)")
 
@@ -88,10 +91,19 @@ def build_pipeline(args):
     from hairdiff_core.errors import InputError
     from hairdiff_core.pipeline import HairDiffPipeline
 
-    if not args.tiny and not args.model:
-        raise InputError("no model given: pass --model PATH (SD3.5 folder or .safetensors) or --tiny for the wiring check")
+    toy = bool(getattr(args, "toy", False))
+    if not args.tiny and not toy and not args.model:
+        raise InputError("no model given: pass --model PATH (SD3.5 folder or .safetensors), --toy for the toy model "
+                         "or --tiny for the wiring check")
+    if toy and (args.tiny or args.model or args.vae):
+        raise InputError("--toy brings its own transformer and VAE: do not combine it with --model, --vae or --tiny")
+    adapter = args.adapter
+    if toy and adapter is None:
+        from hairdiff_core.toy import adapter_path
+
+        adapter = adapter_path()
     return HairDiffPipeline.from_files(
-        model=args.model, vae=args.vae, adapter=args.adapter, tiny=args.tiny,
+        model=args.model, vae=args.vae, adapter=adapter, tiny=args.tiny, toy=toy,
         device=args.device, dtype=torch_dtype(args.dtype),
     )
 

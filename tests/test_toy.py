@@ -1,0 +1,112 @@
+"""The toy model family: shipped weights load, its adapter steers the strands, the synthetic data
+and the strand-direction measure behave as documented."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hairdiff_core.metrics import orientation_difference, strand_orientation
+from training.synthetic import (
+    angle_difference,
+    hair_matte,
+    make_portrait_arrays,
+    redirect,
+    render_portrait,
+    sample_hair_params,
+    strand_sketch,
+)
+
+
+def _nchw(a: np.ndarray) -> torch.Tensor:
+    a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
+    if a.ndim == 2:
+        a = a[..., None]
+    return torch.from_numpy(a.transpose(2, 0, 1).copy())[None]
+
+
+# -- synthetic data and the direction measure ------------------------------------------------------
+def test_strand_orientation_recovers_the_known_angle_of_straight_hair():
+    rng = np.random.default_rng(3)
+    for angle in (0.2, 1.0, 2.5):
+        params = {**sample_hair_params(rng, 128), "angle": angle, "curl": 0.0}
+        photo, matte, sketch = make_portrait_arrays(params)
+        for image, erode in ((photo, 48.0), (sketch, 0.0)):
+            got = strand_orientation(image, matte, erode=erode)
+            assert float(orientation_difference(got["angle"], torch.tensor([angle]))[0]) < 4.0
+            assert float(got["coherence"][0]) > 0.5
+
+
+def test_strand_orientation_is_nan_for_an_empty_matte_and_differences_wrap():
+    image = torch.rand(1, 3, 32, 32)
+    got = strand_orientation(image, torch.zeros(1, 1, 32, 32))
+    assert math.isnan(float(got["angle"][0]))
+    d = orientation_difference(torch.tensor([0.05, math.pi / 2]), torch.tensor([math.pi - 0.05, 0.0]))
+    assert torch.allclose(d, torch.tensor([math.degrees(0.1), 90.0]), atol=1e-4)
+
+
+def test_redirected_sketch_turns_by_at_least_45_degrees_and_stays_in_the_matte():
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        params = sample_hair_params(rng, 128)
+        new = redirect(params, rng)
+        assert math.degrees(angle_difference(params["angle"], new["angle"])) >= 45 - 1e-9
+        matte = hair_matte(params)
+        sketch = strand_sketch(new, matte)
+        assert sketch.max() > 0.5 and sketch[~matte].max() == 0
+        photo = render_portrait(params, matte)
+        assert photo.shape == (128, 128, 3) and 0 <= photo.min() and photo.max() <= 1
+
+
+# -- the shipped toy model ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy_pipes():
+    from hairdiff_core.pipeline import HairDiffPipeline
+    from hairdiff_core.toy import adapter_path
+
+    return HairDiffPipeline.from_files(toy=True, adapter=adapter_path()), HairDiffPipeline.from_files(toy=True)
+
+
+def test_toy_model_loads_as_its_own_family_with_measured_scale_and_shift():
+    from hairdiff_core.adapter import base_signature, family_of
+    from hairdiff_core.loading import load_models
+
+    loaded = load_models(toy=True)
+    assert loaded.family == "toy"
+    assert family_of(base_signature(loaded.transformer)) == "toy"
+    assert loaded.transformer.config.in_channels == 16
+    cfg = loaded.vae.config
+    assert cfg.latent_channels == 16 and len(cfg.block_out_channels) == 4  # factor 8
+    assert cfg.scaling_factor != 1.0 and cfg.shift_factor != 0.0  # measured by make_toy.py, from the file
+
+
+def test_toy_loading_refuses_a_second_model():
+    from hairdiff_core.errors import ModelLoadError
+    from hairdiff_core.loading import load_models
+
+    with pytest.raises(ModelLoadError, match="toy=True"):
+        load_models("some/model", toy=True)
+
+
+def test_toy_adapter_follows_the_sketch_better_than_the_untrained_model(toy_pipes):
+    trained, untrained = toy_pipes
+    rng = np.random.default_rng(2024)
+    photos, mattes, sketches = [], [], []
+    for _ in range(2):
+        params = {**sample_hair_params(rng, 128), "curl": 0.0}
+        matte = hair_matte(params)
+        photos.append(_nchw(render_portrait(params, matte)))
+        mattes.append(_nchw(matte.astype(np.float32)))
+        sketches.append(_nchw(strand_sketch(redirect(params, rng), matte)))
+    photo, matte, sketch = torch.cat(photos), torch.cat(mattes), torch.cat(sketches)
+    target = strand_orientation(sketch, matte)["angle"]
+    errors = {}
+    for name, pipe in (("trained", trained), ("untrained", untrained)):
+        out = pipe.generate(photo, sketch, matte, steps=12, seed=0)
+        errors[name] = orientation_difference(strand_orientation(out.image, matte, erode=48.0)["angle"], target)
+        outside = (out.mask == 0).expand_as(photo)
+        assert torch.equal(out.image[outside], photo[outside])
+    assert (errors["trained"] < errors["untrained"]).all(), errors
+    assert (errors["trained"] < 20).all(), errors
