@@ -110,3 +110,65 @@ def test_toy_adapter_follows_the_sketch_better_than_the_untrained_model(toy_pipe
         assert torch.equal(out.image[outside], photo[outside])
     assert (errors["trained"] < errors["untrained"]).all(), errors
     assert (errors["trained"] < 20).all(), errors
+
+
+def test_toy_demo_writes_two_results_and_a_contact_sheet(tmp_path, capsys):
+    import hairdiff_cli
+    from PIL import Image
+
+    assert hairdiff_cli.main(["demo", "--out", str(tmp_path), "--steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "TOY MODEL" in err and "sketch a: strands at" in err and "sketch b: strands at" in err
+    a, b = (Image.open(tmp_path / f"result_{k}.png") for k in ("a", "b"))
+    assert a.size == b.size == (128, 128)
+    assert np.asarray(a).tobytes() != np.asarray(b).tobytes()  # the two sketches give two results
+    assert (tmp_path / "contact_sheet.png").is_file()
+
+
+def test_generate_toy_refuses_another_model(tmp_path, capsys):
+    import hairdiff_cli
+    from hairdiff_core.toy import asset_dir
+
+    d = asset_dir()
+    argv = ["generate", "--toy", "--tiny", "--image", str(d / "demo_photo.png"), "--sketch", str(d / "demo_sketch_a.png"),
+            "--matte", str(d / "demo_matte.png"), "--out", str(tmp_path / "out.png"), "--steps", "2"]
+    assert hairdiff_cli.main(argv) == 2
+    assert "--toy brings its own" in capsys.readouterr().err
+
+
+def test_train_config_takes_exactly_one_base():
+    from hairdiff_core.errors import InputError
+    from training.config import resolve_config
+
+    with pytest.raises(InputError, match="--toy"):
+        resolve_config({"data": "d", "output": "o", "toy": True, "tiny": True})
+    assert resolve_config({"data": "d", "output": "o", "toy": True}).toy
+
+
+def test_augment_none_caches_photo_and_sketch_latents(tmp_path):
+    """CPU runs (the toy model's) train with --augment none: nothing warps, so both latents are
+    encoded once; the cached sketch latent is the canonical sketch's encoding."""
+    from safetensors.torch import load_file
+
+    from hairdiff_core.data import load_sample, scan_dataset
+    from hairdiff_core.pipeline import HairDiffPipeline
+    from hairdiff_core.tiny import build_tiny_transformer, build_tiny_vae
+    from training.config import resolve_config
+    from training.synthetic import make_synthetic_dataset
+    from training.trainer import train
+
+    data = make_synthetic_dataset(tmp_path / "ds", n=2, size=32, braid=0)
+    out = tmp_path / "out"
+    result = train(resolve_config(dict(
+        data=str(data), output=str(out), tiny=True, resolution=32, max_steps=1, batch_size=2, augment="none",
+        mixed_precision="no", num_workers=0, checkpoint_every=10, validate_every=0, warmup_steps=0,
+    )))
+    assert result.adapter.is_file()
+    cached = sorted((out / "cache" / "latents").glob("*.safetensors"))
+    sketches = [p for p in cached if p.stem.endswith("_sketch")]
+    assert len(cached) == 4 and len(sketches) == 2
+    sample = scan_dataset(data).samples[0]
+    pipe = HairDiffPipeline(build_tiny_transformer(), build_tiny_vae())
+    expected = pipe.encode(load_sample(sample, 32)["sketch"][None])[0]
+    got = [load_file(str(p))["latent"] for p in sketches]
+    assert any(torch.allclose(g, expected, atol=1e-5) for g in got)
