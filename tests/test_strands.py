@@ -1,0 +1,207 @@
+"""Sketch synthesis (hairdiff_core.strands): known answers on striped synthetic hair."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hairdiff_core import strands as S
+from hairdiff_core.errors import InputError
+from hairdiff_core.mask import gaussian_blur
+
+
+def striped_hair(size: int, degrees: float, colour=(0.4, 0.25, 0.1), period: float | None = None):
+    """A photo whose hair (an ellipse) has stripes running at ``degrees`` (image coordinates,
+    x right, y down), drawn like training/synthetic.py draws them; and its matte."""
+    h = w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    across = math.radians(degrees) + math.pi / 2  # the stripes vary across their direction
+    period = period or max(3.0, size / 8)
+    phase = (np.cos(across) * xx + np.sin(across) * yy) / period
+    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * phase)
+    inside = ((yy - h * 0.45) / (h * 0.3)) ** 2 + ((xx - w * 0.5) / (w * 0.35)) ** 2 <= 1.0
+    hair = np.asarray(colour, np.float32) * (0.6 + 0.4 * stripes[..., None])
+    photo = np.where(inside[..., None], hair, np.asarray([0.8, 0.7, 0.6], np.float32))
+    return torch.from_numpy(photo).permute(2, 0, 1).contiguous(), torch.from_numpy(inside.astype(np.float32))[None]
+
+
+def mean_orientation(alpha: torch.Tensor) -> float:
+    """Dominant line orientation (degrees, [0, 180)) of a rendered stroke mask, measured from the
+    picture alone: the structure tensor of the slightly blurred strokes, summed over the image."""
+    a = gaussian_blur(alpha.reshape(1, 1, *alpha.shape[-2:]).float(), 1.5)[0, 0].double().numpy()
+    gy, gx = np.gradient(a)
+    jxx, jyy, jxy = (gx * gx).sum(), (gy * gy).sum(), (gx * gy).sum()
+    return math.degrees(0.5 * math.atan2(2 * jxy, jxx - jyy) + math.pi / 2) % 180.0
+
+
+def angle_error(measured: float, expected: float) -> float:
+    return abs((measured - expected + 90.0) % 180.0 - 90.0)
+
+
+@pytest.mark.parametrize("degrees", [0, 30, 60, 90, 135])
+def test_strands_follow_the_stripes(degrees):
+    photo, matte = striped_hair(96, degrees)
+    sketch, alpha = S.synthesize_sketch(photo, matte, seed=1, return_alpha=True)
+    assert alpha.sum() > 50
+    assert angle_error(mean_orientation(alpha), degrees) <= 10.0
+    # The orientation field itself, inside the matte (doubled-angle mean: the field is axial).
+    angle, coherence = S.orientation_field(photo[None], matte[None])
+    inside = matte[None] > 0.5
+    a = angle[inside]
+    field_mean = math.degrees(0.5 * math.atan2(float(torch.sin(2 * a).mean()), float(torch.cos(2 * a).mean())))
+    assert angle_error(field_mean, degrees) <= 3.0
+    assert float(coherence[inside].median()) > 0.8
+
+
+def test_strands_follow_the_synthetic_datasets_own_sketch():
+    """On training/synthetic.py's samples (random angle each) the strokes run like the sample's
+    own ground-truth sketch."""
+    from hairdiff_core.mask import normalize_sketch
+    from training.synthetic import make_sample_arrays
+
+    rng = np.random.default_rng(11)
+    for _ in range(3):
+        photo, matte, sketch = (torch.from_numpy(a) for a in make_sample_arrays(96, rng))
+        photo = photo.permute(2, 0, 1).float() / 255
+        matte = matte[None].float() / 255
+        _, truth = normalize_sketch(sketch.permute(2, 0, 1)[None].float() / 255)
+        _, alpha = S.synthesize_sketch(photo, matte, seed=0, return_alpha=True)
+        assert angle_error(mean_orientation(alpha), mean_orientation(truth)) <= 10.0
+
+
+@pytest.mark.parametrize("style", S.STYLES)
+@pytest.mark.parametrize("colour", [False, True])
+def test_strokes_stay_inside_the_matte(style, colour):
+    photo, matte = striped_hair(80, 45)
+    sketch, alpha = S.synthesize_sketch(photo, matte, style=style, colour=colour, seed=3, return_alpha=True)
+    assert sketch.shape == photo.shape and alpha.shape == (1, 80, 80)
+    assert 0.0 <= float(sketch.min()) and float(sketch.max()) <= 1.0
+    stroke = alpha > 0
+    assert int(stroke.sum()) > 30
+    assert float((matte[stroke] > 0.5).float().mean()) >= 0.99
+    # Strokes on black: nothing drawn where there is no stroke.
+    assert float(sketch[:, ~stroke[0]].abs().max()) == 0.0
+    if not colour:
+        assert torch.equal(sketch[:, stroke[0]], torch.ones_like(sketch[:, stroke[0]]))
+
+
+@pytest.mark.parametrize("style", S.STYLES)
+@pytest.mark.parametrize("hair", [(0.4, 0.25, 0.1), (0.6, 0.5, 0.2), (0.06, 0.05, 0.04)])
+def test_colour_strokes_match_the_hair_under_them(style, hair):
+    import kornia
+
+    photo, matte = striped_hair(96, 20, colour=hair)
+    sketch, alpha = S.synthesize_sketch(photo, matte, style=style, colour=True, seed=0, return_alpha=True)
+    stroke = alpha[0] > 0
+    assert int(stroke.sum()) > 30
+    delta_e = (kornia.color.rgb_to_lab(sketch[None]) - kornia.color.rgb_to_lab(photo[None])).norm(dim=1)[0][stroke]
+    assert float(delta_e.mean()) < 10.0
+    assert float(delta_e.quantile(0.95)) < 15.0
+    # Even black hair leaves strokes visible on the black canvas (the alpha is recoverable).
+    assert bool((sketch.amax(0)[stroke] > 0).all())
+
+
+@pytest.mark.parametrize("style", S.STYLES)
+def test_deterministic_for_a_seed(style):
+    photo, matte = striped_hair(64, 70)
+    a = S.synthesize_sketch(photo, matte, style=style, colour=True, seed=5)
+    b = S.synthesize_sketch(photo, matte, style=style, colour=True, seed=5)
+    assert torch.equal(a, b)
+    if style == "strands":
+        assert not torch.equal(a, S.synthesize_sketch(photo, matte, style=style, colour=True, seed=6))
+
+
+def test_density_length_thickness_change_the_strokes():
+    photo, matte = striped_hair(96, 10)
+    base = S.synthesize_sketch(photo, matte, seed=2, return_alpha=True)[1].sum()
+    denser = S.synthesize_sketch(photo, matte, seed=2, density=3.0, return_alpha=True)[1].sum()
+    assert denser > 1.8 * base
+    # Density counts covered area: strokes 4x as thick (3.4 px here) are fewer, cover about as much.
+    assert S.stroke_thickness(96, 96, 12.0) > 3 * S.stroke_thickness(96, 96, 1.0)
+    thin_lines = S.trace_streamlines(torch.zeros(1, 96, 96), matte, seed=2)
+    thick_lines = S.trace_streamlines(torch.zeros(1, 96, 96), matte, seed=2, thickness=12.0)
+    assert len(thick_lines) < 0.5 * len(thin_lines)
+    thicker = S.synthesize_sketch(photo, matte, seed=2, thickness=12.0, return_alpha=True)[1].sum()
+    assert 0.5 * base < thicker < 3 * base
+    short = S.trace_streamlines(torch.zeros(1, 96, 96), matte, seed=2, length=0.3)
+    long = S.trace_streamlines(torch.zeros(1, 96, 96), matte, seed=2, length=1.5)
+    assert long.valid.sum(1).float().mean() > 2 * short.valid.sum(1).float().mean()
+
+
+def test_known_field_traces_circles():
+    """A caller with the true field: a circular field gives streamlines at constant radius."""
+    size = 96
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    cx = cy = size / 2
+    angle = torch.atan2(yy - cy, xx - cx) + math.pi / 2  # tangent to circles around the centre
+    radius = torch.hypot(xx - cx, yy - cy)
+    matte = ((radius > 10) & (radius < 44)).float()
+    lines = S.trace_streamlines(angle, matte, seed=0, length=2.0)
+    assert len(lines) > 5
+    pts = lines.points
+    r = torch.hypot(pts[..., 0] - cx, pts[..., 1] - cy)
+    r_seed = r[:, pts.shape[1] // 2 : pts.shape[1] // 2 + 1]
+    drift = ((r - r_seed).abs() * lines.valid).amax()
+    assert float(drift) < 1.0
+    # Long lines actually went round: their ends are far apart.
+    span = (pts[:, 0] - pts[:, -1]).norm(dim=1)
+    assert float(span.max()) > 20
+    rgb, alpha = S.draw_polylines(lines.points, lines.valid, (size, size), batch=lines.batch, thickness=1.0, matte=matte)
+    assert rgb.shape == (1, 3, size, size) and alpha.shape == (1, 1, size, size)
+    assert float(alpha.sum()) > 100
+
+
+def test_draw_polylines_straight_line_and_thickness():
+    pts = torch.tensor([[[10.5, 20.5], [50.5, 20.5]]])
+    rgb, alpha = S.draw_polylines(pts, None, (40, 64), colours=torch.tensor([[1.0, 0.5, 0.0]]), thickness=1.0)
+    assert torch.equal(alpha[0, 0].nonzero()[:, 0].unique(), torch.tensor([20]))
+    assert int(alpha.sum()) == 41
+    assert torch.allclose(rgb[0, :, 20, 30], torch.tensor([1.0, 0.5, 0.0]))
+    _, thick = S.draw_polylines(pts, None, (40, 64), thickness=3.0)
+    assert thick[0, 0].nonzero()[:, 0].unique().tolist() == [19, 20, 21]
+    # Invalid points are skipped: only the first segment is drawn.
+    pts3 = torch.tensor([[[10.5, 5.5], [20.5, 5.5], [30.5, 30.5]]])
+    _, part = S.draw_polylines(pts3, torch.tensor([[True, True, False]]), (40, 64), thickness=1.0)
+    assert int(part.sum()) == 11
+
+
+def test_thin_reduces_a_bar_to_a_line_and_keeps_thin_lines():
+    bar = torch.zeros(1, 1, 20, 40)
+    bar[..., 8:13, 5:35] = 1
+    line = S.thin(bar)
+    assert bool((line <= bar).all())
+    assert line[..., 10:30].sum(dim=2).flatten().tolist() == [1.0] * 20  # one pixel wide, no gaps
+    # Canny's two-pixel diagonal staircase becomes an 8-connected diagonal, end to end.
+    stairs = torch.zeros(1, 1, 12, 12)
+    for i in range(1, 10):
+        stairs[0, 0, i, i] = stairs[0, 0, i, i + 1] = 1
+    thinned = S.thin(stairs)
+    rows = thinned[0, 0].sum(1)
+    assert rows[1:10].min() >= 1 and rows.max() <= 2 and int(thinned.sum()) >= 9
+    # A ring stays a closed ring (no hole filled, none opened).
+    ring = torch.zeros(1, 1, 12, 12)
+    ring[..., 2:9, 2:9] = 1
+    ring[..., 4:7, 4:7] = 0
+    thinned = S.thin(ring)
+    assert float(thinned[..., 4:7, 4:7].sum()) == 0 and int(thinned.sum()) >= 8
+    count = torch.nn.functional.conv2d(thinned, torch.ones(1, 1, 3, 3), padding=1) - thinned
+    assert bool((count[thinned > 0] == 2).all())  # every ring pixel has exactly two neighbours
+
+
+def test_batch_and_errors():
+    p1, m1 = striped_hair(64, 0)
+    p2, m2 = striped_hair(64, 90)
+    out = S.synthesize_sketch(torch.stack([p1, p2]), torch.stack([m1, m2]), seed=0)
+    assert out.shape == (2, 3, 64, 64)
+    assert angle_error(mean_orientation(out[0].amax(0)), 0) < 10
+    assert angle_error(mean_orientation(out[1].amax(0)), 90) < 10
+    with pytest.raises(InputError, match="unknown sketch style"):
+        S.synthesize_sketch(p1, m1, style="pencil")
+    with pytest.raises(InputError, match="64x64.*32x32|32x32.*64x64"):
+        S.synthesize_sketch(p1, torch.ones(1, 32, 32))
+    with pytest.raises(InputError, match="density"):
+        S.synthesize_sketch(p1, m1, density=0)
+    # An empty matte draws nothing (the caller decides whether that is an error).
+    assert float(S.synthesize_sketch(p1, torch.zeros(1, 64, 64)).abs().sum()) == 0.0
