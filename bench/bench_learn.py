@@ -41,20 +41,25 @@ SIGMAS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
 
 
 def held_out_edits(n: int, seed: int = 4242):
-    """n held-out scenes: (photo with the old hair, matte, sketch of new hair turned >= 45 deg,
-    old angle, sketch params) as uint8 arrays."""
+    """n held-out scenes: (photo with the old hair, matte, sketch of new hair turned >= 45 deg)
+    as uint8 arrays. The sketch is what ``hairdiff prepare`` traces from a photo with the new
+    hair (every other one) or exact level lines of the new field."""
     import numpy as np
 
-    from training.synthetic import hair_matte, redirect, render_portrait, sample_hair_params, strand_sketch
+    from training.synthetic import hair_matte, redirect, render_portrait, sample_hair_params, strand_sketch, traced_sketch
 
     rng = np.random.default_rng(seed)
     out = []
     to8 = lambda a: (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)  # noqa: E731
-    for _ in range(n):
+    for i in range(n):
         params = sample_hair_params(rng, 128)
         matte = hair_matte(params)
         new = redirect(params, rng)
-        out.append((to8(render_portrait(params, matte)), to8(matte.astype(np.float32)), to8(strand_sketch(new, matte))))
+        if i % 2 == 0:
+            sketch = traced_sketch(to8(render_portrait(new, matte)), matte, colour=bool(new["stroke_colour"]), seed=i)
+        else:
+            sketch = strand_sketch(new, matte)
+        out.append((to8(render_portrait(params, matte)), to8(matte.astype(np.float32)), to8(sketch)))
     return out
 
 
@@ -165,7 +170,7 @@ def run(args) -> int:
     out: dict = {}
 
     # 1. The toy VAE on held-out photos.
-    held, _ = make_toy.portraits(32, make_toy.HELDOUT_SEED)
+    held, _ = make_toy.portraits(32, make_toy.HELDOUT_SEED, style="levels")
     held = torch.from_numpy(held)
     out["vae_psnr"] = make_toy.psnr(make_toy.reconstruct(load_toy_vae(), held), held)
 
@@ -178,7 +183,7 @@ def run(args) -> int:
         from training.trainer import train
 
         n_train = args.n_train or make_toy.N_TRAIN
-        data = make_toy.write_dataset(work / "data", make_toy.portrait_arrays(n_train, make_toy.TRAIN_SEED, work))
+        data = make_toy.training_dataset(work / "data", work, n_train)
         steps = args.steps or make_toy.ADAPTER_STEPS
         config = resolve_config({**settings, "toy": True, "data": str(data), "output": str(work / "run"), "max_steps": steps})
         t0 = time.time()

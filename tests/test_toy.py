@@ -17,6 +17,7 @@ from training.synthetic import (
     render_portrait,
     sample_hair_params,
     strand_sketch,
+    traced_sketch,
 )
 
 
@@ -94,12 +95,15 @@ def test_toy_adapter_follows_the_sketch_better_than_the_untrained_model(toy_pipe
     trained, untrained = toy_pipes
     rng = np.random.default_rng(2024)
     photos, mattes, sketches = [], [], []
-    for _ in range(2):
+    for i in range(2):
         params = {**sample_hair_params(rng, 128), "curl": 0.0}
         matte = hair_matte(params)
+        new = redirect(params, rng)
         photos.append(_nchw(render_portrait(params, matte)))
         mattes.append(_nchw(matte.astype(np.float32)))
-        sketches.append(_nchw(strand_sketch(redirect(params, rng), matte)))
+        # One sketch traced as `hairdiff prepare` traces it, one drawn along the known field.
+        new_hair = (render_portrait(new, matte) * 255 + 0.5).astype(np.uint8)
+        sketches.append(_nchw(traced_sketch(new_hair, matte) if i == 0 else strand_sketch(new, matte)))
     photo, matte, sketch = torch.cat(photos), torch.cat(mattes), torch.cat(sketches)
     target = strand_orientation(sketch, matte)["angle"]
     errors = {}

@@ -49,26 +49,39 @@ ADAPTER_TRAIN = dict(
 )
 
 
-_CACHE: dict[tuple[int, int], dict] = {}
+_CACHE: dict[tuple[int, int, str], dict] = {}
 
 
-def portrait_arrays(n: int, seed: int, work: Path | None = None) -> dict:
+def portrait_arrays(n: int, seed: int, work: Path | None = None, style: str = "strands") -> dict:
     """{photo, matte, sketch: uint8 arrays (n, S, S[, 3]), params: list} of ``n`` portraits,
-    the same ones ``make_portrait_dataset(n=n, seed=seed)`` writes; cached in ``work``."""
-    key = (n, seed)
+    the same ones ``make_portrait_dataset(n=n, seed=seed, sketch_style=style)`` writes; cached
+    in ``work``. Photos and mattes do not depend on ``style``."""
+    key = (n, seed, style)
     if key in _CACHE:
         return _CACHE[key]
-    path = work / f"portraits_{n}_{seed}.npz" if work is not None else None
+    path = work / f"portraits_{n}_{seed}_{style}.npz" if work is not None else None
     if path is not None and path.is_file():
         with np.load(path) as z:
             out = {k: z[k] for k in ("photo", "matte", "sketch")}
         out["params"] = json.loads((path.with_suffix(".json")).read_text())
+    elif style == "strands" and (n, seed, "levels") in _CACHE:
+        # Same photos and mattes: only the sketches are traced.
+        from training.synthetic import traced_sketch
+
+        levels = _CACHE[(n, seed, "levels")]
+        sketches = [traced_sketch(levels["photo"][i], levels["matte"][i], colour=bool(prm.get("stroke_colour")), seed=i)
+                    for i, prm in enumerate(levels["params"])]
+        out = {"photo": levels["photo"], "matte": levels["matte"], "params": levels["params"],
+               "sketch": (np.clip(np.stack(sketches), 0, 1) * 255 + 0.5).astype(np.uint8)}
+        if path is not None:
+            np.savez_compressed(path, **{k: out[k] for k in ("photo", "matte", "sketch")})
+            path.with_suffix(".json").write_text(json.dumps(out["params"]))
     else:
         rng = np.random.default_rng(seed)
         rows = {"photo": [], "matte": [], "sketch": [], "params": []}
         for _ in range(n):
             params = sample_hair_params(rng, SIZE)
-            for k, a in zip(("photo", "matte", "sketch"), make_portrait_arrays(params)):
+            for k, a in zip(("photo", "matte", "sketch"), make_portrait_arrays(params, style, seed=len(rows["params"]))):
                 rows[k].append(a)
             rows["params"].append(params)
         out = {k: np.stack(v) for k, v in rows.items() if k != "params"}
@@ -83,9 +96,9 @@ def portrait_arrays(n: int, seed: int, work: Path | None = None) -> dict:
 ADAPTER_STEPS = 600
 
 
-def portraits(n: int, seed: int, work: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+def portraits(n: int, seed: int, work: Path | None = None, style: str = "strands") -> tuple[np.ndarray, np.ndarray]:
     """(photos, sketches) as float arrays (n, 3, S, S) in [0, 1]."""
-    arrays = portrait_arrays(n, seed, work)
+    arrays = portrait_arrays(n, seed, work, style)
     to = lambda a: a.astype(np.float32).transpose(0, 3, 1, 2) / 255.0  # noqa: E731
     return to(arrays["photo"]), to(arrays["sketch"])
 
@@ -107,9 +120,11 @@ def reconstruct(vae, images: torch.Tensor, batch: int = 16) -> torch.Tensor:
 # -- stage 1: the autoencoder ---------------------------------------------------------------------
 def train_vae(work: Path, steps: int, full_steps: int) -> dict:
     torch.manual_seed(0)
-    photos, sketches = portraits(N_TRAIN, TRAIN_SEED, work)
+    # The VAE learns strokes from exact level-line sketches (cheap to draw); the adapter's
+    # training sketches are traced like `hairdiff prepare` traces them (thin strokes alike).
+    photos, sketches = portraits(N_TRAIN, TRAIN_SEED, work, "levels")
     data = torch.from_numpy(np.concatenate([photos, sketches]))
-    held, held_sk = portraits(32, HELDOUT_SEED, work)
+    held, held_sk = portraits(32, HELDOUT_SEED, work, "levels")
     held = torch.from_numpy(held)
     vae = toy.build_toy_vae().train()
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
@@ -164,7 +179,7 @@ def train_base(work: Path, steps: int) -> dict:
 
     torch.manual_seed(0)
     vae = _load_work_vae(work)
-    photos, _ = portraits(N_TRAIN, TRAIN_SEED, work)
+    photos, _ = portraits(N_TRAIN, TRAIN_SEED, work, "levels")  # photos only: the cheap sketch style
     photos = torch.from_numpy(photos)
     photos = torch.cat([photos, photos.flip(-1)])  # mirrored portraits are portraits too
     pipe = HairDiffPipeline(toy.build_toy_transformer(), vae)  # for encode(): scale/shift in one place
@@ -210,16 +225,17 @@ def _load_work_vae(work: Path):
 
 
 # -- stage 3: the adapter, by hairdiff train ------------------------------------------------------
-def write_dataset(root: Path, arrays: dict) -> Path:
+def write_dataset(root: Path, arrays: dict, prefix: str = "p") -> Path:
     """The training layout (img/, matte/, sketch/, params.json) from ``portrait_arrays``; the
     same files ``make_portrait_dataset`` writes, without drawing the portraits again."""
     from PIL import Image
 
     for kind in ("img", "matte", "sketch"):
         (root / kind).mkdir(parents=True, exist_ok=True)
-    table = {}
+    table_path = root / "params.json"
+    table = json.loads(table_path.read_text()) if table_path.is_file() else {}
     for i, params in enumerate(arrays["params"]):
-        stem = f"p{i:04d}"
+        stem = f"{prefix}{i:04d}"
         Image.fromarray(arrays["photo"][i]).save(root / "img" / f"{stem}.png")
         Image.fromarray(arrays["matte"][i], mode="L").save(root / "matte" / f"{stem}.png")
         Image.fromarray(arrays["sketch"][i]).save(root / "sketch" / f"{stem}.png")
@@ -228,13 +244,22 @@ def write_dataset(root: Path, arrays: dict) -> Path:
     return root
 
 
+def training_dataset(data: Path, work: Path, n: int | None = None) -> Path:
+    """The adapter's dataset: each portrait twice, with the sketch ``hairdiff prepare`` would
+    trace from it (stems p*) and with exact level lines of its strand field (stems l*: long
+    clean strokes, closer to what people draw)."""
+    n = n or N_TRAIN
+    if not (data / "params.json").is_file():
+        write_dataset(data, portrait_arrays(n, TRAIN_SEED, work, "levels"), prefix="l")
+        write_dataset(data, portrait_arrays(n, TRAIN_SEED, work, "strands"), prefix="p")
+    return data
+
+
 def train_adapter(work: Path, steps: int) -> dict:
     from training.config import resolve_config
     from training.trainer import train
 
-    data = work / "data"
-    if not (data / "params.json").is_file():
-        write_dataset(data, portrait_arrays(N_TRAIN, TRAIN_SEED, work))
+    data = training_dataset(work / "data", work)
     out = work / "adapter_run"
     if out.exists():
         import shutil

@@ -153,11 +153,39 @@ def strand_sketch(params: dict, matte: np.ndarray, width: float = 0.75) -> np.nd
     return np.clip(alpha[..., None] * np.clip(colour, 0, 1), 0, 1)
 
 
-def make_portrait_arrays(params: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(photo HxWx3 uint8, matte HxW uint8, sketch HxWx3 uint8) of one scene."""
+SKETCH_STYLES = ("strands", "levels")
+
+
+def traced_sketch(photo: np.ndarray, matte: np.ndarray, colour: bool = False, seed: int = 0) -> np.ndarray:
+    """The sketch ``hairdiff prepare`` draws for this photo (HxWx3 uint8) and matte (HxW): strands
+    traced along the hair's estimated orientation field (:mod:`hairdiff_core.strands`), so the
+    synthetic training sketches look like the ones users' datasets get. Float HxWx3 in [0, 1]."""
+    import torch
+
+    from hairdiff_core.strands import synthesize_sketch
+
+    p = torch.from_numpy(np.ascontiguousarray(photo)).permute(2, 0, 1)[None].float() / 255.0
+    m = torch.from_numpy(np.ascontiguousarray(matte > (127 if matte.dtype == np.uint8 else 0.5))).float()[None, None]
+    return synthesize_sketch(p, m, colour=colour, seed=seed)[0].permute(1, 2, 0).numpy()
+
+
+def make_portrait_arrays(params: dict, sketch_style: str = "strands", seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(photo HxWx3 uint8, matte HxW uint8, sketch HxWx3 uint8) of one scene.
+
+    ``sketch_style``: ``strands`` (default) traces the photo's strands as ``hairdiff prepare``
+    does (:func:`traced_sketch`, ``seed`` its seed); ``levels`` draws level lines of the known
+    field (:func:`strand_sketch`: exact, no estimation).
+    """
+    if sketch_style not in SKETCH_STYLES:
+        raise ValueError(f"unknown sketch style {sketch_style!r}; choose one of {SKETCH_STYLES}")
     matte = hair_matte(params)
     to8 = lambda a: (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)  # noqa: E731
-    return to8(render_portrait(params, matte)), to8(matte.astype(np.float32)), to8(strand_sketch(params, matte))
+    photo = to8(render_portrait(params, matte))
+    if sketch_style == "levels":
+        sketch = strand_sketch(params, matte)
+    else:
+        sketch = traced_sketch(photo, matte, colour=bool(params.get("stroke_colour")), seed=seed)
+    return photo, to8(matte.astype(np.float32)), to8(sketch)
 
 
 def redirect(params: dict, rng: np.random.Generator, min_turn: float = np.pi / 4) -> dict:
@@ -176,7 +204,7 @@ def angle_difference(a: float, b: float) -> float:
     return float(min(d, np.pi - d))
 
 
-def make_portrait_dataset(root, n: int = 16, size: int = 128, seed: int = 0, braid: int = 0) -> Path:
+def make_portrait_dataset(root, n: int = 16, size: int = 128, seed: int = 0, braid: int = 0, sketch_style: str = "strands") -> Path:
     """Write ``n`` rich synthetic portraits under ``root``/{img,matte,sketch} plus
     ``params.json`` ({stem: params}, the known strand field of each). Returns ``root``."""
     import json
@@ -191,7 +219,7 @@ def make_portrait_dataset(root, n: int = 16, size: int = 128, seed: int = 0, bra
     for i in range(n):
         stem = f"p{i:04d}"
         params = sample_hair_params(rng, size)
-        photo, matte, sketch = make_portrait_arrays(params)
+        photo, matte, sketch = make_portrait_arrays(params, sketch_style, seed=i)
         Image.fromarray(photo).save(root / "img" / f"{stem}.png")
         Image.fromarray(matte, mode="L").save(root / "matte" / f"{stem}.png")
         Image.fromarray(sketch).save(root / "sketch" / f"{stem}.png")
