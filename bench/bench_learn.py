@@ -18,7 +18,7 @@ trained on synthetic portraits), train a HairDiff adapter with the project's own
 - ``psnr_out``: preservation outside the matte (metrics.preservation);
 - the training loss curve's first and last values (means of the first/last 20 steps).
 
-    PYTHONPATH=$PWD python3 bench/bench_learn.py [--steps N] [--samples 24] [--threads 2]
+    PYTHONPATH=$PWD python3 bench/bench_learn.py [--steps N] [--samples 24] [--threads 1]
 
 Prints a table and, last, one JSON line.
 """
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="adapter training steps (default: make_toy's)")
     p.add_argument("--samples", type=int, default=24, help="held-out edits generated per method")
     p.add_argument("--gen-steps", type=int, default=20)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared CPU more threads mostly wait)")
     p.add_argument("--work", help="folder for the dataset and the run (default: a temporary one)")
     p.add_argument("--adapter", help="measure this adapter instead of training one (e.g. the shipped one)")
     p.add_argument("--n-train", type=int, default=None, help="training portraits (default: make_toy's)")

@@ -21,6 +21,15 @@ from training.synthetic import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # A 128 px toy model is dominated by thread hand-offs on a busy 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _nchw(a: np.ndarray) -> torch.Tensor:
     a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
     if a.ndim == 2:
@@ -108,7 +117,7 @@ def test_toy_adapter_follows_the_sketch_better_than_the_untrained_model(toy_pipe
     target = strand_orientation(sketch, matte)["angle"]
     errors = {}
     for name, pipe in (("trained", trained), ("untrained", untrained)):
-        out = pipe.generate(photo, sketch, matte, steps=12, seed=0)
+        out = pipe.generate(photo, sketch, matte, steps=10, seed=0)
         errors[name] = orientation_difference(strand_orientation(out.image, matte, erode=48.0)["angle"], target)
         outside = (out.mask == 0).expand_as(photo)
         assert torch.equal(out.image[outside], photo[outside])

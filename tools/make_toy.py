@@ -42,7 +42,7 @@ CROP = 48
 
 #: Settings of the adapter stage (``hairdiff train`` flags); bench_learn.py reuses them.
 ADAPTER_TRAIN = dict(
-    resolution=SIZE, batch_size=8, lr=1e-3, lr_schedule="cosine", warmup_steps=50, rank=16,
+    resolution=SIZE, batch_size=8, lr=3e-3, lr_schedule="cosine", warmup_steps=50, rank=16,
     lora_targets=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "ff.net.0.proj", "ff.net.2"],
     augment="none", mixed_precision="no", gradient_checkpointing=False, cpu=True, num_workers=0, validate_every=0,
     checkpoint_every=100000, sketch_jitter=2.0, lambda_shape=0.1, seed=0,
@@ -93,7 +93,7 @@ def portrait_arrays(n: int, seed: int, work: Path | None = None, style: str = "s
     return out
 
 
-ADAPTER_STEPS = 600
+ADAPTER_STEPS = 2000
 
 
 def portraits(n: int, seed: int, work: Path | None = None, style: str = "strands") -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +208,7 @@ def train_base(work: Path, steps: int) -> dict:
         opt.step()
         sched.step()
         curve.append(loss.item())
-        if step % 100 == 0 or step == steps - 1:
+        if step % 25 == 0 or step == steps - 1:
             logger.info("base step %d/%d loss %.4f (avg100 %.4f, %.0fs)", step, steps, loss.item(), float(np.mean(curve[-100:])), time.time() - t0)
     model.eval()
     toy.save_half(model, work / toy.TRANSFORMER_FILE, {"trained_steps": str(steps)})
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default="vae,base,adapter")
     p.add_argument("--vae-steps", type=int, default=2000)
     p.add_argument("--vae-full-steps", type=int, default=100)
-    p.add_argument("--base-steps", type=int, default=3000)
+    p.add_argument("--base-steps", type=int, default=1200)
     p.add_argument("--adapter-steps", type=int, default=ADAPTER_STEPS)
     p.add_argument("--install", action="store_true", help="copy the results into hairdiff_core/assets/toy/")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared CPU more threads mostly wait)")
