@@ -79,8 +79,9 @@ def run_toy(args) -> int:
     steps = args.steps or 20
     bar, on_step = tqdm_callback(steps, "demo")
     try:
-        # One call, a batch of two: the photo and matte broadcast over the two sketches.
-        result = pipe.generate(photo, sketches, matte, steps=steps, seed=args.seed, reference=reference, on_step=on_step)
+        # One call, a batch of two: the same photo and matte with each sketch.
+        n = len(sketches)
+        result = pipe.generate(photo.expand(n, -1, -1, -1), sketches, matte.expand(n, -1, -1, -1), steps=steps, seed=args.seed, reference=reference, on_step=on_step)
     finally:
         bar.close()
     out.mkdir(parents=True, exist_ok=True)
