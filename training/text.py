@@ -92,7 +92,7 @@ def _encode_captions(captions: dict[str, str], samples, config, cache: Path, dev
 
     folder = cache / "text"
     folder.mkdir(parents=True, exist_ok=True)
-    model_key = str(Path(config.model).resolve()) if config.model else ("toy" if config.toy else "tiny")
+    model_key = str(Path(config.model).resolve()) if config.model else ("toy" if getattr(config, "toy", False) else "tiny")
     keys = {}
     for i, s in enumerate(samples):
         if s.stem in captions:
