@@ -15,7 +15,7 @@ import sys
 #: name -> (module, one-line help)
 COMMANDS = {
     "generate": ("hairdiff_core.commands.generate", "redraw the hair of a photo from a sketch and a matte"),
-    "demo": ("hairdiff_core.commands.demo", "wiring check: generate with the built-in tiny model on bundled samples"),
+    "demo": ("hairdiff_core.commands.demo", "the toy model redraws a synthetic portrait's hair from two sketches (--tiny: wiring check)"),
     "prepare": ("hairdiff_core.commands.prepare", "make a training set from photos and hair mattes (synthesised sketches)"),
     "eval": ("hairdiff_core.commands.evaluate", "measure results on a dataset against the inpainting baseline"),
     "train": ("training.cli", "fine-tune a HairDiff adapter (LoRA + sketch channels)"),

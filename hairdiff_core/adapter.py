@@ -70,7 +70,7 @@ PATCH_BIAS_KEY = "hairdiff.pos_embed.proj.bias"
 #: architecture keys model recognition uses.
 SIGNATURE_KEYS = ARCH_KEYS
 _RESERVED = {"format_version", "hairdiff_version", "in_channels", "base_channels", "base", "lora"}
-_KNOWN_FAMILIES = ("sd3.5-large", "sd3.5-medium", "sd3-medium", "tiny")
+_KNOWN_FAMILIES = ("sd3.5-large", "sd3.5-medium", "sd3-medium", "tiny", "toy")
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ FAMILY_NAMES = {
     "sd3.5-medium": "SD3.5 Medium",
     "sd3-medium": "SD3 Medium",
     "tiny": "HairDiff tiny",
+    "toy": "HairDiff toy",
     "custom": "custom SD3-shaped",
 }
 
@@ -137,6 +138,10 @@ def _transformer_config(family: str) -> dict[str, Any]:
         from .tiny import TINY_TRANSFORMER_CONFIG
 
         config = dict(TINY_TRANSFORMER_CONFIG)
+    elif family == "toy":
+        from .toy import TOY_TRANSFORMER_CONFIG
+
+        config = dict(TOY_TRANSFORMER_CONFIG)
     else:
         config = shipped_config(TRANSFORMER_CONFIG_FILES[family])
     config["dual_attention_layers"] = tuple(config.get("dual_attention_layers") or ())
@@ -306,7 +311,7 @@ def identify_transformer(
     }
     family = "custom"
     config = derived
-    for candidate in ("sd3.5-large", "sd3.5-medium", "sd3-medium", "tiny"):
+    for candidate in ("sd3.5-large", "sd3.5-medium", "sd3-medium", "tiny", "toy"):
         shipped = _transformer_config(candidate)
         if all(shipped[k] == derived[k] for k in ARCH_KEYS):
             family, config = candidate, {**shipped, "in_channels": in_channels}
@@ -942,6 +947,7 @@ def load_models(
     device: str | torch.device = "cpu",
     vae_dtype: torch.dtype | None = None,
     weights: str = "auto",
+    toy: bool = False,
 ) -> LoadedModels:
     """Load the transformer and VAE HairDiff needs, offline.
 
@@ -949,7 +955,8 @@ def load_models(
     ``transformer/`` folder (VAE from ``vae=`` or a sibling ``vae/``), or a single ``.safetensors``
     checkpoint (transformer alone, or with the VAE under ``first_stage_model.``; bundled text
     encoders are ignored). ``vae`` overrides any VAE found with the model. ``tiny=True`` returns
-    the built-in tiny model. The transformer comes back as stored: 16 input channels (stock) or
+    the built-in tiny model, ``toy=True`` the shipped toy model (:mod:`hairdiff_core.toy`, stock:
+    its adapter is loaded separately). The transformer comes back as stored: 16 input channels (stock) or
     32 (already widened). ``vae_dtype`` (default: ``dtype``) lets the VAE stay in float32 while
     the transformer is bf16, without a lossy round trip through ``dtype``. ``weights``
     (``memory.WEIGHTS``) stores the transformer's Linear weights in another dtype than the
@@ -957,7 +964,23 @@ def load_models(
     A ``.gguf`` transformer (optional ``gguf`` extra) keeps its quantisation.
     """
     from .memory import apply_weights
+
     vae_dtype = vae_dtype or dtype
+    if toy:
+        if model is not None or vae is not None or tiny:
+            raise ModelLoadError(
+                "toy=True uses the shipped toy transformer and VAE; do not pass model, vae or tiny with it"
+            )
+        from .toy import load_toy_transformer, load_toy_vae
+
+        toy_transformer = _finish(load_toy_transformer(), dtype, device)
+        apply_weights(toy_transformer, weights, dtype)
+        return LoadedModels(
+            transformer=toy_transformer,
+            vae=_finish(load_toy_vae(), vae_dtype, device),
+            family="toy",
+            source="shipped toy model (hairdiff_core/assets/toy)",
+        )
     if tiny:
         if model is not None or vae is not None:
             raise ModelLoadError(

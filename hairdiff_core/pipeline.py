@@ -136,15 +136,18 @@ def context_box(binary: torch.Tensor, margin: float, min_pad: int) -> CropBox:
     return CropBox(t, l, b - t, r - l)
 
 
-def check_model_files(model=None, vae=None, adapter=None, tiny: bool = False) -> None:
+def check_model_files(model=None, vae=None, adapter=None, tiny: bool = False, toy: bool = False) -> None:
     """Cheap checks of model arguments before anything loads: the paths exist and an adapter
     carries a HairDiff header (read without its tensors)."""
     from .errors import ModelLoadError
 
-    if tiny and (model is not None or vae is not None):
-        raise ModelLoadError("the tiny model brings its own transformer and VAE; do not pass a model or VAE with it",
-                             input="model")
-    if not tiny and model is None:
+    if tiny and toy:
+        raise ModelLoadError("choose the tiny model or the toy model, not both", input="model")
+    builtin = "tiny" if tiny else "toy" if toy else None
+    if builtin and (model is not None or vae is not None):
+        raise ModelLoadError(f"the {builtin} model brings its own transformer and VAE; do not pass a model or VAE "
+                             f"with it", input="model")
+    if builtin is None and model is None:
         raise ModelLoadError("no model given: pass an SD3/SD3.5 diffusers folder or .safetensors checkpoint "
                              "(--model PATH), or the tiny model (--tiny) for a wiring check", input="model")
     for value, what in ((model, "model"), (vae, "vae"), (adapter, "adapter")):
@@ -224,7 +227,7 @@ class HairDiffPipeline:
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_files(cls, model=None, vae=None, adapter=None, tiny: bool = False, device="cpu", dtype=torch.float32,
-                   text_encoders=None, weights: str = "auto", offload: str = "none"):
+                   text_encoders=None, weights: str = "auto", offload: str = "none", toy: bool = False):
         """Load a base model (+ adapter) from files and build the pipeline.
 
         Every argument is checked before any weight is read: the device exists, the dtype is
@@ -237,6 +240,8 @@ class HairDiffPipeline:
             adapter: a HairDiff adapter ``.safetensors`` (its LoRA stays in ``dtype``), or None
                 for the widened base model.
             tiny: the built-in tiny random model instead of files (a wiring check).
+            toy: the shipped toy model (``hairdiff_core.toy``: trained on synthetic portraits);
+                pass its adapter (``toy.adapter_path()``) to draw from sketches.
             device: "cpu", "cuda", "cuda:N", "mps" or a ``torch.device``: where sampling runs.
             dtype: the compute dtype of the transformer: a torch float dtype or "fp32", "bf16", "fp16".
             text_encoders: a ``TextEncoderSource`` for ``generate(prompt=...)``; None: the tiny
@@ -253,9 +258,9 @@ class HairDiffPipeline:
         check_device(device)
         check_weights(weights)
         check_offload(offload)
-        check_model_files(model=model, vae=vae, adapter=adapter, tiny=tiny)
+        check_model_files(model=model, vae=vae, adapter=adapter, tiny=tiny, toy=toy)
         # The SD3 VAE runs in float32 (force_upcast); loading it so avoids a bf16 round trip.
-        loaded = load_models(model, vae=vae, tiny=tiny, dtype=dtype, device="cpu", vae_dtype=torch.float32,
+        loaded = load_models(model, vae=vae, tiny=tiny, toy=toy, dtype=dtype, device="cpu", vae_dtype=torch.float32,
                              weights=weights)
         transformer = loaded.transformer
         if adapter is not None:

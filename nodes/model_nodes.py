@@ -25,6 +25,7 @@ from .convert import check_combos, input_of, node_error
 logger = logging.getLogger(__name__)
 
 TINY = "tiny (wiring check)"
+TOY = "toy (synthetic portraits + its adapter)"
 NONE = "none"
 MODEL_FOLDER = "hairdiff"
 HairDiffModelType = io.Custom("HAIRDIFF_MODEL")
@@ -137,7 +138,7 @@ def _gguf_files() -> list[str]:
 
 
 def base_model_options() -> list[str]:
-    return ([TINY] + _safetensors("checkpoints") + _safetensors("diffusion_models") + _gguf_files()
+    return ([TINY, TOY] + _safetensors("checkpoints") + _safetensors("diffusion_models") + _gguf_files()
             + _diffusers_folders())
 
 
@@ -231,7 +232,9 @@ class LoadHairDiffModel(io.ComfyNode):
                 "checkpoints/ or diffusion_models/, diffusers folders in diffusers/), widens it to 32 input "
                 "channels and applies a HairDiff adapter from models/hairdiff (or loras). "
                 f"'{TINY}' is a built-in random model that needs no files: it proves the graph runs, the hair it "
-                "draws is noise."
+                "draws is noise. "
+                f"'{TOY}' is a small model trained on synthetic striped portraits (128 px) with its shipped "
+                "adapter (used when adapter is 'none'): the sketch steers its strands."
             ),
             inputs=[
                 io.Combo.Input("base_model", options=base_model_options(), default=TINY,
@@ -287,6 +290,9 @@ class LoadHairDiffModel(io.ComfyNode):
             if tiny:
                 loaded = load_models(tiny=True, dtype=torch_dtype, device=offload_device, vae_dtype=torch.float32,
                                      weights=weights)
+            elif base_model == TOY:
+                loaded = load_models(toy=True, dtype=torch_dtype, device=offload_device, vae_dtype=torch.float32,
+                                     weights=weights)
             elif base_model.startswith(("diffusion_models/", "unet_gguf/")):
                 # Transformer-only files (GGUF too): the sampler takes ComfyUI's VAE.
                 from ..hairdiff_core.loading import FAMILY_NAMES, LoadedModels, load_transformer
@@ -303,7 +309,13 @@ class LoadHairDiffModel(io.ComfyNode):
             raise node_error(node, input_of(exc, {"model": "base_model"}, "base_model"), exc,
                              "pick an SD3/SD3.5 model, or the tiny model") from exc
         transformer = loaded.transformer
-        if adapter != NONE:
+        if base_model == TOY and adapter == NONE:
+            from ..hairdiff_core.adapter import load_adapter
+            from ..hairdiff_core.toy import adapter_path
+
+            load_adapter(transformer, adapter_path())
+            adapter = "toy (shipped)"  # named in the model's source line below
+        elif adapter != NONE:
             from ..hairdiff_core.adapter import load_adapter
 
             path = resolve(adapter, node, "adapter")

@@ -99,7 +99,7 @@ GENERATE_CASES = [
     (["--device", "banana"], r"unknown device 'banana'"),
     (["--dtype", "fp8"], r"invalid choice: 'fp8'"),
     (["--adapter", "missing.safetensors"], r"adapter not found: missing.safetensors"),
-    (["--tiny", "--model", "x"], r"either --model PATH or --tiny"),
+    (["--tiny", "--model", "x"], r"pass one of --model PATH, --toy or --tiny \(built-in models\), not --model PATH and --tiny"),
 ]
 
 

@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="dataset folder with img/, matte/, sketch/ (matched by stem) and optional braid.txt")
     g.add_argument("--output", help="output folder (adapter, checkpoints, logs, samples)")
     g.add_argument("--tiny", action="store_true", default=None, help="the built-in tiny model (wiring checks)")
+    g.add_argument("--toy", action="store_true", default=None, help="the shipped toy model (trained on synthetic portraits) as the base")
     g.add_argument("--model", help="SD3.5 diffusers folder or single-file .safetensors checkpoint")
     g.add_argument("--vae", help="VAE folder or .safetensors (when the model has none)")
     g.add_argument("--resolution", type=int, help="training size N, a multiple of 16 (default: the model's, 1024 for SD3.5): aspect buckets of about N x N px")

@@ -30,6 +30,7 @@ class TrainConfig:
     output: str | None = None
     # model
     tiny: bool = False
+    toy: bool = False  # the shipped toy base (hairdiff_core.toy) as the model to train on
     model: str | None = None
     vae: str | None = None
     # data
@@ -96,7 +97,7 @@ class TrainConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
         keys = (
-            "tiny", "model", "resolution", "batch_size", "grad_accum", "rank", "lora_alpha", "lora_targets",
+            "tiny", "toy", "model", "resolution", "batch_size", "grad_accum", "rank", "lora_alpha", "lora_targets",
             "train_base_channels", "augment", "seed", "sigma_sampling", "oversample_from_epoch",
             "oversample_factor", "mixed_precision", "crop", "matte_growth",
         )
@@ -117,10 +118,10 @@ class TrainConfig:
         if Path(self.output).expanduser().resolve() == Path(self.data).expanduser().resolve():
             raise InputError("--output is the dataset folder; write the training outputs to another folder",
                              input="output")
-        if self.tiny == bool(self.model):
+        if int(bool(self.tiny)) + int(bool(self.toy)) + int(bool(self.model)) != 1:
             raise InputError(
-                "pass exactly one of --model PATH (an SD3.5 diffusers folder or .safetensors checkpoint) "
-                "and --tiny (the built-in tiny model, for wiring checks)"
+                "pass exactly one of --model PATH (an SD3.5 diffusers folder or .safetensors checkpoint), "
+                "--tiny (the built-in tiny model, for wiring checks) and --toy (the shipped toy model)"
             )
         if self.mixed_precision not in MIXED_PRECISION:
             raise InputError(f"--mixed-precision {self.mixed_precision!r}: choose one of {MIXED_PRECISION}")

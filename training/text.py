@@ -90,7 +90,7 @@ def _from_folder(folder: Path, samples, transformer) -> dict[int, tuple[torch.Te
 def _encode_captions(captions: dict[str, str], samples, config, cache: Path, device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     from hairdiff_core.text import PromptCache
 
-    model_key = str(Path(config.model).resolve()) if config.model else "tiny"
+    model_key = str(Path(config.model).resolve()) if config.model else ("toy" if getattr(config, "toy", False) else "tiny")
     prompts = PromptCache(cache / "text", model_key=model_key, max_sequence_length=MAX_SEQUENCE_LENGTH)
     wanted = {i: captions[s.stem] for i, s in enumerate(samples) if s.stem in captions}
 

@@ -278,7 +278,7 @@ class Trainer:
 
         weight_dtype = self._weight_dtype()
         # The SD3 VAE runs in float32 (force_upcast): load it so, without a bf16 round trip.
-        loaded = load_models(cfg.model, vae=cfg.vae, tiny=cfg.tiny, dtype=weight_dtype, device="cpu", vae_dtype=torch.float32)
+        loaded = load_models(cfg.model, vae=cfg.vae, tiny=cfg.tiny, toy=cfg.toy, dtype=weight_dtype, device="cpu", vae_dtype=torch.float32)
         if loaded.vae is None:
             raise HairDiffError("training needs a VAE: the model has none; pass --vae PATH")
         self.family = loaded.family
@@ -324,7 +324,9 @@ class Trainer:
         self.max_steps = max_steps
         self.aug = AugmentSettings(mode=cfg.augment, sketch_jitter_px=cfg.sketch_jitter)
         self.growth = MatteGrowth(p=cfg.matte_growth)
-        self.latent_cache = self._prepare_latent_cache() if cfg.augment == "seed" else None
+        self.latent_cache = self._prepare_latent_cache() if cfg.augment in ("seed", "none") else None
+        # Nothing warps the sketch in 'none' mode either: its latent is cached too (CPU runs).
+        self.sketch_cache = self._prepare_latent_cache("sketch") if cfg.augment == "none" else None
         self.text = self._prepare_text()
 
         # Resume.
@@ -403,9 +405,9 @@ class Trainer:
         h.update(first.numpy().tobytes())
         return h.hexdigest()[:12]
 
-    def _prepare_latent_cache(self) -> list[Path]:
-        """Encode every photo once (unaugmented, at its bucket) and cache the latent on disk,
-        keyed by the photo's content, the resolution, the bucket (and crop) and the VAE."""
+    def _prepare_latent_cache(self, kind: str = "image") -> list[Path]:
+        """Encode every photo (or sketch: ``kind``) once (unaugmented, at its bucket) and cache the
+        latent on disk, keyed by the file's content, the resolution, the bucket (and crop) and the VAE."""
         from safetensors.torch import save_file
 
         cfg = self.config
@@ -413,26 +415,29 @@ class Trainer:
         folder = cache / "latents"
         vae_fp = self._vae_fingerprint()
         # The bucket (and, in bucket mode, the matte that places the crop) decide the pixels encoded.
+        field, tag = ("img", "") if kind == "image" else (kind, f"_{kind}")
         paths = []
         for s, (bh, bw) in zip(self.samples, self.dataset.buckets):
             crop = f"c{bh}x{bw}" if cfg.crop == "center" else f"b{bh}x{bw}m{file_digest(s.matte)[:12]}"
-            paths.append(folder / f"{file_digest(s.img)[:32]}_{self.resolution}_{crop}_{vae_fp}.safetensors")
+            paths.append(folder / f"{file_digest(getattr(s, field))[:32]}_{self.resolution}_{crop}_{vae_fp}{tag}.safetensors")
         if self.acc.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
             todo = [i for i, p in enumerate(paths) if not p.is_file()]
             for i in todo:
-                image = self.dataset[i]["image"][None]
-                latent = self.pipe.encode(image).cpu()[0].contiguous()
+                item = self.dataset[i][kind][None]  # the sketch is canonical already
+                latent = self.pipe.encode(item).cpu()[0].contiguous()
                 with atomic_write(paths[i], fsync=False) as tmp:
                     save_file({"latent": latent}, str(tmp))
-            logger.info("seed mode: %d photo latent(s) cached in %s (%d new)", len(paths), folder, len(todo))
+            logger.info("%s mode: %d %s latent(s) cached in %s (%d new)", cfg.augment, len(paths), kind, folder,
+                        len(todo))
         self.acc.wait_for_everyone()
         return paths
 
-    def _cached_latents(self, indices: torch.Tensor) -> torch.Tensor:
+    def _cached_latents(self, indices: torch.Tensor, cache: list[Path] | None = None) -> torch.Tensor:
         from safetensors.torch import load_file
 
-        return torch.stack([load_file(str(self.latent_cache[int(i)]))["latent"] for i in indices])
+        cache = self.latent_cache if cache is None else cache
+        return torch.stack([load_file(str(cache[int(i)]))["latent"] for i in indices])
 
     # text -----------------------------------------------------------------------------------
     def _prepare_text(self):
@@ -469,7 +474,10 @@ class Trainer:
         mask = M.latent_grid(soft)
         with torch.no_grad():
             x0 = self._cached_latents(batch["index"]).to(dev) if self.latent_cache is not None else self.pipe.encode(photo_a)
-            sketch_latent = self.pipe.encode(sketch_a)
+            if self.sketch_cache is not None:
+                sketch_latent = self._cached_latents(batch["index"], self.sketch_cache).to(dev)
+            else:
+                sketch_latent = self.pipe.encode(sketch_a)
         sigma = sample_sigmas(
             b, cfg.sigma_sampling, shift=cfg.shift, generator=self.gen,
             logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,

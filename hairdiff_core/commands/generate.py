@@ -17,6 +17,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", help="VAE folder or .safetensors, if not inside --model")
     g.add_argument("--adapter", help="HairDiff adapter .safetensors (LoRA + sketch channels)")
     g.add_argument("--tiny", action="store_true", help="use the built-in tiny random model (a wiring check, not art)")
+    g.add_argument("--toy", action="store_true",
+                   help="use the shipped toy model (trained on synthetic portraits, 128 px) with its shipped adapter "
+                        "(--adapter overrides it)")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     g.add_argument("--dtype", choices=DTYPES, default="fp32", help="transformer precision (default fp32; bf16 on GPUs)")
     g.add_argument("--weights", choices=("auto", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2"), default="auto",
@@ -157,13 +160,17 @@ def reference_settings(args):
 
 
 def build_pipeline(args):
-    from hairdiff_core.errors import InputError
     from hairdiff_core.pipeline import HairDiffPipeline
 
-    if not args.tiny and not args.model:
-        raise InputError("no model given: pass --model PATH (SD3.5 folder or .safetensors) or --tiny for the wiring check")
+    # The model flags were checked by preflight._model (one of --model, --toy, --tiny).
+    toy = bool(getattr(args, "toy", False))
+    adapter = args.adapter
+    if toy and adapter is None:
+        from hairdiff_core.toy import adapter_path
+
+        adapter = adapter_path()
     pipe = HairDiffPipeline.from_files(
-        model=args.model, vae=args.vae, adapter=args.adapter, tiny=args.tiny,
+        model=args.model, vae=args.vae, adapter=adapter, tiny=args.tiny, toy=toy,
         device=args.device, dtype=torch_dtype(args.dtype), text_encoders=text_source(args),
         weights=getattr(args, "weights", "auto"), offload=getattr(args, "offload", "none"),
     )

@@ -28,12 +28,15 @@ def _model(args) -> None:
 
     parse_dtype(args.dtype)
     check_device(args.device)
-    if args.tiny and args.model:
-        raise InputError("pass either --model PATH or --tiny (the built-in model), not both", input="model")
-    if not args.tiny and not args.model:
-        raise InputError("no model given: pass --model PATH (SD3.5 folder or .safetensors) or --tiny for the "
-                         "wiring check", input="model")
-    check_model_files(model=args.model, vae=args.vae, adapter=args.adapter, tiny=bool(args.tiny))
+    toy = bool(getattr(args, "toy", False))
+    chosen = [flag for flag, on in (("--model PATH", bool(args.model)), ("--tiny", args.tiny), ("--toy", toy)) if on]
+    if len(chosen) > 1:
+        raise InputError(f"pass one of --model PATH, --toy or --tiny (built-in models), not {' and '.join(chosen)}",
+                         input="model")
+    if not chosen:
+        raise InputError("no model given: pass --model PATH (SD3.5 folder or .safetensors), --toy for the toy model "
+                         "or --tiny for the wiring check", input="model")
+    check_model_files(model=args.model, vae=args.vae, adapter=args.adapter, tiny=bool(args.tiny), toy=toy)
 
 
 def _reference_flags(args, modes: list[str], methods: list[str]) -> None:
@@ -123,5 +126,5 @@ def _prompt(args) -> None:
 
 def check_demo_args(args) -> None:
     """``hairdiff demo``: sampling steps and seed, and an output folder that can be written."""
-    check_generate_settings(steps=args.steps, seed=args.seed)
+    check_generate_settings(steps=8 if args.steps is None else args.steps, seed=args.seed)
     check_writable_folder(args.out, "demo output")
