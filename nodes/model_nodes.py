@@ -358,6 +358,12 @@ class HairDiffReferenceAttention(io.ComfyNode):
                 io.Combo.Input("reference_input", options=["photo", "filled"], default="photo",
                                tooltip="photo = the original photo; filled = a copy with the hair region filled from "
                                        "its surroundings (even less of the old hair)."),
+                io.Combo.Input("key_pool", options=["1", "2", "4"], default="1", optional=True,
+                               tooltip="Key budget: average the photo's keys over NxN token cells (2 = 4x fewer "
+                                       "reference keys, cheaper attention; 1 = every key)."),
+                io.Int.Input("key_ring", default=0, min=0, max=256, optional=True,
+                             tooltip="Key budget: only the photo's keys within this many tokens (16 px each) of the "
+                                     "matte; 0 = all of them."),
             ],
             outputs=[HairDiffModelType.Output("model_with_reference", display_name="model",
                                               tooltip="A new HairDiff model carrying the reference settings.")],
@@ -365,7 +371,7 @@ class HairDiffReferenceAttention(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mode="once", weight_inside=0.5, weight_outside=1.0, suppress_self_outside=0.0,
-                key_weight_inside=0.0, reference_input="photo") -> io.NodeOutput:
+                key_weight_inside=0.0, reference_input="photo", key_pool="1", key_ring=0) -> io.NodeOutput:
         from ..hairdiff_core.reference import ReferenceSettings
 
         node = "HairDiff Reference Attention"
@@ -374,7 +380,7 @@ class HairDiffReferenceAttention(io.ComfyNode):
                              "connect Load HairDiff Model")
         values = dict(mode=mode, weight_inside=weight_inside, weight_outside=weight_outside,
                       suppress_self_outside=suppress_self_outside, key_weight_inside=key_weight_inside,
-                      reference_input=reference_input)
+                      reference_input=reference_input, key_pool=int(key_pool), key_ring=key_ring)
         try:
             settings = ReferenceSettings(**values)
         except HairDiffError as exc:
