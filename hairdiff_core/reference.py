@@ -222,6 +222,8 @@ def _sdpa_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) 
     """
     lq = query.shape[2]
     if query.is_cuda:
+        # A reference shared by the CFG halves arrives as an expanded view (batch stride 0).
+        key, value = (t if t.stride(0) or t.shape[0] == 1 else t.contiguous() for t in (key, value))
         if query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256:
             out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, False, False)
             return out[0], out[1]
