@@ -557,8 +557,10 @@ class ReferenceAttnProcessor:
     """Drop-in for ``JointAttnProcessor2_0`` (joint blocks and attn2) with reference K/V.
 
     Without a ``hairdiff_reference`` kwarg it computes exactly what the stock processor does.
+    Never traced by ``torch.compile`` (see ``compiling.py``): its state changes every step.
     """
 
+    @torch.compiler.disable
     def __call__(
         self,
         attn,
