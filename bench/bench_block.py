@@ -22,6 +22,14 @@ projection) plus layers x block; ``once`` adds one reference pass per sampling c
 bias bytes (one mask shared by all layers), and an upper bound of the peak ratio that counts
 only the weights (bf16) as the plain model's peak: activations would make it smaller.
 
+What is timed: the full block (all heads) without reference, batch 1 and 2; and for every
+variant only its attention kernels (the SDPA or grouped-kernel calls the processor makes,
+captured once and replayed), on a copy of the block's attention with ``--core-heads`` heads,
+scaled to all heads (heads are independent). The rest of a block (projections, norms,
+modulation, feed-forward) is the same computation for every variant, so a variant's block
+costs the plain block + (its kernels - the plain kernels). This keeps a run of both models
+near 10 minutes on 2 busy cores.
+
 Timing: ``--repeats`` rounds, variants in rotating order, medians (and all times). The
 machine may be shared: the load average at start and end is in the JSON. Prints one JSON line.
 
@@ -69,7 +77,8 @@ def head_top_matte(side: int):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="large,medium")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timing rounds (1 takes ~5 min idle, ~10 min on a busy 2-core machine; 2 doubles the timing part)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"),
                    help="bf16 (default: ~1.75x faster than fp32 on this AVX512-BF16 CPU) or fp32")
@@ -225,8 +234,7 @@ def main() -> None:
                                   "all_s": {n: [round(x, 3) for x in t] for n, t in times.items()}}
             # Cache and bias sizes at the full head count: the core block stores ch/heads of it.
             mem[kind] = {tag: {"cache_bytes_per_layer": int(cache.nbytes() * scale),
-                               "bias_bytes": sum(t.numel() * t.element_size() for k, t in gating._cache.items()
-                                                 if isinstance(t, torch.Tensor) and isinstance(k, tuple) and k[0] == "gen"),
+                               "bias_bytes": _bias_bytes(gating),
                                "stored_keys": gating.kept}
                          for tag, (gating, cache) in states.items()}
             del block, core_attn, core_attn2, states, variants, cores
@@ -273,6 +281,15 @@ def main() -> None:
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     result.update(threads_note())
     print(json.dumps(result))
+
+
+def _bias_bytes(gating) -> int:
+    """Bytes of the generation biases a gating built (a batch-1 bias serves CFG too: once)."""
+    seen = {}
+    for k, t in gating._cache.items():
+        if isinstance(k, tuple) and k[0] == "gen":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
 
 
 def _capture(R, run):
