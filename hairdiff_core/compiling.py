@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
