@@ -100,6 +100,9 @@ class ReferenceSettings:
       its keys did. 2 stores and attends to 4x fewer reference keys.
     - ``key_ring``: key budget, 0 (off) or R > 0: only reference keys within R tokens of the
       dilated matte are stored (the light that matters is near the hair).
+      Both keep "weight 0 = the plain model" exact; the duplicated-keys invariant (reference =
+      input, unit weights = plain model) holds only without a budget: pooling and the ring are
+      approximations of the photo's keys, so the budget is off by default.
     - ``attention_kernel``: ``"auto"`` (grouped on CUDA, bias elsewhere), ``"grouped"``
       (attention per key group merged by log-sum-exp: no float mask, flash kernels on CUDA)
       or ``"bias"`` (one SDPA call with an additive float mask). Same result either way.
