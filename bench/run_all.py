@@ -10,6 +10,8 @@ its error; so is a target whose metric a bench did not report.
 
     python bench/run_all.py [--out bench/run_all.json] [--only block,sampler] [--timeout 900] [--markdown]
 
+With ``--only``, the other benches' rows of an existing ``--out`` file are kept (a rerun).
+
 Exit status 0 even when targets are missed (the JSON says which); 2 on bad arguments.
 """
 from __future__ import annotations
@@ -120,6 +122,8 @@ def check_targets(row: dict) -> list[dict]:
     sources = [("bench", declared), ("project", PROJECT_TARGETS.get(row["bench"], {}))]
     for source, targets in sources:
         for metric, bound in targets.items():
+            if source == "project" and declared.get(metric) == bound:
+                continue  # the bench already declares this very target
             kind, limit = ("min", bound["min"]) if isinstance(bound, dict) and "min" in bound else ("max", bound)
             value = values.get(metric)
             entry = {"metric": metric, "target": limit, "kind": kind, "source": source, "value": value}
@@ -172,11 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     only = {s.strip() for s in args.only.split(",") if s.strip()} or None
     report = {"environment": environment(), "benches": []}
+    kept = []
+    if only and os.path.exists(args.out):  # rerun some benches: keep the other rows of the last run
+        with open(args.out, encoding="utf-8") as f:
+            previous = json.load(f)
+        kept = [r for r in previous.get("benches", []) if _short(r["bench"] + ".py") not in only]
+        report["environment"]["kept_rows_from"] = previous.get("environment", {}).get("date_utc")
     for path in discover(only, args.dir):
         row = run_one(path, args.timeout)
         row["targets"] = check_targets(row)
         report["benches"].append(row)
         print(f"{row['bench']}: {row.get('error') or 'ok'} ({row.get('seconds', 0)} s)", file=sys.stderr)
+    report["benches"] = sorted(kept + report["benches"], key=lambda r: r["bench"])
     report["environment"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     checks = [t for r in report["benches"] for t in r["targets"]]
     report["summary"] = {"targets": len(checks), "met": sum(t["ok"] is True for t in checks),

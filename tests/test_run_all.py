@@ -40,10 +40,20 @@ def test_run_all_rows_targets_and_errors(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| bench_good | ratio (bench) | 1.5 | <= 1.25 | **no** |" in table
     assert "| bench_crash | - | - | - | exit 1: broken on purpose |" in table
+    # A rerun of one bench keeps the other rows of the last run.
+    (tmp_path / "bench_crash.py").write_text("import json; print(json.dumps({'fixed': 1}))\n")
+    assert run_all.main(["--dir", str(tmp_path), "--out", str(out), "--only", "crash"]) == 0
+    rows = {r["bench"]: r for r in json.loads(out.read_text())["benches"]}
+    assert rows["bench_crash"]["result"] == {"fixed": 1} and rows["bench_good"]["result"]["ratio"] == 1.5
 
 
 def test_project_targets_match_reported_metrics():
     row = {"bench": "bench_node", "result": {"direct_s": 2.0, "node_s": 2.02, "budget_pct": 5.0}}
     checks = {t["metric"]: t for t in run_all.check_targets(row)}
+    assert len(run_all.check_targets(row)) == 2
     assert checks["node_over_direct"]["value"] == 1.01 and checks["node_over_direct"]["ok"] is True
     assert checks["node_over_direct_budget"]["target"] == 1.05
+    # the same target declared by the bench and the project is one row
+    row = {"bench": "gpu_attention_check", "result": {"large_bias_over_grouped": 2.0,
+                                                      "targets": {"large_bias_over_grouped": {"min": 1.5}}}}
+    assert [t["source"] for t in run_all.check_targets(row)] == ["bench"]
