@@ -150,7 +150,7 @@ class ReferenceSettings:
 
     def _check_budget(self) -> None:
         """Validate the key budget and kernel fields (kept apart from the method's own fields)."""
-        for name, allowed in (("key_pool", None), ("key_ring", None)):
+        for name in ("key_pool", "key_ring"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 0:
                 raise InputError(f"{name} must be a whole number >= 0, got {v!r}")
