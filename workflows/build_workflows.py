@@ -84,7 +84,7 @@ WORKFLOWS = {
                            dict(id=10, type="HairDiff_ReferenceAttention", title="HairDiff Reference Attention",
                                 widgets={"mode": "once", "weight_inside": 0.5, "weight_outside": 1.0,
                                          "suppress_self_outside": 0.0, "key_weight_inside": 0.0,
-                                         "reference_input": "photo"},
+                                         "reference_input": "photo", "key_pool": "1", "key_ring": 0},
                                 links={"model": (5, 0)}),
                            sampler(model_from=10), save("hairdiff/reference")],
     ),
