@@ -61,6 +61,10 @@ REFERENCE_INPUTS = ("photo", "filled")
 #: published dual pass); ``matched`` = the photo re-noised to the step's sigma with the
 #: generation's noise ("reference-only" UNet methods). ``auto``: clean for per_step, matched for once.
 REFERENCE_NOISES = ("auto", "clean", "matched")
+#: Reference key pooling factors (cells of k x k tokens; 1 = no pooling).
+KEY_POOLS = (1, 2, 4)
+#: ``auto`` = ``grouped`` on CUDA (flash kernels), ``bias`` elsewhere (one fused CPU call).
+ATTENTION_KERNELS = ("auto", "grouped", "bias")
 #: The ``joint_attention_kwargs`` key the processor reads (it must be a named parameter).
 KWARG = "hairdiff_reference"
 #: Floor of the own-key weight under suppression: a finite bias keeps every row non-empty.
@@ -98,6 +102,18 @@ class ReferenceSettings:
       timestep: the published method), ``matched`` (the photo noised to the step's sigma with
       the generation's noise; at sigma 1 that is pure noise) or ``auto`` (``clean`` for
       ``per_step``, ``matched`` for ``once``, whose single pass sits at the low ``once_sigma``).
+    - ``key_pool``: key budget, 1 (off) or 2/4: reference K/V averaged over ``key_pool`` x
+      ``key_pool`` cells of the token grid (weighted by each key's weight); a cell's logit
+      gets ``log(sum of its keys' weights)``, so a cell of identical keys attends exactly like
+      its keys did. 2 stores and attends to 4x fewer reference keys.
+    - ``key_ring``: key budget, 0 (off) or R > 0: only reference keys within R tokens of the
+      dilated matte are stored (the light that matters is near the hair).
+      Both keep "weight 0 = the plain model" exact; the duplicated-keys invariant (reference =
+      input, unit weights = plain model) holds only without a budget: pooling and the ring are
+      approximations of the photo's keys, so the budget is off by default.
+    - ``attention_kernel``: ``"auto"`` (grouped on CUDA, bias elsewhere), ``"grouped"``
+      (attention per key group merged by log-sum-exp: no float mask, flash kernels on CUDA)
+      or ``"bias"`` (one SDPA call with an additive float mask). Same result either way.
     """
 
     mode: str = "off"
@@ -111,6 +127,9 @@ class ReferenceSettings:
     include_attn2: bool = True
     blind_reference: bool = True
     reference_noise: str = "auto"
+    key_pool: int = 1
+    key_ring: int = 0
+    attention_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.mode, str):
@@ -144,6 +163,7 @@ class ReferenceSettings:
                 f"(clean = the photo as is, the published method; matched = re-noised to each step's sigma)",
                 input="reference_noise",
             )
+        self._check_budget()
 
     @property
     def noise(self) -> str:
@@ -151,6 +171,22 @@ class ReferenceSettings:
         if self.reference_noise != "auto":
             return self.reference_noise
         return "clean" if self.mode == "per_step" else "matched"
+
+    def _check_budget(self) -> None:
+        """Validate the key budget and kernel fields (kept apart from the method's own fields)."""
+        for name in ("key_pool", "key_ring"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 0:
+                raise InputError(f"{name} must be a whole number >= 0, got {v!r}", input=name)
+            setattr(self, name, int(v))
+        if self.key_pool not in KEY_POOLS:
+            raise InputError(f"key_pool must be one of {list(KEY_POOLS)} (1 = off, 2 = 2x2 cells), got {self.key_pool}",
+                             input="key_pool")
+        kernel = str(self.attention_kernel).strip().lower()
+        if kernel not in ATTENTION_KERNELS:
+            raise InputError(f"attention_kernel {self.attention_kernel!r} is not one of {list(ATTENTION_KERNELS)}",
+                             input="attention_kernel")
+        self.attention_kernel = kernel
 
     @classmethod
     def coerce(cls, value) -> "ReferenceSettings":
@@ -191,6 +227,75 @@ def _aligned_empty(shape: tuple[int, ...], dtype, device) -> torch.Tensor:
     last = shape[-1]
     padded = -(-last // _ALIGN) * _ALIGN
     return torch.empty(*shape[:-1], padded, dtype=dtype, device=device)[..., :last]
+
+
+def _runs(col: torch.Tensor) -> list[tuple[int, int, float]] | None:
+    """Runs ``(start, end, value)`` of equal finite values along (B, n) ``col``, or None when
+    the batch items differ (the grouped kernel then falls back to the bias path)."""
+    if col.shape[0] > 1 and not bool((col == col[:1]).all()):
+        return None
+    row = col[0]
+    if row.numel() == 0:
+        return []
+    starts = [0] + (torch.nonzero(row[1:] != row[:-1]).flatten() + 1).tolist()
+    ends = starts[1:] + [row.numel()]
+    return [(a, b, float(row[a])) for a, b in zip(starts, ends) if math.isfinite(float(row[a]))]
+
+
+def _sdpa_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output (B, H, Lq, D) and the log-sum-exp of its scaled logits (B, H, Lq).
+
+    ``F.scaled_dot_product_attention`` does not return the LSE, the kernels behind it do: flash
+    (CUDA, half precision), memory-efficient (CUDA, any dtype; its LSE is padded to 32 rows) and
+    the CPU flash kernel. Anything else gets the exact math version.
+    """
+    lq = query.shape[2]
+    if query.is_cuda:
+        # A reference shared by the CFG halves arrives as an expanded view (batch stride 0).
+        key, value = (t if t.stride(0) or t.shape[0] == 1 else t.contiguous() for t in (key, value))
+        if query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256:
+            out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, False, False)
+            return out[0], out[1]
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True, 0.0, False)
+        return out[0], out[1][..., :lq]
+    if query.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False)
+        return out, lse
+    logits = (query.float() @ key.float().transpose(-1, -2)) / math.sqrt(query.shape[-1])
+    lse = torch.logsumexp(logits, dim=-1)
+    return (torch.softmax(logits, dim=-1) @ value.float()).to(query.dtype), lse
+
+
+def grouped_attention(query: torch.Tensor, groups) -> torch.Tensor:
+    """Softmax attention over key groups whose logits each get a per-query bias, exactly.
+
+    Softmax over the union of the groups, with ``bias_g[q]`` added to every logit of group g,
+    equals the groups' own attention outputs mixed with weights ``softmax_g(lse_g + bias_g)``.
+    Each group is one bias-free SDPA call (flash kernels on CUDA), so no float mask is needed.
+
+    Args:
+        query: (B, H, Lq, D).
+        groups: iterable of ``(key, value, bias)``; key/value (B, H, Lk_g, D); bias None (0), a
+            float, or a (B, Lq) float32 tensor of per-query biases (``-inf``: not seen).
+    """
+    outs, logits = [], []
+    for key, value, bias in groups:
+        if key.shape[2] == 0:
+            continue
+        out, lse = _sdpa_with_lse(query, key, value)
+        a = lse.float()
+        if isinstance(bias, torch.Tensor):
+            a = a + bias[:, None, :]
+        elif bias:
+            a = a + float(bias)
+        outs.append(out)
+        logits.append(a)
+    a = torch.stack(logits)
+    w = torch.softmax(a, dim=0)  # across groups; every row has one finite group
+    mixed = w[0, ..., None] * outs[0].float()
+    for g in range(1, len(outs)):
+        mixed = mixed + w[g, ..., None] * outs[g].float()
+    return mixed.to(query.dtype)
 
 
 class ReferenceGating:
@@ -239,30 +344,64 @@ class ReferenceGating:
                 "the reference has no visible keys there",
                 torch.nonzero(self.all_excluded).flatten().tolist(),
             )
-        # Keys nobody may see are not stored at all: the cache shrinks and the generation's
-        # attention gets cheaper by the excluded share. Items with fewer visible keys than the
-        # batch's maximum are padded with (-inf) copies of an excluded key.
-        visible = torch.isfinite(self.col_ref)
+        self._plan_storage(settings)
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def _plan_storage(self, s: ReferenceSettings) -> None:
+        """Which reference keys the cache stores, in which order, with which column bias.
+
+        Keys nobody may see are not stored at all: the cache shrinks and the generation's
+        attention gets cheaper by the excluded share. The key budget drops keys outside the
+        ring (``key_ring``) and pools cells (``key_pool``). Stored keys are sorted by column
+        bias (stable: token order within one bias), so equal biases form runs that the grouped
+        kernel attends to in one call each. Items with fewer stored keys than the batch's
+        maximum are padded with (-inf) entries.
+        """
+        B, L = self.m.shape
+        th, tw = self.token_hw
+        weight = torch.where(self.key_inside, torch.tensor(s.key_weight_inside), torch.tensor(1.0))
+        if s.key_ring > 0:
+            covered = (self.m.view(B, 1, th, tw) > KEY_COVERAGE_THRESHOLD).float()
+            near = M.dilate(covered, s.key_dilate_tokens + s.key_ring).flatten(1) > 0.5
+            weight = weight * near
+        self.pool = s.key_pool
+        self.store_weight = weight  # (B, L): each key's weight before pooling
+        if self.pool > 1:
+            weight = self._pool_grid(weight.view(B, 1, th, tw)).flatten(1)  # cell weight sums
+        col = _safe_log(weight)
+        visible = torch.isfinite(col)
         counts = visible.sum(dim=1)
         self.kept = int(counts.max())
-        L = self.m.shape[1]
-        if self.kept == L:
+        if self.pool == 1 and self.kept == L and bool((col == 0).all()):
             self.keep_index = None
-            self.col_kept = self.col_ref
+            self.col_kept = col
         else:
-            order = torch.argsort((~visible).to(torch.int8), dim=1, stable=True)[:, : self.kept]
+            order = torch.argsort(-col.nan_to_num(neginf=-1e30), dim=1, stable=True)[:, : self.kept]
             self.keep_index = order
             padded = torch.arange(self.kept)[None, :] >= counts[:, None]
-            self.col_kept = torch.where(padded, torch.full_like(order, 0, dtype=torch.float32) - math.inf,
-                                        self.col_ref.gather(1, order))
-        self._cache: dict[tuple, torch.Tensor] = {}
+            self.col_kept = torch.where(padded, torch.full((B, self.kept), -math.inf), col.gather(1, order))
+        # Runs of equal column bias, shared by every batch item (else the grouped kernel
+        # falls back to the bias path).
+        self.col_runs: list[tuple[int, int, float]] | None = _runs(self.col_kept)
+
+    def _pool_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """(N, C, th, tw) -> (N, C, ceil(th/p), ceil(tw/p)) sums over p x p cells (zero padded)."""
+        p = self.pool
+        th, tw = grid.shape[-2:]
+        grid = F.pad(grid, (0, -tw % p, 0, -th % p))
+        return F.avg_pool2d(grid, p, stride=p) * (p * p)
 
     @property
     def tokens(self) -> int:
         return self.m.shape[1]
 
     def compact(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, heads, L, D) image K or V -> (B, heads, kept, D): only keys someone can see."""
+        """(B, heads, L, D) image K or V -> (B, heads, kept, D): only keys someone can see.
+
+        With ``key_pool`` > 1 a stored key is the weighted mean of its cell's keys.
+        """
+        if self.pool > 1:
+            t = self._pool_keys(t)
         if self.keep_index is None:
             return t
         key = ("index", t.device)
@@ -273,6 +412,18 @@ class ReferenceGating:
             return t.index_select(2, index[0])
         B, heads, _, D = t.shape
         return t.gather(2, index[:, None, :, None].expand(B, heads, index.shape[1], D))
+
+    def _pool_keys(self, t: torch.Tensor) -> torch.Tensor:
+        B, heads, L, D = t.shape
+        th, tw = self.token_hw
+        key = ("pool_weight", t.device, t.dtype)
+        w = self._cache.get(key)
+        if w is None:
+            w = self._cache[key] = self.store_weight.to(t.device, torch.float32).view(-1, 1, th, tw)
+        cell_w = self._pool_grid(w)  # (B|1, 1, ch, cw)
+        grid = t.float().permute(0, 1, 3, 2).reshape(B, heads * D, th, tw)
+        pooled = self._pool_grid(grid * w) / cell_w.clamp_min(torch.finfo(torch.float32).tiny)
+        return pooled.reshape(B, heads, D, -1).permute(0, 1, 3, 2).to(t.dtype)
 
     def _batched(self, bias: torch.Tensor, batch: int) -> torch.Tensor:
         if bias.shape[0] == batch or bias.shape[0] == 1:
@@ -307,8 +458,7 @@ class ReferenceGating:
 
     def reference_bias(self, batch: int, text_tokens: int | None, dtype, device) -> torch.Tensor | None:
         """(B, 1, 1, Lk) key-only bias of the hair-blind reference pass, or None when not blind."""
-        s = self.settings
-        if not s.blind_reference or s.key_weight_inside == 1.0 or not bool(self.key_inside.any()):
+        if not self.reference_bias_needed():
             return None
         key = ("ref", batch, text_tokens, dtype, device)
         hit = self._cache.get(key)
@@ -329,6 +479,71 @@ class ReferenceGating:
         out = _aligned_empty(tuple(bias.shape), dtype, device)
         out.copy_(bias)
         return out
+
+    # ---- grouped kernel (no float mask) -------------------------------------------------------
+    def use_grouped(self, query: torch.Tensor) -> bool:
+        kernel = self.settings.attention_kernel
+        return kernel == "grouped" or (kernel == "auto" and query.is_cuda)
+
+    def _rows(self, name: str, batch: int, text_tokens: int | None, device) -> torch.Tensor:
+        """(B|1, Lq) per-query bias of one key group, text queries included."""
+        key = ("rows", name, batch, text_tokens, device)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        image = {"own": self.row_own, "text": self.row_text, "ref": self.row_ref}[name]
+        text_fill = -math.inf if name == "ref" else 0.0
+        rows = torch.cat([image, torch.full((image.shape[0], text_tokens or 0), text_fill)], dim=1)
+        if rows.shape[0] != batch and rows.shape[0] != 1:
+            rows = self._batched(rows[:, None, None], batch)[:, 0, 0]
+        rows = self._cache[key] = rows.to(device)
+        return rows
+
+    def generation_groups(self, key, value, ref_k, ref_v, text_tokens: int | None):
+        """Key groups of a generation attention, or None when the bias path must serve."""
+        if self.col_runs is None:
+            return None
+        batch, L = key.shape[0], self.tokens
+        dev = key.device
+        groups = [(key[:, :, :L], value[:, :, :L], self._rows("own", batch, text_tokens, dev))]
+        if text_tokens:
+            groups.append((key[:, :, L:], value[:, :, L:], self._rows("text", batch, text_tokens, dev)))
+        ref_rows = self._rows("ref", batch, text_tokens, dev)
+        for start, end, col in self.col_runs:
+            groups.append((ref_k[:, :, start:end], ref_v[:, :, start:end], ref_rows + col))
+        return groups
+
+    def reference_groups(self, key, value, text_tokens: int | None):
+        """Key groups of the hair-blind reference pass (same keys and biases as
+        ``reference_bias``), or None when that pass needs no bias or the batch items differ."""
+        if not self.reference_bias_needed():
+            return None
+        plan = self._cache.get("blind_plan")
+        if plan is None:
+            col = torch.where(self.all_excluded[:, None], torch.zeros_like(self.col_ref), self.col_ref)
+            order = torch.argsort(-col.nan_to_num(neginf=-1e30), dim=1, stable=True)
+            plan = self._cache["blind_plan"] = (order, _runs(col.gather(1, order)))
+        order, runs = plan
+        if runs is None:
+            return None
+        L = self.tokens
+        idx = self._cache.get(("blind_index", key.device))
+        if idx is None:
+            idx = self._cache[("blind_index", key.device)] = order.to(key.device)
+        img_k, img_v = key[:, :, :L], value[:, :, :L]
+        if idx.shape[0] == 1:
+            img_k, img_v = img_k.index_select(2, idx[0]), img_v.index_select(2, idx[0])
+        else:
+            full = idx[:, None, :, None].expand(idx.shape[0], key.shape[1], idx.shape[1], key.shape[3])
+            img_k, img_v = img_k.gather(2, full), img_v.gather(2, full)
+        groups = [(img_k[:, :, a:b], img_v[:, :, a:b], col) for a, b, col in runs]
+        if text_tokens:
+            groups.append((key[:, :, L:], value[:, :, L:], None))
+        return groups
+
+    def reference_bias_needed(self) -> bool:
+        s = self.settings
+        return bool(s.blind_reference and s.key_weight_inside != 1.0 and bool(self.key_inside.any()))
 
     def clear(self) -> None:
         self._cache.clear()
@@ -371,8 +586,10 @@ class ReferenceAttnProcessor:
     """Drop-in for ``JointAttnProcessor2_0`` (joint blocks and attn2) with reference K/V.
 
     Without a ``hairdiff_reference`` kwarg it computes exactly what the stock processor does.
+    Never traced by ``torch.compile`` (see ``compiling.py``): its state changes every step.
     """
 
+    @torch.compiler.disable
     def __call__(
         self,
         attn,
@@ -412,6 +629,7 @@ class ReferenceAttnProcessor:
             value = torch.cat([value, tv], dim=2)
 
         bias = None
+        groups = None
         state = hairdiff_reference
         takes_part = state is not None and (joint or state.include_attn2)
         if takes_part and isinstance(state, ReferencePassState):
@@ -421,7 +639,9 @@ class ReferenceAttnProcessor:
                 state.cache[attn] = (img_key, img_value)
             if state.expected is not None and len(state.cache) >= state.expected:
                 raise _ReferenceComplete
-            if state.gating is not None:
+            if state.gating is not None and state.gating.use_grouped(query):
+                groups = state.gating.reference_groups(key, value, text_tokens)
+            if state.gating is not None and groups is None:
                 bias = state.gating.reference_bias(batch, text_tokens, query.dtype, query.device)
         elif takes_part and isinstance(state, GenerationPassState):
             cached = state.cache.get(attn)
@@ -432,13 +652,19 @@ class ReferenceAttnProcessor:
                         f"{residual_len}; the reference latent must have the generation latent's size"
                     )
                 ref_k, ref_v = _match_reference(cached, batch)
-                key = torch.cat([key, ref_k.to(key.dtype)], dim=2)
-                value = torch.cat([value, ref_v.to(value.dtype)], dim=2)
-                bias = state.gating.generation_bias(batch, text_tokens, query.dtype, query.device)
+                if state.gating.use_grouped(query):
+                    groups = state.gating.generation_groups(key, value, ref_k.to(key.dtype), ref_v.to(value.dtype), text_tokens)
+                if groups is None:
+                    key = torch.cat([key, ref_k.to(key.dtype)], dim=2)
+                    value = torch.cat([value, ref_v.to(value.dtype)], dim=2)
+                    bias = state.gating.generation_bias(batch, text_tokens, query.dtype, query.device)
         elif state is not None and not isinstance(state, (ReferencePassState, GenerationPassState)):
             raise InputError(f"{KWARG} must come from hairdiff_core.reference, got {type(state).__name__}")
 
-        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
+        if groups is not None:
+            hidden_states = grouped_attention(query, groups)
+        else:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
 
         if joint:

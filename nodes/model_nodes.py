@@ -464,6 +464,12 @@ class HairDiffReferenceAttention(io.ComfyNode):
                                tooltip="What the look at the photo sees: clean = the photo itself at every step (the "
                                        "published method), matched = the photo as noisy as the image being drawn; "
                                        "auto = clean for per_step, matched for once."),
+                io.Combo.Input("key_pool", options=["1", "2", "4"], default="1", optional=True,
+                               tooltip="Key budget: average the photo's keys over NxN token cells (2 = 4x fewer "
+                                       "reference keys, cheaper attention; 1 = every key)."),
+                io.Int.Input("key_ring", default=0, min=0, max=256, optional=True,
+                             tooltip="Key budget: only the photo's keys within this many tokens (16 px each) of the "
+                                     "matte; 0 = all of them."),
             ],
             outputs=[HairDiffModelType.Output("model_with_reference", display_name="model",
                                               tooltip="A new HairDiff model carrying the reference settings.")],
@@ -471,7 +477,8 @@ class HairDiffReferenceAttention(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mode="once", weight_inside=0.5, weight_outside=1.0, suppress_self_outside=0.0,
-                key_weight_inside=0.0, reference_input="photo", reference_noise="auto") -> io.NodeOutput:
+                key_weight_inside=0.0, reference_input="photo", reference_noise="auto", key_pool="1",
+                key_ring=0) -> io.NodeOutput:
         from ..hairdiff_core.reference import ReferenceSettings
 
         node = "HairDiff Reference Attention"
@@ -480,7 +487,8 @@ class HairDiffReferenceAttention(io.ComfyNode):
                              "connect Load HairDiff Model")
         values = dict(mode=mode, weight_inside=weight_inside, weight_outside=weight_outside,
                       suppress_self_outside=suppress_self_outside, key_weight_inside=key_weight_inside,
-                      reference_input=reference_input, reference_noise=reference_noise)
+                      reference_input=reference_input, reference_noise=reference_noise, key_pool=int(key_pool),
+                      key_ring=key_ring)
         try:
             settings = ReferenceSettings(**values)
         except HairDiffError as exc:
@@ -488,5 +496,6 @@ class HairDiffReferenceAttention(io.ComfyNode):
         return io.NodeOutput(model.replace(reference=settings))
 
     @classmethod
-    def validate_inputs(cls, mode=None, reference_input=None, reference_noise=None) -> bool | str:
-        return check_combos(cls, {"mode": mode, "reference_input": reference_input, "reference_noise": reference_noise})
+    def validate_inputs(cls, mode=None, reference_input=None, reference_noise=None, key_pool=None) -> bool | str:
+        return check_combos(cls, {"mode": mode, "reference_input": reference_input, "reference_noise": reference_noise,
+                                  "key_pool": key_pool})

@@ -118,12 +118,18 @@ REFERENCE_FLAGS = {
     "ref_input": ("reference_input", str, "feed the reference pass the 'photo' or a hair-'filled' copy"),
     "ref_suppress_self": ("suppress_self_outside", float, "0-1: down-weight the generation's own keys outside the matte"),
     "ref_once_sigma": ("once_sigma", float, "noise level of the single reference pass of --reference once"),
+    "ref_key_pool": ("key_pool", int, "key budget: average reference keys over NxN token cells (1 = off, 2 = 4x fewer)"),
+    "ref_key_ring": ("key_ring", int, "key budget: only reference keys within R tokens of the matte (0 = all)"),
+    "ref_kernel": ("attention_kernel", str, "auto (grouped on CUDA), grouped (no float mask) or bias"),
 }
+#: ``--ref-*`` flags with a fixed set of values.
+REFERENCE_FLAG_CHOICES = {"ref_input": ("photo", "filled"), "ref_key_pool": (1, 2, 4),
+                          "ref_kernel": ("auto", "grouped", "bias")}
 
 
 def add_reference_field_arguments(group) -> None:
     for dest, (_, kind, help_text) in REFERENCE_FLAGS.items():
-        extra = {"choices": ("photo", "filled")} if dest == "ref_input" else {}
+        extra = {"choices": REFERENCE_FLAG_CHOICES[dest]} if dest in REFERENCE_FLAG_CHOICES else {}
         group.add_argument("--" + dest.replace("_", "-"), type=kind, help=help_text, **extra)
 
 

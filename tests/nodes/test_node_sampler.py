@@ -131,6 +131,12 @@ def test_reference_node_is_non_destructive_and_changes_the_result(comfy, tiny_mo
     assert torch.equal(_sample(comfy, tiny_model)[0], plain)
 
 
+def test_reference_node_key_budget_reaches_the_settings(comfy, tiny_model):
+    ref = comfy.nodes.HairDiffReferenceAttention.execute(model=tiny_model, mode="once", key_pool="2", key_ring=3)[0]
+    assert (ref.reference.key_pool, ref.reference.key_ring) == (2, 3)
+    assert comfy.nodes.HairDiffReferenceAttention.execute(model=tiny_model)[0].reference.key_pool == 1
+
+
 def test_reference_node_names_the_bad_input(comfy, tiny_model):
     with pytest.raises(ValueError, match="input 'mode'"):
         comfy.nodes.HairDiffReferenceAttention.execute(model=tiny_model, mode="sometimes")
