@@ -72,14 +72,14 @@ def main() -> int:
     import tempfile
     from pathlib import Path
 
-    from hairdiff_core.evaluation import EvalSample, _contact_row, _save_png
+    from hairdiff_core.evaluation import EvalSample, contact_row, save_result_png
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     sample = EvalSample("bench", photo, sketch, matte)
 
     def outputs():
-        _save_png(result, tmp / "result.png")
-        _contact_row(sample, {"joint": result, "replace": result}, 256).save(tmp / "sheet.png", compress_level=1)
+        save_result_png(result, tmp / "result.png")
+        contact_row(sample, {"joint": result, "replace": result}, 256).save(tmp / "sheet.png", compress_level=1)
 
     for fn in (base, harmony, leak, outputs):
         fn()  # warm-up

@@ -327,7 +327,7 @@ def _fill(image: torch.Tensor, matte: torch.Tensor) -> torch.Tensor:
     return fill_hair_region(image, (matte > 0.5).float())
 
 
-def _save_png(image: torch.Tensor, path: Path) -> None:
+def save_result_png(image: torch.Tensor, path: Path) -> None:
     """PNG with fast compression (4x faster than the default level at 1024², ~25% larger);
     written to a temporary name and renamed, so an interrupted run leaves no half file."""
     from .imageio import save_image
@@ -335,7 +335,8 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
     save_image(image, path, compress_level=1)
 
 
-def _contact_row(sample: EvalSample, results: dict[str, torch.Tensor], height: int):
+def contact_row(sample: EvalSample, results: dict[str, torch.Tensor], height: int):
+    """One contact-sheet row (a PIL image): photo, sketch, matte, then each setting's result."""
     from .imageio import contact_sheet
 
     images = [sample.image, sample.sketch, sample.matte] + list(results.values())
@@ -436,12 +437,12 @@ def evaluate_samples(
                 report.rows.append(row)
                 results[setting.label] = result
                 if out is not None and save_results:
-                    _save_png(result, out / "results" / setting.label / f"{sample.stem}.png")
+                    save_result_png(result, out / "results" / setting.label / f"{sample.stem}.png")
                 count += 1
                 if on_result is not None:
                     on_result(count, row)
             if out is not None and contact_sheets:
-                sheet = _contact_row(sample, results, sheet_height)
+                sheet = contact_row(sample, results, sheet_height)
                 save_pil(sheet, out / "sheets" / f"{sample.stem}.png", compress_level=1)
                 if len(overview) < overview_rows:
                     overview.append(sheet)

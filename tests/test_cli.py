@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import hairdiff_cli
-from hairdiff_core.commands.demo import sample_paths
+from hairdiff_cli.commands.demo import sample_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,7 +87,7 @@ def test_nan_during_sampling_advice_fits_the_dtype(files, capsys, monkeypatch, d
 
 def test_demo_runs_as_a_console_command(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "hairdiff_cli.py"), "demo", "--tiny", "--out", str(tmp_path), "--steps", "2"],
+        [sys.executable, "-m", "hairdiff_cli", "demo", "--tiny", "--out", str(tmp_path), "--steps", "2"],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr

@@ -157,7 +157,7 @@ def test_cli_encode_prompt_writes_what_prompt_embeds_reads(tmp_path, capsys, tin
 
 def test_eval_flags_pass_the_prompt_to_generate(tmp_path, capsys):
     import hairdiff_cli
-    from hairdiff_core.commands.evaluate import build_options
+    from hairdiff_cli.commands.evaluate import build_options
 
     parser = hairdiff_cli.build_parser()
     args = parser.parse_args(["eval", "--data", "d", "--out", "o", "--tiny", "--prompt", "red hair",

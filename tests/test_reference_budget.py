@@ -184,7 +184,7 @@ def test_budget_and_kernel_settings_are_validated():
 def test_cli_budget_flags_reach_the_settings():
     import argparse
 
-    from hairdiff_core.commands.generate import add_reference_field_arguments, reference_fields
+    from hairdiff_cli.commands.generate import add_reference_field_arguments, reference_fields
 
     p = argparse.ArgumentParser()
     add_reference_field_arguments(p)

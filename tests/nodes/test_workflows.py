@@ -136,7 +136,7 @@ def test_tiny_by_default_or_says_which_files(specs):
 
 
 def test_comfy_run_roles_are_titled(specs):
-    from hairdiff_core.comfy_client import role_nodes
+    from hairdiff_cli.comfy_client import role_nodes
 
     for path in API_FILES:
         roles = role_nodes(json.loads(path.read_text()))

@@ -14,13 +14,13 @@ import sys
 
 #: name -> (module, one-line help)
 COMMANDS = {
-    "generate": ("hairdiff_core.commands.generate", "redraw the hair of a photo from a sketch and a matte"),
-    "demo": ("hairdiff_core.commands.demo", "the toy model redraws a synthetic portrait's hair from two sketches (--tiny: wiring check)"),
-    "prepare": ("hairdiff_core.commands.prepare", "make a training set from photos and hair mattes (synthesised sketches)"),
-    "eval": ("hairdiff_core.commands.evaluate", "measure results on a dataset against the inpainting baseline"),
-    "train": ("training.cli", "fine-tune a HairDiff adapter (LoRA + sketch channels)"),
-    "comfy-run": ("hairdiff_core.comfy_client", "run a workflow on a ComfyUI server through its HTTP API"),
-    "encode-prompt": ("hairdiff_core.commands.encode_prompt", "encode a prompt with SD3's text encoders into a --prompt-embeds file"),
+    "generate": ("hairdiff_cli.commands.generate", "redraw the hair of a photo from a sketch and a matte"),
+    "demo": ("hairdiff_cli.commands.demo", "the toy model redraws a synthetic portrait's hair from two sketches (--tiny: wiring check)"),
+    "prepare": ("hairdiff_cli.commands.prepare", "make a training set from photos and hair mattes (synthesised sketches)"),
+    "eval": ("hairdiff_cli.commands.evaluate", "measure results on a dataset against the inpainting baseline"),
+    "train": ("hairdiff_cli.train", "fine-tune a HairDiff adapter (LoRA + sketch channels)"),
+    "comfy-run": ("hairdiff_cli.comfy_client", "run a workflow on a ComfyUI server through its HTTP API"),
+    "encode-prompt": ("hairdiff_cli.commands.encode_prompt", "encode a prompt with SD3's text encoders into a --prompt-embeds file"),
 }
 
 EXIT_USER_ERROR = 2
@@ -84,6 +84,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hairdiff {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..defaults import DEFAULTS
+from hairdiff_core.defaults import DEFAULTS
 from .generate import (
     REFERENCE_NOISES,
     add_model_arguments,

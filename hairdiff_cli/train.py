@@ -75,8 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .config import resolve_config
-    from .trainer import train
+    from training.config import resolve_config
+    from training.trainer import train
 
     cli = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("config", "command", "verbose")}
     config = resolve_config(cli, args.config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..defaults import DEFAULTS
+from hairdiff_core.defaults import DEFAULTS
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .errors import HairDiffError, InputError
+from hairdiff_core.errors import HairDiffError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ def save_outputs(client: ComfyClient, entry: dict[str, Any], out_dir: Path) -> l
     wanted = [i for i in images if i.get("type") == "output"] or images
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = []
-    from .fileio import atomic_write_bytes
+    from hairdiff_core.fileio import atomic_write_bytes
 
     for img in wanted:
         target = out_dir / Path(img["filename"]).name
@@ -390,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise FileNotFoundError(2, "no such file", path)
     prepare_graph(graph, {role: "x" for role in files}, args.set)  # errors before any upload
-    from .fileio import check_writable_folder
+    from hairdiff_core.fileio import check_writable_folder
 
     check_writable_folder(args.out, "comfy-run output")
     client = ComfyClient(args.server)

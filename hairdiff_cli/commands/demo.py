@@ -59,7 +59,7 @@ def toy_sample_paths() -> dict[str, Path]:
 def run_toy(args) -> int:
     import torch
 
-    from hairdiff_core.commands.generate import tqdm_callback
+    from hairdiff_cli.commands.generate import tqdm_callback
     from hairdiff_core.imageio import contact_sheet, load_image, save_image, save_pil
     from hairdiff_core.metrics import orientation_difference, strand_orientation
     from hairdiff_core.pipeline import HairDiffPipeline
@@ -122,7 +122,7 @@ def run(args) -> int:
         from hairdiff_core.reference import ReferenceSettings
 
         reference = ReferenceSettings(mode=args.reference)
-    from hairdiff_core.commands.generate import tqdm_callback
+    from hairdiff_cli.commands.generate import tqdm_callback
 
     steps = args.steps or 8
     bar, on_step = tqdm_callback(steps, "demo")
