@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from hairdiff_cli import main
-from hairdiff_core import comfy_client as C
+from hairdiff_cli import comfy_client as C
 
 GRAPH = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}, "_meta": {"title": "Photo"}},

@@ -77,7 +77,7 @@ def server(tmp_path_factory):
 
 
 def _run(server, name: str, out: Path, sets=(), graph=None):
-    from hairdiff_core import comfy_client as C
+    from hairdiff_cli import comfy_client as C
 
     client = C.ComfyClient(server["url"])
     graph = graph or C.load_workflow(ROOT / "workflows" / "api" / f"{name}.json")
@@ -130,7 +130,7 @@ def test_lora_graph_runs_and_changes_the_result(server, tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from hairdiff_core import comfy_client as C
+    from hairdiff_cli import comfy_client as C
     from hairdiff_core.tiny import build_tiny_transformer
 
     g = torch.Generator().manual_seed(0)
@@ -150,7 +150,7 @@ def test_lora_graph_runs_and_changes_the_result(server, tmp_path):
 
 
 def test_colour_prompt_workflow_fails_only_on_missing_model_files(server):
-    from hairdiff_core import comfy_client as C
+    from hairdiff_cli import comfy_client as C
 
     client = C.ComfyClient(server["url"])
     graph = C.load_workflow(ROOT / "workflows" / "api" / "hairdiff_colour_prompt.json")
@@ -187,7 +187,7 @@ def test_adapter_from_models_hairdiff_with_an_extra_lora(server, tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from hairdiff_core import comfy_client as C
+    from hairdiff_cli import comfy_client as C
     from hairdiff_core.adapter import save_adapter
     from hairdiff_core.lora import add_lora
     from hairdiff_core.surgery import widen_input_channels
@@ -217,7 +217,7 @@ def test_adapter_from_models_hairdiff_with_an_extra_lora(server, tmp_path):
 
 
 def test_cancel_during_sampling_stops_it_and_the_next_run_works(server, tmp_path):
-    from hairdiff_core import comfy_client as C
+    from hairdiff_cli import comfy_client as C
 
     # Reference: a separate model object (device=cpu is the same weights on this CPU-only server).
     clean = _run(server, "hairdiff_reference_attention", tmp_path / "before",

@@ -8,6 +8,7 @@ old wiring check (tiny random model + bundled samples; the hair it draws is nois
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 import sys
@@ -15,7 +16,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# The bundled samples ship with the core package (hairdiff_core/assets).
+ASSETS = Path(importlib.util.find_spec("hairdiff_core").origin).parent / "assets"
 NOTICE = (
     "WIRING CHECK: this demo runs HairDiff's whole path (sketch/matte preparation, 32-channel "
     "surgery, soft-mask sampler, VAE, crop-and-stitch, composite) on a TINY RANDOM model, so the "
