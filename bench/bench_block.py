@@ -62,9 +62,9 @@ TARGETS = {
 
 
 def load_transformer_config(name: str) -> dict:
-    from hairdiff_core.loading import TRANSFORMER_CONFIG_FILES, shipped_config
+    from hairdiff_core.loading import transformer_config
 
-    return shipped_config(TRANSFORMER_CONFIG_FILES[f"sd3.5-{name}"])
+    return transformer_config(f"sd3.5-{name}")
 
 
 def head_top_matte(side: int):

@@ -104,10 +104,10 @@ def signature_hash(signature: Mapping[str, Any]) -> str:
 
 def family_of(signature: Mapping[str, Any]) -> str:
     """The model family with these dims ('sd3.5-large', ..., 'tiny'), or 'custom'."""
-    from .loading import _transformer_config
+    from .loading import transformer_config
 
     for family in _KNOWN_FAMILIES:
-        shipped = _transformer_config(family)
+        shipped = transformer_config(family)
         shipped_sig = {
             k: (sorted(shipped.get(k) or ()) if k == "dual_attention_layers" else shipped.get(k))
             for k in SIGNATURE_KEYS

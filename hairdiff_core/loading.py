@@ -133,7 +133,10 @@ def shipped_config(filename: str) -> dict[str, Any]:
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
-def _transformer_config(family: str) -> dict[str, Any]:
+def transformer_config(family: str) -> dict[str, Any]:
+    """The diffusers config of a known model family (``FAMILY_NAMES``): the shipped SD3/SD3.5
+    configs, or the built-in tiny and toy models'. One registry for loading, adapters, memory
+    estimates and the benches."""
     if family == "tiny":
         from .tiny import TINY_TRANSFORMER_CONFIG
 
@@ -312,7 +315,7 @@ def identify_transformer(
     family = "custom"
     config = derived
     for candidate in ("sd3.5-large", "sd3.5-medium", "sd3-medium", "tiny", "toy"):
-        shipped = _transformer_config(candidate)
+        shipped = transformer_config(candidate)
         if all(shipped[k] == derived[k] for k in ARCH_KEYS):
             family, config = candidate, {**shipped, "in_channels": in_channels}
             break

@@ -304,13 +304,13 @@ class MemoryEstimate:
 
 def family_config(family: str) -> dict[str, Any]:
     """The transformer config of a family (``loading.FAMILY_NAMES`` keys), widened to 32 channels."""
-    from .loading import FAMILY_NAMES, _transformer_config
+    from .loading import FAMILY_NAMES, transformer_config
 
     key = "sd3.5-large" if family == "sd3.5-large-turbo" else family
     if key not in FAMILY_NAMES or key == "custom":
         raise InputError(f"unknown family {family!r}; choose one of {sorted(k for k in FAMILY_NAMES if k != 'custom')} "
                          f"or pass the transformer's config")
-    return {**_transformer_config(key), "in_channels": 32}
+    return {**transformer_config(key), "in_channels": 32}
 
 
 @dataclass(frozen=True)
