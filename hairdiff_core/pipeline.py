@@ -177,6 +177,83 @@ def _auto_offload(family: str, transformer, device) -> str:
     return choice
 
 
+@dataclass(frozen=True)
+class CropPlan:
+    """Where the model works: the context ``box`` in the full photo, its working size
+    (``height`` x ``width``, the box scaled to about the model's pixel count) and the replicate
+    padding (``pad_h``, ``pad_w``) up to the model's multiple of 16."""
+
+    box: CropBox
+    height: int
+    width: int
+    pad_h: int
+    pad_w: int
+
+    def to_work(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        """Crop ``x`` (B, C, H, W) to the box, resize to the working size, pad to the multiple."""
+        x = x[..., self.box.slices[0], self.box.slices[1]]
+        if (x.shape[-2], x.shape[-1]) != (self.height, self.width):
+            if mode == "nearest":
+                x = F.interpolate(x, size=(self.height, self.width), mode="nearest")
+            else:
+                x = F.interpolate(x, size=(self.height, self.width), mode="bilinear", align_corners=False,
+                                  antialias=True)
+        if self.pad_h or self.pad_w:
+            x = F.pad(x, (0, self.pad_w, 0, self.pad_h), mode="replicate")
+        return x
+
+
+def plan_crop(binary: torch.Tensor, work: int, sigma_at_work: float, context_margin: float) -> CropPlan:
+    """The context box and working size for a binary matte (B, 1, H, W).
+
+    A photo within ``work``² pixels is worked whole at its size. A larger one is cut to the
+    matte's bounding box grown by ``context_margin``, padded so that the feathered mask is zero
+    at the box's border (pixels outside the box then stay the photo's, bit for bit), and scaled
+    to about ``work``² pixels.
+    """
+    H, W = binary.shape[-2:]
+    work_area = work * work
+    if H * W <= work_area:
+        box, scale = CropBox(0, 0, H, W), 1.0
+    else:
+        provisional = context_box(binary, context_margin, 0)
+        scale = min(1.0, math.sqrt(work_area / (provisional.height * provisional.width)))
+        sigma_full = M.feather_sigma(work, work, sigma_at_work) / max(scale, 1e-6)
+        box = context_box(binary, context_margin, M.blur_radius(sigma_full) + MULTIPLE)
+        scale = math.sqrt(work_area / (box.height * box.width))
+    if scale == 1.0:
+        wh, ww = box.height, box.width
+    else:
+        wh, ww = _round_to(box.height * scale, 1), _round_to(box.width * scale, 1)
+    return CropPlan(box, wh, ww, -wh % MULTIPLE, -ww % MULTIPLE)
+
+
+def composite(photo: torch.Tensor, binary: torch.Tensor, decoded: torch.Tensor, plan: CropPlan,
+              sigma_at_work: float, paste_back: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stitch the decoded working box back into the full photo with the feathered matte.
+
+    Returns (image, full-size soft mask). Where the mask is 0 the photo's pixels are kept as
+    they are (``torch.where``, not a blend), so the background is the photo's bit for bit.
+    """
+    B, _, H, W = photo.shape
+    box = plan.box
+    if (plan.height, plan.width) != (box.height, box.width):
+        decoded = F.interpolate(decoded, size=(box.height, box.width), mode="bilinear", align_corners=False,
+                                antialias=True).clamp(0, 1)
+    sigma_full = M.feather_sigma(plan.height, plan.width, sigma_at_work) * box.height / plan.height
+    full_mask = torch.zeros(B, 1, H, W)
+    full_mask[..., box.slices[0], box.slices[1]] = M.soft_mask(binary[..., box.slices[0], box.slices[1]], sigma_full)
+    result = photo.clone()
+    region = result[..., box.slices[0], box.slices[1]]
+    if paste_back:
+        m = full_mask[..., box.slices[0], box.slices[1]]
+        region = torch.where(m > 0, region * (1 - m) + decoded.cpu() * m, region)
+    else:
+        region = decoded.cpu()
+    result[..., box.slices[0], box.slices[1]] = region
+    return result, full_mask
+
+
 class LatentCodec(Protocol):
     """Encodes images to SD3-scaled latents and back, in place of the pipeline's own VAE."""
 
@@ -419,6 +496,51 @@ class HairDiffPipeline:
         on_step: OnStep | None = None,
         announce: bool = True,
     ) -> GenerateResult:
+        r"""Redraw the hair of ``image`` inside ``matte``, following ``sketch``.
+
+        Args:
+            image: the photo, (B, C, H, W) float in [0, 1] with C = 1, 3 or 4 (alpha ignored).
+            sketch: the sketch, (B or 1, C, h, w) in [0, 1]; any size with the photo's aspect
+                ratio (resized), strokes on a light, dark or transparent background.
+            matte: where the new hair goes, (B or 1, C, h, w), white = hair (binarised at
+                ``matte_threshold``), the photo's aspect ratio.
+            steps: Euler steps of the flow-match schedule.
+            seed: seed of the starting noise (0 .. 2**64 - 1); same seed, same result.
+            strength: denoise strength in [0, 1]; 1 redraws the hair from pure noise.
+            cfg: classifier-free guidance scale; 1 = off (one model call per step).
+            shift: flow-match schedule shift.
+            prompt_embeds, pooled_prompt_embeds: SD3 text conditioning, (B or 1, T, D) and
+                (B or 1, P); None = zero text (the training default).
+            negative_prompt_embeds, negative_pooled_prompt_embeds: the unconditional branch
+                for ``cfg`` > 1; None = zero text.
+            prompt, negative_prompt: text instead of embeddings, encoded once through
+                ``self.text_encoders`` (see ``encode_prompt``).
+            method: ``"joint"`` (HairDiff's soft-mask sampler) or ``"replace"`` (the
+                latent-replacement inpainting baseline, which never sees the sketch).
+            reference: reference attention: None / ``"off"``, ``"once"``, ``"per_step"``, a dict
+                or a ``ReferenceSettings``.
+            feather_sigma: soft-mask feather in px at a 1024-px working size (scaled with the
+                working size); None = ``DEFAULTS.feather_at_1024``.
+            matte_threshold: a matte pixel is hair above this value.
+            paste_back: composite into the full photo with the feathered matte (pixels away
+                from it stay the photo's, bit for bit); False returns the generated box.
+            work_size: side of the working area in px; None = the model's (1024 for SD3.5).
+            context_margin: context box around the matte, as a fraction of its size.
+            on_step: ``on_step(step, total, latent)`` after every step (progress, previews,
+                cancel by raising); attention patches are restored even then.
+            announce: log when the sketch or matte is resized (callers that checked the inputs
+                already pass False).
+
+        Returns:
+            ``GenerateResult``: ``image`` (B, 3, H, W) in [0, 1], the final ``latent`` of the
+            working box, the full-size soft ``mask``, the context ``box``, ``work_size`` and
+            ``info`` (steps run, model calls, reference passes).
+
+        Raises:
+            ``InputError`` / ``SettingsError`` for bad inputs or settings (checked before any
+            model call); ``NonFiniteError`` when the model produces NaN/inf.
+        """
+        # 1. Check inputs and settings.
         if method not in SAMPLERS:
             raise InputError(f"unknown method {method!r}; choose one of {sorted(SAMPLERS)}", input="method")
         checked = check_generate_settings(
@@ -429,6 +551,8 @@ class HairDiffPipeline:
         feather_sigma, work_size, context_margin = checked["feather_sigma"], checked["work_size"], checked["context_margin"]
         photo, sketch, binary = self.prepare_inputs(image, sketch, matte, matte_threshold, announce=announce)
         B, _, H, W = photo.shape
+
+        # 2. Encode the prompt (text in: embeddings out, once per prompt).
         if prompt is not None or negative_prompt is not None:
             if prompt_embeds is not None or negative_prompt_embeds is not None:
                 raise InputError("give a prompt or prompt embeddings, not both")
@@ -439,47 +563,17 @@ class HairDiffPipeline:
             if negative_prompt is not None and cfg == 1.0:
                 logger.warning("the negative prompt has no effect at cfg 1; raise cfg (e.g. 4) to use it")
 
-        # Geometry: work area and context box.
-        work = int(work_size or self.default_work_size)
-        work_area = work * work
+        # 3. Plan the crop: the context box around the matte and its working size.
         sigma_at_work = M.DEFAULT_FEATHER_SIGMA if feather_sigma is None else float(feather_sigma)
-        if H * W <= work_area:
-            box = CropBox(0, 0, H, W)
-            scale = 1.0
-        else:
-            # Pad the box enough that the feathered mask is zero at its border.
-            provisional = context_box(binary, context_margin, 0)
-            scale = min(1.0, math.sqrt(work_area / (provisional.height * provisional.width)))
-            sigma_full = M.feather_sigma(work, work, sigma_at_work) / max(scale, 1e-6)
-            box = context_box(binary, context_margin, M.blur_radius(sigma_full) + MULTIPLE)
-            scale = math.sqrt(work_area / (box.height * box.width))
-        if scale == 1.0:
-            wh, ww = box.height, box.width
-        else:
-            wh, ww = _round_to(box.height * scale, 1), _round_to(box.width * scale, 1)
-        ph, pw = -wh % MULTIPLE, -ww % MULTIPLE
+        plan = plan_crop(binary, int(work_size or self.default_work_size), sigma_at_work, context_margin)
+        photo_w = plan.to_work(photo, "bilinear")
+        binary_w = plan.to_work(binary, "nearest")
+        binary_w[..., plan.height:, :] = 0  # the replicate padding is not hair
+        binary_w[..., :, plan.width:] = 0
+        sketch_rgb, _ = M.normalize_sketch(plan.to_work(sketch, "bilinear"))
+        soft_w = M.soft_mask(binary_w, M.feather_sigma(plan.height, plan.width, sigma_at_work))
 
-        def to_work(x: torch.Tensor, mode: str) -> torch.Tensor:
-            x = x[..., box.slices[0], box.slices[1]]
-            if (x.shape[-2], x.shape[-1]) != (wh, ww):
-                if mode == "nearest":
-                    x = F.interpolate(x, size=(wh, ww), mode="nearest")
-                else:
-                    x = F.interpolate(x, size=(wh, ww), mode="bilinear", align_corners=False, antialias=True)
-            if ph or pw:
-                x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-            return x
-
-        photo_w = to_work(photo, "bilinear")
-        binary_w = to_work(binary, "nearest")
-        if ph or pw:
-            binary_w[..., wh:, :] = 0
-            binary_w[..., :, ww:] = 0
-        sketch_rgb, _ = M.normalize_sketch(to_work(sketch, "bilinear"))
-        sigma_work = M.feather_sigma(wh, ww, sigma_at_work)
-        soft_w = M.soft_mask(binary_w, sigma_work)
-
-        # Latents.
+        # 4. Prepare latents: the photo, the sketch, the latent-grid soft mask and the noise.
         x0 = self.encode(photo_w).to(self.device)
         if method == "replace":
             sketch_latent = torch.zeros_like(x0)  # the baseline never sees the sketch
@@ -488,37 +582,21 @@ class HairDiffPipeline:
         mask_lat = M.latent_grid(soft_w).to(self.device)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(self.device)
+
+        # 5. Prepare the timesteps.
         sigmas = sampling_sigmas(steps, shift=shift, strength=strength)
 
-        # Text.
-        if prompt_embeds is None:
-            prompt_embeds, pooled_prompt_embeds = zero_text(self.transformer, B, self.device, torch.float32)
-        else:
-            if pooled_prompt_embeds is None:
-                raise InputError("prompt_embeds were given without pooled_prompt_embeds; SD3 needs both")
-            check_text(self.transformer, prompt_embeds, pooled_prompt_embeds)
-            prompt_embeds = _broadcast_batch(prompt_embeds, B, "prompt embeddings").to(self.device)
-            pooled_prompt_embeds = _broadcast_batch(pooled_prompt_embeds, B, "pooled prompt embeddings").to(self.device)
-        if cfg != 1.0 and negative_prompt_embeds is None:
-            # The unconditional branch is the training default: zero text.
-            negative_prompt_embeds, negative_pooled_prompt_embeds = zero_text(
-                self.transformer, B, self.device, torch.float32, tokens=prompt_embeds.shape[1]
-            )
-        if negative_prompt_embeds is not None:
-            if negative_pooled_prompt_embeds is None:
-                raise InputError("negative_prompt_embeds were given without negative_pooled_prompt_embeds")
-            check_text(self.transformer, negative_prompt_embeds, negative_pooled_prompt_embeds, "negative prompt")
-            negative_prompt_embeds = _broadcast_batch(negative_prompt_embeds, B, "negative prompt").to(self.device)
-            negative_pooled_prompt_embeds = _broadcast_batch(negative_pooled_prompt_embeds, B, "negative pooled").to(self.device)
-            if negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
-                raise InputError(
-                    f"prompt and negative prompt have {prompt_embeds.shape[1]} and "
-                    f"{negative_prompt_embeds.shape[1]} tokens; encode both with the same max length"
-                )
+        # 6. Prepare the text conditioning (zeros when none is given).
+        prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds = self._text(
+            B, cfg, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds
+        )
 
+        # 7. Denoising loop (reference attention patched in, and restored, around it).
         sampler = SAMPLERS[method]
-        info = {"steps_run": len(sigmas) - 1, "work_size": (wh, ww), "box": box, "method": method}
-        with self._placed(), self._attention(reference, method, photo_w, binary_w, soft_w, x0, noise, prompt_embeds, pooled_prompt_embeds) as hook:
+        box, work = plan.box, (plan.height, plan.width)
+        info = {"steps_run": len(sigmas) - 1, "work_size": work, "box": box, "method": method}
+        with self._placed(), self._attention(reference, method, photo_w, binary_w, soft_w, x0, noise, prompt_embeds,
+                                             pooled_prompt_embeds) as hook:
             denoise = TransformerDenoiser(
                 self.transformer,
                 sketch_latent,
@@ -536,24 +614,43 @@ class HairDiffPipeline:
 
         if info["steps_run"] == 0:
             # Nothing was generated (strength 0): the source itself, without a VAE round trip.
-            return GenerateResult(image=photo.clone(), latent=latent, mask=torch.zeros(B, 1, H, W), box=box, work_size=(wh, ww), info=info)
+            return GenerateResult(image=photo.clone(), latent=latent, mask=torch.zeros(B, 1, H, W), box=box,
+                                  work_size=work, info=info)
 
-        # Back to pixels and into the full photo.
-        decoded = self.decode(latent)[..., :wh, :ww]
-        if (wh, ww) != (box.height, box.width):
-            decoded = F.interpolate(decoded, size=(box.height, box.width), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-        sigma_full = M.feather_sigma(wh, ww, sigma_at_work) * box.height / wh
-        full_mask = torch.zeros(B, 1, H, W)
-        full_mask[..., box.slices[0], box.slices[1]] = M.soft_mask(binary[..., box.slices[0], box.slices[1]], sigma_full)
-        result = photo.clone()
-        region = result[..., box.slices[0], box.slices[1]]
-        if paste_back:
-            m = full_mask[..., box.slices[0], box.slices[1]]
-            region = torch.where(m > 0, region * (1 - m) + decoded.cpu() * m, region)
+        # 8. Decode and composite into the full photo.
+        decoded = self.decode(latent)[..., : plan.height, : plan.width]
+        image, full_mask = composite(photo, binary, decoded, plan, sigma_at_work, paste_back)
+        return GenerateResult(image=image, latent=latent, mask=full_mask, box=box, work_size=work, info=info)
+
+    def _text(self, batch, cfg, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
+              negative_pooled_prompt_embeds):
+        """The four text tensors on the device, batch-expanded and checked; zeros where none is
+        given (the unconditional branch of cfg > 1 is zero text, the training default)."""
+        if prompt_embeds is None:
+            prompt_embeds, pooled_prompt_embeds = zero_text(self.transformer, batch, self.device, torch.float32)
         else:
-            region = decoded.cpu()
-        result[..., box.slices[0], box.slices[1]] = region
-        return GenerateResult(image=result, latent=latent, mask=full_mask, box=box, work_size=(wh, ww), info=info)
+            if pooled_prompt_embeds is None:
+                raise InputError("prompt_embeds were given without pooled_prompt_embeds; SD3 needs both")
+            check_text(self.transformer, prompt_embeds, pooled_prompt_embeds)
+            prompt_embeds = _broadcast_batch(prompt_embeds, batch, "prompt embeddings").to(self.device)
+            pooled_prompt_embeds = _broadcast_batch(pooled_prompt_embeds, batch, "pooled prompt embeddings").to(self.device)
+        if cfg != 1.0 and negative_prompt_embeds is None:
+            negative_prompt_embeds, negative_pooled_prompt_embeds = zero_text(
+                self.transformer, batch, self.device, torch.float32, tokens=prompt_embeds.shape[1]
+            )
+        if negative_prompt_embeds is not None:
+            if negative_pooled_prompt_embeds is None:
+                raise InputError("negative_prompt_embeds were given without negative_pooled_prompt_embeds")
+            check_text(self.transformer, negative_prompt_embeds, negative_pooled_prompt_embeds, "negative prompt")
+            negative_prompt_embeds = _broadcast_batch(negative_prompt_embeds, batch, "negative prompt").to(self.device)
+            negative_pooled_prompt_embeds = _broadcast_batch(negative_pooled_prompt_embeds, batch,
+                                                             "negative pooled").to(self.device)
+            if negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
+                raise InputError(
+                    f"prompt and negative prompt have {prompt_embeds.shape[1]} and "
+                    f"{negative_prompt_embeds.shape[1]} tokens; encode both with the same max length"
+                )
+        return prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds
 
     def _placed(self):
         """offload="model": the transformer is on the device while sampling, on the CPU otherwise
