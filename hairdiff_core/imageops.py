@@ -131,3 +131,36 @@ def _blur_axis(x: torch.Tensor, k: list[float], radius: int, axis: int) -> torch
     kt = torch.tensor(k, dtype=x.dtype, device=x.device)
     weight = kt.view(1, 1, 1, -1) if axis == -1 else kt.view(1, 1, -1, 1)
     return F.conv2d(p, weight.repeat(c, 1, 1, 1), groups=c)
+
+
+#: Two sizes have "the same aspect ratio" within this relative tolerance (rounding of a resize).
+ASPECT_TOLERANCE = 0.01
+
+
+def resize_same_aspect(x: torch.Tensor, size: tuple[int, int], what: str, ref: str = "photo",
+                       mode: str = "bilinear") -> torch.Tensor:
+    """Resize ``x`` (B, C, h, w) to ``size`` = (H, W) when the aspect ratios agree within 1%.
+
+    A sketch or matte drawn at another resolution of the same canvas is resized; one of another
+    aspect ratio would be distorted, so it is refused with ``InputError`` naming both sizes.
+
+    Args:
+        x: the image or mask to fit.
+        size: the target (H, W), e.g. the photo's.
+        what: how messages name ``x`` (also the error's ``input``), e.g. "sketch".
+        ref: how messages name the target, e.g. "photo".
+        mode: "bilinear" (antialiased, for images) or "nearest" (for binary masks).
+    """
+    h, w = x.shape[-2:]
+    H, W = size
+    if (h, w) == (H, W):
+        return x
+    if abs((w / h) / (W / H) - 1.0) > ASPECT_TOLERANCE:
+        raise InputError(
+            f"the {what} is {w}x{h} but the {ref} is {W}x{H}: different aspect ratios "
+            f"({w / h:.3f} vs {W / H:.3f}); draw the {what} on a canvas of the {ref}'s size",
+            input=what.split()[0],
+        )
+    if mode == "nearest":
+        return F.interpolate(x.float(), size=(H, W), mode="nearest")
+    return F.interpolate(x.float(), size=(H, W), mode="bilinear", align_corners=False, antialias=True)

@@ -969,36 +969,25 @@ def load_models(
     from .memory import apply_weights
 
     vae_dtype = vae_dtype or dtype
-    if toy:
-        if model is not None or vae is not None or tiny:
-            raise ModelLoadError(
-                "toy=True uses the shipped toy transformer and VAE; do not pass model, vae or tiny with it"
-            )
-        from .toy import load_toy_transformer, load_toy_vae
+    if toy or tiny:
+        name = "toy" if toy else "tiny"
+        if model is not None or vae is not None or (toy and tiny):
+            others = "model, vae or tiny" if toy else "model or vae"
+            raise ModelLoadError(f"{name}=True uses the built-in {name} transformer and VAE; do not pass {others} with it")
+        if toy:
+            from .toy import load_toy_transformer as build_transformer
+            from .toy import load_toy_vae as build_vae
 
-        toy_transformer = _finish(load_toy_transformer(), dtype, device)
-        apply_weights(toy_transformer, weights, dtype)
-        return LoadedModels(
-            transformer=toy_transformer,
-            vae=_finish(load_toy_vae(), vae_dtype, device),
-            family="toy",
-            source="shipped toy model (hairdiff_core/assets/toy)",
-        )
-    if tiny:
-        if model is not None or vae is not None:
-            raise ModelLoadError(
-                "tiny=True uses the built-in tiny transformer and VAE; do not pass model or vae with it"
-            )
-        from .tiny import build_tiny_transformer, build_tiny_vae
+            source = "shipped toy model (hairdiff_core/assets/toy)"
+        else:
+            from .tiny import build_tiny_transformer as build_transformer
+            from .tiny import build_tiny_vae as build_vae
 
-        tiny_transformer = _finish(build_tiny_transformer(), dtype, device)
-        apply_weights(tiny_transformer, weights, dtype)
-        return LoadedModels(
-            transformer=tiny_transformer,
-            vae=_finish(build_tiny_vae(), vae_dtype, device),
-            family="tiny",
-            source="built-in tiny model (hairdiff_core.tiny)",
-        )
+            source = "built-in tiny model (hairdiff_core.tiny)"
+        transformer = _finish(build_transformer(), dtype, device)
+        apply_weights(transformer, weights, dtype)
+        return LoadedModels(transformer=transformer, vae=_finish(build_vae(), vae_dtype, device), family=name,
+                            source=source)
     if model is None:
         raise ModelLoadError(
             "no model given: pass an SD3/SD3.5 diffusers folder or a .safetensors checkpoint "

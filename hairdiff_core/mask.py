@@ -22,6 +22,7 @@ from .errors import EmptyMaskError, InputError
 from .imageops import check_nchw as _check_nchw
 from .imageops import blur_radius, gaussian_blur  # noqa: F401  (re-exported: nodes, pipeline, benches)
 from .imageops import luminance as _luminance
+from .imageops import resize_same_aspect
 
 #: Feather sigma in pixels at a 1024-px working resolution (design default).
 DEFAULT_FEATHER_SIGMA = DEFAULTS.feather_at_1024
@@ -198,19 +199,6 @@ class ComposedMatte:
     warnings: list[str]  # one line each, for a log or a node's console; never an error
 
 
-def _fit_mask(x: torch.Tensor, size: tuple[int, int], what: str, ref: str) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    H, W = size
-    if (h, w) == (H, W):
-        return x
-    if abs((w / h) / (W / H) - 1.0) > 0.01:
-        raise InputError(
-            f"the {what} is {w}x{h} but the {ref} is {W}x{H}: different aspect ratios "
-            f"({w / h:.3f} vs {W / H:.3f}); draw the {what} on a canvas of the {ref}'s size"
-        )
-    return F.interpolate(x.float(), size=(H, W), mode="nearest")
-
-
 def _union(masks, threshold: float, size, what: str):
     """A list of masks -> their binary union (sizes fitted to ``size`` or the first's); else as is."""
     if not isinstance(masks, (list, tuple)):
@@ -219,7 +207,8 @@ def _union(masks, threshold: float, size, what: str):
     for i, m in enumerate(masks):
         _check_nchw(m, f"{what} {i + 1}")
         b = binarize_matte(m, threshold, require_nonempty=False)
-        b = _fit_mask(b, tuple(size or masks[0].shape[-2:]), f"{what} {i + 1}", "photo" if size else f"first {what}")
+        b = resize_same_aspect(b, tuple(size or masks[0].shape[-2:]), f"{what} {i + 1}",
+                               "photo" if size else f"first {what}", mode="nearest")
         out = b if out is None else torch.maximum(out, b)
     return out
 
@@ -283,11 +272,12 @@ def compose_matte(
     size = tuple(size) if size is not None else tuple((mask if mask is not None else sketch).shape[-2:])
     parts = []
     if mask is not None and mode in ("union", "mask"):
-        parts.append(("mask", _fit_mask(binarize_matte(mask, threshold, require_nonempty=False), size, "mask", ref)))
+        parts.append(("mask", resize_same_aspect(binarize_matte(mask, threshold, require_nonempty=False), size, "mask", ref,
+                                                  mode="nearest")))
     if sketch is not None and mode in ("union", "sketch"):
         sk = sketch.float()
         if tuple(sk.shape[-2:]) != size:
-            sk = _fit_mask(sk, size, "sketch", ref)
+            sk = resize_same_aspect(sk, size, "sketch", ref, mode="nearest")
         _, strokes = normalize_sketch(sk)
         parts.append(("sketch", matte_from_strokes(strokes, int(sketch_dilate_px))))
     batch = max(p.shape[0] for _, p in parts)
@@ -307,7 +297,8 @@ def compose_matte(
         if not bool(binary.flatten(1).amax(1).all()):
             raise EmptyMaskError(f"shrinking the matte by {-int(grow_px)} px removed all of it; shrink less")
     if exclude is not None:
-        keep_out = _fit_mask(binarize_matte(exclude, threshold, require_nonempty=False), size, "exclusion mask", ref)
+        keep_out = resize_same_aspect(binarize_matte(exclude, threshold, require_nonempty=False), size, "exclusion mask",
+                                      ref, mode="nearest")
         if keep_out.shape[0] not in (1, batch):
             raise InputError(f"the exclusion mask has {keep_out.shape[0]} items but the matte has {batch}; give 1 or {batch}")
         binary = binary * (1.0 - keep_out)

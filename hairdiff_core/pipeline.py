@@ -26,7 +26,7 @@ from .checks import GENERATE_BOUNDS, check_device, check_generate_settings, chec
 from .errors import InputError
 from .defaults import DEFAULTS
 from .flow import sampling_sigmas
-from .imageops import to_rgb
+from .imageops import resize_same_aspect, to_rgb
 from .sampler import SAMPLERS, OnStep, TransformerDenoiser
 from .surgery import widen_input_channels
 from .text import PromptCache, check_text, zero_text
@@ -94,21 +94,11 @@ def _as_rgb(image: torch.Tensor, what: str) -> torch.Tensor:
 
 def _match_size(x: torch.Tensor, size: tuple[int, int], what: str, mode: str, announce: bool = True) -> torch.Tensor:
     """Resize a sketch/matte to the photo's size when the aspect ratios agree (within 1%)."""
-    h, w = x.shape[-2:]
-    H, W = size
-    if (h, w) == (H, W):
-        return x
-    if abs((w / h) / (W / H) - 1.0) > 0.01:
-        raise InputError(
-            f"the {what} is {w}x{h} but the photo is {W}x{H}: different aspect ratios "
-            f"({w / h:.3f} vs {W / H:.3f}); draw the {what} on a canvas of the photo's size",
-            input=what,
-        )
-    if announce:
-        logger.info("resizing the %s from %dx%d to the photo's %dx%d (same aspect ratio)", what, w, h, W, H)
-    if mode == "nearest":
-        return F.interpolate(x, size=(H, W), mode="nearest")
-    return F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False, antialias=True)
+    out = resize_same_aspect(x, size, what, "photo", mode)
+    if announce and out is not x:
+        logger.info("resizing the %s from %dx%d to the photo's %dx%d (same aspect ratio)", what, x.shape[-1],
+                    x.shape[-2], size[1], size[0])
+    return out
 
 
 def _broadcast_batch(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:

@@ -9,6 +9,7 @@ from comfy_api.latest import io, ui
 
 from ..hairdiff_core import mask as M
 from ..hairdiff_core.errors import HairDiffError
+from ..hairdiff_core.imageops import resize_same_aspect
 from .convert import check_batch, check_combos, image_to_nchw, mask_to_nchw, nchw_to_image, nchw_to_mask, node_error
 
 logger = logging.getLogger(__name__)
@@ -24,16 +25,11 @@ def _intermediate():
 
 
 def _resize_to(x: torch.Tensor, size: tuple[int, int], node: str, what: str, ref: str, mode: str) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    H, W = size
-    if (h, w) == (H, W):
-        return x
-    if abs((w / h) / (W / H) - 1.0) > 0.01:
-        raise node_error(node, what, f"is {w}x{h} but '{ref}' is {W}x{H} (aspect {w / h:.3f} vs {W / H:.3f})",
-                         f"draw the {what} on a canvas of the {ref}'s size")
-    if mode == "nearest":
-        return F.interpolate(x, size=(H, W), mode="nearest")
-    return F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    try:
+        out = resize_same_aspect(x, size, what, f"'{ref}'", mode)
+    except HairDiffError as exc:
+        raise node_error(node, what, exc) from exc
+    return out if mode == "nearest" else out.clamp(0, 1)
 
 
 def _thicken(rgb: torch.Tensor, alpha: torch.Tensor, px: int) -> tuple[torch.Tensor, torch.Tensor]:
