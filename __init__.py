@@ -3,6 +3,7 @@
 Outside ComfyUI (pip install, the CLI, pytest) there is nothing to register, and importing
 this file must not fail or pull in ComfyUI.
 """
+
 try:
     import comfy_api.latest  # noqa: F401  # present only inside ComfyUI
 except ImportError:

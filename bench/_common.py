@@ -4,6 +4,7 @@ Peak memory on the CPU is measured per process: Linux's peak resident set (VmHWM
 writing 5 to /proc/self/clear_refs right before the measured work, so a figure covers that work
 only (plus what was resident before it, e.g. the weights, which both sides of a ratio share).
 """
+
 from __future__ import annotations
 
 import json

@@ -35,6 +35,7 @@ machine may be shared: the load average at start and end is in the JSON. Prints 
 
     python bench/bench_block.py [--models large,medium] [--repeats 2] [--threads 2] [--dtype bf16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,17 +80,29 @@ def head_top_matte(side: int):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="large,medium")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="timing rounds (1 takes ~5 min idle, ~10 min on a busy 2-core machine; 2 doubles the timing part)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timing rounds (1 takes ~5 min idle, ~10 min on a busy 2-core machine; 2 doubles the timing part)",
+    )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"),
-                   help="bf16 (default: ~1.75x faster than fp32 on this AVX512-BF16 CPU) or fp32")
+    p.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=("bf16", "fp32"),
+        help="bf16 (default: ~1.75x faster than fp32 on this AVX512-BF16 CPU) or fp32",
+    )
     p.add_argument("--size", type=int, default=1024, help="image side in pixels (1024 = 4,096 tokens)")
     p.add_argument("--text-tokens", type=int, default=333)
     p.add_argument("--steps", type=int, default=28, help="sampling steps a once-pass is amortised over")
     p.add_argument("--ring", type=int, default=8, help="key_ring of the ring budget variant (tokens)")
-    p.add_argument("--core-heads", type=int, default=8,
-                   help="attention heads the attention cores are timed on, scaled to all heads (0 = all)")
+    p.add_argument(
+        "--core-heads",
+        type=int,
+        default=8,
+        help="attention heads the attention cores are timed on, scaled to all heads (0 = all)",
+    )
     p.add_argument("--grouped", action="store_true", help="also time the grouped kernel (CUDA's) on this CPU")
     args = p.parse_args()
 
@@ -124,8 +137,14 @@ def main() -> None:
         f"ring{args.ring}": {"key_ring": args.ring},
         f"pool2_ring{args.ring}": {"key_pool": 2, "key_ring": args.ring},
     }
-    result: dict = {"bench": "block", "dtype": args.dtype, "image_tokens": L, "text_tokens": args.text_tokens,
-                    "steps": args.steps, "matte_token_share": round(float(token_mask.mean()), 3)}
+    result: dict = {
+        "bench": "block",
+        "dtype": args.dtype,
+        "image_tokens": L,
+        "text_tokens": args.text_tokens,
+        "steps": args.steps,
+        "matte_token_share": round(float(token_mask.mean()), 3),
+    }
     g = torch.Generator().manual_seed(0)
 
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -145,19 +164,29 @@ def main() -> None:
 
         def outer_fwd(batch):
             with torch.no_grad():
-                outer(hidden_states=torch.randn(batch, 32, lat, lat, dtype=dtype),
-                      encoder_hidden_states=torch.randn(batch, args.text_tokens, cfg["joint_attention_dim"], dtype=dtype),
-                      pooled_projections=torch.randn(batch, cfg["pooled_projection_dim"], dtype=dtype),
-                      timestep=torch.full((batch,), 500.0, dtype=dtype), return_dict=False)
+                outer(
+                    hidden_states=torch.randn(batch, 32, lat, lat, dtype=dtype),
+                    encoder_hidden_states=torch.randn(batch, args.text_tokens, cfg["joint_attention_dim"], dtype=dtype),
+                    pooled_projections=torch.randn(batch, cfg["pooled_projection_dim"], dtype=dtype),
+                    timestep=torch.full((batch,), 500.0, dtype=dtype),
+                    return_dict=False,
+                )
 
         outer_fwd(1)
-        outside = {b: statistics.median([_timed(lambda: outer_fwd(b)) for _ in range(max(1, args.repeats))]) for b in (1, 2)}
+        outside = {
+            b: statistics.median([_timed(lambda: outer_fwd(b)) for _ in range(max(1, args.repeats))]) for b in (1, 2)
+        }
         with torch.device("meta"):
             n_params = sum(p.numel() for p in SD3Transformer2DModel(**dict(cfg, in_channels=32)).parameters())
         del outer
 
-        model_out = {"layers": n_layers, "attn2_layers": n_dual, "hidden": dim,
-                     "outside_s": {str(b): round(t, 4) for b, t in outside.items()}, "params": n_params}
+        model_out = {
+            "layers": n_layers,
+            "attn2_layers": n_dual,
+            "hidden": dim,
+            "outside_s": {str(b): round(t, 4) for b, t in outside.items()},
+            "params": n_params,
+        }
         blocks_times = {}
         mem = {}
         for kind, count in kinds.items():
@@ -165,15 +194,46 @@ def main() -> None:
             torch.manual_seed(1)
             # The full block (all heads) for the plain cost; a block with ``core_heads`` heads for
             # the attention cores (heads are independent: cost x heads / core_heads).
-            block = JointTransformerBlock(dim, heads, hd, context_pre_only=False, qk_norm=cfg.get("qk_norm"),
-                                          use_dual_attention=dual).to(dtype).eval()
+            block = (
+                JointTransformerBlock(
+                    dim, heads, hd, context_pre_only=False, qk_norm=cfg.get("qk_norm"), use_dual_attention=dual
+                )
+                .to(dtype)
+                .eval()
+            )
             ch = min(args.core_heads or heads, heads)
             proc = ReferenceAttnProcessor()
             # As JointTransformerBlock builds them, with ``ch`` heads (its out_dim would force all).
-            core_attn = Attention(query_dim=dim, added_kv_proj_dim=dim, dim_head=hd, heads=ch, context_pre_only=False,
-                                  bias=True, processor=proc, qk_norm=cfg.get("qk_norm"), eps=1e-6).to(dtype).eval()
-            core_attn2 = (Attention(query_dim=dim, dim_head=hd, heads=ch, bias=True, processor=proc,
-                                    qk_norm=cfg.get("qk_norm"), eps=1e-6).to(dtype).eval() if dual else None)
+            core_attn = (
+                Attention(
+                    query_dim=dim,
+                    added_kv_proj_dim=dim,
+                    dim_head=hd,
+                    heads=ch,
+                    context_pre_only=False,
+                    bias=True,
+                    processor=proc,
+                    qk_norm=cfg.get("qk_norm"),
+                    eps=1e-6,
+                )
+                .to(dtype)
+                .eval()
+            )
+            core_attn2 = (
+                Attention(
+                    query_dim=dim,
+                    dim_head=hd,
+                    heads=ch,
+                    bias=True,
+                    processor=proc,
+                    qk_norm=cfg.get("qk_norm"),
+                    eps=1e-6,
+                )
+                .to(dtype)
+                .eval()
+                if dual
+                else None
+            )
             if core_attn.heads != ch:
                 raise RuntimeError(f"core attention has {core_attn.heads} heads, wanted {ch}")
             block.attn.set_processor(proc)
@@ -214,7 +274,9 @@ def main() -> None:
                         cores[f"once_{tag}_b{b}"] = _capture(R, lambda b=b, st=state: attention(b, st))
             s_ref = ReferenceSettings(mode="once")
             g_ref = ReferenceGating(s_ref, token_mask, tokens_hw)
-            cores["ref_b1"] = _capture(R, lambda: attention(1, ReferencePassState(ReferenceCache(), g_ref, True), ref_hidden))
+            cores["ref_b1"] = _capture(
+                R, lambda: attention(1, ReferencePassState(ReferenceCache(), g_ref, True), ref_hidden)
+            )
             cores["off_b1"] = _capture(R, lambda: attention(1))
             cores["off_b2"] = _capture(R, lambda: attention(2))
             variants = {f"core_{n}": c for n, c in cores.items()}
@@ -231,19 +293,29 @@ def main() -> None:
             med = {n: statistics.median(t) * (scale if n.startswith("core_") else 1.0) for n, t in times.items()}
             # block cost of a variant = the plain block + (its attention kernels - the plain ones)
             per_block = {n: med[f"block_off_b{n[-1]}"] + med[f"core_{n}"] - med[f"core_off_b{n[-1]}"] for n in cores}
-            blocks_times[kind] = {"count": count, "core_heads": ch, "median_s": {n: round(v, 4) for n, v in per_block.items()},
-                                  "measured_median_s": {n: round(v, 4) for n, v in med.items()},
-                                  "all_s": {n: [round(x, 3) for x in t] for n, t in times.items()}}
+            blocks_times[kind] = {
+                "count": count,
+                "core_heads": ch,
+                "median_s": {n: round(v, 4) for n, v in per_block.items()},
+                "measured_median_s": {n: round(v, 4) for n, v in med.items()},
+                "all_s": {n: [round(x, 3) for x in t] for n, t in times.items()},
+            }
             # Cache and bias sizes at the full head count: the core block stores ch/heads of it.
-            mem[kind] = {tag: {"cache_bytes_per_layer": int(cache.nbytes() * scale),
-                               "bias_bytes": _bias_bytes(gating),
-                               "stored_keys": gating.kept}
-                         for tag, (gating, cache) in states.items()}
+            mem[kind] = {
+                tag: {
+                    "cache_bytes_per_layer": int(cache.nbytes() * scale),
+                    "bias_bytes": _bias_bytes(gating),
+                    "stored_keys": gating.kept,
+                }
+                for tag, (gating, cache) in states.items()
+            }
             del block, core_attn, core_attn2, states, variants, cores
 
         # ---- whole-model prediction
         def step(kind_key: str, batch: int) -> float:
-            return outside[batch] + sum(bt["count"] * bt["median_s"][f"{kind_key}_b{batch}"] for bt in blocks_times.values())
+            return outside[batch] + sum(
+                bt["count"] * bt["median_s"][f"{kind_key}_b{batch}"] for bt in blocks_times.values()
+            )
 
         ref_call = outside[1] + sum(bt["count"] * bt["median_s"]["ref_b1"] for bt in blocks_times.values())
         ratios = {}

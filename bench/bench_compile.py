@@ -8,6 +8,7 @@ after all modes ran, and whether a second round added any (recompilation). Print
 
     python bench/bench_compile.py [--size 64] [--repeats 3] [--threads 1] [--backend inductor]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x0, noise, sketch = (torch.randn(1, 16, n, n, generator=g) for _ in range(3))
     binary = torch.zeros(1, 1, 8 * n, 8 * n)
-    binary[..., 2 * n: 6 * n, 2 * n: 6 * n] = 1
+    binary[..., 2 * n : 6 * n, 2 * n : 6 * n] = 1
     token_mask = M.token_grid(M.soft_mask(binary))
     text = torch.zeros(1, 77, model.config.joint_attention_dim)
     pooled = torch.zeros(1, model.config.pooled_projection_dim)
@@ -54,13 +55,28 @@ def main() -> None:
     t = timestep_from_sigma(0.5, 1)
 
     def run(mode: str) -> float:
-        with torch.no_grad(), reference_attention(model, ReferenceSettings(mode=mode), reference_latent=x0,
-                                                  token_mask=token_mask, noise=noise, encoder_hidden_states=text,
-                                                  pooled_projections=pooled) as hook:
+        with (
+            torch.no_grad(),
+            reference_attention(
+                model,
+                ReferenceSettings(mode=mode),
+                reference_latent=x0,
+                token_mask=token_mask,
+                noise=noise,
+                encoder_hidden_states=text,
+                pooled_projections=pooled,
+            ) as hook,
+        ):
             kwargs = hook.step_kwargs(0.5, 0) or None  # the once pass runs here, outside the timing
             t0 = time.perf_counter()
-            model(hidden_states=inp, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
-                  joint_attention_kwargs=kwargs, return_dict=False)
+            model(
+                hidden_states=inp,
+                encoder_hidden_states=text,
+                pooled_projections=pooled,
+                timestep=t,
+                joint_attention_kwargs=kwargs,
+                return_dict=False,
+            )
             return time.perf_counter() - t0
 
     modes = ("off", "once")
@@ -84,17 +100,26 @@ def main() -> None:
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = timings()
     recompiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
-    print(json.dumps({
-        "bench": "compile", "backend": args.backend, "latent": n, "tokens": (n // 2) ** 2,
-        "eager_s": {m: round(v, 4) for m, v in eager.items()},
-        "compiled_s": {m: round(v, 4) for m, v in compiled.items()},
-        "first_calls_s": round(compile_s, 1), "graphs": graphs, "graphs_added_after_first_calls": recompiled,
-        "speedup_off": round(eager["off"] / compiled["off"], 3),
-        "speedup_once": round(eager["once"] / compiled["once"], 3),
-        "load_avg": [round(x, 2) for x in os.getloadavg()],
-        "targets": {"graphs_added_after_first_calls": 0},
-        **threads_note(),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "compile",
+                "backend": args.backend,
+                "latent": n,
+                "tokens": (n // 2) ** 2,
+                "eager_s": {m: round(v, 4) for m, v in eager.items()},
+                "compiled_s": {m: round(v, 4) for m, v in compiled.items()},
+                "first_calls_s": round(compile_s, 1),
+                "graphs": graphs,
+                "graphs_added_after_first_calls": recompiled,
+                "speedup_off": round(eager["off"] / compiled["off"], 3),
+                "speedup_once": round(eager["once"] / compiled["once"], 3),
+                "load_avg": [round(x, 2) for x in os.getloadavg()],
+                "targets": {"graphs_added_after_first_calls": 0},
+                **threads_note(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

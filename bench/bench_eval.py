@@ -10,6 +10,7 @@ Prints one JSON line last.
 
     python bench/bench_eval.py [--size 1024] [--repeats 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,9 @@ def make_inputs(size: int):
     m = soft_mask(matte)
     result = photo * (1 - m) + hair * m
     sketch = torch.zeros(1, 3, size, size)
-    strokes = (matte > 0) & (torch.sin(2 * torch.pi * (xx + 0.4 * yy).float() / (size / 40)).abs() < 0.1).view(1, 1, size, size)
+    strokes = (matte > 0) & (torch.sin(2 * torch.pi * (xx + 0.4 * yy).float() / (size / 40)).abs() < 0.1).view(
+        1, 1, size, size
+    )
     sketch = torch.where(strokes, torch.tensor([0.9, 0.6, 0.3]).view(1, 3, 1, 1), sketch)
     return photo, sketch, matte, result
 

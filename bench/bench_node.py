@@ -11,6 +11,7 @@ Interleaved repeats, medians. Prints one JSON line last.
     python bench/bench_node.py [--size 384] [--steps 8] [--repeats 5]
     COMFYUI_DIR=/path/to/ComfyUI /path/to/comfy-venv/bin/python bench/bench_node.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,24 +77,31 @@ def main() -> None:
     device = mm.get_torch_device()
     model = model_nodes.HairDiffModel(
         patcher=model_nodes.make_patcher(transformer, device, mm.unet_offload_device()),
-        vae=vae, family="bench-mid", source="bench", dtype=torch.float32,
+        vae=vae,
+        family="bench-mid",
+        source="bench",
+        dtype=torch.float32,
     )
     g = torch.Generator().manual_seed(0)
     s = args.size
     photo = torch.rand(1, s, s, 3, generator=g)
     sketch = torch.zeros(1, s, s, 3)
-    sketch[:, s // 4: s // 4 + 3, s // 5: 4 * s // 5] = 1.0
+    sketch[:, s // 4 : s // 4 + 3, s // 5 : 4 * s // 5] = 1.0
     matte = torch.zeros(1, s, s)
-    matte[:, s // 8: s // 2, s // 6: 5 * s // 6] = 1.0
+    matte[:, s // 8 : s // 2, s // 6 : 5 * s // 6] = 1.0
     settings = dict(steps=args.steps, seed=1, cfg=1.0, shift=3.0, strength=1.0, paste_back=True)
 
     def node():
-        return nodes.HairDiffSampler.execute(model=model, photo=photo, sketch=sketch, matte=matte, feather=10.0, **settings)
+        return nodes.HairDiffSampler.execute(
+            model=model, photo=photo, sketch=sketch, matte=matte, feather=10.0, **settings
+        )
 
     def direct():
         mm.load_models_gpu([model.patcher], force_full_load=True)
         pipe = core_pipeline.HairDiffPipeline(transformer, vae, device=next(transformer.parameters()).device)
-        return pipe.generate(photo.movedim(-1, 1), sketch.movedim(-1, 1), matte[:, None], feather_sigma=10.0, **settings)
+        return pipe.generate(
+            photo.movedim(-1, 1), sketch.movedim(-1, 1), matte[:, None], feather_sigma=10.0, **settings
+        )
 
     a, b = node(), direct()  # warm-up, and the two must agree
     max_diff = float((a[0].movedim(-1, 1) - b.image).abs().max())
@@ -106,12 +114,26 @@ def main() -> None:
     direct_s = statistics.median(times["direct"])
     node_s = statistics.median(times["node"])
     overhead = (node_s / direct_s - 1) * 100
-    print(json.dumps({
-        "bench": "node", "comfy": comfy_kind, "device": str(device), "model": "mid (bench/_common.MID_CONFIG)",
-        "size": s, "steps": args.steps, "repeats": args.repeats, "direct_s": round(direct_s, 4), "node_s": round(node_s, 4),
-        "overhead_pct": round(overhead, 2), "budget_pct": 5.0, "within_budget": overhead <= 5.0,
-        "max_abs_diff_node_vs_direct": max_diff, **threads_note(),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "node",
+                "comfy": comfy_kind,
+                "device": str(device),
+                "model": "mid (bench/_common.MID_CONFIG)",
+                "size": s,
+                "steps": args.steps,
+                "repeats": args.repeats,
+                "direct_s": round(direct_s, 4),
+                "node_s": round(node_s, 4),
+                "overhead_pct": round(overhead, 2),
+                "budget_pct": 5.0,
+                "within_budget": overhead <= 5.0,
+                "max_abs_diff_node_vs_direct": max_diff,
+                **threads_note(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Prints one JSON line last.
 
     python bench/bench_prepare.py [--size 1024] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,6 +72,7 @@ def main() -> int:
     figures = {}
     for style in ("strands", "edges"):
         for colour in (False, True):
+
             def fn(style=style, colour=colour):
                 synthesize_sketch(photo, matte, style=style, colour=colour, seed=0)
 

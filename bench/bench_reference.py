@@ -17,6 +17,7 @@ so the measured cache is smaller than the full-size prediction: the bench's matt
 middle quarter of the area. ``once`` pays one extra forward per call, so its ratio depends
 on the step count (about 1/steps on top of the per-step attention overhead).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,7 @@ def make_runner(size: int, steps: int, cfg: float, dual_layers: int, heads: int 
     sketch = torch.randn(1, 16, size, size, generator=g)
     noise = torch.randn(1, 16, size, size, generator=g)
     binary = torch.zeros(1, 1, 8 * size, 8 * size)
-    binary[..., 2 * size: 6 * size, 2 * size: 6 * size] = 1  # the middle quarter of the area
+    binary[..., 2 * size : 6 * size, 2 * size : 6 * size] = 1  # the middle quarter of the area
     soft = M.soft_mask(binary)
     mask_lat, mask_tok = M.latent_grid(soft), M.token_grid(soft)
     embeds = torch.zeros(1, 77, model.config.joint_attention_dim)
@@ -62,8 +63,15 @@ def make_runner(size: int, steps: int, cfg: float, dual_layers: int, heads: int 
     @torch.no_grad()
     def run(mode: str, steps: int = steps):
         sigmas = sampling_sigmas(steps)
-        with reference_attention(model, ReferenceSettings(mode=mode), reference_latent=x0, token_mask=mask_tok,
-                                 noise=noise, encoder_hidden_states=embeds, pooled_projections=pooled) as hook:
+        with reference_attention(
+            model,
+            ReferenceSettings(mode=mode),
+            reference_latent=x0,
+            token_mask=mask_tok,
+            noise=noise,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+        ) as hook:
             denoise = TransformerDenoiser(model, sketch, embeds, pooled, *neg, cfg=cfg, attention_hook=hook)
             out = soft_mask_sample(denoise, x0, mask_lat, sigmas, noise)
             stats["reference_passes"] = hook.reference_passes
@@ -88,15 +96,21 @@ def child(mode: str, size: int, steps: int, cfg: float, dual_layers: int, heads:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=28, help="sampling steps (28 = the pipeline's default)")
-    p.add_argument("--mem-steps", type=int, default=2, help="steps of the memory runs (the peak does not grow with steps)")
+    p.add_argument(
+        "--mem-steps", type=int, default=2, help="steps of the memory runs (the peak does not grow with steps)"
+    )
     p.add_argument("--size", type=int, default=64, help="latent side (64 = 512 px, 1024 tokens)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cfg", type=float, default=1.0, help="!= 1 runs the uncond and cond halves as one batch of 2")
     p.add_argument("--dual-layers", type=int, default=0, help="SD3.5-Medium-style attn2 in the first N blocks")
     p.add_argument("--heads", type=int, default=0, help="attention heads of 64 dims (default: bench/_common's 6)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads wait on each "
-                        "other whenever another job takes a core, and the ratios turn to noise)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads wait on each "
+        "other whenever another job takes a core, and the ratios turn to noise)",
+    )
     p.add_argument("--child", nargs=7, metavar=("MODE", "SIZE", "STEPS", "CFG", "DUAL", "THREADS", "HEADS"))
     args = p.parse_args()
     import torch
@@ -116,7 +130,7 @@ def main() -> None:
     times = {m: [] for m in MODES}
     cpu = {m: [] for m in MODES}
     for r in range(args.repeats):
-        for mode in MODES[r % 3:] + MODES[: r % 3]:  # rotate the order: no mode always runs first
+        for mode in MODES[r % 3 :] + MODES[: r % 3]:  # rotate the order: no mode always runs first
             t0, c0 = time.perf_counter(), time.process_time()
             run(mode)
             times[mode].append(time.perf_counter() - t0)
@@ -125,7 +139,14 @@ def main() -> None:
     best = {m: min(t) for m, t in times.items()}
     med = {m: sorted(t)[len(t) // 2] for m, t in times.items()}
     med_cpu = {m: min(t) for m, t in cpu.items()}
-    child_args = [str(args.size), str(args.mem_steps), str(args.cfg), str(args.dual_layers), str(args.threads), str(args.heads)]
+    child_args = [
+        str(args.size),
+        str(args.mem_steps),
+        str(args.cfg),
+        str(args.dual_layers),
+        str(args.threads),
+        str(args.heads),
+    ]
     mem = {m: run_isolated(__file__, [m, *child_args]) for m in MODES}
     cache = predicted_cache_bytes(model, (args.size, args.size))
     mb = 2**20

@@ -8,6 +8,7 @@ process, peak RSS during sampling. Prints one JSON line last.
 
     python bench/bench_sampler.py [--steps 8] [--size 64] [--repeats 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ def setup(size: int, steps: int):
     sketch = torch.randn(1, 16, size, size, generator=g)
     noise = torch.randn(1, 16, size, size, generator=g)
     mask = torch.zeros(1, 1, size, size)
-    mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
+    mask[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
     embeds = torch.zeros(1, 77, model.config.joint_attention_dim)
     pooled = torch.zeros(1, model.config.pooled_projection_dim)
     return model, x0, sketch, noise, mask, embeds, pooled, sampling_sigmas(steps)
@@ -54,8 +55,13 @@ def make_runners(size: int, steps: int):
         sched.set_timesteps(steps)
         x = noise.clone()
         for t in sched.timesteps:
-            v = model(hidden_states=torch.cat([x, sketch], 1), encoder_hidden_states=embeds,
-                      pooled_projections=pooled, timestep=t.expand(1), return_dict=False)[0]
+            v = model(
+                hidden_states=torch.cat([x, sketch], 1),
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+                timestep=t.expand(1),
+                return_dict=False,
+            )[0]
             x = sched.step(v, t, x, return_dict=False)[0]
         return x
 

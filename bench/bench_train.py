@@ -11,6 +11,7 @@ depend on checkpointing). Each mode runs in its own process so peak RSS is its o
 
 Prints a table and, last, one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,10 +47,19 @@ def child(args) -> dict:
     torch.manual_seed(0)
     inner = args.heads * args.head_dim
     model = SD3Transformer2DModel(
-        sample_size=args.latent, patch_size=2, in_channels=16, out_channels=16, num_layers=args.layers,
-        attention_head_dim=args.head_dim, num_attention_heads=args.heads, joint_attention_dim=64,
-        caption_projection_dim=inner, pooled_projection_dim=64, pos_embed_max_size=96,
-        dual_attention_layers=(0,), qk_norm="rms_norm",
+        sample_size=args.latent,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=args.layers,
+        attention_head_dim=args.head_dim,
+        num_attention_heads=args.heads,
+        joint_attention_dim=64,
+        caption_projection_dim=inner,
+        pooled_projection_dim=64,
+        pos_embed_max_size=96,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
     )
     widen_input_channels(model)
     cfg = TrainConfig(rank=16, gradient_checkpointing=args.mode == "ckpt")
@@ -70,8 +80,13 @@ def child(args) -> dict:
         sigma = sample_sigmas(b, generator=g)
         noise = torch.randn(x0.shape, generator=g)
         x_in = soft_noise(x0, noise, sigma, mask)
-        v = model(hidden_states=torch.cat([x_in, sketch], 1), encoder_hidden_states=text, pooled_projections=pooled,
-                  timestep=sigma * 1000, return_dict=False)[0]
+        v = model(
+            hidden_states=torch.cat([x_in, sketch], 1),
+            encoder_hidden_states=text,
+            pooled_projections=pooled,
+            timestep=sigma * 1000,
+            return_dict=False,
+        )[0]
         terms = hairdiff_loss(v, x0, noise, x_in, sigma, mask, 0.1)
         terms.total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -107,7 +122,9 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable figures on a shared machine)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: stable figures on a shared machine)"
+    )
     p.add_argument("--mode", choices=("ckpt", "nockpt"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.mode:
@@ -125,7 +142,9 @@ def main() -> int:
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"{'mode':<8} {'step s':>8} {'steps/s':>8} {'peak RSS MB':>12} {'step peak MB':>13}")
     for mode, r in results.items():
-        print(f"{mode:<8} {r['step_s_median']:>8.3f} {r['steps_per_s']:>8.2f} {r['peak_rss_mb']:>12.0f} {r['step_peak_mb']:>13.0f}")
+        print(
+            f"{mode:<8} {r['step_s_median']:>8.3f} {r['steps_per_s']:>8.2f} {r['peak_rss_mb']:>12.0f} {r['step_peak_mb']:>13.0f}"
+        )
     a, c = results["nockpt"], results["ckpt"]
     summary = {
         "bench": "train_step_cpu",

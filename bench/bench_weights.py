@@ -13,6 +13,7 @@ scaled to its range). Prints one JSON line last.
 
     python bench/bench_weights.py [--size 64] [--steps 3] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import build_mid_transformer, peak_rss_bytes, reset_peak_rss, run_isolated, threads_note  # noqa: E402
 
-VARIANTS = {"bf16": ("bf16", "none"), "fp8": ("fp8_e4m3fn", "none"), "blocks": ("bf16", "blocks"),
-            "fp8_blocks": ("fp8_e4m3fn", "blocks")}
+VARIANTS = {
+    "bf16": ("bf16", "none"),
+    "fp8": ("fp8_e4m3fn", "none"),
+    "blocks": ("bf16", "blocks"),
+    "fp8_blocks": ("fp8_e4m3fn", "blocks"),
+}
 
 
 def build(variant: str):

@@ -12,6 +12,7 @@ Without CUDA it prints ``{"skipped": ...}`` and exits 0 (bench/run_all.py lists 
 
     python bench/gpu_attention_check.py [--repeats 20] [--model large] [--budget none|pool2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,14 +38,22 @@ def main() -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print(json.dumps({"bench": "gpu_attention_check", "skipped": "no CUDA device: run this on a GPU machine",
-                          "torch": torch.__version__, "targets": TARGETS}))
+        print(
+            json.dumps(
+                {
+                    "bench": "gpu_attention_check",
+                    "skipped": "no CUDA device: run this on a GPU machine",
+                    "torch": torch.__version__,
+                    "targets": TARGETS,
+                }
+            )
+        )
         return 0
 
+    from bench_block import _capture, head_top_matte, load_transformer_config
     from diffusers.models.attention_processor import Attention
 
     import hairdiff_core.reference as R
-    from bench_block import _capture, head_top_matte, load_transformer_config
     from hairdiff_core import mask as M
 
     dev, dtype = torch.device("cuda"), torch.bfloat16
@@ -56,8 +65,22 @@ def main() -> int:
     L = tokens_hw[0] * tokens_hw[1]
     token_mask = M.token_grid(M.soft_mask(head_top_matte(side)))
     proc = R.ReferenceAttnProcessor()
-    attn = Attention(query_dim=dim, added_kv_proj_dim=dim, dim_head=hd, heads=heads, out_dim=dim, context_pre_only=False,
-                     bias=True, processor=proc, qk_norm=cfg.get("qk_norm"), eps=1e-6).to(dev, dtype).eval()
+    attn = (
+        Attention(
+            query_dim=dim,
+            added_kv_proj_dim=dim,
+            dim_head=hd,
+            heads=heads,
+            out_dim=dim,
+            context_pre_only=False,
+            bias=True,
+            processor=proc,
+            qk_norm=cfg.get("qk_norm"),
+            eps=1e-6,
+        )
+        .to(dev, dtype)
+        .eval()
+    )
     g = torch.Generator(device=dev).manual_seed(0)
     hid = {b: torch.randn(b, L, dim, generator=g, device=dev, dtype=dtype) for b in (1, 2)}
     enc = {b: torch.randn(b, args.text_tokens, dim, generator=g, device=dev, dtype=dtype) for b in (1, 2)}
@@ -77,8 +100,16 @@ def main() -> int:
             times.append(start.elapsed_time(end) / 1000)
         return statistics.median(times)
 
-    result = {"bench": "gpu_attention_check", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "model": args.model, "budget": args.budget, "dtype": "bf16", "image_tokens": L, "text_tokens": args.text_tokens}
+    result = {
+        "bench": "gpu_attention_check",
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "model": args.model,
+        "budget": args.budget,
+        "dtype": "bf16",
+        "image_tokens": L,
+        "text_tokens": args.text_tokens,
+    }
     outs = {}
     with torch.no_grad():
         off = {b: _capture(R, lambda b=b: attn(hidden_states=hid[b], encoder_hidden_states=enc[b])) for b in (1, 2)}
@@ -89,12 +120,19 @@ def main() -> int:
             gating = R.ReferenceGating(s, token_mask, tokens_hw)
             cache = R.ReferenceCache()
             ref_state = R.ReferencePassState(cache, gating, True)
-            ref = _capture(R, lambda: attn(hidden_states=ref_hidden, encoder_hidden_states=enc[1], hairdiff_reference=ref_state))
+            ref = _capture(
+                R, lambda: attn(hidden_states=ref_hidden, encoder_hidden_states=enc[1], hairdiff_reference=ref_state)
+            )
             result[f"ref_{kernel}_ms"] = round(time_replay(ref) * 1e3, 3)
             gen_state = R.GenerationPassState(cache, gating, True)
             for b in (1, 2):
-                outs[(kernel, b)] = attn(hidden_states=hid[b], encoder_hidden_states=enc[b], hairdiff_reference=gen_state)[0]
-                gen = _capture(R, lambda b=b: attn(hidden_states=hid[b], encoder_hidden_states=enc[b], hairdiff_reference=gen_state))
+                outs[(kernel, b)] = attn(
+                    hidden_states=hid[b], encoder_hidden_states=enc[b], hairdiff_reference=gen_state
+                )[0]
+                gen = _capture(
+                    R,
+                    lambda b=b: attn(hidden_states=hid[b], encoder_hidden_states=enc[b], hairdiff_reference=gen_state),
+                )
                 result[f"once_{kernel}_b{b}_ms"] = round(time_replay(gen) * 1e3, 3)
             result["stored_keys"] = gating.kept
             result[f"{kernel}_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -13,6 +13,7 @@ with fp8 + blocks at <= 1.5x the bf16 all-in-VRAM step time; Medium fits 8 GB.
 
 Without CUDA it prints one JSON line saying so and exits with code 2. Prints one JSON line last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,9 +79,9 @@ def child(family: str, weights: str, offload: str, size: int, steps: int) -> dic
     pipe = HairDiffPipeline(model, None, device=cuda, dtype=torch.bfloat16, offload=offload, codec=RandomCodec())
     photo = torch.rand(1, 3, size, size)
     sketch = torch.zeros(1, 3, size, size)
-    sketch[..., size // 4: size // 4 + 8, size // 4: 3 * size // 4] = 1
+    sketch[..., size // 4 : size // 4 + 8, size // 4 : 3 * size // 4] = 1
     matte = torch.zeros(1, 1, size, size)
-    matte[..., size // 8: size // 2, size // 8: 7 * size // 8] = 1
+    matte[..., size // 8 : size // 2, size // 8 : 7 * size // 8] = 1
     stamps = []
 
     def on_step(step, total, latent):
@@ -96,12 +97,19 @@ def child(family: str, weights: str, offload: str, size: int, steps: int) -> dic
     peak = torch.cuda.max_memory_allocated()
     # Step time without the first step (it also runs the one reference pass).
     per_step = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
-    est = estimate_peak_vram(family, weights=weights, offload=offload, height=size, width=size, reference="once",
-                             text_tokens=77)
-    return {"weights": weights, "offload": offload, "peak_gb": round(peak / 2**30, 3),
-            "resident_before_gb": round(base / 2**30, 3), "predicted_gb": round(est.total / 2**30, 3),
-            "s_per_step": round(per_step, 4), "total_s": round(total, 2),
-            "reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+    est = estimate_peak_vram(
+        family, weights=weights, offload=offload, height=size, width=size, reference="once", text_tokens=77
+    )
+    return {
+        "weights": weights,
+        "offload": offload,
+        "peak_gb": round(peak / 2**30, 3),
+        "resident_before_gb": round(base / 2**30, 3),
+        "predicted_gb": round(est.total / 2**30, 3),
+        "s_per_step": round(per_step, 4),
+        "total_s": round(total, 2),
+        "reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+    }
 
 
 def main() -> int:
@@ -115,8 +123,11 @@ def main() -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print(json.dumps({"bench": "gpu_memory_check", "error": "no CUDA device: this check needs a GPU; "
-                                                              "nothing was measured"}))
+        print(
+            json.dumps(
+                {"bench": "gpu_memory_check", "error": "no CUDA device: this check needs a GPU; nothing was measured"}
+            )
+        )
         return 2
     if args.child:
         family, weights, offload, size, steps = args.child
@@ -134,8 +145,14 @@ def main() -> int:
         print(json.dumps(rows[-1]), file=sys.stderr)
     ok = {(r["weights"], r["offload"]): r for r in rows if "error" not in r}
     target = TARGET_GB.get(args.family)
-    result = {"bench": "gpu_memory_check", "family": args.family, "size": args.size, "steps": args.steps,
-              "device": torch.cuda.get_device_name(0), "rows": rows}
+    result = {
+        "bench": "gpu_memory_check",
+        "family": args.family,
+        "size": args.size,
+        "steps": args.steps,
+        "device": torch.cuda.get_device_name(0),
+        "rows": rows,
+    }
     base = ok.get(("bf16", "none"))
     frugal = ok.get(("fp8_e4m3fn", "blocks"))
     if target is not None:

@@ -30,6 +30,7 @@ checked against ``torch.utils.flop_counter`` on a meta-device copy (``flops_coun
 they agree within 0.02% for Large and Medium at 1024²).
 Without CUDA (and without ``--cpu-dry-run``) it exits with code 2 and says so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,12 +49,31 @@ RECIPES = {
 }
 CONFIG_FILES = {"large": "sd3.5-large-transformer.json", "medium": "sd3.5-medium-transformer.json"}
 #: Dense bf16 tensor-core peaks, TFLOP/s (no sparsity).
-PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "L40S": 362.0, "RTX 4090": 165.0, "A10": 125.0, "L4": 121.0}
+PEAK_TFLOPS = {
+    "A100": 312.0,
+    "H100": 989.0,
+    "H200": 989.0,
+    "H800": 989.0,
+    "L40S": 362.0,
+    "RTX 4090": 165.0,
+    "A10": 125.0,
+    "L4": 121.0,
+}
 #: Tiny stand-in for --cpu-dry-run.
 DRY_CONFIG = {
-    "sample_size": 8, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 2,
-    "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 32, "caption_projection_dim": 16,
-    "pooled_projection_dim": 16, "pos_embed_max_size": 32, "dual_attention_layers": [0], "qk_norm": "rms_norm",
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 2,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "caption_projection_dim": 16,
+    "pooled_projection_dim": 16,
+    "pos_embed_max_size": 32,
+    "dual_attention_layers": [0],
+    "qk_norm": "rms_norm",
 }
 
 
@@ -127,9 +147,12 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available() and not args.cpu_dry_run:
-        print("gpu_train_check: no CUDA device is visible (torch.cuda.is_available() is False, torch "
-              f"{torch.__version__}); run it on a machine with an NVIDIA GPU and a CUDA build of torch, "
-              "or pass --cpu-dry-run to check the code path on a tiny model", file=sys.stderr)
+        print(
+            "gpu_train_check: no CUDA device is visible (torch.cuda.is_available() is False, torch "
+            f"{torch.__version__}); run it on a machine with an NVIDIA GPU and a CUDA build of torch, "
+            "or pass --cpu-dry-run to check the code path on a tiny model",
+            file=sys.stderr,
+        )
         return 2
 
     from hairdiff_core.augment import AugmentSettings, MatteGrowth
@@ -190,10 +213,12 @@ def main(argv=None) -> int:
     transformer.train()
     trainer.pipe, trainer.transformer = pipe, transformer
     trainer.base_channels = transformer.pos_embed.proj.weight.detach()[:, :16].clone()
-    optimizer = trainer._optimizer([
-        {"params": groups["lora"], "weight_decay": cfg.weight_decay},
-        {"params": groups["proj"], "weight_decay": 0.0},
-    ])
+    optimizer = trainer._optimizer(
+        [
+            {"params": groups["lora"], "weight_decay": cfg.weight_decay},
+            {"params": groups["proj"], "weight_decay": 0.0},
+        ]
+    )
     trainer.model, trainer.optimizer = acc.prepare(transformer, optimizer)
     trainer.trainable_params = groups["lora"] + groups["proj"]
     trainer.gen = torch.Generator().manual_seed(0)

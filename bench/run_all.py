@@ -14,6 +14,7 @@ With ``--only``, the other benches' rows of an existing ``--out`` file are kept 
 
 Exit status 0 even when targets are missed (the JSON says which); 2 on bad arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,11 @@ FALLBACK_SHORT_ARGS = {
 PROJECT_TARGETS = {
     "bench_sampler": {"time_ratio": 1.02},
     "bench_node": {"node_over_direct": 1.02},
-    "bench_block": {"large_once_over_off_budget": 1.10, "large_per_step_over_off": 2.05,
-                    "large_mem_once_over_off": 1.05},
+    "bench_block": {
+        "large_once_over_off_budget": 1.10,
+        "large_per_step_over_off": 2.05,
+        "large_mem_once_over_off": 1.05,
+    },
     "gpu_attention_check": {"large_bias_over_grouped": {"min": 1.5}},
 }
 
@@ -72,7 +76,9 @@ def short_args(path: str) -> list[str]:
 
 
 def discover(only: set[str] | None, directory: str = HERE) -> list[str]:
-    names = sorted(f for f in os.listdir(directory) if f.endswith(".py") and (f.startswith("bench_") or f.startswith("gpu_")))
+    names = sorted(
+        f for f in os.listdir(directory) if f.endswith(".py") and (f.startswith("bench_") or f.startswith("gpu_"))
+    )
     paths = [os.path.join(directory, f) for f in names]
     if only:
         paths = [p for p in paths if _short(p) in only]
@@ -81,7 +87,7 @@ def discover(only: set[str] | None, directory: str = HERE) -> list[str]:
 
 def _short(path: str) -> str:
     name = os.path.splitext(os.path.basename(path))[0]
-    return name[len("bench_"):] if name.startswith("bench_") else name
+    return name[len("bench_") :] if name.startswith("bench_") else name
 
 
 def run_one(path: str, timeout: float) -> dict:
@@ -91,7 +97,9 @@ def run_one(path: str, timeout: float) -> dict:
     t0 = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), TQDM_DISABLE="1")
     try:
-        proc = subprocess.run([sys.executable, path, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+        proc = subprocess.run(
+            [sys.executable, path, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+        )
     except subprocess.TimeoutExpired:
         row.update(error=f"timed out after {timeout:.0f} s", seconds=round(time.perf_counter() - t0, 1))
         return row
@@ -105,7 +113,11 @@ def run_one(path: str, timeout: float) -> dict:
             continue
     if proc.returncode != 0 or not isinstance(result, dict):
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        row["error"] = f"exit {proc.returncode}" + (f": {' | '.join(tail)}" if tail else "") if proc.returncode else "no JSON line on stdout"
+        row["error"] = (
+            f"exit {proc.returncode}" + (f": {' | '.join(tail)}" if tail else "")
+            if proc.returncode
+            else "no JSON line on stdout"
+        )
         return row
     row["result"] = result
     return row
@@ -147,9 +159,12 @@ def environment() -> dict:
         pass
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(), "load_avg": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -162,7 +177,9 @@ def markdown(report: dict) -> str:
         for t in row["targets"]:
             bound = ("<= " if t["kind"] == "max" else ">= ") + str(t["target"])
             ok = {True: "yes", False: "**no**", None: t.get("note", "-")}[t["ok"]]
-            lines.append(f"| {row['bench']} | {t['metric']} ({t['source']}) | {t['value'] if t['value'] is not None else '-'} | {bound} | {ok} |")
+            lines.append(
+                f"| {row['bench']} | {t['metric']} ({t['source']}) | {t['value'] if t['value'] is not None else '-'} | {bound} | {ok} |"
+            )
     return "\n".join(lines)
 
 
@@ -190,8 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     report["benches"] = sorted(kept + report["benches"], key=lambda r: r["bench"])
     report["environment"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     checks = [t for r in report["benches"] for t in r["targets"]]
-    report["summary"] = {"targets": len(checks), "met": sum(t["ok"] is True for t in checks),
-                         "missed": sum(t["ok"] is False for t in checks), "not_measured": sum(t["ok"] is None for t in checks)}
+    report["summary"] = {
+        "targets": len(checks),
+        "met": sum(t["ok"] is True for t in checks),
+        "missed": sum(t["ok"] is False for t in checks),
+        "not_measured": sum(t["ok"] is None for t in checks),
+    }
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)

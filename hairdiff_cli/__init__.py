@@ -5,6 +5,7 @@ heavy imports (torch, diffusers) inside ``run`` so that ``hairdiff --help`` is i
 User errors (``HairDiffError``, a missing file) become one line on stderr and exit code 2,
 never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,12 +16,21 @@ import sys
 #: name -> (module, one-line help)
 COMMANDS = {
     "generate": ("hairdiff_cli.commands.generate", "redraw the hair of a photo from a sketch and a matte"),
-    "demo": ("hairdiff_cli.commands.demo", "the toy model redraws a synthetic portrait's hair from two sketches (--tiny: wiring check)"),
-    "prepare": ("hairdiff_cli.commands.prepare", "make a training set from photos and hair mattes (synthesised sketches)"),
+    "demo": (
+        "hairdiff_cli.commands.demo",
+        "the toy model redraws a synthetic portrait's hair from two sketches (--tiny: wiring check)",
+    ),
+    "prepare": (
+        "hairdiff_cli.commands.prepare",
+        "make a training set from photos and hair mattes (synthesised sketches)",
+    ),
     "eval": ("hairdiff_cli.commands.evaluate", "measure results on a dataset against the inpainting baseline"),
     "train": ("hairdiff_cli.train", "fine-tune a HairDiff adapter (LoRA + sketch channels)"),
     "comfy-run": ("hairdiff_cli.comfy_client", "run a workflow on a ComfyUI server through its HTTP API"),
-    "encode-prompt": ("hairdiff_cli.commands.encode_prompt", "encode a prompt with SD3's text encoders into a --prompt-embeds file"),
+    "encode-prompt": (
+        "hairdiff_cli.commands.encode_prompt",
+        "encode a prompt with SD3's text encoders into a --prompt-embeds file",
+    ),
 }
 
 EXIT_USER_ERROR = 2
@@ -83,4 +93,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hairdiff {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-

@@ -1,4 +1,5 @@
 """``python -m hairdiff_cli``: the ``hairdiff`` console script without installing it."""
+
 import sys
 
 from . import main

@@ -7,6 +7,7 @@ Uploads the photo, sketch and matte, writes their names into the graph's Load Im
 validation errors become one readable line per problem. Standard library only; it never
 imports ComfyUI.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,11 @@ def load_workflow(path: str | os.PathLike) -> dict[str, Any]:
             f"workflow {p} is in ComfyUI's UI format; comfy-run needs the API format "
             f"(workflows/api/, or in ComfyUI: Workflow > Export (API))"
         )
-    if not isinstance(graph, dict) or not graph or not all(isinstance(v, dict) and "class_type" in v for v in graph.values()):
+    if (
+        not isinstance(graph, dict)
+        or not graph
+        or not all(isinstance(v, dict) and "class_type" in v for v in graph.values())
+    ):
         raise InputError(f"workflow {p} is not an API-format ComfyUI graph ({{node_id: {{class_type, inputs}}}})")
     return graph
 
@@ -104,7 +109,9 @@ def apply_sets(graph: dict[str, Any], sets: list[str]) -> dict[str, Any]:
         target, eq, value = item.partition("=")
         ref, dot, name = target.rpartition(".")
         if not eq or not dot or not ref or not name:
-            raise InputError(f"--set {item!r}: expected NODE.INPUT=VALUE (NODE = id or title), e.g. 'HairDiff Sampler.steps=8'")
+            raise InputError(
+                f"--set {item!r}: expected NODE.INPUT=VALUE (NODE = id or title), e.g. 'HairDiff Sampler.steps=8'"
+            )
         nid = find_node(graph, ref)
         inputs = graph[nid].setdefault("inputs", {})
         if name not in inputs:
@@ -133,8 +140,10 @@ def format_validation_error(body: dict[str, Any], graph: dict[str, Any]) -> str:
             inp = (err.get("extra_info") or {}).get("input_name")
             where = f" input '{inp}'" if inp else ""
             detail = err.get("details") or ""
-            lines.append(f"{name}{where}: {err.get('message', err.get('type', 'error'))}"
-                         + (f" ({detail})" if detail and detail not in err.get("message", "") else ""))
+            lines.append(
+                f"{name}{where}: {err.get('message', err.get('type', 'error'))}"
+                + (f" ({detail})" if detail and detail not in err.get("message", "") else "")
+            )
     return "\n".join(lines) or json.dumps(body)[:2000]
 
 
@@ -151,7 +160,9 @@ class ComfyClient:
         self.timeout = timeout
         self.client_id = uuid.uuid4().hex
 
-    def _request(self, method: str, path: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+    def _request(
+        self, method: str, path: str, data: bytes | None = None, headers: dict | None = None
+    ) -> tuple[int, bytes]:
         req = urllib.request.Request(self.server + path, data=data, method=method, headers=headers or {})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
@@ -185,11 +196,14 @@ class ComfyClient:
             parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode())
         parts.append(
             f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{p.name}"\r\n'
-            f"Content-Type: {ctype}\r\n\r\n".encode() + p.read_bytes() + b"\r\n"
+            f"Content-Type: {ctype}\r\n\r\n".encode()
+            + p.read_bytes()
+            + b"\r\n"
         )
         parts.append(f"--{boundary}--\r\n".encode())
-        status, body = self._request("POST", "/upload/image", b"".join(parts),
-                                     {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        status, body = self._request(
+            "POST", "/upload/image", b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
         if status != 200:
             raise ComfyServerError(f"uploading {p} failed: HTTP {status}: {body[:300].decode(errors='replace')}")
         info = json.loads(body)
@@ -215,7 +229,7 @@ class ComfyClient:
         return body
 
     # -- progress ---------------------------------------------------------------------------
-    def open_progress(self) -> "_WebSocket | None":
+    def open_progress(self) -> _WebSocket | None:
         try:
             return _WebSocket.connect(self.server, f"/ws?clientId={self.client_id}", timeout=self.timeout)
         except (OSError, ComfyServerError) as exc:
@@ -231,7 +245,7 @@ class _WebSocket:
         self.buf = buffered
 
     @classmethod
-    def connect(cls, server: str, path: str, timeout: float) -> "_WebSocket":
+    def connect(cls, server: str, path: str, timeout: float) -> _WebSocket:
         url = urllib.parse.urlparse(server)
         if url.scheme != "http":
             raise ComfyServerError("websocket progress only over plain http")
@@ -281,7 +295,7 @@ class _WebSocket:
                     raise ConnectionError("websocket closed by the server")
                 if opcode == 1:
                     return json.loads(payload.decode())
-        except socket.timeout:
+        except TimeoutError:
             return None
 
     def close(self) -> None:
@@ -310,7 +324,9 @@ def prepare_graph(graph: dict[str, Any], uploaded: dict[str, str], sets: list[st
     return apply_sets(graph, sets)
 
 
-def follow(client: ComfyClient, prompt_id: str, ws: _WebSocket | None, timeout: float, poll: float = 0.5) -> dict[str, Any]:
+def follow(
+    client: ComfyClient, prompt_id: str, ws: _WebSocket | None, timeout: float, poll: float = 0.5
+) -> dict[str, Any]:
     """Wait for the prompt to finish, logging progress; return its history entry."""
     deadline = time.monotonic() + timeout
     last = None
@@ -348,8 +364,10 @@ def execution_error(entry: dict[str, Any]) -> str | None:
             # ComfyUI reports a custom node's exception by its module path
             # (/.../custom_nodes/pack.module.Class): the class name is what a user can read.
             kind_name = str(data.get("exception_type") or "error").rsplit(".", 1)[-1]
-            return (f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
-                    f"{kind_name}: {data.get('exception_message', '').strip()}")
+            return (
+                f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
+                f"{kind_name}: {data.get('exception_message', '').strip()}"
+            )
         if kind == "execution_interrupted":
             return "the workflow was interrupted (Cancel)"
     return "the workflow failed (see the ComfyUI console)"
@@ -371,22 +389,33 @@ def save_outputs(client: ComfyClient, entry: dict[str, Any], out_dir: Path) -> l
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI's address (default: %(default)s)")
-    parser.add_argument("--workflow", required=True, help="an API-format workflow, e.g. workflows/api/hairdiff_basic.json")
+    parser.add_argument(
+        "--workflow", required=True, help="an API-format workflow, e.g. workflows/api/hairdiff_basic.json"
+    )
     parser.add_argument("--image", help="the photo (uploaded into the Load Image node titled 'Photo')")
     parser.add_argument("--sketch", help="the sketch (into the node titled 'Sketch')")
-    parser.add_argument("--matte", help="the hair matte (into the node titled 'Matte'); not needed by matte-from-sketch workflows")
-    parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
-                        help="edit an input; NODE is a node id or title, VALUE JSON or text (repeatable), "
-                             "e.g. --set 'HairDiff Sampler.steps=8' --set 'Load HairDiff Model.base_model=checkpoints/sd3.5_medium.safetensors'")
+    parser.add_argument(
+        "--matte", help="the hair matte (into the node titled 'Matte'); not needed by matte-from-sketch workflows"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NODE.INPUT=VALUE",
+        help="edit an input; NODE is a node id or title, VALUE JSON or text (repeatable), "
+        "e.g. --set 'HairDiff Sampler.steps=8' --set 'Load HairDiff Model.base_model=checkpoints/sd3.5_medium.safetensors'",
+    )
     parser.add_argument("--out", required=True, help="folder for the downloaded images")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the result (default: %(default)s)")
+    parser.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds to wait for the result (default: %(default)s)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     graph = load_workflow(args.workflow)
     files = {role: getattr(args, "image" if role == "photo" else role) for role in ROLES}
     files = {role: path for role, path in files.items() if path}
-    for role, path in files.items():
+    for path in files.values():
         if not Path(path).is_file():
             raise FileNotFoundError(2, "no such file", path)
     prepare_graph(graph, {role: "x" for role in files}, args.set)  # errors before any upload

@@ -3,6 +3,7 @@
 Importing this package is cheap: heavy modules (torch, diffusers) are imported by the
 submodules that need them. This package never imports ComfyUI.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

@@ -27,6 +27,7 @@ Header (safetensors metadata: string values)
 onto a transformer with the same dims; SD3.5 Large and Large Turbo share dims, so either takes
 the other's adapter (a warning says so when the patch-embedding image channels differ).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 
 from .errors import AdapterFileError, AdapterMismatchError, ChannelCountError, HairDiffError, InputError
+from .loading import ARCH_KEYS
 from .lora import (
     DEFAULT_ADAPTER_NAME,
     LORA_KEY_PREFIX,
@@ -57,7 +59,6 @@ from .lora import (
     remove_lora,
     split_lora_state,
 )
-from .loading import ARCH_KEYS
 from .surgery import BASE_CHANNELS, input_channels, widen_input_channels
 
 logger = logging.getLogger(__name__)
@@ -126,8 +127,10 @@ def _family_name(family: str | None) -> str:
 def _describe(signature: Mapping[str, Any], family: str | None, digest: str) -> str:
     heads, head_dim = signature.get("num_attention_heads"), signature.get("attention_head_dim")
     inner = heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else "?"
-    return (f"{_family_name(family)} (num_layers={signature.get('num_layers')}, "
-            f"{heads} heads x {head_dim} = inner dim {inner}, hash {digest})")
+    return (
+        f"{_family_name(family)} (num_layers={signature.get('num_layers')}, "
+        f"{heads} heads x {head_dim} = inner dim {inner}, hash {digest})"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,8 +182,7 @@ def save_adapter(transformer, path: str | os.PathLike, **metadata: Any) -> None:
         raise InputError(f"adapter path must end in .safetensors, got {path.name}")
     clash = sorted(_RESERVED & set(metadata))
     if clash:
-        raise InputError(f"adapter metadata keys {clash} are reserved for HairDiff's own header fields; "
-                         f"rename them")
+        raise InputError(f"adapter metadata keys {clash} are reserved for HairDiff's own header fields; rename them")
     have = input_channels(transformer)
     if have <= BASE_CHANNELS:
         raise ChannelCountError(
@@ -200,8 +202,10 @@ def save_adapter(transformer, path: str | os.PathLike, **metadata: Any) -> None:
     if has_lora(transformer, DEFAULT_ADAPTER_NAME):
         config = transformer.peft_config[DEFAULT_ADAPTER_NAME]
         if config.rank_pattern or config.alpha_pattern or config.use_dora or config.use_rslora:
-            raise HairDiffError("the 'hairdiff' LoRA uses per-layer ranks/alphas, DoRA or rsLoRA, which the "
-                                "adapter format does not store; use add_lora() to create it")
+            raise HairDiffError(
+                "the 'hairdiff' LoRA uses per-layer ranks/alphas, DoRA or rsLoRA, which the "
+                "adapter format does not store; use add_lora() to create it"
+            )
         lora = lora_config_of(transformer, DEFAULT_ADAPTER_NAME)
         lora = {"rank": lora["rank"], "alpha": lora["alpha"], "targets": lora["targets"]}
         state = {k: v.to("cpu") for k, v in lora_state_dict(transformer, DEFAULT_ADAPTER_NAME).items()}
@@ -223,8 +227,13 @@ def save_adapter(transformer, path: str | os.PathLike, **metadata: Any) -> None:
     own.update(metadata)
     header[HEADER_KEY] = json.dumps(own, sort_keys=True, default=_jsonable)
     _atomic_save(tensors, path, header)
-    logger.info("saved HairDiff adapter %s (%d tensors, %s, LoRA %s)", path, len(tensors),
-                _family_name(family), "none" if lora is None else f"rank {lora['rank']}")
+    logger.info(
+        "saved HairDiff adapter %s (%d tensors, %s, LoRA %s)",
+        path,
+        len(tensors),
+        _family_name(family),
+        "none" if lora is None else f"rank {lora['rank']}",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,8 +255,9 @@ def _parse_header(header: Mapping[str, str], keys: list[str], path: Path) -> dic
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise AdapterFileError(f"{path.name}: the HairDiff header is not valid JSON ({exc}); the file is "
-                               f"damaged. Re-export the adapter.") from exc
+        raise AdapterFileError(
+            f"{path.name}: the HairDiff header is not valid JSON ({exc}); the file is damaged. Re-export the adapter."
+        ) from exc
     if not isinstance(meta, dict):
         raise AdapterFileError(f"{path.name}: the HairDiff header is not a JSON object; the file is damaged.")
     version = meta.get("format_version")
@@ -259,14 +269,22 @@ def _parse_header(header: Mapping[str, str], keys: list[str], path: Path) -> dic
             f"Update HairDiff."
         )
     base = meta.get("base")
-    if not isinstance(base, dict) or not isinstance(base.get("dims"), dict) \
-            or not isinstance(meta.get("in_channels"), int):
-        raise AdapterFileError(f"{path.name}: HairDiff header lacks 'base.dims' or 'in_channels'; "
-                               f"the file is damaged or was not written by save_adapter.")
+    if (
+        not isinstance(base, dict)
+        or not isinstance(base.get("dims"), dict)
+        or not isinstance(meta.get("in_channels"), int)
+    ):
+        raise AdapterFileError(
+            f"{path.name}: HairDiff header lacks 'base.dims' or 'in_channels'; "
+            f"the file is damaged or was not written by save_adapter."
+        )
     lora = meta.get("lora")
-    if lora is not None and not (isinstance(lora, dict) and isinstance(lora.get("rank"), int)
-                                 and isinstance(lora.get("alpha"), (int, float))
-                                 and isinstance(lora.get("targets"), list)):
+    if lora is not None and not (
+        isinstance(lora, dict)
+        and isinstance(lora.get("rank"), int)
+        and isinstance(lora.get("alpha"), (int, float))
+        and isinstance(lora.get("targets"), list)
+    ):
         raise AdapterFileError(f"{path.name}: HairDiff header 'lora' entry is malformed: {lora!r}")
     return meta
 
@@ -297,8 +315,9 @@ def _check_base(transformer, meta: Mapping[str, Any], path: Path) -> None:
     )
 
 
-def _patch_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], transformer,
-                   path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _patch_tensors(
+    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], transformer, path: Path
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     weight = tensors.get(PATCH_WEIGHT_KEY)
     bias = tensors.get(PATCH_BIAS_KEY)
     proj = transformer.pos_embed.proj
@@ -306,19 +325,22 @@ def _patch_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
     want = (inner, meta["in_channels"], kh, kw)
     if weight is None or tuple(weight.shape) != want:
         seen = "missing" if weight is None else f"shape {list(weight.shape)}"
-        raise AdapterFileError(f"{path.name}: tensor '{PATCH_WEIGHT_KEY}' is {seen}, expected {list(want)}; "
-                               f"the file is damaged or incomplete. Re-export the adapter.")
+        raise AdapterFileError(
+            f"{path.name}: tensor '{PATCH_WEIGHT_KEY}' is {seen}, expected {list(want)}; "
+            f"the file is damaged or incomplete. Re-export the adapter."
+        )
     if (proj.bias is None) != (bias is None) or (bias is not None and tuple(bias.shape) != (inner,)):
         seen = "missing" if bias is None else f"shape {list(bias.shape)}"
         raise AdapterFileError(f"{path.name}: tensor '{PATCH_BIAS_KEY}' is {seen}, expected [{inner}]")
     if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
-        raise AdapterFileError(f"{path.name}: the patch embedding holds NaN/inf values (a diverged training "
-                               f"run?); use an earlier checkpoint.")
+        raise AdapterFileError(
+            f"{path.name}: the patch embedding holds NaN/inf values (a diverged training "
+            f"run?); use an earlier checkpoint."
+        )
     return weight, bias
 
 
-def _warn_if_base_channels_differ(transformer, weight: torch.Tensor, bias: torch.Tensor | None,
-                                  path: Path) -> None:
+def _warn_if_base_channels_differ(transformer, weight: torch.Tensor, bias: torch.Tensor | None, path: Path) -> None:
     proj = transformer.pos_embed.proj
     n = BASE_CHANNELS
     mine_w = proj.weight.detach()[:, :n]
@@ -332,7 +354,9 @@ def _warn_if_base_channels_differ(transformer, weight: torch.Tensor, bias: torch
             "%s: the adapter's patch-embedding weights for the image latent (channels 0-%d, bias) differ from "
             "this model's (max abs diff %.3g): it was trained with those channels unfrozen, or on another "
             "checkpoint of the same shape (e.g. SD3.5 Large vs Large Turbo). Using the adapter's.",
-            path.name, n - 1, diff,
+            path.name,
+            n - 1,
+            diff,
         )
 
 
@@ -354,7 +378,9 @@ def load_adapter(transformer, path: str | os.PathLike, adapter_name: str = DEFAU
     if not_float:
         raise AdapterFileError(
             f"{p.name}: tensor(s) {not_float} are {tensors[not_float[0]].dtype}, not floating point; a HairDiff "
-            f"adapter stores float weights (fp32/bf16/fp16). Re-export it with save_adapter.", input="adapter")
+            f"adapter stores float weights (fp32/bf16/fp16). Re-export it with save_adapter.",
+            input="adapter",
+        )
     _check_base(transformer, meta, p)
     weight, bias = _patch_tensors(tensors, meta, transformer, p)
     have, want = input_channels(transformer), meta["in_channels"]
@@ -364,23 +390,26 @@ def load_adapter(transformer, path: str | os.PathLike, adapter_name: str = DEFAU
             f"load a stock SD3/SD3.5 transformer ({BASE_CHANNELS} channels)."
         )
     if is_fused(transformer):
-        raise HairDiffError("cannot load an adapter while a LoRA is fused into the weights; call "
-                            "lora.unfuse_lora() first")
+        raise HairDiffError(
+            "cannot load an adapter while a LoRA is fused into the weights; call lora.unfuse_lora() first"
+        )
     lora = meta.get("lora")
     lora_keys = {k: v for k, v in tensors.items() if k.startswith(LORA_KEY_PREFIX)}
-    own = {k[len(LORA_KEY_PREFIX):]: v for k, v in lora_keys.items() if not k.endswith(".alpha")}
+    own = {k[len(LORA_KEY_PREFIX) :]: v for k, v in lora_keys.items() if not k.endswith(".alpha")}
     if lora is None:
         if own:
-            raise AdapterFileError(f"{p.name} holds LoRA tensors but its header says it has no LoRA; "
-                                   f"the file is damaged.")
+            raise AdapterFileError(
+                f"{p.name} holds LoRA tensors but its header says it has no LoRA; the file is damaged."
+            )
     else:
         # Check the LoRA against this transformer before anything changes (the existing adapter of
         # that name is excluded from the expected layers only by name, so checking now is exact).
         check_lora_weights(transformer, own, rank=lora["rank"], targets=lora["targets"], source=p.name)
         modules, _ = split_lora_state(own)
         if not all(torch.isfinite(t).all() for pair in modules.values() for t in pair.values()):
-            raise AdapterFileError(f"{p.name}: the LoRA holds NaN/inf values (a diverged training run?); "
-                                   f"use an earlier checkpoint.")
+            raise AdapterFileError(
+                f"{p.name}: the LoRA holds NaN/inf values (a diverged training run?); use an earlier checkpoint."
+            )
 
     # -- from here on the model changes; nothing below depends on the file's validity --
     # An adapter trained with frozen image channels carries a copy of its base's channels 0-15
@@ -393,7 +422,9 @@ def load_adapter(transformer, path: str | os.PathLike, adapter_name: str = DEFAU
     proj = transformer.pos_embed.proj
     with torch.no_grad():
         if keep_base:
-            proj.weight[:, BASE_CHANNELS:].copy_(weight[:, BASE_CHANNELS:].to(device=proj.weight.device, dtype=proj.weight.dtype))
+            proj.weight[:, BASE_CHANNELS:].copy_(
+                weight[:, BASE_CHANNELS:].to(device=proj.weight.device, dtype=proj.weight.dtype)
+            )
         else:
             proj.weight.copy_(weight.to(device=proj.weight.device, dtype=proj.weight.dtype))
             if bias is not None:
@@ -402,12 +433,23 @@ def load_adapter(transformer, path: str | os.PathLike, adapter_name: str = DEFAU
         logger.info("replacing the LoRA '%s' already on the transformer with %s", adapter_name, p.name)
         remove_lora(transformer, adapter_name)
     if lora is not None:
-        apply_lora_weights(transformer, own, rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"],
-                           adapter_name=adapter_name, source=p.name)
+        apply_lora_weights(
+            transformer,
+            own,
+            rank=lora["rank"],
+            alpha=lora["alpha"],
+            targets=lora["targets"],
+            adapter_name=adapter_name,
+            source=p.name,
+        )
         for name, param in transformer.named_parameters():
             if f".{adapter_name}." in name and ".lora_" in name:
                 param.requires_grad_(False)
-    logger.info("loaded HairDiff adapter %s (%s, %d input channels, LoRA %s)", p.name,
-                _family_name(meta["base"].get("family")), want,
-                "none" if lora is None else f"rank {lora['rank']} alpha {lora['alpha']}")
+    logger.info(
+        "loaded HairDiff adapter %s (%s, %d input channels, LoRA %s)",
+        p.name,
+        _family_name(meta["base"].get("family")),
+        want,
+        "none" if lora is None else f"rank {lora['rank']} alpha {lora['alpha']}",
+    )
     return meta

@@ -26,6 +26,7 @@ left as it is (it shows only the real hair), and the target inside the grown reg
 itself, i.e. its own skin or background. ``p = 0`` returns the matte untouched and draws nothing
 from the generator: exactly the behaviour without growth.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,7 +66,9 @@ class MatteGrowth:
         if not 0.0 <= float(self.p) <= 1.0:
             raise ValueError(f"matte growth probability must be in [0, 1], got {self.p}")
         if not 0.0 <= self.min_dilate_px <= self.max_dilate_px or not 0.0 < self.blob_min_px <= self.blob_max_px:
-            raise ValueError("matte growth: need 0 <= min_dilate_px <= max_dilate_px and 0 < blob_min_px <= blob_max_px")
+            raise ValueError(
+                "matte growth: need 0 <= min_dilate_px <= max_dilate_px and 0 < blob_min_px <= blob_max_px"
+            )
 
     @property
     def draws(self) -> int:
@@ -81,7 +84,9 @@ class AugmentParams:
     jitter: torch.Tensor  # (B, 2) px, sketch only
 
 
-def sample_params(batch: int, height: int, width: int, settings: AugmentSettings, generator: torch.Generator | None = None) -> AugmentParams:
+def sample_params(
+    batch: int, height: int, width: int, settings: AugmentSettings, generator: torch.Generator | None = None
+) -> AugmentParams:
     """Draw one set of parameters per batch item (always the same number of draws, so the
     generator's stream does not depend on the mode)."""
     scale = math.sqrt(height * width) / REFERENCE_RESOLUTION
@@ -92,7 +97,9 @@ def sample_params(batch: int, height: int, width: int, settings: AugmentSettings
     return AugmentParams(flip=flip, angle=angle, translate=translate, jitter=jitter)
 
 
-def affine_matrices(params: AugmentParams, height: int, width: int, extra_translate: torch.Tensor | None = None) -> torch.Tensor:
+def affine_matrices(
+    params: AugmentParams, height: int, width: int, extra_translate: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, 2, 3) pixel-space matrices (kornia's ``align_corners=True`` convention):
     flip about the centre, rotate about the centre, then translate."""
     from kornia.geometry.transform import get_rotation_matrix2d
@@ -116,7 +123,9 @@ def _warp(x: torch.Tensor, matrices: torch.Tensor, padding_mode: str) -> torch.T
     from kornia.geometry.transform import warp_affine
 
     m = matrices.to(device=x.device, dtype=torch.float32)
-    out = warp_affine(x.float(), m, dsize=tuple(x.shape[-2:]), mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    out = warp_affine(
+        x.float(), m, dsize=tuple(x.shape[-2:]), mode="bilinear", padding_mode=padding_mode, align_corners=True
+    )
     return out.to(x.dtype)
 
 
@@ -163,7 +172,7 @@ def _dilate_disk(matte: torch.Tensor, radius: float) -> torch.Tensor:
     rc = radius / f
     k = int(math.ceil(rc))
     yy, xx = torch.meshgrid(torch.arange(-k, k + 1.0), torch.arange(-k, k + 1.0), indexing="ij")
-    kernel = ((yy ** 2 + xx ** 2) <= rc ** 2 + 1e-6).float().to(matte.device)
+    kernel = ((yy**2 + xx**2) <= rc**2 + 1e-6).float().to(matte.device)
     grown = dilation(coarse, kernel, engine="unfold")
     if f > 1:
         grown = grown.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1)[..., :h, :w]

@@ -8,6 +8,7 @@ and, where it helps, the fix; its ``input`` is the Python argument name.
 ``check_generate_settings`` is what ``HairDiffPipeline.generate`` and ``hairdiff generate/eval``
 run; ``parse_dtype`` is the one dtype-name map; ``check_device`` the one device check.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,9 @@ GENERATE_BOUNDS: dict[str, Bound] = {
     "feather_sigma": Bound("feather", lo=0.0, hi=1024.0, hint="feather sigma in px at 1024 px, default 10"),
     "context_margin": Bound("margin", lo=0.0, hi=16.0, hint="context around the matte, a fraction of its size"),
     "matte_threshold": Bound("matte threshold", lo=0.0, hi=0.999, hint="matte values above it are hair"),
-    "work_size": Bound("work size", integer=True, lo=16, hi=4096,
-                       hint="side of the working area in px, a multiple of 16; SD3.5: 1024"),
+    "work_size": Bound(
+        "work size", integer=True, lo=16, hi=4096, hint="side of the working area in px, a multiple of 16; SD3.5: 1024"
+    ),
 }
 
 
@@ -120,15 +122,23 @@ def check_generate_settings(**settings: Any) -> dict[str, Any]:
         out[name] = check_number(value, bound, input=name)
     ws = out.get("work_size")
     if ws is not None and ws % 16:
-        raise SettingsError(f"work size must be a multiple of 16, got {ws}; e.g. {max(16, round(ws / 16) * 16)}",
-                            input="work_size")
+        raise SettingsError(
+            f"work size must be a multiple of 16, got {ws}; e.g. {max(16, round(ws / 16) * 16)}", input="work_size"
+        )
     return out
 
 
 # -- dtype names ----------------------------------------------------------------------------
 #: The one map of precision names (CLI flags, node options, config files) to torch dtypes.
-DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-               "fp16": "float16", "float16": "float16", "half": "float16"}
+DTYPE_NAMES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+}
 
 
 def parse_dtype(value: Any, input: str = "dtype"):
@@ -138,8 +148,9 @@ def parse_dtype(value: Any, input: str = "dtype"):
     if isinstance(value, torch.dtype):
         if value in (torch.float32, torch.bfloat16, torch.float16):
             return value
-        raise SettingsError(f"dtype {value} is not a float precision HairDiff runs in; use fp32, bf16 or fp16",
-                            input=input)
+        raise SettingsError(
+            f"dtype {value} is not a float precision HairDiff runs in; use fp32, bf16 or fp16", input=input
+        )
     if isinstance(value, str) and value.lower() in DTYPE_NAMES:
         return getattr(torch, DTYPE_NAMES[value.lower()])
     raise SettingsError(f"unknown dtype {value!r}; use fp32, bf16 or fp16 (or a torch float dtype)", input=input)
@@ -161,13 +172,17 @@ def check_device(device: Any, input: str = "device"):
         raise SettingsError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps", input=input) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise SettingsError(f"device {device!r} asked for, but this torch sees no CUDA GPU "
-                                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
-                                f"use --device cpu or install a CUDA build of torch", input=input)
+            raise SettingsError(
+                f"device {device!r} asked for, but this torch sees no CUDA GPU "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+                f"use --device cpu or install a CUDA build of torch",
+                input=input,
+            )
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
-            raise SettingsError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}",
-                                input=input)
+            raise SettingsError(
+                f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}", input=input
+            )
     elif dev.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise SettingsError(f"device {device!r}: MPS is not available here; use --device cpu", input=input)

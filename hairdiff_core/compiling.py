@@ -19,6 +19,7 @@ through compiled blocks like any exception (the processor runs eagerly), and
 run their post-forward part for that pass (e.g. an offload hook's "move back" of the last
 block): hooks that must run should be pre-forward hooks, as block streaming's are.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,7 +29,9 @@ from .errors import InputError
 logger = logging.getLogger(__name__)
 
 
-def compile_blocks(transformer, *, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = None) -> int:
+def compile_blocks(
+    transformer, *, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = None
+) -> int:
     """Compile every transformer block in place (regional compilation); returns how many.
 
     Args:

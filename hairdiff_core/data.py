@@ -30,6 +30,7 @@ Photos and sketches are resized with antialiasing; the matte is resized the same
 re-binarised at 0.5, so it stays a hard matte whose feathering is done later, at the working
 resolution, by :func:`hairdiff_core.mask.soft_mask`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -198,8 +199,14 @@ def scan_dataset(root, skip_bad: bool = False) -> DatasetScan:
             scan.problems.extend(Problem(stem, p) for p in problems)
         else:
             scan.samples.append(
-                Sample(stem, paths["img"], paths["matte"], paths["sketch"], is_braid=stem in braid_set,
-                       size=sizes.get("img"))
+                Sample(
+                    stem,
+                    paths["img"],
+                    paths["matte"],
+                    paths["sketch"],
+                    is_braid=stem in braid_set,
+                    size=sizes.get("img"),
+                )
             )
     known = set(stems)
     for stem in braid:
@@ -218,7 +225,10 @@ def scan_dataset(root, skip_bad: bool = False) -> DatasetScan:
     if scan.problems:
         logger.warning(
             "skipping %d bad sample(s) of %d (%d problem(s)):\n%s",
-            len(scan.bad_stems), len(scan.bad_stems) + len(scan.samples), len(scan.problems), scan.report(),
+            len(scan.bad_stems),
+            len(scan.bad_stems) + len(scan.samples),
+            len(scan.problems),
+            scan.report(),
         )
     return scan
 
@@ -226,8 +236,9 @@ def scan_dataset(root, skip_bad: bool = False) -> DatasetScan:
 def check_resolution(resolution: int) -> int:
     from .checks import Bound, check_number
 
-    resolution = check_number(resolution, Bound("resolution", integer=True, lo=RESOLUTION_MULTIPLE, hi=4096),
-                              "resolution")
+    resolution = check_number(
+        resolution, Bound("resolution", integer=True, lo=RESOLUTION_MULTIPLE, hi=4096), "resolution"
+    )
     if resolution < RESOLUTION_MULTIPLE or resolution % RESOLUTION_MULTIPLE:
         lower = max(RESOLUTION_MULTIPLE, resolution // RESOLUTION_MULTIPLE * RESOLUTION_MULTIPLE)
         raise InputError(

@@ -4,6 +4,7 @@ The pipeline's keyword defaults, the CLI flags, the ComfyUI sampler node, evalua
 training all read :data:`DEFAULTS`, so that "28 steps, shift 3.0, feather 10 px at 1024" cannot
 drift apart between the entry points.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -4,6 +4,7 @@ Every error a user can cause subclasses ``HairDiffError`` (a ``ValueError``), so
 (the CLI, a ComfyUI node) can turn it into one readable line without catching bugs as well.
 Messages name what was wrong, both sides of a mismatch, and the fix.
 """
+
 from __future__ import annotations
 
 

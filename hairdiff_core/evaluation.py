@@ -13,6 +13,7 @@ asked for: ``harmony`` (one more generation per colour gain: the photo under a w
 gain, same seed; reports ``harmony_<gain>``) and ``leakage`` (one more generation from a copy of
 the photo whose hair region is filled; reports ``leak_color``/``leak_edges``).
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,9 +21,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -98,7 +100,7 @@ def make_settings(
     for method in dict.fromkeys(methods):
         refs = dict.fromkeys(references) if method == "joint" else ("off",)
         for ref in refs:
-            for noise in (("auto",) if ref == "off" else dict.fromkeys(reference_noises or ("auto",))):
+            for noise in ("auto",) if ref == "off" else dict.fromkeys(reference_noises or ("auto",)):
                 s = EvalSetting(method, ref, noise)
                 if s not in settings:
                     settings.append(s)
@@ -146,8 +148,14 @@ class EvalOptions:
 
         # The checks and messages of generate itself, before any sample runs.
         checked = check_generate_settings(
-            steps=self.steps, seed=self.seed, cfg=self.cfg, shift=self.shift, strength=self.strength,
-            work_size=self.work_size, feather_sigma=self.feather_sigma, context_margin=self.context_margin,
+            steps=self.steps,
+            seed=self.seed,
+            cfg=self.cfg,
+            shift=self.shift,
+            strength=self.strength,
+            work_size=self.work_size,
+            feather_sigma=self.feather_sigma,
+            context_margin=self.context_margin,
         )
         for name, value in checked.items():
             setattr(self, name, value)
@@ -182,7 +190,12 @@ def as_eval_sample(item, resolution: int | None = None, index: int = 0, crop: st
         missing = [k for k in ("image", "sketch", "matte") if k not in item]
         if missing:
             raise InputError(f"sample {stem} lacks {missing}; give image, sketch and matte tensors")
-        return EvalSample(stem, _batch1(item["image"], "image", stem), _batch1(item["sketch"], "sketch", stem), _batch1(item["matte"], "matte", stem))
+        return EvalSample(
+            stem,
+            _batch1(item["image"], "image", stem),
+            _batch1(item["sketch"], "sketch", stem),
+            _batch1(item["matte"], "matte", stem),
+        )
     from .data import load_sample
 
     loaded = load_sample(item, resolution, crop)
@@ -289,7 +302,10 @@ class EvalReport:
                 writer.writerow({k: _csv_value(row.get(k, "")) for k in self.columns})
         atomic_write_text(paths["summary"], self.markdown())
         js = {
-            label: {m: {"mean": _json_num(st.mean), "std": _json_num(st.std), "n": st.n, "n_inf": st.n_inf} for m, st in stats.items()}
+            label: {
+                m: {"mean": _json_num(st.mean), "std": _json_num(st.std), "n": st.n, "n_inf": st.n_inf}
+                for m, st in stats.items()
+            }
             for label, stats in self.summary().items()
         }
         atomic_write_text(paths["json"], json.dumps(js, indent=2))
@@ -387,8 +403,14 @@ def evaluate_samples(
     was_training = bool(getattr(transformer, "training", False))
     count = 0
     gen_kwargs = dict(
-        steps=int(options.steps), seed=int(options.seed), cfg=options.cfg, shift=options.shift, strength=options.strength,
-        work_size=options.work_size, feather_sigma=options.feather_sigma, context_margin=options.context_margin,
+        steps=int(options.steps),
+        seed=int(options.seed),
+        cfg=options.cfg,
+        shift=options.shift,
+        strength=options.strength,
+        work_size=options.work_size,
+        feather_sigma=options.feather_sigma,
+        context_margin=options.context_margin,
         **options.generate_kwargs,
     )
     try:
@@ -416,8 +438,12 @@ def evaluate_samples(
                 scores = score_result(result, image, sketch, matte, options.edge_threshold)
                 eval_s = time.perf_counter() - t0
                 row: dict[str, Any] = {
-                    "sample": sample.stem, "setting": setting.label, "method": setting.method,
-                    "reference": setting.reference, "seed": options.seed, "steps": options.steps,
+                    "sample": sample.stem,
+                    "setting": setting.label,
+                    "method": setting.method,
+                    "reference": setting.reference,
+                    "seed": options.seed,
+                    "steps": options.steps,
                     "reference_noise": "" if kw["reference"] is None else kw["reference"].noise,
                 }
                 row.update({k: float(v[0]) for k, v in scores.items()})
@@ -483,8 +509,12 @@ def shard_samples(samples: Sequence, rank: int, world: int) -> list:
     return list(samples)[rank::world]
 
 
-def merge_reports(settings: Sequence[EvalSetting], rows_per_process: Sequence[list[dict]], stems: Sequence[str],
-                  options: EvalOptions | None = None) -> EvalReport:
+def merge_reports(
+    settings: Sequence[EvalSetting],
+    rows_per_process: Sequence[list[dict]],
+    stems: Sequence[str],
+    options: EvalOptions | None = None,
+) -> EvalReport:
     """One report from the rows of every process, in the dataset's sample order and the
     settings' order (the same rows a single process would have produced)."""
     order = {stem: i for i, stem in enumerate(stems)}

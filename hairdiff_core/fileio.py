@@ -9,6 +9,7 @@ file, and concurrent writers of one path each leave a complete file (the last re
 Temporary names are ``.<name>.hd<pid>-<random>.tmp``; a temporary file left by a killed
 process (its pid no longer runs) is removed the next time the same target is written.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,8 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import OutputPathError
 
@@ -58,7 +59,7 @@ def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
     except OSError:
         return removed
     for tmp in candidates:
-        pid_text = tmp.name[len(prefix):].split("-", 1)[0]
+        pid_text = tmp.name[len(prefix) :].split("-", 1)[0]
         if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
             continue
         try:
@@ -84,8 +85,10 @@ def check_writable_file(path: str | os.PathLike, what: str = "output") -> Path:
         raise OutputPathError(f"the {what} path is empty; give a file name such as result.png", input=what)
     p = Path(path).expanduser()
     if p.is_dir():
-        raise OutputPathError(f"the {what} path {p} is an existing folder; give a file name inside it "
-                              f"(e.g. {p / 'result.png'})", input=what)
+        raise OutputPathError(
+            f"the {what} path {p} is an existing folder; give a file name inside it (e.g. {p / 'result.png'})",
+            input=what,
+        )
     _check_parent(p, what)
     return p
 
@@ -97,8 +100,10 @@ def check_writable_folder(path: str | os.PathLike, what: str = "output") -> Path
         raise OutputPathError(f"the {what} folder is empty; give a folder name", input=what)
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
-        raise OutputPathError(f"the {what} folder {p} is an existing file, not a folder; choose another "
-                              f"name or remove the file", input=what)
+        raise OutputPathError(
+            f"the {what} folder {p} is an existing file, not a folder; choose another name or remove the file",
+            input=what,
+        )
     if p.is_dir():
         if not os.access(p, os.W_OK | os.X_OK):
             raise OutputPathError(f"the {what} folder {p} is not writable; choose another folder", input=what)

@@ -4,6 +4,7 @@ x_sigma = (1 - sigma) * x0 + sigma * eps. HairDiff gives every latent pixel its 
 sigma * m (m the latent-grid soft mask): x_in = (1 - m) * x0 + m * x_sigma. The transformer is
 always told the *global* sigma, as ``timestep = sigma * 1000`` (diffusers' convention).
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ displayed orientation (EXIF). Results are written 8 bits per channel in the form
 suffix: a 16-bit or float photo comes back quantised to 8 bits (its background equal to the
 photo's within half a level, 1/510).
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,16 +49,21 @@ def _read_pixels(im) -> np.ndarray:
     if mode == "I":
         arr = np.asarray(im).astype(np.float64)
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
-            raise InputError(f"32-bit integer image with values {arr.min():.0f}..{arr.max():.0f}: HairDiff reads "
-                             f"integer images as 16-bit (0..65535); save it as an 8- or 16-bit PNG")
+            raise InputError(
+                f"32-bit integer image with values {arr.min():.0f}..{arr.max():.0f}: HairDiff reads "
+                f"integer images as 16-bit (0..65535); save it as an 8- or 16-bit PNG"
+            )
         return (arr / 65535.0).astype(np.float32)
     if mode == "F":
         arr = np.asarray(im, dtype=np.float32)
         if not np.isfinite(arr).all():
             raise InputError("float image holds NaN or inf pixels; save it again without them")
         if arr.size and (arr.min() < -1e-3 or arr.max() > 1 + 1e-3):
-            logger.warning("float image has values %.3g..%.3g; HairDiff reads float images as 0..1 and clips the rest",
-                           arr.min(), arr.max())
+            logger.warning(
+                "float image has values %.3g..%.3g; HairDiff reads float images as 0..1 and clips the rest",
+                arr.min(),
+                arr.max(),
+            )
         return np.clip(arr, 0.0, 1.0)
     if mode in ("P", "PA"):
         im = im.convert("RGBA" if "transparency" in im.info or mode == "PA" else "RGB")
@@ -113,8 +119,10 @@ def load_image(path, mode: str | None = None) -> torch.Tensor:
             if mode is not None:
                 arr = _force_mode(arr, mode)
     except Image.DecompressionBombError as exc:
-        raise InputError(f"cannot read image {path}: it is larger than PIL's safety limit of "
-                         f"{Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb?); downscale it first") from exc
+        raise InputError(
+            f"cannot read image {path}: it is larger than PIL's safety limit of "
+            f"{Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb?); downscale it first"
+        ) from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from exc
     if arr.ndim == 2:
@@ -140,7 +148,9 @@ def image_format(path) -> tuple[str, dict]:
     if suffix not in IMAGE_FORMATS:
         raise OutputPathError(
             f"cannot write {Path(path).name!s}: unknown image suffix {suffix or '(none)'!r}; use one of "
-            f"{', '.join(IMAGE_FORMATS)}", input="out")
+            f"{', '.join(IMAGE_FORMATS)}",
+            input="out",
+        )
     return IMAGE_FORMATS[suffix]
 
 
@@ -157,8 +167,11 @@ def check_output_image(path, inputs=(), what: str = "output") -> Path:
         except OSError:
             same = False
         if same or p.resolve() == Path(other).expanduser().resolve():
-            raise OutputPathError(f"the {what} {p} is also an input ({other}); HairDiff never overwrites its "
-                                  f"inputs: choose another output name", input=what)
+            raise OutputPathError(
+                f"the {what} {p} is also an input ({other}); HairDiff never overwrites its "
+                f"inputs: choose another output name",
+                input=what,
+            )
     return p
 
 

@@ -4,6 +4,7 @@ Masks, losses, metrics, sketch synthesis and the nodes all filter images; each o
 here once so that "the same blur" is the same code (and the same numbers) everywhere.
 All take and return NCHW float tensors.
 """
+
 from __future__ import annotations
 
 import math
@@ -137,8 +138,9 @@ def _blur_axis(x: torch.Tensor, k: list[float], radius: int, axis: int) -> torch
 ASPECT_TOLERANCE = 0.01
 
 
-def resize_same_aspect(x: torch.Tensor, size: tuple[int, int], what: str, ref: str = "photo",
-                       mode: str = "bilinear") -> torch.Tensor:
+def resize_same_aspect(
+    x: torch.Tensor, size: tuple[int, int], what: str, ref: str = "photo", mode: str = "bilinear"
+) -> torch.Tensor:
     """Resize ``x`` (B, C, h, w) to ``size`` = (H, W) when the aspect ratios agree within 1%.
 
     A sketch or matte drawn at another resolution of the same canvas is resized; one of another

@@ -8,6 +8,7 @@ tensor shapes alone, so every diffusers call gets a local config folder and
 
 Only safetensors are read (never pickles: unpickling a user file can run code).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -99,10 +100,16 @@ _LAYOUTS: dict[str, dict[str, str]] = {
 # Top-level module names of the transformer per layout: a prefix-less file may bundle other
 # models (VAE, text encoders) whose keys must not reach the converter.
 _TRANSFORMER_ROOTS = {
-    "original": {"pos_embed", "x_embedder", "t_embedder", "y_embedder", "context_embedder",
-                 "joint_blocks", "final_layer"},
-    "diffusers": {"pos_embed", "time_text_embed", "context_embedder", "transformer_blocks",
-                  "norm_out", "proj_out"},
+    "original": {
+        "pos_embed",
+        "x_embedder",
+        "t_embedder",
+        "y_embedder",
+        "context_embedder",
+        "joint_blocks",
+        "final_layer",
+    },
+    "diffusers": {"pos_embed", "time_text_embed", "context_embedder", "transformer_blocks", "norm_out", "proj_out"},
 }
 _TRANSFORMER_PREFIX_PREFERENCE = ("model.diffusion_model.", "diffusion_model.", "", "transformer.")
 
@@ -218,9 +225,7 @@ def _unknown(shapes: Mapping[str, Any], what: str, source: str | None) -> ModelL
     keys = sorted(shapes)
     where = f" in {source}" if source else ""
     sample = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
-    return ModelLoadError(
-        f"no {what} found{where}: it has {len(keys)} tensors ({sample or 'none'}).{_what_else(keys)}"
-    )
+    return ModelLoadError(f"no {what} found{where}: it has {len(keys)} tensors ({sample or 'none'}).{_what_else(keys)}")
 
 
 def _format_layers(layers: tuple[int, ...]) -> str:
@@ -251,8 +256,9 @@ def identify_transformer(
     shapes = {k: _shape(v) for k, v in state_dict_or_shapes.items()}
     view = _transformer_view(shapes)
     if view is None:
-        raise _unknown(shapes, "SD3/SD3.5 transformer (no 'x_embedder.proj.weight' nor "
-                       "'pos_embed.proj.weight' tensor)", source)
+        raise _unknown(
+            shapes, "SD3/SD3.5 transformer (no 'x_embedder.proj.weight' nor 'pos_embed.proj.weight' tensor)", source
+        )
     layout, prefix = view
     names = _LAYOUTS[layout]
     own = _strip(shapes, prefix)
@@ -276,19 +282,14 @@ def identify_transformer(
     pos_rows = need("pos", 3)[1]
     pos_max = math.isqrt(pos_rows)
     if pos_max * pos_max != pos_rows:
-        raise ModelLoadError(
-            f"SD3 transformer{where}: position table has {pos_rows} rows, not a square number"
-        )
+        raise ModelLoadError(f"SD3 transformer{where}: position table has {pos_rows} rows, not a square number")
     caption_dim, joint_dim = need("context", 2)
     pooled_dim = need("pooled", 2)[1]
     out_channels = need("final", 2)[0] // (patch * patch)
     block_re, attn2_re = re.compile(names["block"]), re.compile(names["attn2"])
     blocks = {int(m.group(1)) for k in own if (m := block_re.match(k))}
     if not blocks or blocks != set(range(max(blocks) + 1)):
-        raise ModelLoadError(
-            f"SD3 transformer{where}: block indices {sorted(blocks)} are not 0..N-1 "
-            f"(partial file?)"
-        )
+        raise ModelLoadError(f"SD3 transformer{where}: block indices {sorted(blocks)} are not 0..N-1 (partial file?)")
     dual = tuple(sorted({int(m.group(1)) for k in own if (m := attn2_re.match(k))}))
     ln_q = own.get(names["ln_q"])
     head_dim = ln_q[0] if ln_q else _DEFAULT_HEAD_DIM
@@ -336,17 +337,14 @@ def describe_transformer(family: str, config: Mapping[str, Any]) -> str:
         parts.append("or Large Turbo: same shapes; a name containing 'turbo' selects Turbo")
     if family == "custom":
         parts.append(
-            f"{config['num_attention_heads']}x{config['attention_head_dim']} heads, "
-            "config derived from shapes"
+            f"{config['num_attention_heads']}x{config['attention_head_dim']} heads, config derived from shapes"
         )
     return f"{FAMILY_NAMES[family]} transformer ({', '.join(parts)})"
 
 
 def _vae_view(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, str] | None:
     prefixes = [
-        p
-        for p in _prefixes_of(list(shapes), "encoder.conv_in.weight")
-        if p + "decoder.conv_in.weight" in shapes
+        p for p in _prefixes_of(list(shapes), "encoder.conv_in.weight") if p + "decoder.conv_in.weight" in shapes
     ]
     if not prefixes:
         return None
@@ -358,9 +356,7 @@ def _vae_view(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, str] | None:
     return None
 
 
-def identify_vae(
-    state_dict_or_shapes: Mapping[str, Any], *, source: str | None = None
-) -> tuple[str, dict[str, Any]]:
+def identify_vae(state_dict_or_shapes: Mapping[str, Any], *, source: str | None = None) -> tuple[str, dict[str, Any]]:
     """Recognise the SD3/SD3.5 VAE ("sd3") or the tiny VAE ("tiny") from shapes.
 
     Accepts the original LDM layout (``encoder.down.0.block.0...``, also under
@@ -398,9 +394,7 @@ def identify_vae(
             and has_quant == config["use_quant_conv"]
         ):
             return kind, config
-    hint = (
-        " A 4-channel VAE belongs to SD1.x/SDXL, not SD3." if latent == 4 else ""
-    )
+    hint = " A 4-channel VAE belongs to SD1.x/SDXL, not SD3." if latent == 4 else ""
     raise ModelLoadError(
         f"VAE{where} is not the SD3/SD3.5 VAE: it has {seen}; SD3/SD3.5 needs 16 latent "
         f"channels, block channels [128, 256, 512, 512], 2 layers per block, no quant_conv.{hint} "
@@ -676,9 +670,7 @@ def _build_single_file(cls, state, config, dtype: torch.dtype, what: str):
             raise ModelLoadError(f"cannot build {what}: {type(e).__name__}: {e}") from e
 
 
-def _inspect_transformer_file(
-    path: Path, shapes: Mapping[str, tuple[int, ...]]
-) -> tuple[str, dict[str, Any]]:
+def _inspect_transformer_file(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, dict[str, Any]]:
     return identify_transformer(shapes, name_hint=path.name, source=str(path))
 
 
@@ -708,8 +700,7 @@ def _load_transformer_file(
 
     layout, prefix = _transformer_view(shapes)  # type: ignore[misc]  # identify succeeded
     roots = _TRANSFORMER_ROOTS[layout]
-    keys = {k[len(prefix):]: k for k in shapes
-            if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] in roots}
+    keys = {k[len(prefix) :]: k for k in shapes if k.startswith(prefix) and k[len(prefix) :].split(".", 1)[0] in roots}
     fp8 = float8_info(shapes, read_dtypes(path), path, prefix)
     weights = resolve_file_weights(weights, fp8, dtype)
     storage = storage_dtype(weights, dtype)
@@ -719,9 +710,14 @@ def _load_transformer_file(
         state = _read_transformer_state(path, keys, layout, dtype, storage)
         model = _build_direct(state, layout, config, what)
         if fp8 is not None:
-            logger.info("%s: %d %s weights%s dequantised layer by layer into %s", path.name, fp8.tensors,
-                        "scaled fp8 (ComfyUI fp8_scaled)" if fp8.scaled else "plain fp8",
-                        "" if fp8.marker or not fp8.scaled else " (no scaled_fp8 marker)", weights)
+            logger.info(
+                "%s: %d %s weights%s dequantised layer by layer into %s",
+                path.name,
+                fp8.tensors,
+                "scaled fp8 (ComfyUI fp8_scaled)" if fp8.scaled else "plain fp8",
+                "" if fp8.marker or not fp8.scaled else " (no scaled_fp8 marker)",
+                weights,
+            )
     else:
         model = _build_single_file(SD3Transformer2DModel, _read_tensors(path, keys), config, dtype, what)
     _ensure_loaded(model, str(path))
@@ -771,15 +767,20 @@ def _load_transformer_gguf(path: Path, family: str, config: dict[str, Any], dtyp
         try:
             with _quiet_dtype_casts():
                 model = SD3Transformer2DModel.from_single_file(
-                    str(path), config=cfg, local_files_only=True, torch_dtype=dtype,
+                    str(path),
+                    config=cfg,
+                    local_files_only=True,
+                    torch_dtype=dtype,
                     quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
                 )
         except (KeyError, RuntimeError, ValueError) as e:
-            raise ModelLoadError(f"cannot build the {FAMILY_NAMES[family]} transformer from {path} (GGUF): "
-                                 f"{type(e).__name__}: {e}") from e
+            raise ModelLoadError(
+                f"cannot build the {FAMILY_NAMES[family]} transformer from {path} (GGUF): {type(e).__name__}: {e}"
+            ) from e
     _ensure_loaded(model, str(path))
-    logger.info("recognised %s in %s (GGUF, dequantised per layer in %s)", describe_transformer(family, config),
-                path, dtype)
+    logger.info(
+        "recognised %s in %s (GGUF, dequantised per layer in %s)", describe_transformer(family, config), path, dtype
+    )
     return model
 
 
@@ -813,8 +814,7 @@ def _inspect_transformer_folder(folder: Path) -> tuple[str, dict[str, Any]]:
     cls_name = _folder_class(folder)
     if cls_name not in (None, "SD3Transformer2DModel"):
         raise ModelLoadError(
-            f"{folder} holds a {cls_name}, not an SD3Transformer2DModel; HairDiff needs an SD3/SD3.5 "
-            f"transformer"
+            f"{folder} holds a {cls_name}, not an SD3Transformer2DModel; HairDiff needs an SD3/SD3.5 transformer"
         )
     shapes: dict[str, tuple[int, ...]] = {}
     for weights in _safetensors_in(folder, "transformer"):
@@ -825,8 +825,9 @@ def _inspect_transformer_folder(folder: Path) -> tuple[str, dict[str, Any]]:
     return identify_transformer(shapes, name_hint=hint, source=str(folder))
 
 
-def _load_transformer_folder(folder: Path, family: str, config: dict[str, Any], dtype: torch.dtype,
-                             weights: str = "auto"):
+def _load_transformer_folder(
+    folder: Path, family: str, config: dict[str, Any], dtype: torch.dtype, weights: str = "auto"
+):
     from diffusers import SD3Transformer2DModel
 
     try:
@@ -838,9 +839,7 @@ def _load_transformer_folder(folder: Path, family: str, config: dict[str, Any], 
             in_channels=config["in_channels"],
         )
     except (OSError, RuntimeError, ValueError) as e:
-        raise ModelLoadError(
-            f"cannot load the transformer folder {folder}: {type(e).__name__}: {e}"
-        ) from e
+        raise ModelLoadError(f"cannot load the transformer folder {folder}: {type(e).__name__}: {e}") from e
     _ensure_loaded(model, str(folder))
     from .memory import apply_weights
 
@@ -886,10 +885,12 @@ def _load_vae_file(path: Path, shapes: Mapping[str, tuple[int, ...]], dtype: tor
 
     kind, config = identify_vae(shapes, source=str(path))
     layout, prefix = _vae_view(shapes)  # type: ignore[misc]  # identify succeeded
-    state = _read_tensors(path, {k[len(prefix):]: k for k in shapes if k.startswith(prefix)})
+    state = _read_tensors(path, {k[len(prefix) :]: k for k in shapes if k.startswith(prefix)})
     if prefix == "":
         # A bare VAE file's keys all belong to the VAE; anything else would confuse the converter.
-        state = {k: v for k, v in state.items() if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}
+        state = {
+            k: v for k, v in state.items() if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
+        }
     vae = _build_single_file(AutoencoderKL, state, config, dtype, f"the VAE from {path} ({layout} layout)")
     _ensure_loaded(vae, str(path))
     where = f" (under '{prefix}')" if prefix else ""
@@ -908,9 +909,7 @@ def _load_vae_folder(folder: Path, dtype: torch.dtype):
         shapes.update(read_shapes(weights))
     kind, _ = identify_vae(shapes, source=str(folder))
     try:
-        vae = AutoencoderKL.from_pretrained(
-            str(folder), torch_dtype=dtype, local_files_only=True, use_safetensors=True
-        )
+        vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, use_safetensors=True)
     except (OSError, RuntimeError, ValueError) as e:
         raise ModelLoadError(f"cannot load the VAE folder {folder}: {type(e).__name__}: {e}") from e
     _ensure_loaded(vae, str(folder))
@@ -918,9 +917,7 @@ def _load_vae_folder(folder: Path, dtype: torch.dtype):
     return vae
 
 
-def load_vae(
-    path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-):
+def load_vae(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load the SD3 VAE from a diffusers ``vae/`` folder, a pipeline folder (its ``vae/``), or a
     ``.safetensors`` file (LDM or diffusers layout, bare or under ``first_stage_model.``)."""
     p = _check_path(path, "VAE")
@@ -928,9 +925,7 @@ def load_vae(
         if not (p / "config.json").is_file() and (p / "vae" / "config.json").is_file():
             p = p / "vae"
         if not (p / "config.json").is_file():
-            raise ModelLoadError(
-                f"{p} is not a diffusers VAE folder (no config.json, no vae/config.json)"
-            )
+            raise ModelLoadError(f"{p} is not a diffusers VAE folder (no config.json, no vae/config.json)")
         vae = _load_vae_folder(p, dtype)
     else:
         vae = _load_vae_file(p, read_shapes(p), dtype)
@@ -973,7 +968,9 @@ def load_models(
         name = "toy" if toy else "tiny"
         if model is not None or vae is not None or (toy and tiny):
             others = "model, vae or tiny" if toy else "model or vae"
-            raise ModelLoadError(f"{name}=True uses the built-in {name} transformer and VAE; do not pass {others} with it")
+            raise ModelLoadError(
+                f"{name}=True uses the built-in {name} transformer and VAE; do not pass {others} with it"
+            )
         if toy:
             from .toy import load_toy_transformer as build_transformer
             from .toy import load_toy_vae as build_vae
@@ -986,8 +983,9 @@ def load_models(
             source = "built-in tiny model (hairdiff_core.tiny)"
         transformer = _finish(build_transformer(), dtype, device)
         apply_weights(transformer, weights, dtype)
-        return LoadedModels(transformer=transformer, vae=_finish(build_vae(), vae_dtype, device), family=name,
-                            source=source)
+        return LoadedModels(
+            transformer=transformer, vae=_finish(build_vae(), vae_dtype, device), family=name, source=source
+        )
     if model is None:
         raise ModelLoadError(
             "no model given: pass an SD3/SD3.5 diffusers folder or a .safetensors checkpoint "

@@ -14,6 +14,7 @@ Fusing merges ``W += scale * (alpha/rank) * B @ A`` into the base weights; unfus
 the same product again, which is exact up to float rounding (~1e-7 in float32, visibly lossy in
 bfloat16), so keep an unfused copy if bit-exact outputs matter.
 """
+
 from __future__ import annotations
 
 import json
@@ -129,9 +130,7 @@ def _require_adapter(transformer: torch.nn.Module, adapter_name: str, verb: str)
 
 def _require_unfused(transformer: torch.nn.Module, action: str) -> None:
     if is_fused(transformer):
-        raise HairDiffError(
-            f"cannot {action} while a LoRA is fused into the base weights; call unfuse_lora() first"
-        )
+        raise HairDiffError(f"cannot {action} while a LoRA is fused into the base weights; call unfuse_lora() first")
 
 
 def _target_modules(transformer: torch.nn.Module, targets: Iterable[str], strict: bool = False) -> list[str]:
@@ -152,8 +151,10 @@ def _target_modules(transformer: torch.nn.Module, targets: Iterable[str], strict
             continue
         elif isinstance(base, torch.nn.Module) and any(True for _ in base.parameters(recurse=False)):
             # A LoRA on e.g. pos_embed.proj would hide the widened patch conv from the adapter file.
-            raise InputError(f"LoRA target {name} is a {type(base).__name__}; HairDiff LoRAs adapt Linear "
-                             f"layers only (attention projections such as {list(DEFAULT_LORA_TARGETS)})")
+            raise InputError(
+                f"LoRA target {name} is a {type(base).__name__}; HairDiff LoRAs adapt Linear "
+                f"layers only (attention projections such as {list(DEFAULT_LORA_TARGETS)})"
+            )
     return found
 
 
@@ -187,11 +188,13 @@ def _validate_lora_args(rank: Any, alpha: Any, targets: Any, adapter_name: Any) 
         targets = [targets]
     targets = [str(t) for t in targets]
     if not targets or any(not t for t in targets):
-        raise InputError(f"LoRA targets must be non-empty module names such as {list(DEFAULT_LORA_TARGETS)}, "
-                         f"got {targets!r}")
+        raise InputError(
+            f"LoRA targets must be non-empty module names such as {list(DEFAULT_LORA_TARGETS)}, got {targets!r}"
+        )
     if not isinstance(adapter_name, str) or not _ADAPTER_NAME_RE.match(adapter_name):
-        raise InputError(f"adapter name must be letters, digits and '_' (peft stores it as a module name), "
-                         f"got {adapter_name!r}")
+        raise InputError(
+            f"adapter name must be letters, digits and '_' (peft stores it as a module name), got {adapter_name!r}"
+        )
     return rank, alpha, targets
 
 
@@ -398,8 +401,13 @@ def _check_module_weights(
         if not isinstance(base, torch.nn.Linear):
             problems.append(f"{module_name}: no such Linear layer in this transformer")
             continue
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[1] != base.in_features \
-                or b.shape[0] != base.out_features:
+        if (
+            a.ndim != 2
+            or b.ndim != 2
+            or a.shape[0] != b.shape[1]
+            or a.shape[1] != base.in_features
+            or b.shape[0] != base.out_features
+        ):
             problems.append(
                 f"{module_name}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit a "
                 f"{base.in_features}->{base.out_features} layer"
@@ -409,7 +417,9 @@ def _check_module_weights(
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise AdapterFileError(
-            f"the LoRA weights in {source} do not fit this transformer: " + "; ".join(problems[:5]) + more
+            f"the LoRA weights in {source} do not fit this transformer: "
+            + "; ".join(problems[:5])
+            + more
             + ". The LoRA was made for another model; use one made for this base model."
         )
     return ranks
@@ -443,8 +453,10 @@ def check_lora_weights(
     """
     modules, other = split_lora_state(state)
     if other:
-        raise AdapterFileError(f"{source} has unexpected LoRA tensors {other[:3]}; expected only "
-                               f"'<module>.lora_A.weight' / '.lora_B.weight'")
+        raise AdapterFileError(
+            f"{source} has unexpected LoRA tensors {other[:3]}; expected only "
+            f"'<module>.lora_A.weight' / '.lora_B.weight'"
+        )
     ranks = _check_module_weights(transformer, modules, source)
     expected = set(_target_modules(transformer, targets))
     missing, extra = sorted(expected - set(modules)), sorted(set(modules) - expected)
@@ -457,8 +469,11 @@ def check_lora_weights(
             parts.append(f"{len(extra)} layer(s) are not among the targets {list(targets)} (e.g. {extra[0]})")
         if wrong_rank:
             parts.append(f"layer {wrong_rank[0]} has rank {ranks[wrong_rank[0]]}, the header says {rank}")
-        raise AdapterFileError(f"{source}: LoRA weights and header disagree: " + "; ".join(parts)
-                               + ". The file is damaged or was edited; re-export it.")
+        raise AdapterFileError(
+            f"{source}: LoRA weights and header disagree: "
+            + "; ".join(parts)
+            + ". The file is damaged or was edited; re-export it."
+        )
     return modules
 
 
@@ -546,7 +561,7 @@ def _parse_lora_header(header: Mapping[str, str], prefix: str) -> dict[str, Any]
     if not isinstance(data, dict):
         return {}
     if prefix and any(k.startswith(prefix) for k in data):
-        data = {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
+        data = {k[len(prefix) :]: v for k, v in data.items() if k.startswith(prefix)}
     return data
 
 
@@ -573,16 +588,23 @@ def load_lora_file(
     name = adapter_name or _adapter_name_from(p)
     _validate_lora_args(1, None, ["x"], name)
     if has_lora(transformer, name):
-        raise HairDiffError(f"the transformer already has a LoRA named '{name}'; pass another adapter_name "
-                            f"or remove_lora(transformer, '{name}') first")
+        raise HairDiffError(
+            f"the transformer already has a LoRA named '{name}'; pass another adapter_name "
+            f"or remove_lora(transformer, '{name}') first"
+        )
     prefix = _strip_prefix(tensors)
-    own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     if len(own) < len(tensors):
         skipped = sorted(k for k in tensors if not k.startswith(prefix))
-        logger.warning("%s: ignoring %d tensor(s) outside the transformer (e.g. text-encoder LoRA %s)",
-                       p.name, len(skipped), skipped[0])
-    alphas = {k[: -len(".alpha")]: float(v.float().item()) for k, v in own.items()
-              if k.endswith(".alpha") and v.numel() == 1}
+        logger.warning(
+            "%s: ignoring %d tensor(s) outside the transformer (e.g. text-encoder LoRA %s)",
+            p.name,
+            len(skipped),
+            skipped[0],
+        )
+    alphas = {
+        k[: -len(".alpha")]: float(v.float().item()) for k, v in own.items() if k.endswith(".alpha") and v.numel() == 1
+    }
     modules, other = split_lora_state(own)
     if any("dora" in k or "magnitude" in k for k in other):
         raise AdapterFileError(f"{p.name} is a DoRA; only plain LoRA files are supported")
@@ -626,6 +648,7 @@ def load_lora_file(
         if f".{name}." in param_name and ".lora_" in param_name:
             param.requires_grad_(False)
     set_lora_scale(transformer, scale, name)
-    logger.info("loaded LoRA %s as '%s': %d layers, rank %d, alpha %s, scale %s",
-                p.name, name, len(ranks), rank, alpha, scale)
+    logger.info(
+        "loaded LoRA %s as '%s': %d layers, rank %d, alpha %s, scale %s", p.name, name, len(ranks), rank, alpha, scale
+    )
     return name

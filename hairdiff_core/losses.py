@@ -13,13 +13,13 @@
   the target's edges are, which a per-pixel MSE at high noise barely does.
 Total = mse + lambda_shape * shape.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .flow import DEFAULT_SHIFT, NUM_TRAIN_TIMESTEPS, predict_x0, shift_sigmas, velocity_target
 from .imageops import sobel
@@ -104,7 +104,11 @@ class LossTerms:
     shape: torch.Tensor
 
     def detached(self) -> dict[str, float]:
-        return {"total": float(self.total.detach()), "mse": float(self.mse.detach()), "shape": float(self.shape.detach())}
+        return {
+            "total": float(self.total.detach()),
+            "mse": float(self.mse.detach()),
+            "shape": float(self.shape.detach()),
+        }
 
 
 def hairdiff_loss(

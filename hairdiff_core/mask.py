@@ -9,6 +9,7 @@ Conventions (all torch, NCHW, float32 unless said otherwise):
   slate" and "ink on a transparent layer" sketches encode alike); coloured strokes keep their
   colour (they carry the wanted hair colour).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,10 +20,9 @@ import torch.nn.functional as F
 
 from .defaults import DEFAULTS
 from .errors import EmptyMaskError, InputError
+from .imageops import blur_radius, gaussian_blur, resize_same_aspect  # noqa: F401  (re-exported: nodes, pipeline, benches)
 from .imageops import check_nchw as _check_nchw
-from .imageops import blur_radius, gaussian_blur  # noqa: F401  (re-exported: nodes, pipeline, benches)
 from .imageops import luminance as _luminance
-from .imageops import resize_same_aspect
 
 #: Feather sigma in pixels at a 1024-px working resolution (design default).
 DEFAULT_FEATHER_SIGMA = DEFAULTS.feather_at_1024
@@ -132,9 +132,7 @@ def normalize_sketch(sketch: torch.Tensor, threshold: float = 0.2) -> tuple[torc
         # white, as on a white background (black on the black canvas would be invisible).
         light_bg = torch.ones(rgb.shape[0], dtype=torch.bool, device=rgb.device)
     else:
-        border = torch.cat(
-            [rgb[:, :, 0, :], rgb[:, :, -1, :], rgb[:, :, :, 0], rgb[:, :, :, -1]], dim=-1
-        )
+        border = torch.cat([rgb[:, :, 0, :], rgb[:, :, -1, :], rgb[:, :, :, 0], rgb[:, :, :, -1]], dim=-1)
         bg = border.median(dim=-1).values.view(-1, 3, 1, 1)
         dist = (rgb - bg).abs().amax(dim=1, keepdim=True)
         stroke = (dist > threshold).float()
@@ -207,8 +205,13 @@ def _union(masks, threshold: float, size, what: str):
     for i, m in enumerate(masks):
         _check_nchw(m, f"{what} {i + 1}")
         b = binarize_matte(m, threshold, require_nonempty=False)
-        b = resize_same_aspect(b, tuple(size or masks[0].shape[-2:]), f"{what} {i + 1}",
-                               "photo" if size else f"first {what}", mode="nearest")
+        b = resize_same_aspect(
+            b,
+            tuple(size or masks[0].shape[-2:]),
+            f"{what} {i + 1}",
+            "photo" if size else f"first {what}",
+            mode="nearest",
+        )
         out = b if out is None else torch.maximum(out, b)
     return out
 
@@ -272,8 +275,14 @@ def compose_matte(
     size = tuple(size) if size is not None else tuple((mask if mask is not None else sketch).shape[-2:])
     parts = []
     if mask is not None and mode in ("union", "mask"):
-        parts.append(("mask", resize_same_aspect(binarize_matte(mask, threshold, require_nonempty=False), size, "mask", ref,
-                                                  mode="nearest")))
+        parts.append(
+            (
+                "mask",
+                resize_same_aspect(
+                    binarize_matte(mask, threshold, require_nonempty=False), size, "mask", ref, mode="nearest"
+                ),
+            )
+        )
     if sketch is not None and mode in ("union", "sketch"):
         sk = sketch.float()
         if tuple(sk.shape[-2:]) != size:
@@ -297,10 +306,13 @@ def compose_matte(
         if not bool(binary.flatten(1).amax(1).all()):
             raise EmptyMaskError(f"shrinking the matte by {-int(grow_px)} px removed all of it; shrink less")
     if exclude is not None:
-        keep_out = resize_same_aspect(binarize_matte(exclude, threshold, require_nonempty=False), size, "exclusion mask",
-                                      ref, mode="nearest")
+        keep_out = resize_same_aspect(
+            binarize_matte(exclude, threshold, require_nonempty=False), size, "exclusion mask", ref, mode="nearest"
+        )
         if keep_out.shape[0] not in (1, batch):
-            raise InputError(f"the exclusion mask has {keep_out.shape[0]} items but the matte has {batch}; give 1 or {batch}")
+            raise InputError(
+                f"the exclusion mask has {keep_out.shape[0]} items but the matte has {batch}; give 1 or {batch}"
+            )
         binary = binary * (1.0 - keep_out)
         if not bool(binary.flatten(1).amax(1).all()):
             raise EmptyMaskError("the exclusion mask covers the whole matte; nothing is left to redraw")
@@ -310,17 +322,24 @@ def compose_matte(
     warnings = [
         f"the matte covers {c:.0%} of the image (item {i}); above {MATTE_COVERAGE_WARNING:.0%} most of the picture "
         f"is redrawn: check the sketch outline does not enclose the face, or give an exclusion mask"
-        for i, c in enumerate(coverage) if c > MATTE_COVERAGE_WARNING
+        for i, c in enumerate(coverage)
+        if c > MATTE_COVERAGE_WARNING
     ]
     return ComposedMatte(binary=binary, soft=soft, coverage=coverage, warnings=warnings)
 
 
-def matte_preview(photo: torch.Tensor, matte: torch.Tensor, colour=(1.0, 0.25, 0.1), opacity: float = 0.5) -> torch.Tensor:
+def matte_preview(
+    photo: torch.Tensor, matte: torch.Tensor, colour=(1.0, 0.25, 0.1), opacity: float = 0.5
+) -> torch.Tensor:
     """The photo with the matte laid over it in a tint (what will be redrawn), dimmed outside."""
     _check_nchw(photo, "photo")
     _check_nchw(matte, "matte")
     rgb = photo[:, :3].float() if photo.shape[1] >= 3 else photo.float().repeat(1, 3, 1, 1)
-    m = F.interpolate(matte.float(), size=rgb.shape[-2:], mode="bilinear", align_corners=False) if matte.shape[-2:] != rgb.shape[-2:] else matte.float()
+    m = (
+        F.interpolate(matte.float(), size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+        if matte.shape[-2:] != rgb.shape[-2:]
+        else matte.float()
+    )
     tint = torch.tensor(colour, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
     a = m.clamp(0, 1) * opacity
     return (rgb * (1 - a) + tint * a).clamp(0, 1) * (0.6 + 0.4 * m.clamp(0, 1))

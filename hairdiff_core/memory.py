@@ -17,6 +17,7 @@ Three knobs, one place:
   resident weights, the upcast or prefetched layer, activations, and reference attention's K/V
   cache and bias. ComfyUI's node hands it to ComfyUI's memory management; ``auto`` picks from it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,8 +51,16 @@ FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 KEEP_IN_COMPUTE = ("pos_embed", "^proj_out$", "^norm_out", r"(^|\.)lora_")
 
 #: Bytes per weight of GGUF quantisations (block size 32 or 256 with its scales).
-GGUF_BYTES_PER_WEIGHT = {"Q8_0": 34 / 32, "Q6_K": 210 / 256, "Q5_K": 176 / 256, "Q5_0": 22 / 32,
-                         "Q4_K": 144 / 256, "Q4_0": 18 / 32, "Q3_K": 110 / 256, "Q2_K": 84 / 256}
+GGUF_BYTES_PER_WEIGHT = {
+    "Q8_0": 34 / 32,
+    "Q6_K": 210 / 256,
+    "Q5_K": 176 / 256,
+    "Q5_0": 22 / 32,
+    "Q4_K": 144 / 256,
+    "Q4_0": 18 / 32,
+    "Q3_K": 110 / 256,
+    "Q2_K": 84 / 256,
+}
 
 #: Text tokens SD3 sees with real prompts (CLIP 77 + T5 256); zero text uses fewer.
 SD3_TEXT_TOKENS = 333
@@ -147,11 +156,13 @@ def apply_weights(transformer: torch.nn.Module, weights: str, compute_dtype: tor
         return storage
     if compute_dtype in FLOAT8_DTYPES:
         raise InputError(f"fp8 cannot be the compute dtype; compute in bf16 and store in {weights}")
-    apply_layerwise_casting(transformer, storage, compute_dtype, skip_modules_pattern=KEEP_IN_COMPUTE,
-                            non_blocking=False)
+    apply_layerwise_casting(
+        transformer, storage, compute_dtype, skip_modules_pattern=KEEP_IN_COMPUTE, non_blocking=False
+    )
     n = sum(1 for m in transformer.modules() if _casting_hook(m) is not None)
-    logger.info("weights stored as %s (%d layers), computed in %s", weights_name(storage), n,
-                weights_name(compute_dtype))
+    logger.info(
+        "weights stored as %s (%d layers), computed in %s", weights_name(storage), n, weights_name(compute_dtype)
+    )
     return storage
 
 
@@ -218,8 +229,12 @@ def apply_offload(
     )
     if use_stream:
         prime_offload(transformer)
-    logger.info("block offloading: blocks rest on %s and run on %s%s", offload_device, onload,
-                " (prefetched on a CUDA stream)" if use_stream else "")
+    logger.info(
+        "block offloading: blocks rest on %s and run on %s%s",
+        offload_device,
+        onload,
+        " (prefetched on a CUDA stream)" if use_stream else "",
+    )
     return offload
 
 
@@ -249,8 +264,11 @@ def remove_offload(transformer: torch.nn.Module, device: str | torch.device = "c
     The layerwise-casting hooks and attention processors are left as they are.
     """
     from diffusers.hooks import HookRegistry
-    from diffusers.hooks.group_offloading import (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER,
-                                                  _LAZY_PREFETCH_GROUP_OFFLOADING)
+    from diffusers.hooks.group_offloading import (
+        _GROUP_OFFLOADING,
+        _LAYER_EXECUTION_TRACKER,
+        _LAZY_PREFETCH_GROUP_OFFLOADING,
+    )
 
     if not is_offloaded(transformer):
         return
@@ -286,8 +304,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return (self.weights_resident + self.transient + self.activations + self.reference_cache
-                + self.attention_bias)
+        return self.weights_resident + self.transient + self.activations + self.reference_cache + self.attention_bias
 
     @property
     def beyond_weights(self) -> int:
@@ -295,9 +312,18 @@ class MemoryEstimate:
         return self.total - self.weights_resident
 
     def as_dict(self) -> dict[str, float]:
-        gib = 2.0 ** 30
-        out = {k: round(getattr(self, k) / gib, 3) for k in (
-            "weights_total", "weights_resident", "transient", "activations", "reference_cache", "attention_bias")}
+        gib = 2.0**30
+        out = {
+            k: round(getattr(self, k) / gib, 3)
+            for k in (
+                "weights_total",
+                "weights_resident",
+                "transient",
+                "activations",
+                "reference_cache",
+                "attention_bias",
+            )
+        }
         out["total"] = round(self.total / gib, 3)
         return out
 
@@ -308,8 +334,10 @@ def family_config(family: str) -> dict[str, Any]:
 
     key = "sd3.5-large" if family == "sd3.5-large-turbo" else family
     if key not in FAMILY_NAMES or key == "custom":
-        raise InputError(f"unknown family {family!r}; choose one of {sorted(k for k in FAMILY_NAMES if k != 'custom')} "
-                         f"or pass the transformer's config")
+        raise InputError(
+            f"unknown family {family!r}; choose one of {sorted(k for k in FAMILY_NAMES if k != 'custom')} "
+            f"or pass the transformer's config"
+        )
     return {**transformer_config(key), "in_channels": 32}
 
 
@@ -363,12 +391,21 @@ def _param_counts(config: Mapping[str, Any]) -> _Counts:
     per_block = []
     for i, block in enumerate(model.transformer_blocks):
         # Names as seen from the model, so the KEEP patterns match as in apply_weights.
-        c = sum(sum(p.numel() for p in m.parameters(recurse=False))
-                for n, m in block.named_modules() if _is_cast(f"transformer_blocks.{i}.{n}", m))
+        c = sum(
+            sum(p.numel() for p in m.parameters(recurse=False))
+            for n, m in block.named_modules()
+            if _is_cast(f"transformer_blocks.{i}.{n}", m)
+        )
         per_block.append((c, sum(p.numel() for p in block.parameters()) - c))
     block_cast, block_kept = max(per_block, key=lambda ck: ck[0] + ck[1])
-    counts = _Counts(cast=cast, kept=kept + table, block_cast=block_cast, block_kept=block_kept,
-                     blocks=len(per_block), largest_linear=largest)
+    counts = _Counts(
+        cast=cast,
+        kept=kept + table,
+        block_cast=block_cast,
+        block_kept=block_kept,
+        blocks=len(per_block),
+        largest_linear=largest,
+    )
     _COUNT_CACHE[key] = counts
     return counts
 
@@ -458,8 +495,14 @@ def estimate_peak_vram(
         joint = batch * (tokens + text_tokens) * (tokens + text_tokens + tokens)
         dual = batch * tokens * (tokens + tokens) if config.get("dual_attention_layers") else 0
         bias = (joint + dual) * csize
-    return MemoryEstimate(weights_total=weights_total, weights_resident=resident, transient=transient,
-                          activations=int(activations), reference_cache=int(ref_cache), attention_bias=int(bias))
+    return MemoryEstimate(
+        weights_total=weights_total,
+        weights_resident=resident,
+        transient=transient,
+        activations=int(activations),
+        reference_cache=int(ref_cache),
+        attention_bias=int(bias),
+    )
 
 
 def choose_settings(
@@ -490,7 +533,7 @@ def choose_settings(
     candidates = []
     for off in offload_options:
         # Streaming blocks moves every weight over PCIe at every step: half as many bytes in fp8.
-        for w in (weight_options if off != "blocks" else weight_options[::-1]):
+        for w in weight_options if off != "blocks" else weight_options[::-1]:
             candidates.append((w, off))
     best = None
     for w, off in candidates:
@@ -499,8 +542,13 @@ def choose_settings(
             return w, off, est
         if best is None or est.total <= best[2].total:  # ties: the later, more frugal candidate
             best = (w, off, est)
-    logger.warning("no weights/offload setting fits in %.1f GB free; using the smallest (%s, %s: %.1f GB)",
-                   free_bytes / 2**30, best[0], best[1], best[2].total / 2**30)
+    logger.warning(
+        "no weights/offload setting fits in %.1f GB free; using the smallest (%s, %s: %.1f GB)",
+        free_bytes / 2**30,
+        best[0],
+        best[1],
+        best[2].total / 2**30,
+    )
     return best
 
 
@@ -533,6 +581,15 @@ def estimate_for(
     """``estimate_peak_vram`` for a loaded transformer: its family (or config), storage and
     compute dtypes are read from the model."""
     known = family if family not in ("custom",) else _config_of(transformer)
-    return estimate_peak_vram(known, weights=weights_of(transformer), offload=offload, height=height, width=width,
-                              cfg=cfg, reference=reference, batch=batch, compute_dtype=compute_dtype_of(transformer),
-                              text_tokens=text_tokens)
+    return estimate_peak_vram(
+        known,
+        weights=weights_of(transformer),
+        offload=offload,
+        height=height,
+        width=width,
+        cfg=cfg,
+        reference=reference,
+        batch=batch,
+        compute_dtype=compute_dtype_of(transformer),
+        text_tokens=text_tokens,
+    )

@@ -49,6 +49,7 @@ inside pixel to the background (1 for pixels touching the boundary, 0 on the oth
   ``leak_color = old_hair_de(B) - old_hair_de(A)`` and ``leak_edges = chamfer(B) - chamfer(A)``:
   > 0 when the result made from the photo stays closer to the old hair than one that never saw it.
 """
+
 from __future__ import annotations
 
 import math
@@ -219,7 +220,7 @@ class MatteGeometry:
     cap: int
 
     @classmethod
-    def of(cls, binary: torch.Tensor, cap: int) -> "MatteGeometry":
+    def of(cls, binary: torch.Tensor, cap: int) -> MatteGeometry:
         """Distances up to ``cap``, computed only on the matte's bounding box grown by ``cap + 1``
         (exact: a pixel farther than ``cap`` from the box is farther than ``cap`` from the matte,
         and the nearest background pixel of an inside pixel within ``cap`` lies in the box)."""
@@ -252,8 +253,10 @@ class MatteGeometry:
         box = _bbox(self.inside, margin)
         return box if box is not None else (slice(None), slice(None))
 
-    def crop(self, rows: slice, cols: slice) -> "MatteGeometry":
-        return MatteGeometry(self.inside[..., rows, cols], self.d_in[..., rows, cols], self.d_out[..., rows, cols], self.cap)
+    def crop(self, rows: slice, cols: slice) -> MatteGeometry:
+        return MatteGeometry(
+            self.inside[..., rows, cols], self.d_in[..., rows, cols], self.d_out[..., rows, cols], self.cap
+        )
 
 
 # -- image operators ---------------------------------------------------------------------------
@@ -300,12 +303,22 @@ def edges(image: torch.Tensor, threshold: float = EDGE_THRESHOLD, blur_sigma: fl
 
     angle = torch.atan2(gy, gx)  # [-pi, pi]
     sector = torch.remainder(torch.round(angle / (math.pi / 4)), 4)  # 0: x, 1: diag, 2: y, 3: anti-diag
-    n1 = torch.where(sector == 0, shifted(0, 1), torch.where(sector == 1, shifted(1, 1), torch.where(sector == 2, shifted(1, 0), shifted(1, -1))))
-    n2 = torch.where(sector == 0, shifted(0, -1), torch.where(sector == 1, shifted(-1, -1), torch.where(sector == 2, shifted(-1, 0), shifted(-1, 1))))
+    n1 = torch.where(
+        sector == 0,
+        shifted(0, 1),
+        torch.where(sector == 1, shifted(1, 1), torch.where(sector == 2, shifted(1, 0), shifted(1, -1))),
+    )
+    n2 = torch.where(
+        sector == 0,
+        shifted(0, -1),
+        torch.where(sector == 1, shifted(-1, -1), torch.where(sector == 2, shifted(-1, 0), shifted(-1, 1))),
+    )
     return (mag > threshold) & (mag >= n1) & (mag >= n2)
 
 
-def edge_chamfer(a: torch.Tensor, b: torch.Tensor, region: torch.Tensor | None = None, cap_fraction: float = CHAMFER_CAP) -> torch.Tensor:
+def edge_chamfer(
+    a: torch.Tensor, b: torch.Tensor, region: torch.Tensor | None = None, cap_fraction: float = CHAMFER_CAP
+) -> torch.Tensor:
     """Symmetric truncated chamfer distance between two pixel sets, as a fraction of sqrt(H W).
 
     ``0.5 (mean_{p in A} min(d_B(p), cap) + mean_{q in B} min(d_A(q), cap)) / sqrt(H W)``,
@@ -328,7 +341,9 @@ def edge_chamfer(a: torch.Tensor, b: torch.Tensor, region: torch.Tensor | None =
 
 
 # -- the metrics -------------------------------------------------------------------------------
-def preservation(result, source, matte, dilation: float | None = None, geometry: MatteGeometry | None = None) -> dict[str, torch.Tensor]:
+def preservation(
+    result, source, matte, dilation: float | None = None, geometry: MatteGeometry | None = None
+) -> dict[str, torch.Tensor]:
     """PSNR (dB, inf when untouched) and MAE of the result against the source outside the dilated matte.
 
     ``dilation`` in pixels of this image (default ``PRESERVE_DILATION`` at 1024 px, scaled);
@@ -401,7 +416,9 @@ def seam(result, matte, ring: float | None = None, geometry: MatteGeometry | Non
     return _seam_from(image, geo, w, sigma)
 
 
-def sketch_adherence(result, sketch, matte, *, edge_threshold: float = EDGE_THRESHOLD, size: int = ADHERENCE_SIZE) -> dict[str, torch.Tensor]:
+def sketch_adherence(
+    result, sketch, matte, *, edge_threshold: float = EDGE_THRESHOLD, size: int = ADHERENCE_SIZE
+) -> dict[str, torch.Tensor]:
     """Edge chamfer between the sketch strokes and the result's edges inside the matte, and
     the colour error under coloured strokes (see the module docstring)."""
     image, binary = _rgb(result, "result"), _matte(matte)
@@ -420,7 +437,9 @@ def sketch_adherence(result, sketch, matte, *, edge_threshold: float = EDGE_THRE
     return {"sketch_chamfer": chamfer, "stroke_color_de": _stroke_colour_error(image, colour, alpha, binary)}
 
 
-def _stroke_colour_error(image: torch.Tensor, colour: torch.Tensor, alpha: torch.Tensor, binary: torch.Tensor) -> torch.Tensor:
+def _stroke_colour_error(
+    image: torch.Tensor, colour: torch.Tensor, alpha: torch.Tensor, binary: torch.Tensor
+) -> torch.Tensor:
     """Mean Delta E between coloured stroke pixels and the blurred result under them, at full
     resolution (thin strokes would vanish in a downsampled copy) but only on stroke pixels."""
     out = torch.full((image.shape[0],), float("nan"), device=image.device)
@@ -491,7 +510,13 @@ def harmony_tracking(result, result_gained, source, source_gained, matte) -> tor
     result, result_gained = _rgb(result, "result"), _rgb(result_gained, "gained result")
     source, source_gained = _rgb(source, "source"), _rgb(source_gained, "gained source")
     binary = _matte(matte)
-    result, result_gained, source, source_gained, binary = _same_geometry(("result", result), ("gained result", result_gained), ("source", source), ("gained source", source_gained), ("matte", binary))
+    result, result_gained, source, source_gained, binary = _same_geometry(
+        ("result", result),
+        ("gained result", result_gained),
+        ("source", source),
+        ("gained source", source_gained),
+        ("matte", binary),
+    )
     H, W = result.shape[-2:]
     r, r_out = _px(INNER_ERODE, H, W), _px(PRESERVE_DILATION, H, W)
     geo = MatteGeometry.of(binary, max(r, r_out) + 1)
@@ -500,17 +525,23 @@ def harmony_tracking(result, result_gained, source, source_gained, matte) -> tor
     outside = ~geo.inside & (geo.d_out > r_out)
     eps = 1e-4
     s = torch.log(_masked_channel_mean(result_gained, hair) + eps) - torch.log(_masked_channel_mean(result, hair) + eps)
-    a = torch.log(_masked_channel_mean(source_gained, outside) + eps) - torch.log(_masked_channel_mean(source, outside) + eps)
+    a = torch.log(_masked_channel_mean(source_gained, outside) + eps) - torch.log(
+        _masked_channel_mean(source, outside) + eps
+    )
     aa = a.square().sum(1)
     return torch.where(aa > 1e-8, (s * a).sum(1) / aa.clamp_min(1e-8), torch.full_like(aa, float("nan")))
 
 
-def leakage(result_photo, result_filled, source, matte, *, edge_threshold: float = EDGE_THRESHOLD, size: int = ADHERENCE_SIZE) -> dict[str, torch.Tensor]:
+def leakage(
+    result_photo, result_filled, source, matte, *, edge_threshold: float = EDGE_THRESHOLD, size: int = ADHERENCE_SIZE
+) -> dict[str, torch.Tensor]:
     """How much closer the result from the photo (A) stays to the old hair than one from the
     hair-filled photo (B): colour (Delta E) and edge (chamfer) distances to the old hair, B - A."""
     a_img, b_img = _rgb(result_photo, "result (photo)"), _rgb(result_filled, "result (filled)")
     source, binary = _rgb(source, "source"), _matte(matte)
-    a_img, b_img, source, binary = _same_geometry(("result (photo)", a_img), ("result (filled)", b_img), ("source", source), ("matte", binary))
+    a_img, b_img, source, binary = _same_geometry(
+        ("result (photo)", a_img), ("result (filled)", b_img), ("source", source), ("matte", binary)
+    )
     h, w = _analysis_size(*a_img.shape[-2:], size)
     a_img, b_img, source = (_resize_to(t, (h, w)) for t in (a_img, b_img, source))
     binary_a = F.adaptive_avg_pool2d(binary, (h, w)) > 0.5
@@ -533,13 +564,17 @@ def leakage(result_photo, result_filled, source, matte, *, edge_threshold: float
     }
 
 
-def compute_metrics(result, source, sketch, matte, *, edge_threshold: float = EDGE_THRESHOLD, source_seam: bool = False) -> dict[str, torch.Tensor]:
+def compute_metrics(
+    result, source, sketch, matte, *, edge_threshold: float = EDGE_THRESHOLD, source_seam: bool = False
+) -> dict[str, torch.Tensor]:
     """All single-result metrics in one call (shares the matte geometry): preservation, seam,
     sketch adherence, stroke colour and colour consistency; ``source_seam`` adds the source
     photo's own seam score on the same matte (the natural edge strength there)."""
     image, source_t, binary = _rgb(result, "result"), _rgb(source, "source"), _matte(matte)
     sketch = as_nchw(sketch, "sketch")
-    image, source_t, sketch, binary = _same_geometry(("result", image), ("source", source_t), ("sketch", sketch), ("matte", binary))
+    image, source_t, sketch, binary = _same_geometry(
+        ("result", image), ("source", source_t), ("sketch", sketch), ("matte", binary)
+    )
     out = sketch_adherence(image, sketch, binary, edge_threshold=edge_threshold)
 
     # Seam and consistency at most ANALYSIS_SIZE a side (large photos cost what 1024² does).

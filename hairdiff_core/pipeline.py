@@ -10,6 +10,7 @@ there, resized back and composited into the full-resolution photo with the feath
 Outside that mask every pixel is the source's, bit for bit; a 4000x3000 portrait costs what a
 1024² one does. Photos no larger than the work area are processed at their own size.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,8 @@ import torch.nn.functional as F
 
 from . import mask as M
 from .checks import GENERATE_BOUNDS, check_device, check_generate_settings, check_number, parse_dtype
-from .errors import InputError
 from .defaults import DEFAULTS
+from .errors import InputError
 from .flow import sampling_sigmas
 from .imageops import resize_same_aspect, to_rgb
 from .sampler import SAMPLERS, OnStep, TransformerDenoiser
@@ -77,15 +78,18 @@ def _check_range(x: torch.Tensor, what: str) -> None:
     if x.numel() == 0:
         raise InputError(f"the {what} is empty ({tuple(x.shape)})", input=what)
     if not x.is_floating_point():
-        raise InputError(f"the {what} is a {x.dtype} tensor; HairDiff takes float images in [0, 1] "
-                         f"(divide 8-bit images by 255)", input=what)
+        raise InputError(
+            f"the {what} is a {x.dtype} tensor; HairDiff takes float images in [0, 1] (divide 8-bit images by 255)",
+            input=what,
+        )
     if not bool(torch.isfinite(x).all()):
         raise InputError(f"the {what} holds NaN or inf values; give a finite image in [0, 1]", input=what)
     lo, hi = float(x.min()), float(x.max())
     if hi > 1.0 + 1e-3 or lo < -1e-3:
         fix = "divide it by 255" if hi > 1.5 else "clamp it to [0, 1]"
-        raise InputError(f"the {what} has values {lo:g}..{hi:g}, but HairDiff takes images in [0, 1]: {fix}",
-                         input=what)
+        raise InputError(
+            f"the {what} has values {lo:g}..{hi:g}, but HairDiff takes images in [0, 1]: {fix}", input=what
+        )
 
 
 def _as_rgb(image: torch.Tensor, what: str) -> torch.Tensor:
@@ -96,8 +100,14 @@ def _match_size(x: torch.Tensor, size: tuple[int, int], what: str, mode: str, an
     """Resize a sketch/matte to the photo's size when the aspect ratios agree (within 1%)."""
     out = resize_same_aspect(x, size, what, "photo", mode)
     if announce and out is not x:
-        logger.info("resizing the %s from %dx%d to the photo's %dx%d (same aspect ratio)", what, x.shape[-1],
-                    x.shape[-2], size[1], size[0])
+        logger.info(
+            "resizing the %s from %dx%d to the photo's %dx%d (same aspect ratio)",
+            what,
+            x.shape[-1],
+            x.shape[-2],
+            size[1],
+            size[0],
+        )
     return out
 
 
@@ -106,8 +116,10 @@ def _broadcast_batch(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
         return x
     if x.shape[0] == 1:
         return x.expand(batch, *x.shape[1:])
-    raise InputError(f"the {what} batch has {x.shape[0]} items but the photo batch has {batch}; give 1 or {batch}",
-                     input=what.split()[0] if what.split()[0] in ("sketch", "matte") else None)
+    raise InputError(
+        f"the {what} batch has {x.shape[0]} items but the photo batch has {batch}; give 1 or {batch}",
+        input=what.split()[0] if what.split()[0] in ("sketch", "matte") else None,
+    )
 
 
 def context_box(binary: torch.Tensor, margin: float, min_pad: int) -> CropBox:
@@ -135,11 +147,15 @@ def check_model_files(model=None, vae=None, adapter=None, tiny: bool = False, to
         raise ModelLoadError("choose the tiny model or the toy model, not both", input="model")
     builtin = "tiny" if tiny else "toy" if toy else None
     if builtin and (model is not None or vae is not None):
-        raise ModelLoadError(f"the {builtin} model brings its own transformer and VAE; do not pass a model or VAE "
-                             f"with it", input="model")
+        raise ModelLoadError(
+            f"the {builtin} model brings its own transformer and VAE; do not pass a model or VAE with it", input="model"
+        )
     if builtin is None and model is None:
-        raise ModelLoadError("no model given: pass an SD3/SD3.5 diffusers folder or .safetensors checkpoint "
-                             "(--model PATH), or the tiny model (--tiny) for a wiring check", input="model")
+        raise ModelLoadError(
+            "no model given: pass an SD3/SD3.5 diffusers folder or .safetensors checkpoint "
+            "(--model PATH), or the tiny model (--tiny) for a wiring check",
+            input="model",
+        )
     for value, what in ((model, "model"), (vae, "vae"), (adapter, "adapter")):
         if value is not None and not os.path.exists(os.path.expanduser(str(value))):
             raise ModelLoadError(f"{what} not found: {value}", input=what)
@@ -152,6 +168,8 @@ def check_model_files(model=None, vae=None, adapter=None, tiny: bool = False, to
         except HairDiffError as exc:
             exc.input = exc.input or "adapter"
             raise
+
+
 def _auto_offload(family: str, transformer, device) -> str:
     """offload="auto" outside ComfyUI: blocks when the model would not fit the free CUDA memory."""
     from .memory import estimate_for
@@ -186,8 +204,9 @@ class CropPlan:
             if mode == "nearest":
                 x = F.interpolate(x, size=(self.height, self.width), mode="nearest")
             else:
-                x = F.interpolate(x, size=(self.height, self.width), mode="bilinear", align_corners=False,
-                                  antialias=True)
+                x = F.interpolate(
+                    x, size=(self.height, self.width), mode="bilinear", align_corners=False, antialias=True
+                )
         if self.pad_h or self.pad_w:
             x = F.pad(x, (0, self.pad_w, 0, self.pad_h), mode="replicate")
         return x
@@ -218,8 +237,14 @@ def plan_crop(binary: torch.Tensor, work: int, sigma_at_work: float, context_mar
     return CropPlan(box, wh, ww, -wh % MULTIPLE, -ww % MULTIPLE)
 
 
-def composite(photo: torch.Tensor, binary: torch.Tensor, decoded: torch.Tensor, plan: CropPlan,
-              sigma_at_work: float, paste_back: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def composite(
+    photo: torch.Tensor,
+    binary: torch.Tensor,
+    decoded: torch.Tensor,
+    plan: CropPlan,
+    sigma_at_work: float,
+    paste_back: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stitch the decoded working box back into the full photo with the feathered matte.
 
     Returns (image, full-size soft mask). Where the mask is 0 the photo's pixels are kept as
@@ -228,8 +253,9 @@ def composite(photo: torch.Tensor, binary: torch.Tensor, decoded: torch.Tensor, 
     B, _, H, W = photo.shape
     box = plan.box
     if (plan.height, plan.width) != (box.height, box.width):
-        decoded = F.interpolate(decoded, size=(box.height, box.width), mode="bilinear", align_corners=False,
-                                antialias=True).clamp(0, 1)
+        decoded = F.interpolate(
+            decoded, size=(box.height, box.width), mode="bilinear", align_corners=False, antialias=True
+        ).clamp(0, 1)
     sigma_full = M.feather_sigma(plan.height, plan.width, sigma_at_work) * box.height / plan.height
     full_mask = torch.zeros(B, 1, H, W)
     full_mask[..., box.slices[0], box.slices[1]] = M.soft_mask(binary[..., box.slices[0], box.slices[1]], sigma_full)
@@ -253,8 +279,16 @@ class LatentCodec(Protocol):
 
 
 class HairDiffPipeline:
-    def __init__(self, transformer, vae, device="cpu", dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
-                 offload: str = "none", codec: LatentCodec | None = None):
+    def __init__(
+        self,
+        transformer,
+        vae,
+        device="cpu",
+        dtype: torch.dtype = torch.float32,
+        vae_dtype: torch.dtype | None = None,
+        offload: str = "none",
+        codec: LatentCodec | None = None,
+    ):
         """Build a pipeline around a (16- or 32-channel) SD3 transformer.
 
         Args:
@@ -293,8 +327,19 @@ class HairDiffPipeline:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def from_files(cls, model=None, vae=None, adapter=None, tiny: bool = False, device="cpu", dtype=torch.float32,
-                   text_encoders=None, weights: str = "auto", offload: str = "none", toy: bool = False):
+    def from_files(
+        cls,
+        model=None,
+        vae=None,
+        adapter=None,
+        tiny: bool = False,
+        device="cpu",
+        dtype=torch.float32,
+        text_encoders=None,
+        weights: str = "auto",
+        offload: str = "none",
+        toy: bool = False,
+    ):
         """Load a base model (+ adapter) from files and build the pipeline.
 
         Every argument is checked before any weight is read: the device exists, the dtype is
@@ -327,8 +372,9 @@ class HairDiffPipeline:
         check_offload(offload)
         check_model_files(model=model, vae=vae, adapter=adapter, tiny=tiny, toy=toy)
         # The SD3 VAE runs in float32 (force_upcast); loading it so avoids a bf16 round trip.
-        loaded = load_models(model, vae=vae, tiny=tiny, toy=toy, dtype=dtype, device="cpu", vae_dtype=torch.float32,
-                             weights=weights)
+        loaded = load_models(
+            model, vae=vae, tiny=tiny, toy=toy, dtype=dtype, device="cpu", vae_dtype=torch.float32, weights=weights
+        )
         transformer = loaded.transformer
         if adapter is not None:
             from .adapter import load_adapter
@@ -377,8 +423,13 @@ class HairDiffPipeline:
         cfg = self.transformer.config
 
         def load():
-            return load_text_encoders(source, device=self.device, dtype=self.dtype, joint_dim=cfg.joint_attention_dim,
-                                      max_sequence_length=max_sequence_length)
+            return load_text_encoders(
+                source,
+                device=self.device,
+                dtype=self.dtype,
+                joint_dim=cfg.joint_attention_dim,
+                max_sequence_length=max_sequence_length,
+            )
 
         pairs = cache.encode([t for v in texts.values() for t in v], load)
         out = {}
@@ -424,8 +475,9 @@ class HairDiffPipeline:
 
     # -- the main call ----------------------------------------------------------------------
     @staticmethod
-    def prepare_inputs(image, sketch, matte, matte_threshold: float = DEFAULTS.matte_threshold, *,
-                       announce: bool = True):
+    def prepare_inputs(
+        image, sketch, matte, matte_threshold: float = DEFAULTS.matte_threshold, *, announce: bool = True
+    ):
         """Validate and align the inputs: (photo RGB, sketch at photo size, binary matte).
 
         Cheap, and raises the same errors ``generate`` would: call it before loading a model.
@@ -454,8 +506,11 @@ class HairDiffPipeline:
             _, strokes = M.normalize_sketch(sketch)
             empty = [i for i in range(B) if not bool((strokes[i] * binary[i]).any())]
             if empty:
-                logger.warning("the sketch has no strokes inside the matte (batch item(s) %s): the result follows the "
-                               "photo and the matte only, not a sketch", empty)
+                logger.warning(
+                    "the sketch has no strokes inside the matte (batch item(s) %s): the result follows the "
+                    "photo and the matte only, not a sketch",
+                    empty,
+                )
         return photo, sketch, binary
 
     @torch.no_grad()
@@ -534,11 +589,22 @@ class HairDiffPipeline:
         if method not in SAMPLERS:
             raise InputError(f"unknown method {method!r}; choose one of {sorted(SAMPLERS)}", input="method")
         checked = check_generate_settings(
-            steps=steps, seed=seed, strength=strength, cfg=cfg, shift=shift, feather_sigma=feather_sigma,
-            matte_threshold=matte_threshold, work_size=work_size, context_margin=context_margin,
+            steps=steps,
+            seed=seed,
+            strength=strength,
+            cfg=cfg,
+            shift=shift,
+            feather_sigma=feather_sigma,
+            matte_threshold=matte_threshold,
+            work_size=work_size,
+            context_margin=context_margin,
         )
         steps, seed, strength, cfg, shift = (checked[k] for k in ("steps", "seed", "strength", "cfg", "shift"))
-        feather_sigma, work_size, context_margin = checked["feather_sigma"], checked["work_size"], checked["context_margin"]
+        feather_sigma, work_size, context_margin = (
+            checked["feather_sigma"],
+            checked["work_size"],
+            checked["context_margin"],
+        )
         photo, sketch, binary = self.prepare_inputs(image, sketch, matte, matte_threshold, announce=announce)
         B, _, H, W = photo.shape
 
@@ -558,8 +624,8 @@ class HairDiffPipeline:
         plan = plan_crop(binary, int(work_size or self.default_work_size), sigma_at_work, context_margin)
         photo_w = plan.to_work(photo, "bilinear")
         binary_w = plan.to_work(binary, "nearest")
-        binary_w[..., plan.height:, :] = 0  # the replicate padding is not hair
-        binary_w[..., :, plan.width:] = 0
+        binary_w[..., plan.height :, :] = 0  # the replicate padding is not hair
+        binary_w[..., :, plan.width :] = 0
         sketch_rgb, _ = M.normalize_sketch(plan.to_work(sketch, "bilinear"))
         soft_w = M.soft_mask(binary_w, M.feather_sigma(plan.height, plan.width, sigma_at_work))
 
@@ -585,8 +651,12 @@ class HairDiffPipeline:
         sampler = SAMPLERS[method]
         box, work = plan.box, (plan.height, plan.width)
         info = {"steps_run": len(sigmas) - 1, "work_size": work, "box": box, "method": method}
-        with self._placed(), self._attention(reference, method, photo_w, binary_w, soft_w, x0, noise, prompt_embeds,
-                                             pooled_prompt_embeds) as hook:
+        with (
+            self._placed(),
+            self._attention(
+                reference, method, photo_w, binary_w, soft_w, x0, noise, prompt_embeds, pooled_prompt_embeds
+            ) as hook,
+        ):
             denoise = TransformerDenoiser(
                 self.transformer,
                 sketch_latent,
@@ -604,16 +674,18 @@ class HairDiffPipeline:
 
         if info["steps_run"] == 0:
             # Nothing was generated (strength 0): the source itself, without a VAE round trip.
-            return GenerateResult(image=photo.clone(), latent=latent, mask=torch.zeros(B, 1, H, W), box=box,
-                                  work_size=work, info=info)
+            return GenerateResult(
+                image=photo.clone(), latent=latent, mask=torch.zeros(B, 1, H, W), box=box, work_size=work, info=info
+            )
 
         # 8. Decode and composite into the full photo.
         decoded = self.decode(latent)[..., : plan.height, : plan.width]
         image, full_mask = composite(photo, binary, decoded, plan, sigma_at_work, paste_back)
         return GenerateResult(image=image, latent=latent, mask=full_mask, box=box, work_size=work, info=info)
 
-    def _text(self, batch, cfg, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
-              negative_pooled_prompt_embeds):
+    def _text(
+        self, batch, cfg, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds
+    ):
         """The four text tensors on the device, batch-expanded and checked; zeros where none is
         given (the unconditional branch of cfg > 1 is zero text, the training default)."""
         if prompt_embeds is None:
@@ -623,7 +695,9 @@ class HairDiffPipeline:
                 raise InputError("prompt_embeds were given without pooled_prompt_embeds; SD3 needs both")
             check_text(self.transformer, prompt_embeds, pooled_prompt_embeds)
             prompt_embeds = _broadcast_batch(prompt_embeds, batch, "prompt embeddings").to(self.device)
-            pooled_prompt_embeds = _broadcast_batch(pooled_prompt_embeds, batch, "pooled prompt embeddings").to(self.device)
+            pooled_prompt_embeds = _broadcast_batch(pooled_prompt_embeds, batch, "pooled prompt embeddings").to(
+                self.device
+            )
         if cfg != 1.0 and negative_prompt_embeds is None:
             negative_prompt_embeds, negative_pooled_prompt_embeds = zero_text(
                 self.transformer, batch, self.device, torch.float32, tokens=prompt_embeds.shape[1]
@@ -633,8 +707,9 @@ class HairDiffPipeline:
                 raise InputError("negative_prompt_embeds were given without negative_pooled_prompt_embeds")
             check_text(self.transformer, negative_prompt_embeds, negative_pooled_prompt_embeds, "negative prompt")
             negative_prompt_embeds = _broadcast_batch(negative_prompt_embeds, batch, "negative prompt").to(self.device)
-            negative_pooled_prompt_embeds = _broadcast_batch(negative_pooled_prompt_embeds, batch,
-                                                             "negative pooled").to(self.device)
+            negative_pooled_prompt_embeds = _broadcast_batch(
+                negative_pooled_prompt_embeds, batch, "negative pooled"
+            ).to(self.device)
             if negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
                 raise InputError(
                     f"prompt and negative prompt have {prompt_embeds.shape[1]} and "
@@ -673,8 +748,10 @@ class HairDiffPipeline:
         if reference.mode == "off":
             return contextlib.nullcontext(None)
         if method == "replace":
-            raise InputError("reference attention is part of the joint method; use the joint method or turn the "
-                             "reference off", input="reference")
+            raise InputError(
+                "reference attention is part of the joint method; use the joint method or turn the reference off",
+                input="reference",
+            )
 
         if reference.reference_input == "filled":
             ref_latent = self.encode(fill_hair_region(photo_w, binary_w)).to(self.device)

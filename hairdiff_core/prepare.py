@@ -18,6 +18,7 @@ Everything is checked before anything is written: a photo without a matte, a mat
 photo, an unreadable file, photo and matte sizes that differ, an empty matte, a braid name with
 no photo. Each is named with its problem; ``skip_bad`` leaves those samples out instead.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -27,9 +28,9 @@ import math
 import os
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ class PrepareOptions:
     skip_bad: bool = False
     overwrite: bool = False
 
-    def validate(self) -> "PrepareOptions":
+    def validate(self) -> PrepareOptions:
         from .strands import STYLES
 
         if self.sketch not in STYLES:
@@ -122,7 +123,8 @@ def _index(folder: Path, extensions: set[str]) -> tuple[dict[str, Path], list[Pr
             files.setdefault(path.stem, []).append(path)
     problems = [
         Problem(stem, f"several files with this stem in {folder} ({', '.join(p.name for p in paths)}); keep one")
-        for stem, paths in files.items() if len(paths) > 1
+        for stem, paths in files.items()
+        if len(paths) > 1
     ]
     return {stem: paths[0] for stem, paths in files.items() if len(paths) == 1}, problems
 
@@ -190,14 +192,20 @@ def scan_inputs(images, mattes, options: PrepareOptions) -> tuple[list[Pair], li
             hint = ""
             if rotated and photo_size == matte_size[::-1]:
                 hint = " (the matte looks made from the photo before its EXIF rotation: rotate the matte to the upright photo)"
-            problems.append(Problem(
-                stem, f"sizes differ: photo {photo_size[0]}x{photo_size[1]}{' (upright, EXIF-rotated)' if rotated else ''}, "
-                f"matte {matte_size[0]}x{matte_size[1]}{hint}; the matte must cover the photo pixel for pixel",
-            ))
+            problems.append(
+                Problem(
+                    stem,
+                    f"sizes differ: photo {photo_size[0]}x{photo_size[1]}{' (upright, EXIF-rotated)' if rotated else ''}, "
+                    f"matte {matte_size[0]}x{matte_size[1]}{hint}; the matte must cover the photo pixel for pixel",
+                )
+            )
             continue
         braid = stem in braid_list or bool(
             options.braid_pattern
-            and (fnmatch.fnmatch(photos[stem].name, options.braid_pattern) or fnmatch.fnmatch(stem, options.braid_pattern))
+            and (
+                fnmatch.fnmatch(photos[stem].name, options.braid_pattern)
+                or fnmatch.fnmatch(stem, options.braid_pattern)
+            )
         )
         pairs.append(Pair(stem, photos[stem], matte_files[stem], photo_size, rotated, braid))
     known = set(photos)
@@ -275,19 +283,35 @@ def prepare_sample(pair: Pair, out: Path, options: PrepareOptions) -> dict:
             _link_or_copy(first_img, out / "img" / f"{stem}.png")
             _link_or_copy(first_matte, out / "matte" / f"{stem}.png")
         sketch, alpha = synthesize_sketch(
-            photo, matte, style=options.sketch, colour=options.colour, seed=settings["seed"],
-            density=settings["density"], length=settings["length"], thickness=options.thickness, return_alpha=True,
+            photo,
+            matte,
+            style=options.sketch,
+            colour=options.colour,
+            seed=settings["seed"],
+            density=settings["density"],
+            length=settings["length"],
+            thickness=options.thickness,
+            return_alpha=True,
         )
         # Coloured strokes of dark hair are nearly black: an alpha channel keeps them strokes.
         save_image(torch.cat([sketch, alpha], dim=1) if options.colour else sketch, out / "sketch" / f"{stem}.png")
-        variants.append({
-            "stem": stem, **{k: round(v, 6) if isinstance(v, float) else v for k, v in settings.items()},
-            "stroke_fraction_of_matte": round(float(alpha.sum()) / max(matte_px, 1.0), 6),
-        })
+        variants.append(
+            {
+                "stem": stem,
+                **{k: round(v, 6) if isinstance(v, float) else v for k, v in settings.items()},
+                "stroke_fraction_of_matte": round(float(alpha.sum()) / max(matte_px, 1.0), 6),
+            }
+        )
     return {
-        "stem": pair.stem, "photo": str(pair.photo), "matte": str(pair.matte),
-        "source_size": list(pair.size), "size": [int(w), int(h)], "exif_rotated": pair.exif_rotated,
-        "matte_fraction": round(matte_px / float(h * w), 6), "braid": pair.braid, "variants": variants,
+        "stem": pair.stem,
+        "photo": str(pair.photo),
+        "matte": str(pair.matte),
+        "source_size": list(pair.size),
+        "size": [int(w), int(h)],
+        "exif_rotated": pair.exif_rotated,
+        "matte_fraction": round(matte_px / float(h * w), 6),
+        "braid": pair.braid,
+        "variants": variants,
     }
 
 
@@ -347,7 +371,12 @@ def prepare_dataset(
     for pair in pairs:
         matte = M.binarize_matte(load_image(pair.matte), MATTE_THRESHOLD, require_nonempty=False)
         if not bool(matte.any()):
-            problems.append(Problem(pair.stem, f"empty matte ({pair.matte.name} has no pixel above {MATTE_THRESHOLD}); paint the hair white on black"))
+            problems.append(
+                Problem(
+                    pair.stem,
+                    f"empty matte ({pair.matte.name} has no pixel above {MATTE_THRESHOLD}); paint the hair white on black",
+                )
+            )
         else:
             good.append(pair)
     problems.sort(key=lambda p: p.stem)
@@ -379,13 +408,17 @@ def prepare_dataset(
     settings.pop("overwrite")
     record = {
         "format_version": FORMAT_VERSION,
-        "images": str(images), "mattes": str(mattes),
+        "images": str(images),
+        "mattes": str(mattes),
         "settings": settings,
         "samples": report.samples,
         "skipped": [{"stem": p.stem, "problem": p.what} for p in problems],
         "totals": {
-            "photos": len(report.samples), "samples": report.sample_count, "braid_samples": len(braid_stems),
-            "skipped": len({p.stem for p in problems}), "seconds": round(time.time() - started, 2),
+            "photos": len(report.samples),
+            "samples": report.sample_count,
+            "braid_samples": len(braid_stems),
+            "skipped": len({p.stem for p in problems}),
+            "seconds": round(time.time() - started, 2),
         },
     }
     atomic_write_text(out / PREPARE_FILE, json.dumps(record, indent=1) + "\n")

@@ -37,13 +37,14 @@ State never lives on the processor: mode, cache and gating travel in ``joint_att
 (key ``hairdiff_reference``), so gradient checkpointing recomputes a block with the same state.
 One processor instance serves every layer (the layer's cache key is the attention module).
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -150,11 +151,21 @@ class ReferenceSettings:
         if not 0.0 < sigma <= 1.0:
             raise InputError(f"once_sigma must be in (0, 1], got {sigma} (try 0.1)", input="once_sigma")
         self.once_sigma = sigma
-        if isinstance(self.key_dilate_tokens, bool) or int(self.key_dilate_tokens) != self.key_dilate_tokens or self.key_dilate_tokens < 0:
-            raise InputError(f"key_dilate_tokens must be a whole number >= 0, got {self.key_dilate_tokens!r}", input="key_dilate_tokens")
+        if (
+            isinstance(self.key_dilate_tokens, bool)
+            or int(self.key_dilate_tokens) != self.key_dilate_tokens
+            or self.key_dilate_tokens < 0
+        ):
+            raise InputError(
+                f"key_dilate_tokens must be a whole number >= 0, got {self.key_dilate_tokens!r}",
+                input="key_dilate_tokens",
+            )
         self.key_dilate_tokens = int(self.key_dilate_tokens)
         if self.reference_input not in REFERENCE_INPUTS:
-            raise InputError(f"reference_input {self.reference_input!r} is not one of {list(REFERENCE_INPUTS)}", input="reference_input")
+            raise InputError(
+                f"reference_input {self.reference_input!r} is not one of {list(REFERENCE_INPUTS)}",
+                input="reference_input",
+            )
         if isinstance(self.reference_noise, str):
             self.reference_noise = self.reference_noise.strip().lower()
         if self.reference_noise not in REFERENCE_NOISES:
@@ -180,16 +191,20 @@ class ReferenceSettings:
                 raise InputError(f"{name} must be a whole number >= 0, got {v!r}", input=name)
             setattr(self, name, int(v))
         if self.key_pool not in KEY_POOLS:
-            raise InputError(f"key_pool must be one of {list(KEY_POOLS)} (1 = off, 2 = 2x2 cells), got {self.key_pool}",
-                             input="key_pool")
+            raise InputError(
+                f"key_pool must be one of {list(KEY_POOLS)} (1 = off, 2 = 2x2 cells), got {self.key_pool}",
+                input="key_pool",
+            )
         kernel = str(self.attention_kernel).strip().lower()
         if kernel not in ATTENTION_KERNELS:
-            raise InputError(f"attention_kernel {self.attention_kernel!r} is not one of {list(ATTENTION_KERNELS)}",
-                             input="attention_kernel")
+            raise InputError(
+                f"attention_kernel {self.attention_kernel!r} is not one of {list(ATTENTION_KERNELS)}",
+                input="attention_kernel",
+            )
         self.attention_kernel = kernel
 
     @classmethod
-    def coerce(cls, value) -> "ReferenceSettings":
+    def coerce(cls, value) -> ReferenceSettings:
         """None -> off, a mode string -> defaults for that mode, a dict -> fields, settings as is."""
         if value is None:
             return cls()
@@ -653,7 +668,9 @@ class ReferenceAttnProcessor:
                     )
                 ref_k, ref_v = _match_reference(cached, batch)
                 if state.gating.use_grouped(query):
-                    groups = state.gating.generation_groups(key, value, ref_k.to(key.dtype), ref_v.to(value.dtype), text_tokens)
+                    groups = state.gating.generation_groups(
+                        key, value, ref_k.to(key.dtype), ref_v.to(value.dtype), text_tokens
+                    )
                 if groups is None:
                     key = torch.cat([key, ref_k.to(key.dtype)], dim=2)
                     value = torch.cat([value, ref_v.to(value.dtype)], dim=2)
@@ -664,7 +681,9 @@ class ReferenceAttnProcessor:
         if groups is not None:
             hidden_states = grouped_attention(query, groups)
         else:
-            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False
+            )
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
 
         if joint:
@@ -730,7 +749,9 @@ def reference_pass(
     Needs ``reference_processors`` (or equivalent) installed.
     """
     cache = ReferenceCache()
-    state = ReferencePassState(cache, gating, settings.include_attn2, _participating(transformer, settings.include_attn2))
+    state = ReferencePassState(
+        cache, gating, settings.include_attn2, _participating(transformer, settings.include_attn2)
+    )
     try:
         transformer(
             hidden_states=model_input,
@@ -788,8 +809,16 @@ class ReferenceHook:
         encoder_hidden_states: torch.Tensor,
         pooled_projections: torch.Tensor,
     ):
-        if not isinstance(reference_latent, torch.Tensor) or reference_latent.ndim != 4 or reference_latent.shape[1] != BASE_CHANNELS:
-            shape = tuple(reference_latent.shape) if isinstance(reference_latent, torch.Tensor) else type(reference_latent).__name__
+        if (
+            not isinstance(reference_latent, torch.Tensor)
+            or reference_latent.ndim != 4
+            or reference_latent.shape[1] != BASE_CHANNELS
+        ):
+            shape = (
+                tuple(reference_latent.shape)
+                if isinstance(reference_latent, torch.Tensor)
+                else type(reference_latent).__name__
+            )
             raise InputError(f"reference_latent must be a (B, {BASE_CHANNELS}, h, w) SD3 latent, got {shape}")
         B, _, h, w = reference_latent.shape
         patch = int(transformer.config.patch_size)
@@ -809,7 +838,9 @@ class ReferenceHook:
         self.extra_channels = input_channels(transformer) - BASE_CHANNELS
         self.text = _batch_to(encoder_hidden_states, B, "encoder_hidden_states").to(self.device, self.dtype)
         self.pooled = _batch_to(pooled_projections, B, "pooled_projections").to(self.device, self.dtype)
-        self.gating = ReferenceGating(settings, _batch_to(token_mask, B, "token_mask").to("cpu"), (h // patch, w // patch))
+        self.gating = ReferenceGating(
+            settings, _batch_to(token_mask, B, "token_mask").to("cpu"), (h // patch, w // patch)
+        )
         self.reference_passes = 0
         self._cache: ReferenceCache | None = None
         self._cached_at: tuple | None = None
@@ -831,7 +862,9 @@ class ReferenceHook:
                 self.transformer, self._model_input(sigma), timestep, self.text, self.pooled, self.gating, self.settings
             )
         self.reference_passes += 1
-        logger.debug("reference pass %d at sigma %.4f: %.1f MiB of K/V", self.reference_passes, sigma, cache.nbytes() / 2**20)
+        logger.debug(
+            "reference pass %d at sigma %.4f: %.1f MiB of K/V", self.reference_passes, sigma, cache.nbytes() / 2**20
+        )
         return cache
 
     def step_kwargs(self, sigma: float, step: int) -> dict:
@@ -896,7 +929,9 @@ def reference_attention(
             hook.close()
 
 
-def predicted_cache_bytes(transformer, latent_hw: tuple[int, int], batch: int = 1, include_attn2: bool = True, dtype=None) -> int:
+def predicted_cache_bytes(
+    transformer, latent_hw: tuple[int, int], batch: int = 1, include_attn2: bool = True, dtype=None
+) -> int:
     """layers x 2 (K and V) x tokens x hidden x bytes: the reference cache's size."""
     cfg = transformer.config
     tokens = (latent_hw[0] // cfg.patch_size) * (latent_hw[1] // cfg.patch_size)
@@ -925,9 +960,7 @@ def fill_hair_region(image01: torch.Tensor, matte01: torch.Tensor, grow_px: int 
     if not isinstance(matte01, torch.Tensor) or matte01.ndim != 4 or matte01.shape[1] != 1:
         raise InputError("fill_hair_region: matte must be a (B, 1, H, W) tensor in [0, 1]")
     if matte01.shape[-2:] != image01.shape[-2:] or matte01.shape[0] not in (1, image01.shape[0]):
-        raise InputError(
-            f"fill_hair_region: matte {tuple(matte01.shape)} does not match image {tuple(image01.shape)}"
-        )
+        raise InputError(f"fill_hair_region: matte {tuple(matte01.shape)} does not match image {tuple(image01.shape)}")
     H, W = image01.shape[-2:]
     grow = max(1, round(max(H, W) / 128)) if grow_px is None else int(grow_px)
     hole = M.dilate((matte01.float() > 0.5).float(), grow) if grow > 0 else (matte01.float() > 0.5).float()

@@ -6,10 +6,12 @@ step)`` function that returns the velocity. ``TransformerDenoiser`` is that func
 called after every step and may raise (ComfyUI's Cancel does); callers hold their patches in
 ``try/finally``/context managers, so an exception from here leaves nothing behind.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -31,13 +33,17 @@ def _check_finite(v: torch.Tensor, step: int, total: int, dtype: torch.dtype | N
         if dtype == torch.float16:
             why = "fp16 overflows on SD3.5: use bf16 or fp32 (--dtype bf16 / fp32)"
         elif dtype is None:
-            why = ("in fp16, SD3.5 overflows: use bf16 or fp32; in bf16/fp32 the weights are the likely cause "
-                   "(an adapter or model file holding NaN/inf)")
+            why = (
+                "in fp16, SD3.5 overflows: use bf16 or fp32; in bf16/fp32 the weights are the likely cause "
+                "(an adapter or model file holding NaN/inf)"
+            )
         else:
             # Settings and inputs are checked up front, so in bf16/fp32 the weights are the suspect.
-            why = (f"the model runs in {str(dtype).replace('torch.', '') if dtype else 'its dtype'}, so the weights "
-                   f"are the likely cause: an adapter or model file holding NaN/inf or from a diverged training "
-                   f"run; try another adapter or the base model alone")
+            why = (
+                f"the model runs in {str(dtype).replace('torch.', '') if dtype else 'its dtype'}, so the weights "
+                f"are the likely cause: an adapter or model file holding NaN/inf or from a diverged training "
+                f"run; try another adapter or the base model alone"
+            )
         raise NonFiniteError(f"the model produced NaN/inf at step {step + 1} of {total}; {why}")
 
 

@@ -18,6 +18,7 @@ strokes are white (shape only). Everything is deterministic for a given ``seed``
 Angles are radians in image coordinates (x to the right, y down), measured from +x towards +y,
 and axial: a strand at ``theta`` and one at ``theta + pi`` are the same strand.
 """
+
 from __future__ import annotations
 
 import logging
@@ -119,7 +120,9 @@ def _matte_batch(matte: torch.Tensor, size: tuple[int, int], batch: int) -> torc
 
 
 # -- orientation --------------------------------------------------------------------------------
-def orientation_field(photo: torch.Tensor, matte: torch.Tensor, sigma: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def orientation_field(
+    photo: torch.Tensor, matte: torch.Tensor, sigma: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Local strand orientation of the hair inside the matte, from a smoothed structure tensor.
 
     Args:
@@ -153,7 +156,9 @@ def orientation_field(photo: torch.Tensor, matte: torch.Tensor, sigma: float | N
         # A wide blur of a smooth field: done on an area-downsampled grid (sigma 2 there) and
         # interpolated back, ~factor^2 cheaper than at full size, same field to a fraction of a degree.
         small = M.resize_area(j, (max(1, h // factor), max(1, w // factor)))
-        j = F.interpolate(M.gaussian_blur(small, float(sigma) / factor), size=(h, w), mode="bilinear", align_corners=False)
+        j = F.interpolate(
+            M.gaussian_blur(small, float(sigma) / factor), size=(h, w), mode="bilinear", align_corners=False
+        )
     else:
         j = M.gaussian_blur(j, float(sigma))
     jxx, jyy, jxy = j[:, 0:1], j[:, 1:2], j[:, 2:3]
@@ -289,12 +294,7 @@ def trace_streamlines(
             d1 = direction(xy, heading)
             d2 = direction(xy + 0.5 * step * d1, d1)
             nxt = xy + step * d2
-            alive = (
-                alive
-                & (i < limit)
-                & ((d2 * heading).sum(1) >= cos_turn)
-                & (_nearest(binary, batch, nxt) > 0.5)
-            )
+            alive = alive & (i < limit) & ((d2 * heading).sum(1) >= cos_turn) & (_nearest(binary, batch, nxt) > 0.5)
             xy = torch.where(alive.unsqueeze(1), nxt, xy)
             heading = torch.where(alive.unsqueeze(1), d2, heading)
             pts.append(xy)
@@ -348,7 +348,9 @@ def draw_polylines(
     valid = torch.ones(points.shape[:2], dtype=torch.bool, device=device) if valid is None else valid.to(device)
     batch = torch.zeros(n, dtype=torch.long, device=device) if batch is None else batch.to(device, torch.long)
     if batch_size is None:
-        batch_size = int(matte.shape[0]) if matte is not None and matte.ndim == 4 else (int(batch.max()) + 1 if n else 1)
+        batch_size = (
+            int(matte.shape[0]) if matte is not None and matte.ndim == 4 else (int(batch.max()) + 1 if n else 1)
+        )
     thickness = stroke_thickness(h, w) if thickness is None else float(thickness)
     if colours is None:
         colours = torch.ones((n, 3), device=device)
@@ -424,7 +426,8 @@ def _components(bits: list[int]) -> int:
             seen.add(i)
             yi, xi = _NEIGHBOUR_OFFSETS[i]
             stack.extend(
-                j for j in nodes
+                j
+                for j in nodes
                 if j not in seen and max(abs(yi - _NEIGHBOUR_OFFSETS[j][0]), abs(xi - _NEIGHBOUR_OFFSETS[j][1])) == 1
             )
     return groups
@@ -572,8 +575,12 @@ def _edges_in_box(
     # The matte's own border is the silhouette, not a strand: keep edges a few px inside.
     inner = M.dilate(matte, -max(1, int(round(sigma)) + 1))
     ridges, _ = kornia.filters.canny(
-        lum, low_threshold=EDGE_NOISE_FLOOR, high_threshold=EDGE_NOISE_FLOOR, kernel_size=(k, k),
-        sigma=(sigma, sigma), hysteresis=False,
+        lum,
+        low_threshold=EDGE_NOISE_FLOOR,
+        high_threshold=EDGE_NOISE_FLOOR,
+        kernel_size=(k, k),
+        sigma=(sigma, sigma),
+        hysteresis=False,
     )
     ridges = ridges.float() * inner
     q = min(max(1.0 - EDGE_STRONG_FRACTION * float(density), 0.0), 0.99)
@@ -635,8 +642,14 @@ def sketch_from_field(
         colours = _keep_visible(stroke_colours(photo_b.float(), lines))
     logger.debug("traced %d streamlines for %d image(s)", len(lines), b)
     return draw_polylines(
-        lines.points, lines.valid, (h, w), batch=lines.batch, batch_size=b, colours=colours,
-        thickness=stroke_thickness(h, w, thickness), matte=binary,
+        lines.points,
+        lines.valid,
+        (h, w),
+        batch=lines.batch,
+        batch_size=b,
+        colours=colours,
+        thickness=stroke_thickness(h, w, thickness),
+        matte=binary,
     )
 
 
@@ -658,8 +671,13 @@ def _strands_in_box(photo, binary, *, colour, seed, density, length, thickness):
     ratio = resolution_scale(h, w) / resolution_scale(*photo_c.shape[-2:])
     angle, _ = orientation_field(photo_c, binary_c, sigma=sigma)
     rgb[crop], alpha[crop] = sketch_from_field(
-        angle, binary_c, photo=photo_c if colour else None, seed=seed, density=density,
-        length=length * ratio, thickness=thickness * ratio,
+        angle,
+        binary_c,
+        photo=photo_c if colour else None,
+        seed=seed,
+        density=density,
+        length=length * ratio,
+        thickness=thickness * ratio,
     )
     return rgb, alpha
 
@@ -713,7 +731,9 @@ def synthesize_sketch(
     if style == "edges":
         rgb, alpha = edge_sketch(photo_b, binary, colour=colour, density=density, thickness=thickness)
     else:
-        rgb, alpha = _strands_in_box(photo_b, binary, colour=colour, seed=seed, density=density, length=length, thickness=thickness)
+        rgb, alpha = _strands_in_box(
+            photo_b, binary, colour=colour, seed=seed, density=density, length=length, thickness=thickness
+        )
     if squeezed:
         rgb, alpha = rgb[0], alpha[0]
     return (rgb, alpha) if return_alpha else rgb

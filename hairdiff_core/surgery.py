@@ -4,6 +4,7 @@ Channels 0-15 keep the (noisy) image latent weights, the new channels (the sketc
 start at exactly zero and the bias is kept, so right after surgery the model's output does not
 depend on the sketch at all and equals the unpatched model's output bit for bit.
 """
+
 from __future__ import annotations
 
 import logging

@@ -5,6 +5,7 @@ memory), so inference without a prompt must feed exactly the same thing: ``ZERO_
 zero tokens. The count matters even though the tokens are zero: every token becomes the same
 key (the context embedder's bias), and how many copies of it there are changes attention.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -154,8 +155,14 @@ class PromptCache:
         return {p: self.get(p) for p in prompts}
 
 
-def save_prompt_embeds(path, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds=None,
-                       negative_pooled_prompt_embeds=None, metadata: dict | None = None):
+def save_prompt_embeds(
+    path,
+    prompt_embeds,
+    pooled_prompt_embeds,
+    negative_prompt_embeds=None,
+    negative_pooled_prompt_embeds=None,
+    metadata: dict | None = None,
+):
     """Write the file ``load_prompt_embeds`` (and ``--prompt-embeds``) reads, atomically."""
     from pathlib import Path
 
@@ -163,7 +170,9 @@ def save_prompt_embeds(path, prompt_embeds, pooled_prompt_embeds, negative_promp
 
     tensors = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
     if negative_prompt_embeds is not None:
-        tensors.update(negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        tensors.update(
+            negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds
+        )
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
     from .fileio import atomic_write
 

@@ -17,6 +17,7 @@ penultimate hidden states (77 tokens) side by side, zero-padded to T5's width, f
 tokens (``max_sequence_length``; zeros of 77 tokens when T5 is absent, as SD3 allows); pooled =
 both CLIPs' projected end-of-text embeddings side by side.
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,7 +76,10 @@ class TextEncoderSource:
         """Identifies the encoders for a prompt cache."""
         if self.tiny:
             return TINY_KEY
-        parts = [str(Path(p).resolve()) if p else "" for p in (self.folder, self.clip_l, self.clip_g, self.t5 if self.use_t5 else None)]
+        parts = [
+            str(Path(p).resolve()) if p else ""
+            for p in (self.folder, self.clip_l, self.clip_g, self.t5 if self.use_t5 else None)
+        ]
         return "|".join(parts)
 
 
@@ -85,8 +89,17 @@ class TextEncoderSource:
 class SD3TextEncoders:
     """CLIP-L + CLIP-G (+ T5) with their tokenizers; ``encode(prompt)`` -> (embeds, pooled)."""
 
-    def __init__(self, clip_l, tokenizer_l, clip_g, tokenizer_g, t5=None, tokenizer_t5=None,
-                 joint_dim: int | None = None, max_sequence_length: int = 77):
+    def __init__(
+        self,
+        clip_l,
+        tokenizer_l,
+        clip_g,
+        tokenizer_g,
+        t5=None,
+        tokenizer_t5=None,
+        joint_dim: int | None = None,
+        max_sequence_length: int = 77,
+    ):
         self.clip_l, self.tokenizer_l = clip_l.eval(), tokenizer_l
         self.clip_g, self.tokenizer_g = clip_g.eval(), tokenizer_g
         self.t5 = t5.eval() if t5 is not None else None
@@ -108,7 +121,9 @@ class SD3TextEncoders:
         return next(model.parameters()).device
 
     def _clip(self, model, tokenizer, prompts: list[str]):
-        ids = tokenizer(prompts, padding="max_length", max_length=CLIP_TOKENS, truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=CLIP_TOKENS, truncation=True, return_tensors="pt"
+        ).input_ids
         out = model(ids.to(self._device(model)), output_hidden_states=True)
         return out.hidden_states[-2], out[0]  # penultimate layer (SD3's clip_skip None), projected pooled
 
@@ -121,8 +136,14 @@ class SD3TextEncoders:
         clip = torch.cat([hl.float().cpu(), hg.float().cpu()], dim=-1)
         clip = F.pad(clip, (0, self.joint_dim - clip.shape[-1]))
         if self.t5 is not None:
-            ids = self.tokenizer_t5(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
-                                    add_special_tokens=True, return_tensors="pt").input_ids
+            ids = self.tokenizer_t5(
+                prompts,
+                padding="max_length",
+                max_length=self.max_sequence_length,
+                truncation=True,
+                add_special_tokens=True,
+                return_tensors="pt",
+            ).input_ids
             t5 = self.t5(ids.to(self._device(self.t5)))[0].float().cpu()
         else:
             t5 = torch.zeros(len(prompts), CLIP_TOKENS, self.joint_dim)
@@ -132,8 +153,13 @@ class SD3TextEncoders:
     __call__ = encode
 
 
-def load_text_encoders(source: TextEncoderSource, device="cpu", dtype: torch.dtype = torch.float32,
-                       joint_dim: int | None = None, max_sequence_length: int = 77) -> SD3TextEncoders:
+def load_text_encoders(
+    source: TextEncoderSource,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    joint_dim: int | None = None,
+    max_sequence_length: int = 77,
+) -> SD3TextEncoders:
     """Build ``SD3TextEncoders`` from ``source``, offline. Raises ``ModelLoadError`` naming what is missing."""
     if source.tiny:
         return build_tiny_text_encoders(device=device, max_sequence_length=max_sequence_length)
@@ -154,7 +180,9 @@ def load_text_encoders(source: TextEncoderSource, device="cpu", dtype: torch.dty
     clip_g = _clip_from_file(files["clip_g"], "CLIP-G", dtype, tok_g).to(device)
     t5 = _t5_from_file(files["t5"], dtype).to(device) if files["t5"] is not None else None
     logger.info("text encoders: %s", ", ".join(f"{k}={v.name}" for k, v in files.items() if v is not None))
-    return SD3TextEncoders(clip_l, tok_l, clip_g, tok_g, t5, tok_t5, joint_dim=joint_dim, max_sequence_length=max_sequence_length)
+    return SD3TextEncoders(
+        clip_l, tok_l, clip_g, tok_g, t5, tok_t5, joint_dim=joint_dim, max_sequence_length=max_sequence_length
+    )
 
 
 def _from_diffusers(folder: Path, source: TextEncoderSource, device, dtype, joint_dim, max_len) -> SD3TextEncoders:
@@ -163,7 +191,9 @@ def _from_diffusers(folder: Path, source: TextEncoderSource, device, dtype, join
     need = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
     missing = [n for n in need if not (folder / n).is_dir()]
     if missing:
-        raise ModelLoadError(f"{folder} lacks {missing}: a diffusers SD3 folder has text_encoder(_2,_3) and tokenizer(_2,_3)")
+        raise ModelLoadError(
+            f"{folder} lacks {missing}: a diffusers SD3 folder has text_encoder(_2,_3) and tokenizer(_2,_3)"
+        )
 
     def tok(name):
         return AutoTokenizer.from_pretrained(str(folder / name), local_files_only=True)
@@ -182,9 +212,14 @@ def _from_diffusers(folder: Path, source: TextEncoderSource, device, dtype, join
     elif source.use_t5:
         logger.info("%s has no text_encoder_3: T5's part of the prompt is zeros (as SD3 allows)", folder)
     return SD3TextEncoders(
-        model(CLIPTextModelWithProjection, "text_encoder"), tok("tokenizer"),
-        model(CLIPTextModelWithProjection, "text_encoder_2"), tok("tokenizer_2"),
-        t5, tok_t5, joint_dim=joint_dim, max_sequence_length=max_len,
+        model(CLIPTextModelWithProjection, "text_encoder"),
+        tok("tokenizer"),
+        model(CLIPTextModelWithProjection, "text_encoder_2"),
+        tok("tokenizer_2"),
+        t5,
+        tok_t5,
+        joint_dim=joint_dim,
+        max_sequence_length=max_len,
     )
 
 
@@ -207,7 +242,7 @@ def _single_files(source: TextEncoderSource) -> dict[str, Path | None]:
             found[k] = Path(explicit)
     if not source.use_t5:
         found["t5"] = None
-    for k, p in found.items():
+    for p in found.values():
         if p is not None and not p.is_file():
             raise ModelLoadError(f"text encoder file not found: {p}")
     missing = [k for k in ("clip_l", "clip_g") if found[k] is None]
@@ -232,7 +267,9 @@ def _tokenizers_for_single_files(source: TextEncoderSource, need_t5: bool):
     else:
         comfy = _comfyui_package_dir()
         if comfy is not None:
-            candidates.append((comfy / "sd1_tokenizer", comfy / "sd1_tokenizer", comfy / "text_encoders" / "t5_tokenizer"))
+            candidates.append(
+                (comfy / "sd1_tokenizer", comfy / "sd1_tokenizer", comfy / "text_encoders" / "t5_tokenizer")
+            )
     for l_dir, g_dir, t5_dir in candidates:
         if l_dir.is_dir() and g_dir.is_dir():
             tok_l = AutoTokenizer.from_pretrained(str(l_dir), local_files_only=True)
@@ -315,12 +352,19 @@ def _clip_from_file(path: Path, what: str, dtype: torch.dtype, tokenizer):
         sd["text_projection.weight"] = torch.eye(hidden, dtype=dtype)
     proj = sd["text_projection.weight"].shape[0]
     config = CLIPTextConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64), max_position_embeddings=positions, projection_dim=proj,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=positions,
+        projection_dim=proj,
         # CLIP-L (OpenAI) uses quick_gelu, CLIP-G (OpenCLIP bigG) gelu; heads are 64 wide in both.
         hidden_act="quick_gelu" if hidden == 768 else "gelu",
         # The pooled output is read at the end-of-text token: take its id from the tokenizer.
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     with torch.device("meta"):
         model = CLIPTextModelWithProjection(config)
@@ -334,7 +378,9 @@ def _t5_from_file(path: Path, dtype: torch.dtype):
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
     if "shared.weight" not in sd or "encoder.block.0.layer.0.SelfAttention.q.weight" not in sd:
-        raise ModelLoadError(f"{path} is not a T5 encoder in transformers' layout (no shared.weight / encoder.block.0...)")
+        raise ModelLoadError(
+            f"{path} is not a T5 encoder in transformers' layout (no shared.weight / encoder.block.0...)"
+        )
     sd.setdefault("encoder.embed_tokens.weight", sd["shared.weight"])
     vocab, d_model = sd["shared.weight"].shape
     layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.block.")})
@@ -342,8 +388,17 @@ def _t5_from_file(path: Path, dtype: torch.dtype):
     inner = sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
     d_ff = sd["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"].shape[0]
-    config = T5Config(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=layers, num_heads=heads,
-                      feed_forward_proj="gated-gelu" if gated else "relu", is_encoder_decoder=False, use_cache=False)
+    config = T5Config(
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=inner // heads,
+        d_ff=d_ff,
+        num_layers=layers,
+        num_heads=heads,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
     with torch.device("meta"):
         model = T5EncoderModel(config)
     return _materialise(model, sd, path, "T5")
@@ -367,11 +422,18 @@ def tiny_tokenizer(kind: str):
             single="<|startoftext|> $A <|endoftext|>",
             special_tokens=[("<|startoftext|>", vocab["<|startoftext|>"]), ("<|endoftext|>", vocab["<|endoftext|>"])],
         )
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                       pad_token="<pad>", unk_token="<unk>", model_max_length=CLIP_TOKENS)
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            bos_token="<|startoftext|>",
+            eos_token="<|endoftext|>",
+            pad_token="<pad>",
+            unk_token="<unk>",
+            model_max_length=CLIP_TOKENS,
+        )
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                                   model_max_length=512)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=512
+    )
 
 
 def build_tiny_text_encoders(device="cpu", max_sequence_length: int = 77, seed: int | None = None) -> SD3TextEncoders:
@@ -388,17 +450,38 @@ def build_tiny_text_encoders(device="cpu", max_sequence_length: int = 77, seed: 
     clips = []
     for i in range(2):
         # One head and gelu: what a single file of this width is read back as (heads = max(1, width // 64)).
-        cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=joint // 2, intermediate_size=joint, num_hidden_layers=2,
-                             num_attention_heads=1, hidden_act="gelu", max_position_embeddings=CLIP_TOKENS,
-                             projection_dim=pooled // 2,
-                             bos_token_id=tok_clip.bos_token_id, eos_token_id=tok_clip.eos_token_id,
-                             pad_token_id=tok_clip.pad_token_id)
+        cfg = CLIPTextConfig(
+            vocab_size=vocab,
+            hidden_size=joint // 2,
+            intermediate_size=joint,
+            num_hidden_layers=2,
+            num_attention_heads=1,
+            hidden_act="gelu",
+            max_position_embeddings=CLIP_TOKENS,
+            projection_dim=pooled // 2,
+            bos_token_id=tok_clip.bos_token_id,
+            eos_token_id=tok_clip.eos_token_id,
+            pad_token_id=tok_clip.pad_token_id,
+        )
         model = CLIPTextModelWithProjection(cfg)
         _fill_deterministic(model, seed + i)
         clips.append(model.to(device))
-    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=joint, d_kv=8, d_ff=joint * 2, num_layers=2, num_heads=4,
-                                 feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
-                                 pad_token_id=tok_t5.pad_token_id, eos_token_id=tok_t5.eos_token_id))
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab,
+            d_model=joint,
+            d_kv=8,
+            d_ff=joint * 2,
+            num_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            use_cache=False,
+            pad_token_id=tok_t5.pad_token_id,
+            eos_token_id=tok_t5.eos_token_id,
+        )
+    )
     _fill_deterministic(t5, seed + 2)
-    return SD3TextEncoders(clips[0], tok_clip, clips[1], tok_clip, t5.to(device), tok_t5,
-                           max_sequence_length=max_sequence_length)
+    return SD3TextEncoders(
+        clips[0], tok_clip, clips[1], tok_clip, t5.to(device), tok_t5, max_sequence_length=max_sequence_length
+    )

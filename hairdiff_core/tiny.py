@@ -6,6 +6,7 @@ noise-like pictures. Its weights come from numpy's PCG64 generator seeded per pa
 which numpy keeps stable across versions and platforms, so the tiny model is the same on
 every machine and an adapter trained on it loads onto it later.
 """
+
 from __future__ import annotations
 
 import zlib

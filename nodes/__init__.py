@@ -3,6 +3,7 @@
 Imports are relative: ComfyUI loads the pack by file path and never puts it on ``sys.path``
 (and has a top-level ``nodes`` module of its own).
 """
+
 from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io

@@ -6,6 +6,7 @@ core lives here: loading the transformer through ComfyUI's memory management, Co
 SD3 latent format (:class:`ComfyVAECodec`), the progress bar with previews (which is also where
 Cancel raises), and giving memory back afterwards, also on error or Cancel.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,16 @@ def memory_estimate(model, photo: torch.Tensor, cfg: float):
     work = int(model.transformer.config.sample_size) * 8
     scale = min(1.0, math.sqrt(work * work / (H * W)))
     mode = model.reference.mode if model.reference is not None else "off"
-    return estimate_for(model.transformer, model.family, offload=model.offload, height=max(16, int(H * scale)),
-                        width=max(16, int(W * scale)), cfg=cfg, reference=mode, batch=B)
+    return estimate_for(
+        model.transformer,
+        model.family,
+        offload=model.offload,
+        height=max(16, int(H * scale)),
+        width=max(16, int(W * scale)),
+        cfg=cfg,
+        reference=mode,
+        batch=B,
+    )
 
 
 def memory_required(model, photo: torch.Tensor, cfg: float) -> int:
@@ -140,8 +149,14 @@ def sampling_session(model, photo: torch.Tensor, cfg: float, steps: int, vae=Non
     own_vae_device = next(own_vae.parameters()).device if own_vae is not None else None
     codec = ComfyVAECodec(vae, latent_format, device, reload=load) if vae is not None else None
     try:
-        pipe = HairDiffPipeline(transformer, own_vae, device=device, dtype=model.dtype,
-                                offload="blocks" if model.offload == "blocks" else "none", codec=codec)
+        pipe = HairDiffPipeline(
+            transformer,
+            own_vae,
+            device=device,
+            dtype=model.dtype,
+            offload="blocks" if model.offload == "blocks" else "none",
+            codec=codec,
+        )
         pbar = comfy.utils.ProgressBar(int(steps))
         previewer = latent_preview.get_previewer(device, latent_format)
 

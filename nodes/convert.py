@@ -5,12 +5,12 @@ ComfyUI: IMAGE (B, H, W, C) float in [0, 1]; MASK (B, H, W) (also seen as (H, W)
 [[embeds (B, L, D), {"pooled_output": (B, P), ...}], ...]. The core: NCHW float tensors and
 SD3-scaled latents (``(raw - 0.0609) * 1.5305``, ComfyUI's ``latent_formats.SD3.process_in``).
 """
+
 from __future__ import annotations
 
 import torch
 
 from ..hairdiff_core.errors import HairDiffError, InputError
-
 
 _SHORT_CLASSES: dict[type, type] = {}
 
@@ -61,7 +61,9 @@ def check_combos(node_cls, values: dict) -> bool | str:
             continue
         value = values[inp.id]
         if value not in options:
-            shown = ", ".join(repr(o) for o in options[:20]) + (f" (and {len(options) - 20} more)" if len(options) > 20 else "")
+            shown = ", ".join(repr(o) for o in options[:20]) + (
+                f" (and {len(options) - 20} more)" if len(options) > 20 else ""
+            )
             problems.append(f"input '{inp.id}' is {value!r}; allowed: {shown}")
     if not problems:
         return True
@@ -71,13 +73,21 @@ def check_combos(node_cls, values: dict) -> bool | str:
 def image_to_nchw(image, node: str, input_name: str) -> torch.Tensor:
     """IMAGE (B, H, W, C) -> (B, C, H, W) float32 in [0, 1] (a new tensor: inputs stay untouched)."""
     if not isinstance(image, torch.Tensor):
-        raise node_error(node, input_name, f"expected an IMAGE tensor, got {type(image).__name__}",
-                         "connect an IMAGE output (e.g. Load Image)")
+        raise node_error(
+            node,
+            input_name,
+            f"expected an IMAGE tensor, got {type(image).__name__}",
+            "connect an IMAGE output (e.g. Load Image)",
+        )
     if image.ndim == 3:
         image = image.unsqueeze(0)
     if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
-        raise node_error(node, input_name, f"expected an IMAGE of shape (B, H, W, 3), got {tuple(image.shape)}",
-                         "connect an IMAGE output, not a MASK or LATENT")
+        raise node_error(
+            node,
+            input_name,
+            f"expected an IMAGE of shape (B, H, W, 3), got {tuple(image.shape)}",
+            "connect an IMAGE output, not a MASK or LATENT",
+        )
     if image.shape[1] < 2 or image.shape[2] < 2:
         raise node_error(node, input_name, f"image is {image.shape[2]}x{image.shape[1]} px", "use a real image")
     return image.movedim(-1, 1).float().clamp(0, 1).contiguous()
@@ -92,15 +102,23 @@ def nchw_to_image(x: torch.Tensor, device=None) -> torch.Tensor:
 def mask_to_nchw(mask, node: str, input_name: str) -> torch.Tensor:
     """MASK (H, W), (B, H, W) or (B, 1, H, W) -> (B, 1, H, W) float32 in [0, 1]."""
     if not isinstance(mask, torch.Tensor):
-        raise node_error(node, input_name, f"expected a MASK tensor, got {type(mask).__name__}",
-                         "connect a MASK output (e.g. Image To Mask, or Load Image's MASK)")
+        raise node_error(
+            node,
+            input_name,
+            f"expected a MASK tensor, got {type(mask).__name__}",
+            "connect a MASK output (e.g. Image To Mask, or Load Image's MASK)",
+        )
     if mask.ndim == 2:
         mask = mask.unsqueeze(0)
     if mask.ndim == 4 and mask.shape[1] == 1:
         mask = mask[:, 0]
     if mask.ndim != 3:
-        raise node_error(node, input_name, f"expected a MASK of shape (B, H, W), got {tuple(mask.shape)}",
-                         "convert an IMAGE with Image To Mask first")
+        raise node_error(
+            node,
+            input_name,
+            f"expected a MASK of shape (B, H, W), got {tuple(mask.shape)}",
+            "convert an IMAGE with Image To Mask first",
+        )
     return mask.unsqueeze(1).float().clamp(0, 1).contiguous()
 
 
@@ -112,28 +130,45 @@ def nchw_to_mask(x: torch.Tensor, device=None) -> torch.Tensor:
 
 def check_batch(n: int, batch: int, node: str, input_name: str, other: str) -> None:
     if n not in (1, batch):
-        raise node_error(node, input_name, f"has a batch of {n} but '{other}' has {batch}",
-                         f"give 1 item (used for all) or {batch}")
+        raise node_error(
+            node, input_name, f"has a batch of {n} but '{other}' has {batch}", f"give 1 item (used for all) or {batch}"
+        )
 
 
 def conditioning_to_embeds(cond, node: str, input_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """CONDITIONING from ComfyUI's SD3 text encoders -> (prompt_embeds, pooled_prompt_embeds)."""
     if not isinstance(cond, (list, tuple)) or not cond:
-        raise node_error(node, input_name, "expected a CONDITIONING (a non-empty list)",
-                         "connect CLIP Text Encode fed by an SD3 text encoder loader")
+        raise node_error(
+            node,
+            input_name,
+            "expected a CONDITIONING (a non-empty list)",
+            "connect CLIP Text Encode fed by an SD3 text encoder loader",
+        )
     if len(cond) > 1:
-        raise node_error(node, input_name, f"has {len(cond)} conditioning entries (combined or area conditioning)",
-                         "HairDiff takes one prompt; use a single CLIP Text Encode (Conditioning Concat is fine)")
+        raise node_error(
+            node,
+            input_name,
+            f"has {len(cond)} conditioning entries (combined or area conditioning)",
+            "HairDiff takes one prompt; use a single CLIP Text Encode (Conditioning Concat is fine)",
+        )
     entry = cond[0]
     embeds = entry[0]
     extra = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
     pooled = extra.get("pooled_output")
     if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
-        raise node_error(node, input_name, "the conditioning tensor is not (B, tokens, dim)",
-                         "use ComfyUI's SD3 text encoders (Triple CLIP Loader + CLIP Text Encode)")
+        raise node_error(
+            node,
+            input_name,
+            "the conditioning tensor is not (B, tokens, dim)",
+            "use ComfyUI's SD3 text encoders (Triple CLIP Loader + CLIP Text Encode)",
+        )
     if pooled is None:
-        raise node_error(node, input_name, "the conditioning has no pooled output, which SD3 needs",
-                         "use ComfyUI's SD3 text encoders (Triple CLIP Loader + CLIP Text Encode)")
+        raise node_error(
+            node,
+            input_name,
+            "the conditioning has no pooled output, which SD3 needs",
+            "use ComfyUI's SD3 text encoders (Triple CLIP Loader + CLIP Text Encode)",
+        )
     return embeds.float(), pooled.float()
 
 

@@ -1,4 +1,5 @@
 """Preprocessing nodes: Sketch Preprocess and Hair Matte (pure tensor work, no model)."""
+
 from __future__ import annotations
 
 import logging
@@ -52,24 +53,50 @@ class SketchPreprocess(io.ComfyNode):
                 "thickens strokes and resizes the sketch to the photo. Shows the result."
             ),
             inputs=[
-                io.Image.Input("sketch", tooltip="The sketch image: strokes on a plain background (white, black or transparent)."),
-                io.Combo.Input("background", options=["auto", "light", "dark"], default="auto",
-                               tooltip="The sketch's background: auto detects it from the image border; light = "
-                                       "strokes drawn on white paper, dark = strokes on black."),
-                io.Boolean.Input("invert", default=False,
-                                 tooltip="Invert the sketch's values before anything else (for a negative scan)."),
-                io.Float.Input("threshold", default=0.2, min=0.01, max=0.99, step=0.01,
-                               tooltip="Colour distance from the background above which a pixel counts as a stroke; "
-                                       "higher ignores faint marks and paper texture, lower keeps light strokes."),
-                io.Int.Input("thickness_px", default=0, min=0, max=MAX_PX,
-                             tooltip="Grow every stroke by this many pixels (at the sketch's size); thin pen lines "
-                                     "from a tablet often need 1-3 px to survive the 8x downsampling of the VAE."),
-                io.Image.Input("photo", optional=True,
-                               tooltip="Optional: the photo; the sketch is resized to its size (same aspect ratio required)."),
+                io.Image.Input(
+                    "sketch", tooltip="The sketch image: strokes on a plain background (white, black or transparent)."
+                ),
+                io.Combo.Input(
+                    "background",
+                    options=["auto", "light", "dark"],
+                    default="auto",
+                    tooltip="The sketch's background: auto detects it from the image border; light = "
+                    "strokes drawn on white paper, dark = strokes on black.",
+                ),
+                io.Boolean.Input(
+                    "invert",
+                    default=False,
+                    tooltip="Invert the sketch's values before anything else (for a negative scan).",
+                ),
+                io.Float.Input(
+                    "threshold",
+                    default=0.2,
+                    min=0.01,
+                    max=0.99,
+                    step=0.01,
+                    tooltip="Colour distance from the background above which a pixel counts as a stroke; "
+                    "higher ignores faint marks and paper texture, lower keeps light strokes.",
+                ),
+                io.Int.Input(
+                    "thickness_px",
+                    default=0,
+                    min=0,
+                    max=MAX_PX,
+                    tooltip="Grow every stroke by this many pixels (at the sketch's size); thin pen lines "
+                    "from a tablet often need 1-3 px to survive the 8x downsampling of the VAE.",
+                ),
+                io.Image.Input(
+                    "photo",
+                    optional=True,
+                    tooltip="Optional: the photo; the sketch is resized to its size (same aspect ratio required).",
+                ),
             ],
             outputs=[
-                io.Image.Output("canonical_sketch", display_name="sketch",
-                                tooltip="Strokes in their colour on black, the form the sampler encodes."),
+                io.Image.Output(
+                    "canonical_sketch",
+                    display_name="sketch",
+                    tooltip="Strokes in their colour on black, the form the sampler encodes.",
+                ),
                 io.Mask.Output("strokes", display_name="strokes", tooltip="Where the strokes are (1) and are not (0)."),
             ],
         )
@@ -79,7 +106,9 @@ class SketchPreprocess(io.ComfyNode):
         return check_combos(cls, {"background": background})
 
     @classmethod
-    def execute(cls, sketch, background="auto", invert=False, threshold=0.2, thickness_px=0, photo=None) -> io.NodeOutput:
+    def execute(
+        cls, sketch, background="auto", invert=False, threshold=0.2, thickness_px=0, photo=None
+    ) -> io.NodeOutput:
         node = "HairDiff Sketch Preprocess"
         x = image_to_nchw(sketch, node, "sketch")
         if photo is not None:
@@ -119,30 +148,66 @@ class HairMatte(io.ComfyNode):
                 "else) untouched. Connect the photo to preview the matte over it."
             ),
             inputs=[
-                io.Int.Input("grow_px", default=0, min=-MAX_PX, max=MAX_PX,
-                             tooltip="Grow (positive) or shrink (negative) the matte by this many pixels; grow it "
-                                     "when the new hair should reach past the old hairline."),
-                io.Float.Input("feather_sigma", default=4.0, min=0.0, max=100.0, step=0.5,
-                               tooltip="Gaussian feather of the output in pixels at the mask's size (0 = hard edge); "
-                                       "the sampler applies its own feather too, this mainly smooths the contour."),
-                io.Float.Input("threshold", default=0.5, min=0.01, max=0.99, step=0.01,
-                               tooltip="Mask values above this count as hair before growing/feathering; lower "
-                                       "includes soft, semi-transparent edges of a painted matte."),
-                io.Int.Input("sketch_dilate_px", default=16, min=0, max=MAX_PX,
-                             tooltip="For the sketch's region: close gaps between strokes and pad the region by "
-                                     "this many pixels; raise it for sparse, open sketches."),
-                io.Combo.Input("mode", options=list(M.MATTE_MODES), default="union",
-                               tooltip="union = the old hair's mask plus the sketch's region (whatever is connected); "
-                                       "mask = the mask alone; sketch = the region the strokes outline alone."),
-                io.Mask.Input("mask", optional=True,
-                              tooltip="The old hair (white = hair), e.g. from a segmentation node or the mask editor."),
-                io.Image.Input("sketch", optional=True,
-                               tooltip="The sketch: its strokes and what they enclose become part of the matte."),
-                io.Mask.Input("exclude", optional=True,
-                              tooltip="What must stay as it is (white = protected): the face, eyes, a hand. Taken "
-                                      "out of the matte last, after growing."),
-                io.Image.Input("photo", optional=True,
-                               tooltip="Optional: the photo, for the preview (the matte tinted over it)."),
+                io.Int.Input(
+                    "grow_px",
+                    default=0,
+                    min=-MAX_PX,
+                    max=MAX_PX,
+                    tooltip="Grow (positive) or shrink (negative) the matte by this many pixels; grow it "
+                    "when the new hair should reach past the old hairline.",
+                ),
+                io.Float.Input(
+                    "feather_sigma",
+                    default=4.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.5,
+                    tooltip="Gaussian feather of the output in pixels at the mask's size (0 = hard edge); "
+                    "the sampler applies its own feather too, this mainly smooths the contour.",
+                ),
+                io.Float.Input(
+                    "threshold",
+                    default=0.5,
+                    min=0.01,
+                    max=0.99,
+                    step=0.01,
+                    tooltip="Mask values above this count as hair before growing/feathering; lower "
+                    "includes soft, semi-transparent edges of a painted matte.",
+                ),
+                io.Int.Input(
+                    "sketch_dilate_px",
+                    default=16,
+                    min=0,
+                    max=MAX_PX,
+                    tooltip="For the sketch's region: close gaps between strokes and pad the region by "
+                    "this many pixels; raise it for sparse, open sketches.",
+                ),
+                io.Combo.Input(
+                    "mode",
+                    options=list(M.MATTE_MODES),
+                    default="union",
+                    tooltip="union = the old hair's mask plus the sketch's region (whatever is connected); "
+                    "mask = the mask alone; sketch = the region the strokes outline alone.",
+                ),
+                io.Mask.Input(
+                    "mask",
+                    optional=True,
+                    tooltip="The old hair (white = hair), e.g. from a segmentation node or the mask editor.",
+                ),
+                io.Image.Input(
+                    "sketch",
+                    optional=True,
+                    tooltip="The sketch: its strokes and what they enclose become part of the matte.",
+                ),
+                io.Mask.Input(
+                    "exclude",
+                    optional=True,
+                    tooltip="What must stay as it is (white = protected): the face, eyes, a hand. Taken "
+                    "out of the matte last, after growing.",
+                ),
+                io.Image.Input(
+                    "photo", optional=True, tooltip="Optional: the photo, for the preview (the matte tinted over it)."
+                ),
             ],
             outputs=[io.Mask.Output("matte", display_name="matte", tooltip="The soft hair matte (B, H, W) in [0, 1].")],
         )
@@ -152,12 +217,26 @@ class HairMatte(io.ComfyNode):
         return check_combos(cls, {"mode": mode})
 
     @classmethod
-    def execute(cls, grow_px=0, feather_sigma=4.0, threshold=0.5, sketch_dilate_px=16, mode="union", mask=None,
-                sketch=None, exclude=None, photo=None) -> io.NodeOutput:
+    def execute(
+        cls,
+        grow_px=0,
+        feather_sigma=4.0,
+        threshold=0.5,
+        sketch_dilate_px=16,
+        mode="union",
+        mask=None,
+        sketch=None,
+        exclude=None,
+        photo=None,
+    ) -> io.NodeOutput:
         node = "HairDiff Hair Matte"
         if mask is None and sketch is None:
-            raise node_error(node, "mask", "neither 'mask' nor 'sketch' is connected",
-                             "connect the old hair's MASK, a sketch outlining the new hair, or both")
+            raise node_error(
+                node,
+                "mask",
+                "neither 'mask' nor 'sketch' is connected",
+                "connect the old hair's MASK, a sketch outlining the new hair, or both",
+            )
         m = mask_to_nchw(mask, node, "mask") if mask is not None else None
         s = image_to_nchw(sketch, node, "sketch") if sketch is not None else None
         x = mask_to_nchw(exclude, node, "exclude") if exclude is not None else None
@@ -171,14 +250,29 @@ class HairMatte(io.ComfyNode):
             x = None
         try:
             composed = M.compose_matte(
-                m, s, x, mode=mode, threshold=float(threshold), sketch_dilate_px=int(sketch_dilate_px),
-                grow_px=int(grow_px), feather_px=float(feather_sigma),
+                m,
+                s,
+                x,
+                mode=mode,
+                threshold=float(threshold),
+                sketch_dilate_px=int(sketch_dilate_px),
+                grow_px=int(grow_px),
+                feather_px=float(feather_sigma),
                 size=tuple(p.shape[-2:]) if p is not None else None,
             )
         except HairDiffError as exc:
             text = str(exc)
-            bad = ("grow_px" if "shrinking" in text else "exclude" if "exclusion" in text
-                   else "mode" if "mode" in text else "sketch" if m is None or "sketch" in text.split(";")[0] else "mask")
+            bad = (
+                "grow_px"
+                if "shrinking" in text
+                else "exclude"
+                if "exclusion" in text
+                else "mode"
+                if "mode" in text
+                else "sketch"
+                if m is None or "sketch" in text.split(";")[0]
+                else "mask"
+            )
             raise node_error(node, bad, exc) from exc
         for line in composed.warnings:
             logger.warning("%s: %s", node, line)

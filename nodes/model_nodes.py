@@ -7,6 +7,7 @@ and per-run settings (reference attention). Nodes that change it return a new va
 ``dataclasses.replace`` and, for weights, a ``clone()`` of the patcher: ComfyUI caches node
 outputs and hands the same object to every branch, so nothing upstream ever changes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +30,7 @@ TOY = "toy (synthetic portraits + its adapter)"
 NONE = "none"
 MODEL_FOLDER = "hairdiff"
 HairDiffModelType = io.Custom("HAIRDIFF_MODEL")
+
 
 class HairDiffModule(torch.nn.Module):
     """What the ModelPatcher wraps: ComfyUI sets plain attributes (``device``, load counters) on
@@ -60,7 +62,7 @@ class HairDiffModel:
     def transformer(self) -> torch.nn.Module:
         return self.patcher.model.transformer
 
-    def replace(self, **changes: Any) -> "HairDiffModel":
+    def replace(self, **changes: Any) -> HairDiffModel:
         return dataclasses.replace(self, **changes)
 
 
@@ -138,8 +140,13 @@ def _gguf_files() -> list[str]:
 
 
 def base_model_options() -> list[str]:
-    return ([TINY, TOY] + _safetensors("checkpoints") + _safetensors("diffusion_models") + _gguf_files()
-            + _diffusers_folders())
+    return (
+        [TINY, TOY]
+        + _safetensors("checkpoints")
+        + _safetensors("diffusion_models")
+        + _gguf_files()
+        + _diffusers_folders()
+    )
 
 
 def adapter_options() -> list[str]:
@@ -182,8 +189,7 @@ def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
 
 
-def _settle_memory(transformer: torch.nn.Module, family: str, weights: str, offload: str,
-                   device: torch.device) -> str:
+def _settle_memory(transformer: torch.nn.Module, family: str, weights: str, offload: str, device: torch.device) -> str:
     """Resolve "auto" weights/offload from the VRAM ComfyUI reports free (for a 1024² call with
     reference attention); fp8 storage is applied here when auto picks it. Returns the offload."""
     import comfy.model_management as mm
@@ -198,14 +204,27 @@ def _settle_memory(transformer: torch.nn.Module, family: str, weights: str, offl
     # An fp8 file loaded with auto is already fp8; bf16/fp16 files may still go to fp8.
     fixed = "auto" if weights == "auto" and current in ("bf16", "fp16", "fp32") else current
     side = int(transformer.config.sample_size) * 8
-    known = family if family != "custom" else {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+    known = (
+        family if family != "custom" else {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+    )
     chosen_weights, chosen_offload, est = choose_settings(
-        known, mm.get_free_memory(device), weights=fixed, offload=offload,
-        compute_dtype=transformer.pos_embed.proj.weight.dtype, height=side, width=side, reference="once")
+        known,
+        mm.get_free_memory(device),
+        weights=fixed,
+        offload=offload,
+        compute_dtype=transformer.pos_embed.proj.weight.dtype,
+        height=side,
+        width=side,
+        reference="once",
+    )
     if chosen_weights not in (current, "auto"):
         apply_weights(transformer, chosen_weights)
-    logger.info("HairDiff memory: weights %s, offload %s, predicted peak %.1f GB", chosen_weights, chosen_offload,
-                est.total / 2**30)
+    logger.info(
+        "HairDiff memory: weights %s, offload %s, predicted peak %.1f GB",
+        chosen_weights,
+        chosen_offload,
+        est.total / 2**30,
+    )
     return chosen_offload
 
 
@@ -237,46 +256,86 @@ class LoadHairDiffModel(io.ComfyNode):
                 "adapter (used when adapter is 'none'): the sketch steers its strands."
             ),
             inputs=[
-                io.Combo.Input("base_model", options=base_model_options(), default=TINY,
-                               tooltip="The SD3/SD3.5 base model (folder/name), or the built-in tiny model for a "
-                                       "wiring check without any files."),
-                io.Combo.Input("adapter", options=adapter_options(), default=NONE,
-                               tooltip="The trained HairDiff adapter (.safetensors: LoRA + sketch channels) from "
-                                       "models/hairdiff or models/loras; 'none' runs the widened base model untrained."),
-                io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
-                               tooltip="Weight precision: auto = bf16 on GPUs that support it, else fp32; fp16 can "
-                                       "overflow (NaN) on SD3.5."),
-                io.Combo.Input("device", options=["auto", "cpu"], default="auto",
-                               tooltip="auto = ComfyUI's device with ComfyUI's memory management; cpu = always run "
-                                       "on the CPU (slow, for machines without a GPU)."),
-                io.Combo.Input("weights", options=list(WEIGHTS), default="auto", optional=True,
-                               tooltip="How the transformer's weights are stored (computed in 'dtype'): fp8 halves "
-                                       "bf16's memory (SD3.5 Large 16 -> 8 GB). auto = an fp8 file's own fp8; other "
-                                       "files stay in 'dtype' unless they would not fit the free VRAM, then fp8."),
-                io.Combo.Input("offload", options=list(OFFLOADS), default="auto", optional=True,
-                               tooltip="blocks = only one or two transformer blocks on the GPU at a time (SD3.5 Large "
-                                       "in about 3 GB, slower); model = the whole transformer on the GPU while "
-                                       "sampling, given back after; none = stays loaded (ComfyUI evicts it when "
-                                       "needed); auto = none if it fits the free VRAM, else blocks."),
+                io.Combo.Input(
+                    "base_model",
+                    options=base_model_options(),
+                    default=TINY,
+                    tooltip="The SD3/SD3.5 base model (folder/name), or the built-in tiny model for a "
+                    "wiring check without any files.",
+                ),
+                io.Combo.Input(
+                    "adapter",
+                    options=adapter_options(),
+                    default=NONE,
+                    tooltip="The trained HairDiff adapter (.safetensors: LoRA + sketch channels) from "
+                    "models/hairdiff or models/loras; 'none' runs the widened base model untrained.",
+                ),
+                io.Combo.Input(
+                    "dtype",
+                    options=["auto", "bf16", "fp16", "fp32"],
+                    default="auto",
+                    tooltip="Weight precision: auto = bf16 on GPUs that support it, else fp32; fp16 can "
+                    "overflow (NaN) on SD3.5.",
+                ),
+                io.Combo.Input(
+                    "device",
+                    options=["auto", "cpu"],
+                    default="auto",
+                    tooltip="auto = ComfyUI's device with ComfyUI's memory management; cpu = always run "
+                    "on the CPU (slow, for machines without a GPU).",
+                ),
+                io.Combo.Input(
+                    "weights",
+                    options=list(WEIGHTS),
+                    default="auto",
+                    optional=True,
+                    tooltip="How the transformer's weights are stored (computed in 'dtype'): fp8 halves "
+                    "bf16's memory (SD3.5 Large 16 -> 8 GB). auto = an fp8 file's own fp8; other "
+                    "files stay in 'dtype' unless they would not fit the free VRAM, then fp8.",
+                ),
+                io.Combo.Input(
+                    "offload",
+                    options=list(OFFLOADS),
+                    default="auto",
+                    optional=True,
+                    tooltip="blocks = only one or two transformer blocks on the GPU at a time (SD3.5 Large "
+                    "in about 3 GB, slower); model = the whole transformer on the GPU while "
+                    "sampling, given back after; none = stays loaded (ComfyUI evicts it when "
+                    "needed); auto = none if it fits the free VRAM, else blocks.",
+                ),
             ],
-            outputs=[HairDiffModelType.Output("hairdiff_model", display_name="model",
-                                              tooltip="The HairDiff model for the HairDiff nodes.")],
+            outputs=[
+                HairDiffModelType.Output(
+                    "hairdiff_model", display_name="model", tooltip="The HairDiff model for the HairDiff nodes."
+                )
+            ],
         )
 
     @classmethod
-    def validate_inputs(cls, base_model=None, adapter=None, dtype=None, device=None, weights=None,
-                        offload=None) -> bool | str:
+    def validate_inputs(
+        cls, base_model=None, adapter=None, dtype=None, device=None, weights=None, offload=None
+    ) -> bool | str:
         """Refuse unknown choices and missing model files at /prompt time (ComfyUI does not check
         V3 combo values itself): each wrong input is named with its allowed values."""
-        verdict = check_combos(cls, {"base_model": base_model, "adapter": adapter, "dtype": dtype, "device": device,
-                                     "weights": weights, "offload": offload})
+        verdict = check_combos(
+            cls,
+            {
+                "base_model": base_model,
+                "adapter": adapter,
+                "dtype": dtype,
+                "device": device,
+                "weights": weights,
+                "offload": offload,
+            },
+        )
         if verdict is True:
             return True
         return verdict + " -> for a model file: put it in ComfyUI's model folders (press R to refresh) or pick another"
 
     @classmethod
-    def execute(cls, base_model=TINY, adapter=NONE, dtype="auto", device="auto", weights="auto",
-                offload="auto") -> io.NodeOutput:
+    def execute(
+        cls, base_model=TINY, adapter=NONE, dtype="auto", device="auto", weights="auto", offload="auto"
+    ) -> io.NodeOutput:
         import comfy.model_management as mm
 
         from ..hairdiff_core.loading import load_models
@@ -288,26 +347,37 @@ class LoadHairDiffModel(io.ComfyNode):
         tiny = base_model == TINY
         try:
             if tiny:
-                loaded = load_models(tiny=True, dtype=torch_dtype, device=offload_device, vae_dtype=torch.float32,
-                                     weights=weights)
+                loaded = load_models(
+                    tiny=True, dtype=torch_dtype, device=offload_device, vae_dtype=torch.float32, weights=weights
+                )
             elif base_model == TOY:
-                loaded = load_models(toy=True, dtype=torch_dtype, device=offload_device, vae_dtype=torch.float32,
-                                     weights=weights)
+                loaded = load_models(
+                    toy=True, dtype=torch_dtype, device=offload_device, vae_dtype=torch.float32, weights=weights
+                )
             elif base_model.startswith(("diffusion_models/", "unet_gguf/")):
                 # Transformer-only files (GGUF too): the sampler takes ComfyUI's VAE.
                 from ..hairdiff_core.loading import FAMILY_NAMES, LoadedModels, load_transformer
 
                 path = resolve(base_model, node, "base_model")
                 transformer, family = load_transformer(path, dtype=torch_dtype, device=offload_device, weights=weights)
-                loaded = LoadedModels(transformer=transformer, vae=None, family=family,
-                                      source=f"{FAMILY_NAMES[family]}: transformer file {path}")
+                loaded = LoadedModels(
+                    transformer=transformer,
+                    vae=None,
+                    family=family,
+                    source=f"{FAMILY_NAMES[family]}: transformer file {path}",
+                )
             else:
                 path = resolve(base_model, node, "base_model")
-                loaded = load_models(path, dtype=torch_dtype, device=offload_device, vae_dtype=torch.float32,
-                                     weights=weights)
+                loaded = load_models(
+                    path, dtype=torch_dtype, device=offload_device, vae_dtype=torch.float32, weights=weights
+                )
         except HairDiffError as exc:
-            raise node_error(node, input_of(exc, {"model": "base_model"}, "base_model"), exc,
-                             "pick an SD3/SD3.5 model, or the tiny model") from exc
+            raise node_error(
+                node,
+                input_of(exc, {"model": "base_model"}, "base_model"),
+                exc,
+                "pick an SD3/SD3.5 model, or the tiny model",
+            ) from exc
         transformer = loaded.transformer
         if base_model == TOY and adapter == NONE:
             from ..hairdiff_core.adapter import load_adapter
@@ -340,8 +410,14 @@ class LoadHairDiffModel(io.ComfyNode):
             offload=offload,
             run_device=load_device,
         )
-        logger.info("HairDiff model ready: %s (%s, %s, weights %s, offload %s)", model.source, model.family,
-                    torch_dtype, weights_of(transformer), offload)
+        logger.info(
+            "HairDiff model ready: %s (%s, %s, weights %s, offload %s)",
+            model.source,
+            model.family,
+            torch_dtype,
+            weights_of(transformer),
+            offload,
+        )
         return io.NodeOutput(model)
 
 
@@ -362,7 +438,7 @@ def lora_key_map(module: torch.nn.Module) -> dict[str, str]:
             weight = f"{name}.weight"
         else:
             continue
-        bare = name[len("transformer."):] if name.startswith("transformer.") else name
+        bare = name[len("transformer.") :] if name.startswith("transformer.") else name
         out[bare] = weight
         for prefix in LORA_KEY_PREFIXES:
             out[prefix + bare] = weight
@@ -382,14 +458,26 @@ class HairDiffLoRA(io.ComfyNode):
             ),
             inputs=[
                 HairDiffModelType.Input("model", tooltip="The HairDiff model to add the LoRA to (it stays unchanged)."),
-                io.Combo.Input("lora_name", options=lora_options(),
-                               tooltip="The LoRA file from models/loras or models/hairdiff (.safetensors)."),
-                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="How strongly the LoRA applies: 0 = not at all, 1 = as trained, negative "
-                                       "values push away from it."),
+                io.Combo.Input(
+                    "lora_name",
+                    options=lora_options(),
+                    tooltip="The LoRA file from models/loras or models/hairdiff (.safetensors).",
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=-10.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="How strongly the LoRA applies: 0 = not at all, 1 = as trained, negative "
+                    "values push away from it.",
+                ),
             ],
-            outputs=[HairDiffModelType.Output("model_with_lora", display_name="model",
-                                              tooltip="A new HairDiff model with the LoRA applied.")],
+            outputs=[
+                HairDiffModelType.Output(
+                    "model_with_lora", display_name="model", tooltip="A new HairDiff model with the LoRA applied."
+                )
+            ],
         )
 
     @classmethod
@@ -405,8 +493,9 @@ class HairDiffLoRA(io.ComfyNode):
 
         node = "HairDiff LoRA"
         if not isinstance(model, HairDiffModel):
-            raise node_error(node, "model", f"expected a HAIRDIFF_MODEL, got {type(model).__name__}",
-                             "connect Load HairDiff Model")
+            raise node_error(
+                node, "model", f"expected a HAIRDIFF_MODEL, got {type(model).__name__}", "connect Load HairDiff Model"
+            )
         path = resolve(lora_name, node, "lora_name")
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -420,9 +509,12 @@ class HairDiffLoRA(io.ComfyNode):
         patches = comfy.lora.load_lora(sd, lora_key_map(model.patcher.model), log_missing=False)
         if not patches:
             sample = ", ".join(sorted(sd)[:3])
-            raise node_error(node, "lora_name", f"{lora_name} has no LoRA weights for this SD3 transformer "
-                                                f"(keys look like: {sample})",
-                             "use a diffusers/PEFT-format SD3/SD3.5 LoRA made for this base model")
+            raise node_error(
+                node,
+                "lora_name",
+                f"{lora_name} has no LoRA weights for this SD3 transformer (keys look like: {sample})",
+                "use a diffusers/PEFT-format SD3/SD3.5 LoRA made for this base model",
+            )
         patcher = model.patcher.clone()
         added = patcher.add_patches(patches, float(strength))
         logger.info("HairDiff LoRA %s: %d weights patched at strength %s", lora_name, len(added), strength)
@@ -442,53 +534,126 @@ class HairDiffReferenceAttention(io.ComfyNode):
                 "attached; the incoming model is unchanged."
             ),
             inputs=[
-                HairDiffModelType.Input("model", tooltip="The HairDiff model to attach the settings to (it stays unchanged)."),
-                io.Combo.Input("mode", options=["once", "per_step", "off"], default="once",
-                               tooltip="once = one reference pass reused for every step (about 1x cost); per_step = a "
-                                       "reference pass at every step (faithful, about 2x cost); off = no reference."),
-                io.Float.Input("weight_inside", default=0.5, min=0.0, max=4.0, step=0.05,
-                               tooltip="How strongly the new hair sees the photo: higher takes more of its light, "
-                                       "too high pulls toward copying it; 0 = not at all."),
-                io.Float.Input("weight_outside", default=1.0, min=0.0, max=4.0, step=0.05,
-                               tooltip="How strongly pixels outside the hair see the photo (1 = like their own keys)."),
-                io.Float.Input("suppress_self_outside", default=0.0, min=0.0, max=1.0, step=0.05,
-                               tooltip="Down-weights the generation's own keys outside the hair (1 = they read the "
-                                       "photo almost only from the reference)."),
-                io.Float.Input("key_weight_inside", default=0.0, min=0.0, max=1.0, step=0.05,
-                               tooltip="Weight of the photo's keys inside the matte, which carry the OLD hair: 0 "
-                                       "excludes them (no old style leaks in), 1 keeps them."),
-                io.Combo.Input("reference_input", options=["photo", "filled"], default="photo",
-                               tooltip="photo = the original photo; filled = a copy with the hair region filled from "
-                                       "its surroundings (even less of the old hair)."),
-                io.Combo.Input("reference_noise", options=["auto", "clean", "matched"], default="auto", optional=True,
-                               tooltip="What the look at the photo sees: clean = the photo itself at every step (the "
-                                       "published method), matched = the photo as noisy as the image being drawn; "
-                                       "auto = clean for per_step, matched for once."),
-                io.Combo.Input("key_pool", options=["1", "2", "4"], default="1", optional=True,
-                               tooltip="Key budget: average the photo's keys over NxN token cells (2 = 4x fewer "
-                                       "reference keys, cheaper attention; 1 = every key)."),
-                io.Int.Input("key_ring", default=0, min=0, max=256, optional=True,
-                             tooltip="Key budget: only the photo's keys within this many tokens (16 px each) of the "
-                                     "matte; 0 = all of them."),
+                HairDiffModelType.Input(
+                    "model", tooltip="The HairDiff model to attach the settings to (it stays unchanged)."
+                ),
+                io.Combo.Input(
+                    "mode",
+                    options=["once", "per_step", "off"],
+                    default="once",
+                    tooltip="once = one reference pass reused for every step (about 1x cost); per_step = a "
+                    "reference pass at every step (faithful, about 2x cost); off = no reference.",
+                ),
+                io.Float.Input(
+                    "weight_inside",
+                    default=0.5,
+                    min=0.0,
+                    max=4.0,
+                    step=0.05,
+                    tooltip="How strongly the new hair sees the photo: higher takes more of its light, "
+                    "too high pulls toward copying it; 0 = not at all.",
+                ),
+                io.Float.Input(
+                    "weight_outside",
+                    default=1.0,
+                    min=0.0,
+                    max=4.0,
+                    step=0.05,
+                    tooltip="How strongly pixels outside the hair see the photo (1 = like their own keys).",
+                ),
+                io.Float.Input(
+                    "suppress_self_outside",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.05,
+                    tooltip="Down-weights the generation's own keys outside the hair (1 = they read the "
+                    "photo almost only from the reference).",
+                ),
+                io.Float.Input(
+                    "key_weight_inside",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.05,
+                    tooltip="Weight of the photo's keys inside the matte, which carry the OLD hair: 0 "
+                    "excludes them (no old style leaks in), 1 keeps them.",
+                ),
+                io.Combo.Input(
+                    "reference_input",
+                    options=["photo", "filled"],
+                    default="photo",
+                    tooltip="photo = the original photo; filled = a copy with the hair region filled from "
+                    "its surroundings (even less of the old hair).",
+                ),
+                io.Combo.Input(
+                    "reference_noise",
+                    options=["auto", "clean", "matched"],
+                    default="auto",
+                    optional=True,
+                    tooltip="What the look at the photo sees: clean = the photo itself at every step (the "
+                    "published method), matched = the photo as noisy as the image being drawn; "
+                    "auto = clean for per_step, matched for once.",
+                ),
+                io.Combo.Input(
+                    "key_pool",
+                    options=["1", "2", "4"],
+                    default="1",
+                    optional=True,
+                    tooltip="Key budget: average the photo's keys over NxN token cells (2 = 4x fewer "
+                    "reference keys, cheaper attention; 1 = every key).",
+                ),
+                io.Int.Input(
+                    "key_ring",
+                    default=0,
+                    min=0,
+                    max=256,
+                    optional=True,
+                    tooltip="Key budget: only the photo's keys within this many tokens (16 px each) of the "
+                    "matte; 0 = all of them.",
+                ),
             ],
-            outputs=[HairDiffModelType.Output("model_with_reference", display_name="model",
-                                              tooltip="A new HairDiff model carrying the reference settings.")],
+            outputs=[
+                HairDiffModelType.Output(
+                    "model_with_reference",
+                    display_name="model",
+                    tooltip="A new HairDiff model carrying the reference settings.",
+                )
+            ],
         )
 
     @classmethod
-    def execute(cls, model, mode="once", weight_inside=0.5, weight_outside=1.0, suppress_self_outside=0.0,
-                key_weight_inside=0.0, reference_input="photo", reference_noise="auto", key_pool="1",
-                key_ring=0) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        mode="once",
+        weight_inside=0.5,
+        weight_outside=1.0,
+        suppress_self_outside=0.0,
+        key_weight_inside=0.0,
+        reference_input="photo",
+        reference_noise="auto",
+        key_pool="1",
+        key_ring=0,
+    ) -> io.NodeOutput:
         from ..hairdiff_core.reference import ReferenceSettings
 
         node = "HairDiff Reference Attention"
         if not isinstance(model, HairDiffModel):
-            raise node_error(node, "model", f"expected a HAIRDIFF_MODEL, got {type(model).__name__}",
-                             "connect Load HairDiff Model")
-        values = dict(mode=mode, weight_inside=weight_inside, weight_outside=weight_outside,
-                      suppress_self_outside=suppress_self_outside, key_weight_inside=key_weight_inside,
-                      reference_input=reference_input, reference_noise=reference_noise, key_pool=int(key_pool),
-                      key_ring=key_ring)
+            raise node_error(
+                node, "model", f"expected a HAIRDIFF_MODEL, got {type(model).__name__}", "connect Load HairDiff Model"
+            )
+        values = dict(
+            mode=mode,
+            weight_inside=weight_inside,
+            weight_outside=weight_outside,
+            suppress_self_outside=suppress_self_outside,
+            key_weight_inside=key_weight_inside,
+            reference_input=reference_input,
+            reference_noise=reference_noise,
+            key_pool=int(key_pool),
+            key_ring=key_ring,
+        )
         try:
             settings = ReferenceSettings(**values)
         except HairDiffError as exc:
@@ -497,5 +662,12 @@ class HairDiffReferenceAttention(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, mode=None, reference_input=None, reference_noise=None, key_pool=None) -> bool | str:
-        return check_combos(cls, {"mode": mode, "reference_input": reference_input, "reference_noise": reference_noise,
-                                  "key_pool": key_pool})
+        return check_combos(
+            cls,
+            {
+                "mode": mode,
+                "reference_input": reference_input,
+                "reference_noise": reference_noise,
+                "key_pool": key_pool,
+            },
+        )

@@ -5,6 +5,7 @@ from ComfyUI's input folder; on a fresh install they are not there and every tem
 with "Invalid image file". At pack load the bundled samples are copied there under those names
 when absent (three small files, never overwriting what a user put there).
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +52,12 @@ def install_template_inputs(input_dir: str | os.PathLike | None = None) -> list[
         except FileExistsError:
             continue
         except OSError as exc:
-            logger.warning("HairDiff: could not copy the template sample %s into %s (%s); the templates need it "
-                           "there", name, folder, exc)
+            logger.warning(
+                "HairDiff: could not copy the template sample %s into %s (%s); the templates need it there",
+                name,
+                folder,
+                exc,
+            )
     if written:
         logger.info("HairDiff: copied %d template sample image(s) into %s", len(written), folder)
     return written

@@ -1,6 +1,7 @@
 """HairDiff Prompt: a text prompt -> SD3 CONDITIONING, with the tiny wiring-check encoders or
 SD3's files in ``models/text_encoders`` (for real use ComfyUI's own Triple CLIP Loader + CLIP Text
 Encode give the same CONDITIONING)."""
+
 from __future__ import annotations
 
 import logging
@@ -29,15 +30,28 @@ class HairDiffPrompt(io.ComfyNode):
                 "models/text_encoders, or use ComfyUI's Triple CLIP Loader + CLIP Text Encode."
             ),
             inputs=[
-                io.String.Input("text", default="copper red hair", multiline=True,
-                                tooltip="What the new hair should look like, e.g. 'platinum blonde hair' or "
-                                        "'glossy black curls'. Leave empty for a neutral prompt."),
-                io.Combo.Input("encoders", options=[TINY, SD3_FILES], default=TINY,
-                               tooltip="tiny = built-in random encoders for the tiny model (a wiring check); sd3 files = "
-                                       "clip_l, clip_g and (optional) t5xxl .safetensors from models/text_encoders."),
+                io.String.Input(
+                    "text",
+                    default="copper red hair",
+                    multiline=True,
+                    tooltip="What the new hair should look like, e.g. 'platinum blonde hair' or "
+                    "'glossy black curls'. Leave empty for a neutral prompt.",
+                ),
+                io.Combo.Input(
+                    "encoders",
+                    options=[TINY, SD3_FILES],
+                    default=TINY,
+                    tooltip="tiny = built-in random encoders for the tiny model (a wiring check); sd3 files = "
+                    "clip_l, clip_g and (optional) t5xxl .safetensors from models/text_encoders.",
+                ),
             ],
-            outputs=[io.Conditioning.Output("conditioning", display_name="conditioning",
-                                            tooltip="SD3 conditioning for the HairDiff Sampler's positive or negative input.")],
+            outputs=[
+                io.Conditioning.Output(
+                    "conditioning",
+                    display_name="conditioning",
+                    tooltip="SD3 conditioning for the HairDiff Sampler's positive or negative input.",
+                )
+            ],
         )
 
     @classmethod
@@ -62,7 +76,9 @@ class HairDiffPrompt(io.ComfyNode):
         # On a GPU the encoders run in bf16 (T5-XXL ~9 GB) and are freed right after encoding.
         device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
         try:
-            embeds, pooled = PromptCache().encode([text], lambda: load_text_encoders(source, device=device, dtype=dtype))[text]
+            embeds, pooled = PromptCache().encode(
+                [text], lambda: load_text_encoders(source, device=device, dtype=dtype)
+            )[text]
         except HairDiffError as exc:
             raise node_error(node, "encoders", exc) from exc
         return io.NodeOutput([[embeds, {"pooled_output": pooled}]])

@@ -7,6 +7,7 @@ with ``<layer>.scale_weight`` (float32 scalar, so that weight = fp8 x scale, as 
 ``scaled_fp8_ops`` dequantise it) and optionally ``<layer>.scale_input``. A plain fp8 file is
 the weights cast to float8 with no scales and no marker.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,7 +20,11 @@ from safetensors.torch import save_file
 _spec = importlib.util.spec_from_file_location("_single_file_util", Path(__file__).with_name("_single_file_util.py"))
 _sfu = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_sfu)
-SD3_PREFIX, diffusers_to_ldm_vae, diffusers_to_original_sd3 = _sfu.SD3_PREFIX, _sfu.diffusers_to_ldm_vae, _sfu.diffusers_to_original_sd3
+SD3_PREFIX, diffusers_to_ldm_vae, diffusers_to_original_sd3 = (
+    _sfu.SD3_PREFIX,
+    _sfu.diffusers_to_ldm_vae,
+    _sfu.diffusers_to_original_sd3,
+)
 
 
 def _quantise(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ Inverses of diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers`` (SD3 
 in Stability's / ComfyUI's checkpoints) and ``convert_ldm_vae_checkpoint`` (LDM VAE keys).
 diffusers has no such direction; tests check these by converting back with diffusers.
 """
+
 from __future__ import annotations
 
 import re
@@ -48,9 +49,7 @@ def diffusers_to_original_sd3(state: dict[str, torch.Tensor], prefix: str = SD3_
         d, o = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
         for wb in ("weight", "bias"):
             out[f"{o}x_block.attn.qkv.{wb}"] = torch.cat([sd.pop(f"{d}attn.to_{c}.{wb}") for c in "qkv"])
-            out[f"{o}context_block.attn.qkv.{wb}"] = torch.cat(
-                [sd.pop(f"{d}attn.add_{c}_proj.{wb}") for c in "qkv"]
-            )
+            out[f"{o}context_block.attn.qkv.{wb}"] = torch.cat([sd.pop(f"{d}attn.add_{c}_proj.{wb}") for c in "qkv"])
             move(f"{d}attn.to_out.0.{wb}", f"{o}x_block.attn.proj.{wb}")
             move(f"{d}norm1.linear.{wb}", f"{o}x_block.adaLN_modulation.1.{wb}")
             move(
@@ -67,8 +66,12 @@ def diffusers_to_original_sd3(state: dict[str, torch.Tensor], prefix: str = SD3_
             if f"{d}attn2.to_q.{wb}" in sd:
                 out[f"{o}x_block.attn2.qkv.{wb}"] = torch.cat([sd.pop(f"{d}attn2.to_{c}.{wb}") for c in "qkv"])
                 move(f"{d}attn2.to_out.0.{wb}", f"{o}x_block.attn2.proj.{wb}")
-        for dn, on in (("norm_q", "x_block.attn.ln_q"), ("norm_k", "x_block.attn.ln_k"),
-                       ("norm_added_q", "context_block.attn.ln_q"), ("norm_added_k", "context_block.attn.ln_k")):
+        for dn, on in (
+            ("norm_q", "x_block.attn.ln_q"),
+            ("norm_k", "x_block.attn.ln_k"),
+            ("norm_added_q", "context_block.attn.ln_q"),
+            ("norm_added_k", "context_block.attn.ln_k"),
+        ):
             if f"{d}attn.{dn}.weight" in sd:
                 move(f"{d}attn.{dn}.weight", f"{o}{on}.weight")
         for dn, on in (("norm_q", "ln_q"), ("norm_k", "ln_k")):

@@ -3,6 +3,7 @@
 This file sits in tests/ (not the pack root): a root conftest.py would make pytest import the
 pack root package, i.e. ComfyUI's entry point.
 """
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """The one-file HairDiff adapter: round trips, interoperability, refusals."""
+
 from __future__ import annotations
 
 import json
@@ -156,8 +157,9 @@ def test_adapter_without_lora(tiny_transformer, _tiny_transformer_master, tmp_pa
     assert_same_output(_out(tiny_transformer), _out(source))
 
 
-def test_alpha_equal_rank_writes_no_alpha_tensors(tiny_transformer, _tiny_transformer_master, tmp_path,
-                                                  assert_same_output):
+def test_alpha_equal_rank_writes_no_alpha_tensors(
+    tiny_transformer, _tiny_transformer_master, tmp_path, assert_same_output
+):
     import copy
 
     source = _trained(copy.deepcopy(_tiny_transformer_master), rank=2)
@@ -185,8 +187,7 @@ def test_foreign_base_is_refused_naming_both_sides(trained, tmp_path):
     assert input_channels(other) == 16 and not has_lora(other)
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
 
-    heads = SD3Transformer2DModel(**{**TINY_TRANSFORMER_CONFIG, "num_attention_heads": 2,
-                                     "caption_projection_dim": 16})
+    heads = SD3Transformer2DModel(**{**TINY_TRANSFORMER_CONFIG, "num_attention_heads": 2, "caption_projection_dim": 16})
     with pytest.raises(AdapterMismatchError, match="num_attention_heads 4 vs 2"):
         load_adapter(heads, path)
 
@@ -272,14 +273,21 @@ def test_dtype_mismatch_is_cast(trained, _tiny_transformer_master, tmp_path):
     assert {v.dtype for v in lora_state_dict(model).values()} == {torch.bfloat16}
     x, kw = _inputs(32)
     with torch.no_grad():
-        out = model(x.bfloat16(), **{**kw, "encoder_hidden_states": kw["encoder_hidden_states"].bfloat16(),
-                                      "pooled_projections": kw["pooled_projections"].bfloat16()})[0]
+        out = model(
+            x.bfloat16(),
+            **{
+                **kw,
+                "encoder_hidden_states": kw["encoder_hidden_states"].bfloat16(),
+                "pooled_projections": kw["pooled_projections"].bfloat16(),
+            },
+        )[0]
     ref = _out(trained)
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
 
 
-def test_loading_onto_a_widened_model_warns_when_image_channels_differ(trained, tiny_transformer, tmp_path,
-                                                                         caplog, assert_same_output):
+def test_loading_onto_a_widened_model_warns_when_image_channels_differ(
+    trained, tiny_transformer, tmp_path, caplog, assert_same_output
+):
     path = tmp_path / "a.safetensors"
     save_adapter(trained, path)
     widen_input_channels(tiny_transformer)

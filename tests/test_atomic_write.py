@@ -1,5 +1,6 @@
 """One atomic-write helper: unique temporary names, umask permissions, no half files, stale
 temporary files of killed writers cleaned; several processes writing one output path."""
+
 from __future__ import annotations
 
 import os
@@ -75,8 +76,16 @@ def test_concurrent_writers_of_one_path_all_succeed_and_the_file_decodes(tmp_pat
 
     out = tmp_path / "same.png"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(i), str(out)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(i), str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
     results = [p.communicate(timeout=120) for p in procs]
     for p, (stdout, stderr) in zip(procs, results):
         assert p.returncode == 0 and stdout.strip() == "ok", stderr  # no false "file not found"

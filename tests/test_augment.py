@@ -1,4 +1,5 @@
 """Augmentation: registration in ``all`` mode, photo untouched in ``seed`` mode."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,7 +26,7 @@ def _scene(batch: int = 8):
 
 def _edge_strength(photo: torch.Tensor) -> torch.Tensor:
     gx, gy = sobel(photo.mean(1, keepdim=True))
-    return (gx ** 2 + gy ** 2).sqrt()
+    return (gx**2 + gy**2).sqrt()
 
 
 def test_all_mode_keeps_photo_sketch_matte_registered():
@@ -61,7 +62,9 @@ def test_all_mode_sketch_jitter_moves_only_the_sketch():
     base = AugmentSettings(mode="all", sketch_jitter_px=0.0)
     jit = AugmentSettings(mode="all", sketch_jitter_px=200.0)  # 200 px @1024 -> up to 12.5 px here
     params = sample_params(2, S, S, jit, torch.Generator().manual_seed(1))
-    p0, s0, m0 = augment_batch(photo, sketch, matte, base, params=AugmentParams(params.flip, params.angle, params.translate, torch.zeros(2, 2)))
+    p0, s0, m0 = augment_batch(
+        photo, sketch, matte, base, params=AugmentParams(params.flip, params.angle, params.translate, torch.zeros(2, 2))
+    )
     p1, s1, m1 = augment_batch(photo, sketch, matte, jit, params=params)
     assert torch.equal(p0, p1) and torch.equal(m0, m1)
     assert not torch.allclose(s0, s1)

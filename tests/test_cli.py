@@ -28,7 +28,12 @@ def files(tmp_path):
 
 
 def _argv(files, **over):
-    args = {"image": files["image"], "sketch": files["sketch"], "matte": files["matte"], "out": str(files["tmp"] / "out.png")}
+    args = {
+        "image": files["image"],
+        "sketch": files["sketch"],
+        "matte": files["matte"],
+        "out": str(files["tmp"] / "out.png"),
+    }
     args.update(over)
     argv = ["generate", "--tiny", "--steps", "2"]
     for k, v in args.items():
@@ -72,8 +77,13 @@ def test_no_model_given(files, capsys):
     assert "--model" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("dtype,advice", [("fp16", "fp16 overflows on SD3.5: use bf16 or fp32"),
-                                          ("fp32", "the model runs in float32, so the weights are the likely cause")])
+@pytest.mark.parametrize(
+    "dtype,advice",
+    [
+        ("fp16", "fp16 overflows on SD3.5: use bf16 or fp32"),
+        ("fp32", "the model runs in float32, so the weights are the likely cause"),
+    ],
+)
 def test_nan_during_sampling_advice_fits_the_dtype(files, capsys, monkeypatch, dtype, advice):
     from hairdiff_core import sampler
 
@@ -88,7 +98,10 @@ def test_nan_during_sampling_advice_fits_the_dtype(files, capsys, monkeypatch, d
 def test_demo_runs_as_a_console_command(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "hairdiff_cli", "demo", "--tiny", "--out", str(tmp_path), "--steps", "2"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "WIRING CHECK" in proc.stderr

@@ -1,4 +1,5 @@
 """hairdiff comfy-run against a small fake ComfyUI HTTP server on 127.0.0.1."""
+
 from __future__ import annotations
 
 import json
@@ -8,14 +9,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from hairdiff_cli import main
 from hairdiff_cli import comfy_client as C
+from hairdiff_cli import main
 
 GRAPH = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}, "_meta": {"title": "Photo"}},
     "2": {"class_type": "LoadImage", "inputs": {"image": "sketch.png"}, "_meta": {"title": "Sketch"}},
     "3": {"class_type": "LoadImage", "inputs": {"image": "matte.png"}, "_meta": {"title": "Matte"}},
-    "4": {"class_type": "HairDiff_Sampler", "inputs": {"steps": 28, "photo": ["1", 0]}, "_meta": {"title": "HairDiff Sampler"}},
+    "4": {
+        "class_type": "HairDiff_Sampler",
+        "inputs": {"steps": 28, "photo": ["1", 0]},
+        "_meta": {"title": "HairDiff Sampler"},
+    },
     "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "hairdiff"}},
 }
 
@@ -66,10 +71,18 @@ class FakeComfy:
                 url = urllib.parse.urlparse(self.path)
                 if url.path == "/history/p1":
                     if outer.fail:
-                        status = {"status_str": "error", "completed": False, "messages": [["execution_error", outer.fail]]}
+                        status = {
+                            "status_str": "error",
+                            "completed": False,
+                            "messages": [["execution_error", outer.fail]],
+                        }
                         return self._send(200, {"p1": {"outputs": {}, "status": status}})
-                    entry = {"outputs": {"5": {"images": [{"filename": "hairdiff_00001_.png", "subfolder": "", "type": "output"}]}},
-                             "status": {"status_str": "success", "completed": True, "messages": []}}
+                    entry = {
+                        "outputs": {
+                            "5": {"images": [{"filename": "hairdiff_00001_.png", "subfolder": "", "type": "output"}]}
+                        },
+                        "status": {"status_str": "success", "completed": True, "messages": []},
+                    }
                     return self._send(200, {"p1": entry})
                 if url.path == "/view":
                     q = urllib.parse.parse_qs(url.query)
@@ -99,21 +112,45 @@ def files(tmp_path):
 
 
 def _argv(server, files, out, *extra):
-    return ["comfy-run", "--server", server, "--workflow", str(files["workflow"]), "--image", str(files["photo"]),
-            "--sketch", str(files["sketch"]), "--matte", str(files["matte"]), "--out", str(out), "--timeout", "20", *extra]
+    return [
+        "comfy-run",
+        "--server",
+        server,
+        "--workflow",
+        str(files["workflow"]),
+        "--image",
+        str(files["photo"]),
+        "--sketch",
+        str(files["sketch"]),
+        "--matte",
+        str(files["matte"]),
+        "--out",
+        str(out),
+        "--timeout",
+        "20",
+        *extra,
+    ]
 
 
 def test_run_uploads_patches_submits_and_downloads(files, tmp_path):
     fake = FakeComfy()
     try:
-        rc = main(_argv(fake.url, files, tmp_path / "out", "--set", "HairDiff Sampler.steps=4", "--set", "5.filename_prefix=x"))
+        rc = main(
+            _argv(
+                fake.url, files, tmp_path / "out", "--set", "HairDiff Sampler.steps=4", "--set", "5.filename_prefix=x"
+            )
+        )
     finally:
         fake.close()
     assert rc == 0
     assert fake.uploads == {f"hairdiff/{n}.png": n.encode() * 10 for n in ("photo", "sketch", "matte")}
     (payload,) = fake.prompts
     g = payload["prompt"]
-    assert [g[i]["inputs"]["image"] for i in "123"] == ["hairdiff/photo.png", "hairdiff/sketch.png", "hairdiff/matte.png"]
+    assert [g[i]["inputs"]["image"] for i in "123"] == [
+        "hairdiff/photo.png",
+        "hairdiff/sketch.png",
+        "hairdiff/matte.png",
+    ]
     assert g["4"]["inputs"]["steps"] == 4 and g["5"]["inputs"]["filename_prefix"] == "x"
     assert g["4"]["inputs"]["photo"] == ["1", 0]
     assert (tmp_path / "out" / "hairdiff_00001_.png").read_bytes() == b"IMG:hairdiff_00001_.png"
@@ -121,10 +158,25 @@ def test_run_uploads_patches_submits_and_downloads(files, tmp_path):
 
 def test_validation_errors_become_readable_lines(files, tmp_path, capsys):
     reject = {
-        "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation", "details": ""},
-        "node_errors": {"4": {"class_type": "HairDiff_Sampler", "dependent_outputs": ["5"], "errors": [
-            {"type": "value_smaller_than_min", "message": "Value 0 smaller than min of 1", "details": "steps",
-             "extra_info": {"input_name": "steps"}}]}},
+        "error": {
+            "type": "prompt_outputs_failed_validation",
+            "message": "Prompt outputs failed validation",
+            "details": "",
+        },
+        "node_errors": {
+            "4": {
+                "class_type": "HairDiff_Sampler",
+                "dependent_outputs": ["5"],
+                "errors": [
+                    {
+                        "type": "value_smaller_than_min",
+                        "message": "Value 0 smaller than min of 1",
+                        "details": "steps",
+                        "extra_info": {"input_name": "steps"},
+                    }
+                ],
+            }
+        },
     }
     fake = FakeComfy(reject=reject)
     try:
@@ -138,15 +190,21 @@ def test_validation_errors_become_readable_lines(files, tmp_path, capsys):
 
 def test_execution_error_is_reported(files, tmp_path, capsys):
     # ComfyUI names a custom node's exception by its module path; the user sees the class name.
-    fail = {"node_id": "4", "node_type": "HairDiff_Sampler",
-            "exception_type": "/srv/ComfyUI/custom_nodes/hairdiff.hairdiff_core.errors.InputError",
-            "exception_message": "HairDiff Sampler: input 'matte': the hair matte is empty"}
+    fail = {
+        "node_id": "4",
+        "node_type": "HairDiff_Sampler",
+        "exception_type": "/srv/ComfyUI/custom_nodes/hairdiff.hairdiff_core.errors.InputError",
+        "exception_message": "HairDiff Sampler: input 'matte': the hair matte is empty",
+    }
     fake = FakeComfy(fail=fail)
     try:
         rc = main(_argv(fake.url, files, tmp_path / "out"))
     finally:
         fake.close()
-    assert rc == 2 and "node 4 (HairDiff_Sampler) failed: InputError: HairDiff Sampler: input 'matte'" in capsys.readouterr().err
+    assert (
+        rc == 2
+        and "node 4 (HairDiff_Sampler) failed: InputError: HairDiff Sampler: input 'matte'" in capsys.readouterr().err
+    )
 
 
 def test_unreachable_server_and_bad_arguments_fail_before_uploading(files, tmp_path, capsys):

@@ -5,6 +5,7 @@ runs with ``--cpu`` from ``COMFYUI_PYTHON`` (default: this interpreter) in a thr
 directory (custom_nodes/hairdiff -> this repo, models/, input/, output/), so nothing is written
 into the checkout.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFY = os.environ.get("COMFYUI_DIR")
-pytestmark = pytest.mark.skipif(not COMFY or not (Path(COMFY) / "main.py").is_file(),
-                                reason="set COMFYUI_DIR to a ComfyUI checkout to run the server integration test")
-HAIRDIFF_NODES = {"HairDiff_LoadModel", "HairDiff_LoRA", "HairDiff_SketchPreprocess", "HairDiff_HairMatte",
-                  "HairDiff_ReferenceAttention", "HairDiff_Sampler"}
+pytestmark = pytest.mark.skipif(
+    not COMFY or not (Path(COMFY) / "main.py").is_file(),
+    reason="set COMFYUI_DIR to a ComfyUI checkout to run the server integration test",
+)
+HAIRDIFF_NODES = {
+    "HairDiff_LoadModel",
+    "HairDiff_LoRA",
+    "HairDiff_SketchPreprocess",
+    "HairDiff_HairMatte",
+    "HairDiff_ReferenceAttention",
+    "HairDiff_Sampler",
+}
 TINY_WORKFLOWS = ["hairdiff_basic", "hairdiff_reference_attention", "hairdiff_matte_from_sketch"]
 ASSETS = ROOT / "hairdiff_core" / "assets"
 
@@ -49,9 +58,20 @@ def server(tmp_path_factory):
         (base / sub).mkdir(parents=True, exist_ok=True)
     port = _free_port()
     log = open(base / "comfyui.log", "w")
-    cmd = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
-           "--port", str(port), "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-           "--disable-auto-launch"]
+    cmd = [
+        os.environ.get("COMFYUI_PYTHON", sys.executable),
+        "main.py",
+        "--cpu",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--base-directory",
+        str(base),
+        "--database-url",
+        "sqlite:///:memory:",
+        "--disable-auto-launch",
+    ]
     proc = subprocess.Popen(cmd, cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -141,8 +161,11 @@ def test_lora_graph_runs_and_changes_the_result(server, tmp_path):
             sd[f"transformer.{name}.lora_B.weight"] = torch.randn(mod.out_features, 4, generator=g)
     save_file(sd, str(server["base"] / "models" / "loras" / "tiny_test_lora.safetensors"))
     graph = C.load_workflow(ROOT / "workflows" / "api" / "hairdiff_basic.json")
-    graph["50"] = {"class_type": "HairDiff_LoRA", "inputs": {"model": ["5", 0], "lora_name": "loras/tiny_test_lora.safetensors",
-                                                             "strength": 1.0}, "_meta": {"title": "HairDiff LoRA"}}
+    graph["50"] = {
+        "class_type": "HairDiff_LoRA",
+        "inputs": {"model": ["5", 0], "lora_name": "loras/tiny_test_lora.safetensors", "strength": 1.0},
+        "_meta": {"title": "HairDiff LoRA"},
+    }
     graph["8"]["inputs"]["model"] = ["50", 0]
     with_lora = _run(server, "", tmp_path / "a", graph=graph, sets=["Save Image.filename_prefix=lora"])
     plain = _run(server, "hairdiff_basic", tmp_path / "b", sets=["Save Image.filename_prefix=plain"])
@@ -171,9 +194,21 @@ def test_validation_errors_are_readable_and_cli_runs(server, tmp_path, capsys):
     from hairdiff_cli import main
 
     wf = ROOT / "workflows" / "api" / "hairdiff_basic.json"
-    args = ["comfy-run", "--server", server["url"], "--workflow", str(wf), "--image", str(ASSETS / "sample_photo.png"),
-            "--sketch", str(ASSETS / "sample_sketch.png"), "--matte", str(ASSETS / "sample_matte.png"),
-            "--out", str(tmp_path / "cli")]
+    args = [
+        "comfy-run",
+        "--server",
+        server["url"],
+        "--workflow",
+        str(wf),
+        "--image",
+        str(ASSETS / "sample_photo.png"),
+        "--sketch",
+        str(ASSETS / "sample_sketch.png"),
+        "--matte",
+        str(ASSETS / "sample_matte.png"),
+        "--out",
+        str(tmp_path / "cli"),
+    ]
     assert main(args + ["--set", "HairDiff Sampler.steps=0"]) == 2
     err = capsys.readouterr().err
     assert "node 8 (HairDiff_Sampler 'HairDiff Sampler') input 'steps'" in err and "smaller than min" in err
@@ -203,14 +238,21 @@ def test_adapter_from_models_hairdiff_with_an_extra_lora(server, tmp_path):
     (server["base"] / "models" / "hairdiff").mkdir(parents=True, exist_ok=True)
     save_adapter(model, server["base"] / "models" / "hairdiff" / "tiny_adapter.safetensors")
     lin = model.transformer_blocks[0].attn.to_q.base_layer
-    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, lin.in_features, generator=g),
-               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(lin.out_features, 2, generator=g)},
-              str(server["base"] / "models" / "loras" / "on_adapter.safetensors"))
+    save_file(
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, lin.in_features, generator=g),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(lin.out_features, 2, generator=g),
+        },
+        str(server["base"] / "models" / "loras" / "on_adapter.safetensors"),
+    )
     graph = C.load_workflow(ROOT / "workflows" / "api" / "hairdiff_basic.json")
     graph["5"]["inputs"]["adapter"] = "hairdiff/tiny_adapter.safetensors"
     adapted = _run(server, "", tmp_path / "a", graph=graph, sets=["Save Image.filename_prefix=adapted"])
-    graph["50"] = {"class_type": "HairDiff_LoRA", "inputs": {"model": ["5", 0], "lora_name": "loras/on_adapter.safetensors",
-                                                             "strength": 1.0}, "_meta": {"title": "HairDiff LoRA"}}
+    graph["50"] = {
+        "class_type": "HairDiff_LoRA",
+        "inputs": {"model": ["5", 0], "lora_name": "loras/on_adapter.safetensors", "strength": 1.0},
+        "_meta": {"title": "HairDiff LoRA"},
+    }
     graph["8"]["inputs"]["model"] = ["50", 0]
     both = _run(server, "", tmp_path / "b", graph=graph, sets=["Save Image.filename_prefix=both"])
     assert adapted[0].read_bytes() != both[0].read_bytes()
@@ -220,8 +262,12 @@ def test_cancel_during_sampling_stops_it_and_the_next_run_works(server, tmp_path
     from hairdiff_cli import comfy_client as C
 
     # Reference: a separate model object (device=cpu is the same weights on this CPU-only server).
-    clean = _run(server, "hairdiff_reference_attention", tmp_path / "before",
-                 sets=["Save Image.filename_prefix=cancel", "HairDiff Sampler.seed=77", "Load HairDiff Model.device=cpu"])
+    clean = _run(
+        server,
+        "hairdiff_reference_attention",
+        tmp_path / "before",
+        sets=["Save Image.filename_prefix=cancel", "HairDiff Sampler.seed=77", "Load HairDiff Model.device=cpu"],
+    )
     client = C.ComfyClient(server["url"])
     graph = C.load_workflow(ROOT / "workflows" / "api" / "hairdiff_reference_attention.json")
     uploaded = {role: client.upload_image(ASSETS / f"sample_{role}.png") for role in C.role_nodes(graph)}
@@ -237,15 +283,21 @@ def test_cancel_during_sampling_stops_it_and_the_next_run_works(server, tmp_path
             if msg and msg.get("type") == "progress" and msg["data"].get("node") == "8":
                 step = msg["data"]["value"]
         assert step >= 2, "no sampler progress seen on the websocket"
-        urllib.request.urlopen(urllib.request.Request(server["url"] + "/interrupt", data=b"", method="POST"), timeout=30)
+        urllib.request.urlopen(
+            urllib.request.Request(server["url"] + "/interrupt", data=b"", method="POST"), timeout=30
+        )
         entry = C.follow(client, pid, None, timeout=120)
     finally:
         ws.close()
     assert C.execution_error(entry) == "the workflow was interrupted (Cancel)"
     # The cancelled model object (the cached loader output) came back clean: with a seed it never ran, it gives
     # exactly the reference model's image.
-    after = _run(server, "hairdiff_reference_attention", tmp_path / "after",
-                 sets=["Save Image.filename_prefix=cancel", "HairDiff Sampler.seed=77"])
+    after = _run(
+        server,
+        "hairdiff_reference_attention",
+        tmp_path / "after",
+        sets=["Save Image.filename_prefix=cancel", "HairDiff Sampler.seed=77"],
+    )
     from PIL import Image, ImageChops
 
     with Image.open(after[0]) as a, Image.open(clean[0]) as b:

@@ -3,6 +3,7 @@
 Uses the ``eager`` backend (dynamo traces, no inductor code generation) to stay fast; what is
 checked is the tracing contract: graphs are built once and reused by reference off/once/per_step.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -35,13 +36,26 @@ def test_compiled_blocks_serve_every_reference_mode_without_recompiling(tiny_tra
     def sample_all_modes():
         outs = []
         for mode in ("off", "once", "per_step"):
-            with reference_attention(model, ReferenceSettings(mode=mode), reference_latent=x0, token_mask=token_mask,
-                                     noise=noise, encoder_hidden_states=text, pooled_projections=pooled) as hook:
+            with reference_attention(
+                model,
+                ReferenceSettings(mode=mode),
+                reference_latent=x0,
+                token_mask=token_mask,
+                noise=noise,
+                encoder_hidden_states=text,
+                pooled_projections=pooled,
+            ) as hook:
                 for step, sigma in enumerate((0.9, 0.6)):
-                    outs.append(model(hidden_states=torch.cat([x0 * (1 - sigma) + noise * sigma, sketch], 1),
-                                      encoder_hidden_states=text, pooled_projections=pooled,
-                                      timestep=timestep_from_sigma(sigma, 1),
-                                      joint_attention_kwargs=hook.step_kwargs(sigma, step) or None, return_dict=False)[0])
+                    outs.append(
+                        model(
+                            hidden_states=torch.cat([x0 * (1 - sigma) + noise * sigma, sketch], 1),
+                            encoder_hidden_states=text,
+                            pooled_projections=pooled,
+                            timestep=timestep_from_sigma(sigma, 1),
+                            joint_attention_kwargs=hook.step_kwargs(sigma, step) or None,
+                            return_dict=False,
+                        )[0]
+                    )
         return outs
 
     eager = sample_all_modes()

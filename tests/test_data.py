@@ -1,4 +1,5 @@
 """Dataset scan/validation and sample loading."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hairdiff_core.data import DatasetError, load_sample, resize_center_crop, scan_dataset, check_resolution
+from hairdiff_core.data import DatasetError, check_resolution, load_sample, resize_center_crop, scan_dataset
 from hairdiff_core.errors import InputError
 from training.synthetic import make_synthetic_dataset
 
@@ -125,7 +126,7 @@ def test_bucket_set_sides_area_and_symmetry(resolution):
     assert (resolution, resolution) in buckets
     for h, w in buckets:
         assert h % 16 == 0 and w % 16 == 0
-        assert h * w <= resolution ** 2 and h * w >= 0.85 * resolution ** 2 or resolution < 128
+        assert h * w <= resolution**2 and h * w >= 0.85 * resolution**2 or resolution < 128
         assert max(h, w) / min(h, w) <= 2.0
         assert (w, h) in buckets
     if resolution == 1024:
@@ -161,7 +162,7 @@ def test_portrait_768x1024_keeps_its_whole_matte(tmp_path):
     assert (h, w) == (1152, 896)  # the 3:4 portrait's bucket (aspect 1.29 vs 1.33)
     # No matte pixel cut: the matte's area is the stored one scaled by the resize (1152/1024 x).
     scale = max(1152 / 1024, 896 / 768)
-    expected = 960 * 568 * scale ** 2
+    expected = 960 * 568 * scale**2
     assert abs(float(item["matte"].sum()) - expected) / expected < 0.01
     assert item["matte"][0, 0].any()  # the hair still touches the top edge
     rows = item["matte"][0].any(dim=1).nonzero().flatten()

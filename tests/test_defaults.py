@@ -1,4 +1,5 @@
 """Every entry point takes its sampling defaults from hairdiff_core.defaults (one place)."""
+
 from __future__ import annotations
 
 import inspect

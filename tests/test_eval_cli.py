@@ -1,4 +1,5 @@
 """``hairdiff eval`` and ``evaluation.evaluate_samples`` on a tiny synthetic dataset (tiny model, 2 steps)."""
+
 from __future__ import annotations
 
 import csv
@@ -6,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import hairdiff_cli
@@ -30,7 +30,11 @@ def write_dataset(root, n: int = 2, size: int = SIZE) -> list[str]:
         photo[inside] = (rng.uniform(0.1, 0.4, 3) * (0.6 + 0.4 * stripes[..., None]))[inside]
         sketch = np.ones((size, size, 3))
         sketch[inside & (np.abs(np.sin(xx / 3.0 + i)) < 0.2)] = 0.0
-        for kind, arr, ext in (("img", photo, ".jpg" if i % 2 else ".png"), ("matte", inside[..., None] * np.ones(3), ".png"), ("sketch", sketch, ".png")):
+        for kind, arr, ext in (
+            ("img", photo, ".jpg" if i % 2 else ".png"),
+            ("matte", inside[..., None] * np.ones(3), ".png"),
+            ("sketch", sketch, ".png"),
+        ):
             (root / kind).mkdir(parents=True, exist_ok=True)
             Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8)).save(root / kind / f"{stem}{ext}")
         stems.append(stem)
@@ -46,17 +50,52 @@ def read_csv(path):
 def test_eval_cli_writes_csv_summary_and_contact_sheets(tmp_path, capsys):
     data, out = tmp_path / "data", tmp_path / "out"
     stems = write_dataset(data)
-    rc = hairdiff_cli.main([
-        "eval", "--data", str(data), "--tiny", "--steps", "2", "--out", str(out),
-        "--method", "joint", "replace", "--harmony", "warm", "--leakage",
-    ])
+    rc = hairdiff_cli.main(
+        [
+            "eval",
+            "--data",
+            str(data),
+            "--tiny",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--method",
+            "joint",
+            "replace",
+            "--harmony",
+            "warm",
+            "--leakage",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     columns, rows = read_csv(out / "metrics.csv")
-    for col in ("sample", "setting", "method", "reference", "seed", "steps", "psnr_out", "mae_out", "seam",
-                "seam_source", "sketch_chamfer", "stroke_color_de", "consistency_de", "consistency_dl",
-                "harmony_warm", "old_hair_de", "leak_color", "leak_edges", "gen_seconds", "eval_seconds"):
+    for col in (
+        "sample",
+        "setting",
+        "method",
+        "reference",
+        "seed",
+        "steps",
+        "psnr_out",
+        "mae_out",
+        "seam",
+        "seam_source",
+        "sketch_chamfer",
+        "stroke_color_de",
+        "consistency_de",
+        "consistency_dl",
+        "harmony_warm",
+        "old_hair_de",
+        "leak_color",
+        "leak_edges",
+        "gen_seconds",
+        "eval_seconds",
+    ):
         assert col in columns, col
-    assert sorted((r["sample"], r["setting"]) for r in rows) == sorted((s, m) for s in stems for m in ("joint", "replace"))
+    assert sorted((r["sample"], r["setting"]) for r in rows) == sorted(
+        (s, m) for s in stems for m in ("joint", "replace")
+    )
     for r in rows:
         # Measured on every result; PSNR may be inf (untouched), never NaN here.
         for col in ("psnr_out", "mae_out", "seam", "sketch_chamfer", "consistency_de", "harmony_warm", "leak_color"):
@@ -91,8 +130,20 @@ def test_eval_cli_missing_data_dir_is_a_clear_error(tmp_path, capsys):
 
 def test_eval_cli_bad_reference_weight_fails_before_loading(tmp_path, capsys):
     write_dataset(tmp_path / "data", n=1)
-    rc = hairdiff_cli.main(["eval", "--data", str(tmp_path / "data"), "--tiny", "--out", str(tmp_path / "out"),
-                            "--reference", "once", "--ref-weight-inside", "-1"])
+    rc = hairdiff_cli.main(
+        [
+            "eval",
+            "--data",
+            str(tmp_path / "data"),
+            "--tiny",
+            "--out",
+            str(tmp_path / "out"),
+            "--reference",
+            "once",
+            "--ref-weight-inside",
+            "-1",
+        ]
+    )
     assert rc == 2
     assert "weight_inside" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -131,14 +182,34 @@ def test_eval_cli_compares_reference_noises(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(HairDiffPipeline, "generate", spy)
     write_dataset(tmp_path / "data", n=1)
     out = tmp_path / "out"
-    rc = hairdiff_cli.main(["eval", "--data", str(tmp_path / "data"), "--tiny", "--steps", "1", "--out", str(out),
-                            "--method", "joint", "--reference", "per_step", "--ref-noise", "clean", "matched",
-                            "--no-images", "--no-sheets"])
+    rc = hairdiff_cli.main(
+        [
+            "eval",
+            "--data",
+            str(tmp_path / "data"),
+            "--tiny",
+            "--steps",
+            "1",
+            "--out",
+            str(out),
+            "--method",
+            "joint",
+            "--reference",
+            "per_step",
+            "--ref-noise",
+            "clean",
+            "matched",
+            "--no-images",
+            "--no-sheets",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert seen == ["clean", "matched"]
     _, rows = read_csv(out / "metrics.csv")
     assert [(r["setting"], r["reference_noise"]) for r in rows] == [
-        ("joint-ref_per_step_clean", "clean"), ("joint-ref_per_step_matched", "matched")]
+        ("joint-ref_per_step_clean", "clean"),
+        ("joint-ref_per_step_matched", "matched"),
+    ]
 
 
 def test_evaluate_samples_api_for_training(tmp_path, tiny_transformer, tiny_vae):
@@ -172,7 +243,10 @@ def test_shards_cover_the_dataset_once_and_merge_in_order():
     shards = [shard_samples(stems, r, 3) for r in range(3)]
     assert sorted(sum(shards, [])) == stems and [len(s) for s in shards] == [3, 2, 2]
     settings = make_settings(["joint", "replace"])
-    parts = [[{"sample": s, "setting": st.label, "psnr_out": 1.0} for s in shard for st in reversed(settings)] for shard in shards]
+    parts = [
+        [{"sample": s, "setting": st.label, "psnr_out": 1.0} for s in shard for st in reversed(settings)]
+        for shard in shards
+    ]
     report = merge_reports(settings, parts, stems)
     assert [(r["sample"], r["setting"]) for r in report.rows] == [(s, st.label) for s in stems for st in settings]
     with pytest.raises(InputError, match="rank 3 is not in a world of 3"):

@@ -3,6 +3,7 @@
 Files are written from the tiny model by tests/_fp8_util.py; loading must give the original
 weights within fp8 rounding, dequantised layer by layer into the requested storage dtype.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,8 +21,8 @@ _spec = importlib.util.spec_from_file_location("_fp8_util", Path(__file__).with_
 fp8u = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fp8u)
 
-E4M3_REL = 2.0 ** -4  # 3 mantissa bits: half an ulp
-E5M2_REL = 2.0 ** -3  # 2 mantissa bits
+E4M3_REL = 2.0**-4  # 3 mantissa bits: half an ulp
+E5M2_REL = 2.0**-3  # 2 mantissa bits
 
 
 def _assert_within_fp8(loaded, original, rel: float):
@@ -34,7 +35,7 @@ def _assert_within_fp8(loaded, original, rel: float):
     assert set(got) == set(want)
     for key, w in want.items():
         w = w.float()
-        tol = (rel + 2.0 ** -8) * w.abs() + 2.0 ** -10
+        tol = (rel + 2.0**-8) * w.abs() + 2.0**-10
         assert bool(((got[key] - w).abs() <= tol).all()), key
 
 
@@ -96,13 +97,18 @@ def test_unreadable_fp8_layouts_are_refused_clearly(models, tmp_path):
     path = tmp_path / "scaled.safetensors"
     state = fp8u.write_fp8_checkpoint(transformer, path)
     # Another tool's quantisation layout (weight_scale instead of ComfyUI's scale_weight).
-    other = {(k[: -len("scale_weight")] + "weight_scale" if k.endswith("scale_weight") else k): v for k, v in state.items()}
+    other = {
+        (k[: -len("scale_weight")] + "weight_scale" if k.endswith("scale_weight") else k): v for k, v in state.items()
+    }
     save_file(other, str(tmp_path / "other.safetensors"))
     with pytest.raises(ModelLoadError, match=r"layout HairDiff cannot dequantise.*weight_scale.*fp8_scaled"):
         load_transformer(tmp_path / "other.safetensors", dtype=torch.bfloat16)
     # Scales beside weights that are not float8: not an fp8 file.
-    bf16 = {k: (v.float().to(torch.bfloat16) if v.dtype == torch.float8_e4m3fn and v.numel() else v)
-            for k, v in state.items() if not k.endswith("scaled_fp8")}
+    bf16 = {
+        k: (v.float().to(torch.bfloat16) if v.dtype == torch.float8_e4m3fn and v.numel() else v)
+        for k, v in state.items()
+        if not k.endswith("scaled_fp8")
+    }
     save_file(bf16, str(tmp_path / "bf16_with_scales.safetensors"))
     with pytest.raises(ModelLoadError, match="scale_weight' tensors but no float8 weights"):
         load_transformer(tmp_path / "bf16_with_scales.safetensors", dtype=torch.bfloat16)

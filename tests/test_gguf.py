@@ -1,5 +1,6 @@
 """GGUF transformers (ComfyUI-GGUF / city96 files: original SD3 keys, no prefix) through diffusers'
 GGUFQuantizationConfig. Needs the optional `gguf` package (pip install "hairdiff[gguf]")."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,7 +25,9 @@ def write_q8_gguf(transformer, path: Path) -> Path:
     """The transformer as a Q8_0 GGUF in the original SD3 layout, as GGUF converters write it:
     2-D weights whose rows split into 32-value blocks are Q8_0, the rest float32."""
     gguf = pytest.importorskip("gguf")
-    state = sfu.diffusers_to_original_sd3({k: v.detach().float() for k, v in transformer.state_dict().items()}, prefix="")
+    state = sfu.diffusers_to_original_sd3(
+        {k: v.detach().float() for k, v in transformer.state_dict().items()}, prefix=""
+    )
     writer = gguf.GGUFWriter(str(path), "sd3")
     for key, tensor in state.items():
         a = tensor.numpy()

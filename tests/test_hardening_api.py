@@ -1,5 +1,6 @@
 """The Python API refuses bad input with the CLI's messages (HairDiffError subclasses naming their
 input), and extreme size settings stay within a memory limit."""
+
 from __future__ import annotations
 
 import os
@@ -29,18 +30,21 @@ def _inputs(size=32):
     return photo, photo.clone(), matte
 
 
-@pytest.mark.parametrize("kw,input_name,pattern", [
-    ({"steps": "2"}, "steps", r"steps must be a whole number .*got '2' \(a str\)"),
-    ({"seed": None}, "seed", r"seed must be .*got None"),
-    ({"seed": 2**64}, "seed", r"got 18446744073709551616"),
-    ({"cfg": float("nan")}, "cfg", r"cfg .*got nan"),
-    ({"shift": 0.0}, "shift", r"shift must be a number above 0"),
-    ({"feather_sigma": 1e9}, "feather_sigma", r"feather must be .* to 1024"),
-    ({"work_size": 7}, "work_size", r"work size"),
-    ({"context_margin": -5}, "context_margin", r"margin"),
-    ({"matte_threshold": -1}, "matte_threshold", r"matte threshold"),
-    ({"steps": True}, "steps", r"got True \(a bool\)"),
-])
+@pytest.mark.parametrize(
+    "kw,input_name,pattern",
+    [
+        ({"steps": "2"}, "steps", r"steps must be a whole number .*got '2' \(a str\)"),
+        ({"seed": None}, "seed", r"seed must be .*got None"),
+        ({"seed": 2**64}, "seed", r"got 18446744073709551616"),
+        ({"cfg": float("nan")}, "cfg", r"cfg .*got nan"),
+        ({"shift": 0.0}, "shift", r"shift must be a number above 0"),
+        ({"feather_sigma": 1e9}, "feather_sigma", r"feather must be .* to 1024"),
+        ({"work_size": 7}, "work_size", r"work size"),
+        ({"context_margin": -5}, "context_margin", r"margin"),
+        ({"matte_threshold": -1}, "matte_threshold", r"matte threshold"),
+        ({"steps": True}, "steps", r"got True \(a bool\)"),
+    ],
+)
 def test_generate_settings_are_refused_by_name(pipe, kw, input_name, pattern):
     with pytest.raises(SettingsError, match=pattern) as info:
         pipe.generate(*_inputs(), **kw)
@@ -64,9 +68,12 @@ def test_bad_images_and_load_arguments(pipe, tmp_path):
     with pytest.raises(HairDiffError, match=r"sketch holds NaN") as info:
         pipe.generate(photo, nan_sketch, matte, steps=1)
     assert info.value.input == "sketch"
-    for kw, pattern in (({"device": "banana"}, "unknown device"), ({"dtype": "fp8"}, "unknown dtype 'fp8'"),
-                        ({"dtype": torch.int8}, "not a float precision"),
-                        ({"adapter": str(tmp_path / "nope.safetensors")}, "adapter not found")):
+    for kw, pattern in (
+        ({"device": "banana"}, "unknown device"),
+        ({"dtype": "fp8"}, "unknown dtype 'fp8'"),
+        ({"dtype": torch.int8}, "not a float precision"),
+        ({"adapter": str(tmp_path / "nope.safetensors")}, "adapter not found"),
+    ):
         with pytest.raises(HairDiffError, match=pattern):
             HairDiffPipeline.from_files(tiny=True, **kw)
     if not torch.cuda.is_available():

@@ -5,11 +5,12 @@ Each row is a sample of a class (a size parameter out of range, a non-finite num
 unwritable output, a missing file...); the same checks serve the Python API (see
 test_hardening_api.py).
 """
+
 from __future__ import annotations
 
 import hashlib
-import re
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -99,15 +100,27 @@ GENERATE_CASES = [
     (["--device", "banana"], r"unknown device 'banana'"),
     (["--dtype", "fp8"], r"invalid choice: 'fp8'"),
     (["--adapter", "missing.safetensors"], r"adapter not found: missing.safetensors"),
-    (["--tiny", "--model", "x"], r"pass one of --model PATH, --toy or --tiny \(built-in models\), not --model PATH and --tiny"),
+    (
+        ["--tiny", "--model", "x"],
+        r"pass one of --model PATH, --toy or --tiny \(built-in models\), not --model PATH and --tiny",
+    ),
 ]
 
 
 @pytest.mark.parametrize("extra,pattern", GENERATE_CASES, ids=[" ".join(c[0]) for c in GENERATE_CASES])
 def test_generate_refuses_bad_settings(inputs, capsys, extra, pattern):
     i = inputs / "in"
-    argv = ["generate", "--image", str(i / "photo.png"), "--sketch", str(i / "sketch.png"),
-            "--matte", str(i / "matte.png"), "--out", str(inputs / "out" / "r.png")]
+    argv = [
+        "generate",
+        "--image",
+        str(i / "photo.png"),
+        "--sketch",
+        str(i / "sketch.png"),
+        "--matte",
+        str(i / "matte.png"),
+        "--out",
+        str(inputs / "out" / "r.png"),
+    ]
     if "--model" not in extra:
         argv.append("--tiny")
     _check_refused(argv + extra, pattern, capsys, inputs)
@@ -122,8 +135,9 @@ def _bomb_png(path: Path, side: int = 20000) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 OUT_CASES = [
@@ -138,8 +152,18 @@ OUT_CASES = [
 @pytest.mark.parametrize("out,pattern", OUT_CASES, ids=[c[0] or "empty" for c in OUT_CASES])
 def test_generate_refuses_bad_outputs(inputs, capsys, out, pattern):
     i = inputs / "in"
-    argv = ["generate", "--image", str(i / "photo.png"), "--sketch", str(i / "sketch.png"),
-            "--matte", str(i / "matte.png"), "--out", str(inputs / out) if out else "", "--tiny"]
+    argv = [
+        "generate",
+        "--image",
+        str(i / "photo.png"),
+        "--sketch",
+        str(i / "sketch.png"),
+        "--matte",
+        str(i / "matte.png"),
+        "--out",
+        str(inputs / out) if out else "",
+        "--tiny",
+    ]
     _check_refused(argv, pattern, capsys, inputs)
 
 
@@ -147,16 +171,30 @@ def test_generate_refuses_bad_outputs(inputs, capsys, out, pattern):
 def test_generate_refuses_bad_image_files(inputs, capsys, kind):
     i = inputs / "in"
     bad = inputs / "bad.png"
-    pattern = {"bomb": r"larger than PIL's safety limit", "not_an_image": r"cannot read image",
-               "missing": r"file not found: .*bad.png", "folder": r"is a folder"}[kind]
+    pattern = {
+        "bomb": r"larger than PIL's safety limit",
+        "not_an_image": r"cannot read image",
+        "missing": r"file not found: .*bad.png",
+        "folder": r"is a folder",
+    }[kind]
     if kind == "bomb":
         _bomb_png(bad)
     elif kind == "not_an_image":
         bad.write_text("hello")
     elif kind == "folder":
         bad.mkdir()
-    argv = ["generate", "--image", str(bad), "--sketch", str(i / "sketch.png"), "--matte", str(i / "matte.png"),
-            "--out", str(inputs / "out" / "r.png"), "--tiny"]
+    argv = [
+        "generate",
+        "--image",
+        str(bad),
+        "--sketch",
+        str(i / "sketch.png"),
+        "--matte",
+        str(i / "matte.png"),
+        "--out",
+        str(inputs / "out" / "r.png"),
+        "--tiny",
+    ]
     _check_refused(argv, pattern, capsys, inputs)
 
 
@@ -235,7 +273,9 @@ def test_train_refuses_bad_settings(inputs, capsys, extra, pattern):
         else:
             rest += [k, v.format(root=inputs)]
     tiny = [] if "bad_bool" in " ".join(extra) else ["--tiny"]
-    argv = ["train", *tiny, "--mixed-precision", "no", "--max-steps", "1"] + [x for kv in args.items() for x in kv] + rest
+    argv = (
+        ["train", *tiny, "--mixed-precision", "no", "--max-steps", "1"] + [x for kv in args.items() for x in kv] + rest
+    )
     _check_refused(argv, pattern, capsys, inputs)
 
 
@@ -251,8 +291,20 @@ def _numeric_options(command: str) -> list[str]:
 def _base_argv(command: str, root: Path) -> list[str]:
     i = root / "in"
     if command == "generate":
-        return ["generate", "--tiny", "--image", str(i / "photo.png"), "--sketch", str(i / "sketch.png"),
-                "--matte", str(i / "matte.png"), "--out", str(root / "out" / "r.png"), "--reference", "once"]
+        return [
+            "generate",
+            "--tiny",
+            "--image",
+            str(i / "photo.png"),
+            "--sketch",
+            str(i / "sketch.png"),
+            "--matte",
+            str(i / "matte.png"),
+            "--out",
+            str(root / "out" / "r.png"),
+            "--reference",
+            "once",
+        ]
     if command == "eval":
         from training.synthetic import make_synthetic_dataset
 

@@ -1,5 +1,6 @@
 """Images are read at their real range and orientation, whatever PIL mode or format they come in,
 and written in the format their suffix names; one sketch in three encodings is one sketch."""
+
 from __future__ import annotations
 
 import numpy as np

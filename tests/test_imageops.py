@@ -1,4 +1,5 @@
 """The shared image operators: one Sobel, one blur, one luminance, checked against references."""
+
 from __future__ import annotations
 
 import math

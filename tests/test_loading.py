@@ -1,6 +1,7 @@
 """Model loading: diffusers folders, single-file checkpoints (original SD3/LDM key layouts),
 recognition from shapes, refusals. Tiny models only; the real SD3.5 shapes come from models
 built on the meta device (no memory)."""
+
 from __future__ import annotations
 
 import copy
@@ -77,7 +78,9 @@ def files(tmp_path, tiny_transformer, tiny_vae):
             tmp_path / "ckpt" / "tiny_mmdit_noprefix.safetensors",
             sfu.diffusers_to_original_sd3(tiny_transformer.state_dict(), prefix=""),
         ),
-        "vae_ldm": _save(tmp_path / "vae" / "tiny_vae_ldm.safetensors", sfu.diffusers_to_ldm_vae(tiny_vae.state_dict(), prefix="")),
+        "vae_ldm": _save(
+            tmp_path / "vae" / "tiny_vae_ldm.safetensors", sfu.diffusers_to_ldm_vae(tiny_vae.state_dict(), prefix="")
+        ),
         "vae_diffusers": _save(tmp_path / "vae" / "tiny_vae_diffusers.safetensors", tiny_vae.state_dict()),
         "tmp": tmp_path,
     }
@@ -106,8 +109,9 @@ def _no_network(*args, **kwargs):
     raise AssertionError("model loading tried to open a network connection")
 
 
-def test_single_file_with_vae_equals_diffusers_folder(files, tiny_transformer, tiny_vae, caplog, monkeypatch,
-                                                      assert_same_output):
+def test_single_file_with_vae_equals_diffusers_folder(
+    files, tiny_transformer, tiny_vae, caplog, monkeypatch, assert_same_output
+):
     monkeypatch.setattr(socket.socket, "connect", _no_network)
     monkeypatch.setattr(socket, "create_connection", _no_network)
     with caplog.at_level(logging.INFO, logger="hairdiff_core.loading"):
@@ -137,8 +141,12 @@ def test_bare_transformer_folder_with_vae_given_or_sibling(files, tiny_vae):
 
 @pytest.mark.parametrize(
     "transformer_kind, vae_kind",
-    [("transformer_only", "vae_ldm"), ("transformer_only", "vae_diffusers"),
-     ("transformer_only", "pipe"), ("transformer_bare", "vae_ldm")],
+    [
+        ("transformer_only", "vae_ldm"),
+        ("transformer_only", "vae_diffusers"),
+        ("transformer_only", "pipe"),
+        ("transformer_bare", "vae_ldm"),
+    ],
 )
 def test_single_file_plus_separate_vae(files, tiny_transformer, tiny_vae, transformer_kind, vae_kind):
     loaded = load_models(files[transformer_kind], vae=files[vae_kind])
@@ -166,10 +174,13 @@ def test_missing_vae_says_how_to_pass_one(files, tmp_path):
 
 def test_widened_single_file_keeps_32_channels(tmp_path, tiny_transformer, tiny_vae, assert_same_output):
     wide = widen_input_channels(tiny_transformer)
-    path = _save(tmp_path / "wide.safetensors", {
-        **sfu.diffusers_to_original_sd3(wide.state_dict()),
-        **sfu.diffusers_to_ldm_vae(tiny_vae.state_dict()),
-    })
+    path = _save(
+        tmp_path / "wide.safetensors",
+        {
+            **sfu.diffusers_to_original_sd3(wide.state_dict()),
+            **sfu.diffusers_to_ldm_vae(tiny_vae.state_dict()),
+        },
+    )
     loaded = load_models(path)
     assert loaded.transformer.config.in_channels == 32
     assert loaded.transformer.pos_embed.proj.weight.shape[1] == 32
@@ -251,15 +262,37 @@ def test_identifies_widened_medium():
     "config",
     [
         # q/k norm present: head size read from its weight
-        dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=3,
-             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
-             caption_projection_dim=32, pooled_projection_dim=40, pos_embed_max_size=24,
-             dual_attention_layers=(1,), qk_norm="rms_norm"),
+        dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=3,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=24,
+            caption_projection_dim=32,
+            pooled_projection_dim=40,
+            pos_embed_max_size=24,
+            dual_attention_layers=(1,),
+            qk_norm="rms_norm",
+        ),
         # no q/k norm (like SD3 Medium): head size 64 assumed
-        dict(sample_size=128, patch_size=1, in_channels=16, out_channels=16, num_layers=2,
-             attention_head_dim=64, num_attention_heads=2, joint_attention_dim=16,
-             caption_projection_dim=128, pooled_projection_dim=8, pos_embed_max_size=20,
-             dual_attention_layers=(), qk_norm=None),
+        dict(
+            sample_size=128,
+            patch_size=1,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=64,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            caption_projection_dim=128,
+            pooled_projection_dim=8,
+            pos_embed_max_size=20,
+            dual_attention_layers=(),
+            qk_norm=None,
+        ),
     ],
 )
 def test_derives_config_for_unknown_sizes_and_loads_them(tmp_path, config):
@@ -281,7 +314,9 @@ def test_identify_vae_kinds(tiny_vae):
 
     with torch.device("meta"):
         sd3 = AutoencoderKL(**shipped_config("sd3-vae.json")).state_dict()
-        sdxl = AutoencoderKL(**{**shipped_config("sd3-vae.json"), "latent_channels": 4, "use_quant_conv": True}).state_dict()
+        sdxl = AutoencoderKL(
+            **{**shipped_config("sd3-vae.json"), "latent_channels": 4, "use_quant_conv": True}
+        ).state_dict()
     kind, config = identify_vae(sfu.diffusers_to_ldm_vae(sd3))
     assert kind == "sd3" and config["scaling_factor"] == 1.5305 and config["shift_factor"] == 0.0609
     with pytest.raises(ModelLoadError, match=r"4 latent channels.*SD1\.x/SDXL"):

@@ -1,4 +1,5 @@
 """LoRA helpers: adding, scaling, fusing, removing, and reading extra diffusers/peft LoRA files."""
+
 from __future__ import annotations
 
 import re
@@ -62,7 +63,11 @@ def test_add_lora_starts_as_identity_and_targets_attn_and_attn2(tiny_transformer
     assert torch.equal(_out(tiny_transformer), base)
     assert has_lora(tiny_transformer) and has_lora(tiny_transformer, "hairdiff")
     assert lora_config_of(tiny_transformer) == {
-        "rank": 4, "alpha": 4, "targets": sorted(DEFAULT_LORA_TARGETS), "init": "gaussian"}
+        "rank": 4,
+        "alpha": 4,
+        "targets": sorted(DEFAULT_LORA_TARGETS),
+        "init": "gaussian",
+    }
     state = lora_state_dict(tiny_transformer)
     assert state and all(DIFFUSERS_KEY.match(k) for k in state), sorted(state)[:4]
     # 2 blocks x 4 projections on attn, plus the dual-attention block's attn2, A and B each.
@@ -167,8 +172,9 @@ def _diffusers_lora_file(tmp_path, source, rank=4, alpha=8):
     return tmp_path / "extra.safetensors"
 
 
-def test_load_lora_file_reads_diffusers_written_files(tiny_transformer, _tiny_transformer_master, tmp_path,
-                                                      assert_same_output):
+def test_load_lora_file_reads_diffusers_written_files(
+    tiny_transformer, _tiny_transformer_master, tmp_path, assert_same_output
+):
     import copy
 
     source = copy.deepcopy(_tiny_transformer_master)
@@ -205,7 +211,8 @@ def test_extra_lora_stays_active_beside_the_hairdiff_one(tiny_transformer, _tiny
 
 
 def test_load_lora_file_uses_comfyui_alpha_tensors_without_metadata(
-        tiny_transformer, _tiny_transformer_master, tmp_path, assert_same_output):
+    tiny_transformer, _tiny_transformer_master, tmp_path, assert_same_output
+):
     import copy
 
     source = copy.deepcopy(_tiny_transformer_master)
@@ -237,8 +244,13 @@ def test_load_lora_file_refusals(tiny_transformer, tmp_path):
     with pytest.raises(AdapterFileError, match="no diffusers/peft-format LoRA"):
         load_lora_file(tiny_transformer, foreign)
     wrong = tmp_path / "wrong.safetensors"
-    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 99),
-               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4)}, str(wrong))
+    save_file(
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 99),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4),
+        },
+        str(wrong),
+    )
     with pytest.raises(AdapterFileError, match="do not fit"):
         load_lora_file(tiny_transformer, wrong)
     assert not has_lora(tiny_transformer)

@@ -1,10 +1,12 @@
 """The training objective: sigma sampling, soft-mask MSE, Sobel shape loss, float32."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from hairdiff_core.flow import shift_sigmas, soft_noise
+from hairdiff_core.imageops import sobel
 from hairdiff_core.losses import (
     hairdiff_loss,
     masked_mse,
@@ -13,7 +15,6 @@ from hairdiff_core.losses import (
     shape_loss,
     training_sigma_table,
 )
-from hairdiff_core.imageops import sobel
 
 
 def test_soft_mask_noising_matches_the_design_formula():

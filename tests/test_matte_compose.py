@@ -1,4 +1,5 @@
 """compose_matte: old hair mask + the sketch's region - exclusions, grown, feathered, warned."""
+
 from __future__ import annotations
 
 import pytest
@@ -47,7 +48,9 @@ def test_exclusion_removes_the_face_enclosed_by_strokes():
     composed = compose_matte(_old_hair(), _ring_sketch(), _face(), sketch_dilate_px=0)
     face = _face().bool()
     assert not bool(composed.binary[face].any())  # the protected face stays out
-    assert bool(composed.binary[..., 22, 30] == 1) and bool(composed.binary[..., 10, 30] == 1)  # strokes and old hair stay
+    assert bool(composed.binary[..., 22, 30] == 1) and bool(
+        composed.binary[..., 10, 30] == 1
+    )  # strokes and old hair stay
     with pytest.raises(EmptyMaskError, match="exclusion mask covers the whole matte"):
         compose_matte(_old_hair(), exclude=torch.ones(1, 1, S, S))
 
@@ -128,8 +131,18 @@ def test_cli_matte_flags_compose_mattes_sketch_and_exclusions(tmp_path, capsys, 
         return original(self, photo, sk, matte, **kwargs)
 
     monkeypatch.setattr(HairDiffPipeline, "generate", spy)
-    base = ["generate", "--tiny", "--steps", "1", "--image", str(tmp_path / "photo.png"),
-            "--sketch", str(tmp_path / "sketch.png"), "--out", str(tmp_path / "out.png")]
+    base = [
+        "generate",
+        "--tiny",
+        "--steps",
+        "1",
+        "--image",
+        str(tmp_path / "photo.png"),
+        "--sketch",
+        str(tmp_path / "sketch.png"),
+        "--out",
+        str(tmp_path / "out.png"),
+    ]
     both = ["--matte", str(tmp_path / "a.png"), "--matte", str(tmp_path / "b.png")]
     assert hairdiff_cli.main(base + both) == 0
     assert int(seen[-1].sum()) == 32 * 16  # the union of the two mattes

@@ -1,4 +1,5 @@
 """The peak-VRAM estimate and the auto choice (hairdiff_core.memory); models on the meta device only."""
+
 from __future__ import annotations
 
 import pytest

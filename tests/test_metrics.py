@@ -1,4 +1,5 @@
 """Known-answer tests for hairdiff_core.metrics: constructed images whose right score is known."""
+
 from __future__ import annotations
 
 import math
@@ -232,7 +233,14 @@ def test_compute_metrics_keys_batch_and_numpy_inputs():
     result[..., 32:96, 32:96] = 0.3
     out = Mt.compute_metrics(torch.cat([photo, result]), photo, sketch, matte, source_seam=True)
     assert set(out) == {
-        "psnr_out", "mae_out", "sketch_chamfer", "stroke_color_de", "seam", "seam_source", "consistency_de", "consistency_dl"
+        "psnr_out",
+        "mae_out",
+        "sketch_chamfer",
+        "stroke_color_de",
+        "seam",
+        "seam_source",
+        "consistency_de",
+        "consistency_dl",
     }
     assert all(v.shape == (2,) for v in out.values())
     assert math.isinf(float(out["psnr_out"][0])) and math.isinf(float(out["psnr_out"][1]))

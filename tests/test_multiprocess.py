@@ -6,6 +6,7 @@ One launch runs a small driver that calls the ``hairdiff`` entry point in both p
 several CPU processes only through MPI; ``--multi_gpu`` starts torchrun workers, and
 ``hairdiff train --cpu`` makes accelerate use gloo on the CPU.)
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,7 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-DRIVER = textwrap.dedent('''
+DRIVER = textwrap.dedent("""
     import sys
     import hairdiff_cli
 
@@ -37,7 +38,7 @@ DRIVER = textwrap.dedent('''
         code = hairdiff_cli.main(argv)
         if code:
             sys.exit(code)
-''')
+""")
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher is not installed")
@@ -49,9 +50,22 @@ def test_accelerate_launch_two_processes_train_resume_and_eval(tmp_path, assert_
     driver.write_text(DRIVER)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [
-        "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 2000),
-        str(driver), str(data), str(tmp_path / "out"),
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(29500 + os.getpid() % 2000),
+        str(driver),
+        str(data),
+        str(tmp_path / "out"),
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr

@@ -41,7 +41,7 @@ def test_large_photo_crop_and_stitch(pipe):
     inside_box = torch.zeros_like(photo, dtype=torch.bool)
     inside_box[..., box.slices[0], box.slices[1]] = True
     assert torch.equal(res.image[~inside_box], photo[~inside_box])
-    assert torch.count_nonzero(res.mask[..., :box.top, :]) == 0
+    assert torch.count_nonzero(res.mask[..., : box.top, :]) == 0
     # the feathered mask has died out before the box border
     assert torch.count_nonzero(res.mask[..., box.top, :]) == 0
     changed = (res.image != photo).any(1)
@@ -97,8 +97,23 @@ def test_mismatched_aspect_refused_same_aspect_resized(pipe):
 def test_prompt_embeddings_checked(pipe):
     photo, sketch, matte = _inputs(32, 32, (8, 8, 24, 24))
     with pytest.raises(InputError, match="expects"):
-        pipe.generate(photo, sketch, matte, steps=1, prompt_embeds=torch.zeros(1, 5, 4096), pooled_prompt_embeds=torch.zeros(1, 2048))
-    res = pipe.generate(photo, sketch, matte, steps=1, cfg=3.0, prompt_embeds=torch.randn(1, 5, 32), pooled_prompt_embeds=torch.randn(1, 64))
+        pipe.generate(
+            photo,
+            sketch,
+            matte,
+            steps=1,
+            prompt_embeds=torch.zeros(1, 5, 4096),
+            pooled_prompt_embeds=torch.zeros(1, 2048),
+        )
+    res = pipe.generate(
+        photo,
+        sketch,
+        matte,
+        steps=1,
+        cfg=3.0,
+        prompt_embeds=torch.randn(1, 5, 32),
+        pooled_prompt_embeds=torch.randn(1, 64),
+    )
     assert res.info["model_calls"] == 1
 
 

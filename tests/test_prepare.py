@@ -1,4 +1,5 @@
 """``hairdiff prepare``: photos + mattes -> a training set the loader, ``train`` and ``eval`` read."""
+
 from __future__ import annotations
 
 import json
@@ -54,7 +55,9 @@ def prepare(images, mattes, out, *extra) -> int:
 def test_layout_variants_braids_and_loader(tmp_path, capsys):
     images, mattes, arrays = write_inputs(tmp_path)
     out = tmp_path / "ds"
-    assert prepare(images, mattes, out, "--variants", "2", "--braid-pattern", "p1*", "--colour") == 0, capsys.readouterr().err
+    assert prepare(images, mattes, out, "--variants", "2", "--braid-pattern", "p1*", "--colour") == 0, (
+        capsys.readouterr().err
+    )
     stems = [f"p{i}_v{k}" for i in range(3) for k in range(2)]
     for kind in ("img", "matte", "sketch"):
         assert sorted(p.stem for p in (out / kind).iterdir()) == stems
@@ -196,16 +199,47 @@ def test_prepared_dataset_trains_and_evaluates(tmp_path, capsys):
     images, mattes, _ = write_inputs(tmp_path, n=2, size=32)
     data = tmp_path / "ds"
     assert prepare(images, mattes, data, "--braid-pattern", "p0") == 0
-    rc = hairdiff_cli.main([
-        "train", "--data", str(data), "--output", str(tmp_path / "run"), "--tiny", "--resolution", "32",
-        "--max-steps", "2", "--batch-size", "2", "--mixed-precision", "no", "--num-workers", "0",
-        "--validate-every", "0", "--warmup-steps", "0",
-    ])
+    rc = hairdiff_cli.main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "run"),
+            "--tiny",
+            "--resolution",
+            "32",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--mixed-precision",
+            "no",
+            "--num-workers",
+            "0",
+            "--validate-every",
+            "0",
+            "--warmup-steps",
+            "0",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "run" / "hairdiff_adapter.safetensors").is_file()
-    rc = hairdiff_cli.main([
-        "eval", "--data", str(data), "--tiny", "--steps", "2", "--out", str(tmp_path / "eval"),
-        "--method", "joint", "--no-sheets", "--no-images",
-    ])
+    rc = hairdiff_cli.main(
+        [
+            "eval",
+            "--data",
+            str(data),
+            "--tiny",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "eval"),
+            "--method",
+            "joint",
+            "--no-sheets",
+            "--no-images",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "eval" / "metrics.csv").read_text().count("\n") == 3  # header + 2 samples

@@ -1,11 +1,12 @@
 """The shipped training recipes (training/recipes/*.toml) parse, validate and say what they expect."""
+
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from training.config import resolve_config
 
@@ -19,7 +20,9 @@ def test_the_three_recipes_are_shipped():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_parses_and_validates(recipe, tmp_path):
     # What a recipe leaves to the command line: the model, the data and the output folder.
-    config = resolve_config({"model": "/models/sd3.5", "data": str(tmp_path), "output": str(tmp_path / "out")}, str(recipe))
+    config = resolve_config(
+        {"model": "/models/sd3.5", "data": str(tmp_path), "output": str(tmp_path / "out")}, str(recipe)
+    )
     assert config.epochs == 20 and config.max_steps is None  # the source material's 20 epochs
     assert config.resolution == 1024 and config.crop == "bucket"
     assert 0 < config.matte_growth <= 1 and config.checkpoint_every_epoch

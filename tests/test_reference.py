@@ -3,6 +3,7 @@
 The tiny transformer (one SD3.5-Medium-style dual-attention block, rms q/k norm) is widened to
 32 channels; latents are 8x12 (non-square, 4x6 tokens) with 7 text tokens.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -63,8 +64,13 @@ def _forward(model, x, sketch, sigma, text, pooled, kwargs=None):
 
 def _with_reference(model, settings, x, sketch, sigma, ref_latent, noise, token_mask, text, pooled):
     with reference_attention(
-        model, settings, reference_latent=ref_latent, token_mask=token_mask, noise=noise,
-        encoder_hidden_states=text, pooled_projections=pooled,
+        model,
+        settings,
+        reference_latent=ref_latent,
+        token_mask=token_mask,
+        noise=noise,
+        encoder_hidden_states=text,
+        pooled_projections=pooled,
     ) as hook:
         return _forward(model, x, sketch, sigma, text, pooled, hook.step_kwargs(sigma, 0))
 
@@ -103,8 +109,9 @@ def test_reference_equal_to_generation_input_with_unit_weights_equals_plain(mode
     x = (1 - sigma) * x0 + sigma * noise if ref_noise == "matched" else x0
     zero_sketch = torch.zeros_like(x0)
     plain = _forward(model, x, zero_sketch, sigma, text, pooled)
-    s = ReferenceSettings(mode="per_step", weight_inside=1.0, weight_outside=1.0, key_weight_inside=1.0,
-                          reference_noise=ref_noise)
+    s = ReferenceSettings(
+        mode="per_step", weight_inside=1.0, weight_outside=1.0, key_weight_inside=1.0, reference_noise=ref_noise
+    )
     out = _with_reference(model, s, x, zero_sketch, sigma, x0, noise, mask, text, pooled)
     torch.testing.assert_close(out, plain, rtol=0, atol=1e-5)
     other = _with_reference(model, s, x, zero_sketch, sigma, torch.randn_like(x0), noise, mask, text, pooled)
@@ -144,7 +151,9 @@ def test_text_queries_never_see_the_reference(model):
     cache = ReferenceCache({attn: (ref_k, ref_v)})
     proc = ReferenceAttnProcessor()
     img0, txt0 = proc(attn, img, txt)
-    img1, txt1 = proc(attn, img, txt, hairdiff_reference=GenerationPassState(cache, ReferenceGating(s, mask, (TH, TW)), True))
+    img1, txt1 = proc(
+        attn, img, txt, hairdiff_reference=GenerationPassState(cache, ReferenceGating(s, mask, (TH, TW)), True)
+    )
     assert (img1 - img0).abs().max() > 1e-3
     torch.testing.assert_close(txt1, txt0, rtol=0, atol=1e-6)
 
@@ -190,8 +199,16 @@ def test_compacted_cache_equals_the_full_one(model):
         outs = []
         for gating in (compact, full):
             cache = reference_pass(model, torch.cat([x0, torch.zeros_like(x0)], 1), t, text, pooled, gating, s)
-            outs.append(model(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
-                              joint_attention_kwargs=generation_kwargs(cache, gating, s), return_dict=False)[0])
+            outs.append(
+                model(
+                    hidden_states=x,
+                    encoder_hidden_states=text,
+                    pooled_projections=pooled,
+                    timestep=t,
+                    joint_attention_kwargs=generation_kwargs(cache, gating, s),
+                    return_dict=False,
+                )[0]
+            )
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=2e-6)
 
 
@@ -224,8 +241,15 @@ def test_processors_and_outputs_restored_after_a_raise(model, error, ref_noise):
             raise error("cancelled")
 
     with pytest.raises(error):
-        with reference_attention(model, ReferenceSettings(mode="per_step", reference_noise=ref_noise), reference_latent=x0,
-                                 token_mask=mask, noise=noise, encoder_hidden_states=text, pooled_projections=pooled) as hook:
+        with reference_attention(
+            model,
+            ReferenceSettings(mode="per_step", reference_noise=ref_noise),
+            reference_latent=x0,
+            token_mask=mask,
+            noise=noise,
+            encoder_hidden_states=text,
+            pooled_projections=pooled,
+        ) as hook:
             denoise = TransformerDenoiser(model, sketch, text, pooled, attention_hook=hook)
             soft_mask_sample(denoise, x0, torch.ones(1, 1, H, W), sampling_sigmas(4), noise, on_step=on_step)
     assert hook.reference_passes == 2
@@ -247,8 +271,15 @@ def _reference_inputs_seen(model, settings, steps=4):
 
     handle = model.register_forward_pre_hook(spy, with_kwargs=True)
     try:
-        with reference_attention(model, settings, reference_latent=x0, token_mask=mask, noise=noise,
-                                 encoder_hidden_states=text, pooled_projections=pooled) as hook:
+        with reference_attention(
+            model,
+            settings,
+            reference_latent=x0,
+            token_mask=mask,
+            noise=noise,
+            encoder_hidden_states=text,
+            pooled_projections=pooled,
+        ) as hook:
             denoise = TransformerDenoiser(model, sketch, text, pooled, attention_hook=hook)
             sigmas = sampling_sigmas(steps)
             soft_mask_sample(denoise, x0, torch.ones(1, 1, H, W), sigmas, noise)
@@ -282,8 +313,15 @@ def test_clean_reference_pass_gets_the_unnoised_latent_and_the_current_timestep(
 @torch.no_grad()
 def test_off_leaves_the_model_untouched(model):
     before = _snapshot(model)
-    with reference_attention(model, ReferenceSettings(), reference_latent=None, token_mask=None, noise=None,
-                             encoder_hidden_states=None, pooled_projections=None) as hook:
+    with reference_attention(
+        model,
+        ReferenceSettings(),
+        reference_latent=None,
+        token_mask=None,
+        noise=None,
+        encoder_hidden_states=None,
+        pooled_projections=None,
+    ) as hook:
         assert _snapshot(model) == before
         assert hook.step_kwargs(0.5, 0) == {}
     assert _snapshot(model) == before
@@ -294,12 +332,20 @@ def test_off_leaves_the_model_untouched(model):
 def test_reference_pass_counts_with_cfg(model, mode, expected):
     x0, noise, sketch, text, pooled, mask = _inputs()
     calls = []
-    with reference_attention(model, ReferenceSettings(mode=mode), reference_latent=x0, token_mask=mask,
-                             noise=noise, encoder_hidden_states=text, pooled_projections=pooled) as hook:
+    with reference_attention(
+        model,
+        ReferenceSettings(mode=mode),
+        reference_latent=x0,
+        token_mask=mask,
+        noise=noise,
+        encoder_hidden_states=text,
+        pooled_projections=pooled,
+    ) as hook:
         original = hook.run_reference
         hook.run_reference = lambda sigma: calls.append(sigma) or original(sigma)
-        denoise = TransformerDenoiser(model, sketch, text, pooled, torch.zeros_like(text), torch.zeros_like(pooled),
-                                      cfg=4.0, attention_hook=hook)
+        denoise = TransformerDenoiser(
+            model, sketch, text, pooled, torch.zeros_like(text), torch.zeros_like(pooled), cfg=4.0, attention_hook=hook
+        )
         sigmas = sampling_sigmas(3)
         soft_mask_sample(denoise, x0, torch.ones(1, 1, H, W), sigmas, noise)
     assert hook.reference_passes == expected == len(calls)
@@ -319,10 +365,18 @@ def test_batch_with_cfg_matches_items_run_alone(model):
     s = ReferenceSettings(mode="per_step", suppress_self_outside=0.5)
 
     def velocity(sl):
-        with reference_attention(model, s, reference_latent=x0[sl], token_mask=mask[sl], noise=noise[sl],
-                                 encoder_hidden_states=text[sl], pooled_projections=pooled[sl]) as hook:
-            d = TransformerDenoiser(model, sketch[sl], text[sl], pooled[sl], neg_text[sl], neg_pooled[sl],
-                                    cfg=3.0, attention_hook=hook)
+        with reference_attention(
+            model,
+            s,
+            reference_latent=x0[sl],
+            token_mask=mask[sl],
+            noise=noise[sl],
+            encoder_hidden_states=text[sl],
+            pooled_projections=pooled[sl],
+        ) as hook:
+            d = TransformerDenoiser(
+                model, sketch[sl], text[sl], pooled[sl], neg_text[sl], neg_pooled[sl], cfg=3.0, attention_hook=hook
+            )
             return d(noise[sl], 0.7, 0)
 
     both = velocity(slice(0, 2))
@@ -364,8 +418,9 @@ def test_lora_deltas_still_apply_under_the_processor(tiny_transformer):
     x = torch.randn_like(x0)
     zero = ReferenceSettings(mode="per_step", weight_inside=0.0, weight_outside=0.0)
     delta_plain = _forward(lora, x, sketch, 0.6, text, pooled) - _forward(base, x, sketch, 0.6, text, pooled)
-    delta_ref = (_with_reference(lora, zero, x, sketch, 0.6, x0, noise, mask, text, pooled)
-                 - _with_reference(base, zero, x, sketch, 0.6, x0, noise, mask, text, pooled))
+    delta_ref = _with_reference(lora, zero, x, sketch, 0.6, x0, noise, mask, text, pooled) - _with_reference(
+        base, zero, x, sketch, 0.6, x0, noise, mask, text, pooled
+    )
     assert delta_plain.abs().max() > 1e-3
     torch.testing.assert_close(delta_ref, delta_plain, rtol=0, atol=1e-5)
     # With the reference on, the LoRA also shapes the cached K/V and the outputs.
@@ -390,11 +445,18 @@ def test_training_api_with_gradient_checkpointing(tiny_transformer):
             gating = ReferenceGating(s, mask, (TH, TW))
             with torch.no_grad():
                 cache = reference_pass(model, torch.cat([x0, torch.zeros_like(x0)], 1), t, text, pooled, gating, s)
-            out = model(hidden_states=torch.cat([noise, sketch], 1), encoder_hidden_states=text,
-                        pooled_projections=pooled, timestep=t,
-                        joint_attention_kwargs=generation_kwargs(cache, gating, s), return_dict=False)[0]
+            out = model(
+                hidden_states=torch.cat([noise, sketch], 1),
+                encoder_hidden_states=text,
+                pooled_projections=pooled,
+                timestep=t,
+                joint_attention_kwargs=generation_kwargs(cache, gating, s),
+                return_dict=False,
+            )[0]
             out.square().mean().backward()
-            grads.append(torch.cat([p.grad.flatten() for p in model.transformer_blocks.parameters() if p.grad is not None]))
+            grads.append(
+                torch.cat([p.grad.flatten() for p in model.transformer_blocks.parameters() if p.grad is not None])
+            )
     assert model.gradient_checkpointing
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
@@ -429,12 +491,14 @@ def test_mismatched_inputs_are_named(model):
         with reference_attention(model, "once", reference_latent=x0, noise=noise[..., :4], **kw):
             pass
     with pytest.raises(InputError, match="token_mask is 5x5"):
-        with reference_attention(model, "once", reference_latent=x0, noise=noise,
-                                 **{**kw, "token_mask": torch.ones(1, 1, 5, 5)}):
+        with reference_attention(
+            model, "once", reference_latent=x0, noise=noise, **{**kw, "token_mask": torch.ones(1, 1, 5, 5)}
+        ):
             pass
     # A mask on the latent grid (same aspect) is area-resized to tokens.
-    with reference_attention(model, "once", reference_latent=x0, noise=noise,
-                             **{**kw, "token_mask": torch.ones(1, 1, H, W)}) as hook:
+    with reference_attention(
+        model, "once", reference_latent=x0, noise=noise, **{**kw, "token_mask": torch.ones(1, 1, H, W)}
+    ) as hook:
         assert hook.gating.token_hw == (TH, TW)
     # A generation at another size than the reference is refused, naming both.
     with pytest.raises(InputError, match="reference has 24 image tokens but the generation has 48"):
@@ -526,14 +590,40 @@ def test_cli_reference_flags(tmp_path, capsys, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(HairDiffPipeline, "generate", spy)
-    base = ["generate", "--tiny", "--steps", "2", "--image", str(tmp_path / "photo.png"),
-            "--sketch", str(tmp_path / "sketch.png"), "--matte", str(tmp_path / "matte.png"),
-            "--out", str(tmp_path / "out.png")]
-    argv = base + ["--reference", "once", "--ref-weight-inside", "0.3", "--ref-suppress-self", "0.5",
-                   "--ref-input", "filled", "--ref-once-sigma", "0.2"]
+    base = [
+        "generate",
+        "--tiny",
+        "--steps",
+        "2",
+        "--image",
+        str(tmp_path / "photo.png"),
+        "--sketch",
+        str(tmp_path / "sketch.png"),
+        "--matte",
+        str(tmp_path / "matte.png"),
+        "--out",
+        str(tmp_path / "out.png"),
+    ]
+    argv = base + [
+        "--reference",
+        "once",
+        "--ref-weight-inside",
+        "0.3",
+        "--ref-suppress-self",
+        "0.5",
+        "--ref-input",
+        "filled",
+        "--ref-once-sigma",
+        "0.2",
+    ]
     assert hairdiff_cli.main(argv) == 0
     s = seen[-1]
     assert (s.mode, s.weight_inside, s.suppress_self_outside, s.reference_input, s.once_sigma) == (
-        "once", 0.3, 0.5, "filled", 0.2)
+        "once",
+        0.3,
+        0.5,
+        "filled",
+        0.2,
+    )
     assert hairdiff_cli.main(base + ["--reference", "per_step", "--ref-key-weight-inside", "2"]) == 2
     assert "key_weight_inside must be in [0, 1]" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 The grouped kernel (attention per key group, merged by log-sum-exp) is what CUDA uses; here it
 is forced with ``attention_kernel="grouped"`` and must equal the float-bias path.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,14 +34,26 @@ def _inputs(batch: int = 1, seed: int = 0):
 
 
 def _forward(model, x, sketch, sigma, text, pooled, kwargs=None):
-    return model(hidden_states=torch.cat([x, sketch], dim=1), encoder_hidden_states=text, pooled_projections=pooled,
-                 timestep=timestep_from_sigma(sigma, x.shape[0]), joint_attention_kwargs=kwargs or None,
-                 return_dict=False)[0]
+    return model(
+        hidden_states=torch.cat([x, sketch], dim=1),
+        encoder_hidden_states=text,
+        pooled_projections=pooled,
+        timestep=timestep_from_sigma(sigma, x.shape[0]),
+        joint_attention_kwargs=kwargs or None,
+        return_dict=False,
+    )[0]
 
 
 def _with_reference(model, settings, x, sketch, sigma, ref_latent, noise, token_mask, text, pooled):
-    with reference_attention(model, settings, reference_latent=ref_latent, token_mask=token_mask, noise=noise,
-                             encoder_hidden_states=text, pooled_projections=pooled) as hook:
+    with reference_attention(
+        model,
+        settings,
+        reference_latent=ref_latent,
+        token_mask=token_mask,
+        noise=noise,
+        encoder_hidden_states=text,
+        pooled_projections=pooled,
+    ) as hook:
         return _forward(model, x, sketch, sigma, text, pooled, hook.step_kwargs(sigma, 0))
 
 
@@ -66,8 +79,11 @@ def test_grouped_attention_equals_one_softmax_with_group_biases():
     # A scalar bias and no bias are the same as constant rows.
     got = grouped_attention(q, [(ks[0], vs[0], None), (ks[1], vs[1], -0.7)])
     expected = F.scaled_dot_product_attention(
-        q, torch.cat(ks[:2], 2), torch.cat(vs[:2], 2),
-        attn_mask=torch.cat([torch.zeros(Lq, sizes[0]), torch.full((Lq, sizes[1]), -0.7)], 1))
+        q,
+        torch.cat(ks[:2], 2),
+        torch.cat(vs[:2], 2),
+        attn_mask=torch.cat([torch.zeros(Lq, sizes[0]), torch.full((Lq, sizes[1]), -0.7)], 1),
+    )
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
@@ -81,7 +97,9 @@ SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("extra", SETTINGS, ids=[",".join(f"{k}={v}" for k, v in e.items()) or "defaults" for e in SETTINGS])
+@pytest.mark.parametrize(
+    "extra", SETTINGS, ids=[",".join(f"{k}={v}" for k, v in e.items()) or "defaults" for e in SETTINGS]
+)
 @torch.no_grad()
 def test_grouped_kernel_equals_the_bias_path_with_cfg(model, extra, monkeypatch):
     import hairdiff_core.reference as R
@@ -94,8 +112,15 @@ def test_grouped_kernel_equals_the_bias_path_with_cfg(model, extra, monkeypatch)
     outs = {}
     for kernel in ("bias", "grouped"):
         s = ReferenceSettings(mode="per_step", attention_kernel=kernel, **extra)
-        with reference_attention(model, s, reference_latent=x0, token_mask=mask, noise=noise,
-                                 encoder_hidden_states=text, pooled_projections=pooled) as hook:
+        with reference_attention(
+            model,
+            s,
+            reference_latent=x0,
+            token_mask=mask,
+            noise=noise,
+            encoder_hidden_states=text,
+            pooled_projections=pooled,
+        ) as hook:
             d = TransformerDenoiser(model, sketch, text, pooled, neg_text, neg_pooled, cfg=3.0, attention_hook=hook)
             outs[kernel] = d(noise, 0.7, 0)
         # grouped: every generation attention (joint + attn2) and, when blind, the reference pass's
@@ -111,8 +136,18 @@ def test_grouped_kernel_with_a_batch_of_different_mattes(model):
     mask[1, :, 3, :] = 1.0
     x = torch.randn_like(x0)
     outs = [
-        _with_reference(model, ReferenceSettings(mode="once", attention_kernel=k, key_weight_inside=0.2),
-                        x, sketch, 0.5, x0, noise, mask, text, pooled)
+        _with_reference(
+            model,
+            ReferenceSettings(mode="once", attention_kernel=k, key_weight_inside=0.2),
+            x,
+            sketch,
+            0.5,
+            x0,
+            noise,
+            mask,
+            text,
+            pooled,
+        )
         for k in ("bias", "grouped")
     ]
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
@@ -144,15 +179,22 @@ def test_pooled_cell_of_identical_keys_attends_like_its_keys():
     values = torch.randn(1, heads, th // 2, tw // 2, D, generator=g).repeat_interleave(2, 2).repeat_interleave(2, 3)
     values = values.reshape(1, heads, th * tw, D)
     q = torch.randn(1, heads, th * tw + TEXT, D, generator=g)
-    own_k, own_v = torch.randn(1, heads, th * tw + TEXT, D, generator=g), torch.randn(1, heads, th * tw + TEXT, D, generator=g)
+    own_k, own_v = (
+        torch.randn(1, heads, th * tw + TEXT, D, generator=g),
+        torch.randn(1, heads, th * tw + TEXT, D, generator=g),
+    )
     outs = []
     for pool in (1, 2):
-        s = ReferenceSettings(mode="once", key_pool=pool, key_dilate_tokens=0, weight_inside=0.6, suppress_self_outside=0.4)
+        s = ReferenceSettings(
+            mode="once", key_pool=pool, key_dilate_tokens=0, weight_inside=0.6, suppress_self_outside=0.4
+        )
         gating = ReferenceGating(s, mask, (th, tw))
         k, v = gating.compact(per_token), gating.compact(values)
         assert k.shape[2] == (th * tw - 1 if pool == 1 else th * tw // 4)
         bias = gating.generation_bias(1, TEXT, torch.float32, "cpu")
-        outs.append(F.scaled_dot_product_attention(q, torch.cat([own_k, k], 2), torch.cat([own_v, v], 2), attn_mask=bias))
+        outs.append(
+            F.scaled_dot_product_attention(q, torch.cat([own_k, k], 2), torch.cat([own_v, v], 2), attn_mask=bias)
+        )
         if pool == 2:
             assert sorted(gating.col_kept[0].exp().round().tolist()) == [3.0] + [4.0] * 5
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)

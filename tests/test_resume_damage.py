@@ -1,6 +1,7 @@
 """--resume latest verifies checkpoints and falls back to the newest intact one, naming the ones
 it skipped; with none intact it fails with one line. Damage: truncation, a deleted file, a
 garbage header, an empty file."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """bench/run_all.py: discovery, short arguments, targets from the bench's JSON, errors as rows."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -9,12 +10,12 @@ _spec = importlib.util.spec_from_file_location("run_all", Path(__file__).parents
 run_all = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(run_all)
 
-GOOD = '''import json, sys
+GOOD = """import json, sys
 SHORT_ARGS = ["--fast", 3]
 print("noise before the result")
 print(json.dumps({"argv": sys.argv[1:], "ratio": 1.5, "speedup": 2.0,
                   "targets": {"ratio": 1.25, "speedup": {"min": 1.5}, "absent": 1.0}}))
-'''
+"""
 
 
 def test_run_all_rows_targets_and_errors(tmp_path, capsys):
@@ -54,6 +55,8 @@ def test_project_targets_match_reported_metrics():
     assert checks["node_over_direct"]["value"] == 1.01 and checks["node_over_direct"]["ok"] is True
     assert checks["node_over_direct_budget"]["target"] == 1.05
     # the same target declared by the bench and the project is one row
-    row = {"bench": "gpu_attention_check", "result": {"large_bias_over_grouped": 2.0,
-                                                      "targets": {"large_bias_over_grouped": {"min": 1.5}}}}
+    row = {
+        "bench": "gpu_attention_check",
+        "result": {"large_bias_over_grouped": 2.0, "targets": {"large_bias_over_grouped": {"min": 1.5}}},
+    }
     assert [t["source"] for t in run_all.check_targets(row)] == ["bench"]

@@ -1,4 +1,5 @@
 """Sketch synthesis (hairdiff_core.strands): known answers on striped synthetic hair."""
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,9 @@ def striped_hair(size: int, degrees: float, colour=(0.4, 0.25, 0.1), period: flo
     inside = ((yy - h * 0.45) / (h * 0.3)) ** 2 + ((xx - w * 0.5) / (w * 0.35)) ** 2 <= 1.0
     hair = np.asarray(colour, np.float32) * (0.6 + 0.4 * stripes[..., None])
     photo = np.where(inside[..., None], hair, np.asarray([0.8, 0.7, 0.6], np.float32))
-    return torch.from_numpy(photo).permute(2, 0, 1).float().contiguous(), torch.from_numpy(inside.astype(np.float32))[None]
+    return torch.from_numpy(photo).permute(2, 0, 1).float().contiguous(), torch.from_numpy(inside.astype(np.float32))[
+        None
+    ]
 
 
 def mean_orientation(alpha: torch.Tensor) -> float:
@@ -208,7 +211,9 @@ def test_known_field_traces_circles():
     # Long lines actually went round: their ends are far apart.
     span = (pts[:, 0] - pts[:, -1]).norm(dim=1)
     assert float(span.max()) > 20
-    rgb, alpha = S.draw_polylines(lines.points, lines.valid, (size, size), batch=lines.batch, thickness=1.0, matte=matte)
+    rgb, alpha = S.draw_polylines(
+        lines.points, lines.valid, (size, size), batch=lines.batch, thickness=1.0, matte=matte
+    )
     assert rgb.shape == (1, 3, size, size) and alpha.shape == (1, 1, size, size)
     assert float(alpha.sum()) > 100
 
@@ -251,7 +256,9 @@ def test_strands_on_the_matte_box_look_like_strands_on_the_whole_image():
     matte[..., :, :64] = 0
     matte[..., 70:, :] = 0
     angle, _ = S.orientation_field(photo[None], matte[None])
-    cropped = sum(S.synthesize_sketch(photo, matte, seed=s, thickness=6.0, return_alpha=True)[1].sum() for s in range(6))
+    cropped = sum(
+        S.synthesize_sketch(photo, matte, seed=s, thickness=6.0, return_alpha=True)[1].sum() for s in range(6)
+    )
     whole = sum(S.sketch_from_field(angle, matte[None], seed=s, thickness=6.0)[1].sum() for s in range(6))
     assert 0.85 < float(cropped / whole) < 1.15  # over a few seeds: few strokes fit in this hair
     _, alpha = S.synthesize_sketch(photo, matte, seed=1, thickness=6.0, return_alpha=True)
@@ -266,7 +273,9 @@ def test_edges_on_the_matte_box_equal_edges_on_the_whole_image():
     sigma, width = max(0.8, 1.5 * S.resolution_scale(96, 96)), S.stroke_thickness(96, 96, 4.0)
     for colour in (False, True):
         rgb, alpha = S.edge_sketch(photo, matte, colour=colour, thickness=4.0)
-        full_rgb, full_alpha = S._edges_in_box(photo, matte, colour=colour, density=1.0, sigma=sigma, width=width, reach=16)
+        full_rgb, full_alpha = S._edges_in_box(
+            photo, matte, colour=colour, density=1.0, sigma=sigma, width=width, reach=16
+        )
         assert int(alpha.sum()) > 20
         assert torch.equal(alpha, full_alpha)
         torch.testing.assert_close(rgb, full_rgb, atol=1e-6, rtol=0)

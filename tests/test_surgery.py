@@ -9,8 +9,12 @@ def _forward(model, x):
     with torch.no_grad():
         return model(
             hidden_states=x,
-            encoder_hidden_states=torch.randn(x.shape[0], 5, model.config.joint_attention_dim, generator=torch.Generator().manual_seed(1)),
-            pooled_projections=torch.randn(x.shape[0], model.config.pooled_projection_dim, generator=torch.Generator().manual_seed(2)),
+            encoder_hidden_states=torch.randn(
+                x.shape[0], 5, model.config.joint_attention_dim, generator=torch.Generator().manual_seed(1)
+            ),
+            pooled_projections=torch.randn(
+                x.shape[0], model.config.pooled_projection_dim, generator=torch.Generator().manual_seed(2)
+            ),
             timestep=torch.full((x.shape[0],), 700.0),
             return_dict=False,
         )[0]

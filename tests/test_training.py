@@ -2,9 +2,9 @@
 
 Everything runs on the tiny model at 32 px on a synthetic dataset the tests write.
 """
+
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import os
@@ -40,9 +40,21 @@ def dataset(tmp_path_factory):
 
 def _config(dataset, output, **kw) -> TrainConfig:
     base = dict(
-        data=str(dataset), output=str(output), tiny=True, resolution=RES, max_steps=4, batch_size=2,
-        mixed_precision="no", num_workers=0, checkpoint_every=2, checkpoints_keep=2, validate_every=0,
-        warmup_steps=0, oversample_from_epoch=2, oversample_factor=2, lr=1e-3,
+        data=str(dataset),
+        output=str(output),
+        tiny=True,
+        resolution=RES,
+        max_steps=4,
+        batch_size=2,
+        mixed_precision="no",
+        num_workers=0,
+        checkpoint_every=2,
+        checkpoints_keep=2,
+        validate_every=0,
+        warmup_steps=0,
+        oversample_from_epoch=2,
+        oversample_factor=2,
+        lr=1e-3,
     )
     base.update(kw)
     return resolve_config(base)
@@ -59,8 +71,17 @@ def full_run(dataset, tmp_path_factory):
     """The uninterrupted 4-step reference run (2 epochs, oversampling from epoch 2), with validation."""
     out = tmp_path_factory.mktemp("full")
     # The training set doubles as the held-out set: this checks the wiring, not generalisation.
-    result = _train(_config(dataset, out, validate_every=4, validation_samples=2, validation_steps=2,
-                            eval_data=str(dataset), eval_limit=2))
+    result = _train(
+        _config(
+            dataset,
+            out,
+            validate_every=4,
+            validation_samples=2,
+            validation_steps=2,
+            eval_data=str(dataset),
+            eval_limit=2,
+        )
+    )
     return out, result
 
 
@@ -83,8 +104,11 @@ def test_only_intended_parameters_receive_gradients(tiny_transformer):
     x = torch.randn(1, 32, 8, 8, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(
-            hidden_states=x, encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
-            pooled_projections=torch.randn(1, 64, generator=g), timestep=torch.tensor([500.0]), return_dict=False,
+            hidden_states=x,
+            encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
+            pooled_projections=torch.randn(1, 64, generator=g),
+            timestep=torch.tensor([500.0]),
+            return_dict=False,
         )[0]
     # LoRA B starts at zero, so it is B that gets the first non-zero gradients.
     out.float().square().mean().backward()
@@ -94,7 +118,9 @@ def test_only_intended_parameters_receive_gradients(tiny_transformer):
     w = model.pos_embed.proj.weight.grad
     assert torch.count_nonzero(w[:, :16]) == 0
     assert torch.count_nonzero(w[:, 16:]) > 0  # the zero-initialised sketch half can learn
-    assert any(p.grad is not None and torch.count_nonzero(p.grad) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    assert any(
+        p.grad is not None and torch.count_nonzero(p.grad) > 0 for n, p in model.named_parameters() if "lora_B" in n
+    )
 
 
 def test_train_base_channels_opens_them(tiny_transformer):
@@ -104,8 +130,13 @@ def test_train_base_channels_opens_them(tiny_transformer):
     model = widen_input_channels(tiny_transformer)
     setup_trainable(model, TrainConfig(train_base_channels=True, rank=2))
     assert model.pos_embed.proj.bias.requires_grad
-    out = model(hidden_states=torch.randn(1, 32, 8, 8), encoder_hidden_states=torch.zeros(1, 3, 32),
-                pooled_projections=torch.zeros(1, 64), timestep=torch.tensor([500.0]), return_dict=False)[0]
+    out = model(
+        hidden_states=torch.randn(1, 32, 8, 8),
+        encoder_hidden_states=torch.zeros(1, 3, 32),
+        pooled_projections=torch.zeros(1, 64),
+        timestep=torch.tensor([500.0]),
+        return_dict=False,
+    )[0]
     out.square().mean().backward()
     assert torch.count_nonzero(model.pos_embed.proj.weight.grad[:, :16]) > 0
 
@@ -238,15 +269,32 @@ def test_seed_mode_caches_photo_latents_and_uses_text_embeds(dataset, tmp_path):
     embeds = tmp_path / "text"
     embeds.mkdir()
     for stem in ("s000", "s002"):
-        save_file({"prompt_embeds": torch.randn(1, 7, 32), "pooled_prompt_embeds": torch.randn(1, 64)}, str(embeds / f"{stem}.safetensors"))
+        save_file(
+            {"prompt_embeds": torch.randn(1, 7, 32), "pooled_prompt_embeds": torch.randn(1, 64)},
+            str(embeds / f"{stem}.safetensors"),
+        )
     out = tmp_path / "out"
-    result = _train(_config(dataset, out, augment="seed", max_steps=2, grad_accum=2, batch_size=1, text_embeds=str(embeds),
-                            checkpoint_every=10))
+    result = _train(
+        _config(
+            dataset,
+            out,
+            augment="seed",
+            max_steps=2,
+            grad_accum=2,
+            batch_size=1,
+            text_embeds=str(embeds),
+            checkpoint_every=10,
+        )
+    )
     cached = sorted((out / "cache" / "latents").glob("*.safetensors"))
     assert len(cached) == 4 and all(f"_{RES}_" in p.name for p in cached)
     assert result.adapter.is_file()
     stamp = {p: p.stat().st_mtime_ns for p in cached}
-    _train(_config(dataset, tmp_path / "out2", augment="seed", max_steps=1, cache_dir=str(out / "cache"), checkpoint_every=10))
+    _train(
+        _config(
+            dataset, tmp_path / "out2", augment="seed", max_steps=1, cache_dir=str(out / "cache"), checkpoint_every=10
+        )
+    )
     assert {p: p.stat().st_mtime_ns for p in cached} == stamp  # reused, not recomputed
 
 
@@ -272,7 +320,9 @@ def test_batches_never_mix_buckets_with_curriculum_and_shards():
     braid = [0, 6, 11]
     for pad, processes in ((False, 1), (True, 2)):
         b = 2
-        plan = EpochPlan(12, braid, seed=7, global_batch=b * processes, from_epoch=2, factor=3, pad=pad, buckets=buckets)
+        plan = EpochPlan(
+            12, braid, seed=7, global_batch=b * processes, from_epoch=2, factor=3, pad=pad, buckets=buckets
+        )
         for epoch in (1, 2, 3):
             batches = plan.batches(epoch)
             for gb in batches:
@@ -333,8 +383,18 @@ def test_bucketed_training_batches_one_bucket_and_caches_per_bucket(tmp_path):
 
     T.Trainer._micro_step = spy
     try:
-        cfg = _config(root, tmp_path / "out", resolution=64, augment="seed", max_steps=None, epochs=2,
-                      checkpoint_every=100, checkpoint_every_epoch=True, matte_growth=1.0, oversample_from_epoch=0)
+        cfg = _config(
+            root,
+            tmp_path / "out",
+            resolution=64,
+            augment="seed",
+            max_steps=None,
+            epochs=2,
+            checkpoint_every=100,
+            checkpoint_every_epoch=True,
+            matte_growth=1.0,
+            oversample_from_epoch=0,
+        )
         result = _train(cfg, on_step=on_step)
     finally:
         T.Trainer._micro_step = original
@@ -358,8 +418,14 @@ def test_matte_growth_in_training_grows_the_loss_region_not_the_sketch(dataset, 
 
     for p in (0.0, 1.0):
         record = seen.setdefault(p, {"encoded": []})
-        monkeypatch.setattr(HairDiffPipeline, "encode", lambda self, x, r=record: (r["encoded"].append(x.clone()), original_encode(self, x))[1])
-        monkeypatch.setattr(T.M, "latent_grid", lambda m, r=record: (r.setdefault("mask", m.clone()), original_latent_grid(m))[1])
+        monkeypatch.setattr(
+            HairDiffPipeline,
+            "encode",
+            lambda self, x, r=record: (r["encoded"].append(x.clone()), original_encode(self, x))[1],
+        )
+        monkeypatch.setattr(
+            T.M, "latent_grid", lambda m, r=record: (r.setdefault("mask", m.clone()), original_latent_grid(m))[1]
+        )
         _train(_config(dataset, tmp_path / f"p{p}", augment="seed", max_steps=1, matte_growth=p))
     # Seed mode: the photos are cached first; the step encodes the sketch last.
     assert torch.equal(seen[0.0]["encoded"][-1], seen[1.0]["encoded"][-1])
@@ -379,7 +445,11 @@ def test_config_file_and_command_line(tmp_path):
     from hairdiff_core.errors import InputError
 
     f = tmp_path / "train.json"
-    f.write_text(json.dumps({"data": "d", "output": "o", "tiny": True, "lambda-shape": 0.5, "rank": 8, "lora_targets": "to_q,to_k"}))
+    f.write_text(
+        json.dumps(
+            {"data": "d", "output": "o", "tiny": True, "lambda-shape": 0.5, "rank": 8, "lora_targets": "to_q,to_k"}
+        )
+    )
     cfg = resolve_config({"rank": 4, "lr": None}, str(f))
     assert (cfg.lambda_shape, cfg.rank, cfg.lr, cfg.lora_targets) == (0.5, 4, 1e-4, ["to_q", "to_k"])
     t = tmp_path / "train.toml"
@@ -401,7 +471,9 @@ def test_checkpoint_commit_is_atomic_and_pruned(tmp_path):
     for step in (1, 2, 3):
         tmp = ckpt.begin(folder, step)
         ckpt.write_process_part(tmp, 0, torch.Generator().manual_seed(step))
-        ckpt.write_main_part(tmp, {"w": torch.full((2,), float(step))}, {"state": {}, "param_groups": []}, {"step": step})
+        ckpt.write_main_part(
+            tmp, {"w": torch.full((2,), float(step))}, {"state": {}, "param_groups": []}, {"step": step}
+        )
         ckpt.commit(tmp, step, keep=2)
     assert [s for s, _ in ckpt.list_checkpoints(folder)] == [2, 3]
     ckpt.begin(folder, 4)  # a kill while writing step 4: never "latest"
@@ -450,9 +522,28 @@ def test_cli_subprocess_trains_with_skip_bad(dataset, tmp_path):
     shutil.copytree(dataset, bad)
     (bad / "matte" / "s003.png").unlink()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "hairdiff_cli", "train", "--data", str(bad), "--output", str(tmp_path / "o"), "--tiny",
-           "--resolution", str(RES), "--max-steps", "1", "--mixed-precision", "no", "--num-workers", "0",
-           "--validate-every", "0", "--skip-bad"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hairdiff_cli",
+        "train",
+        "--data",
+        str(bad),
+        "--output",
+        str(tmp_path / "o"),
+        "--tiny",
+        "--resolution",
+        str(RES),
+        "--max-steps",
+        "1",
+        "--mixed-precision",
+        "no",
+        "--num-workers",
+        "0",
+        "--validate-every",
+        "0",
+        "--skip-bad",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipped 1 bad sample(s)" in proc.stderr

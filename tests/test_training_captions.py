@@ -3,6 +3,7 @@
 Real SD3 encoders cannot be had offline, so the diffusers pipeline is replaced by a stand-in
 that records how it is used; what is tested is HairDiff's side: keying, caching, reuse, dims.
 """
+
 import json
 import types
 from pathlib import Path
@@ -63,8 +64,9 @@ def test_captions_encoded_once_cached_and_reused(fake_pipeline, tmp_path):
     model_dir.mkdir()
     captions = tmp_path / "captions.json"
     captions.write_text(json.dumps({"a": "long wavy red hair", "c": "short braids"}))
-    config = types.SimpleNamespace(captions=str(captions), text_embeds=None, cache_dir=None,
-                                   model=str(model_dir), mixed_precision="no")
+    config = types.SimpleNamespace(
+        captions=str(captions), text_embeds=None, cache_dir=None, model=str(model_dir), mixed_precision="no"
+    )
     tr = build_tiny_transformer()
     first = load_text_embeddings(config, _samples("a", "b", "c"), tr, tmp_path / "out", _acc())
     assert fake_pipeline.loads == 1 and sorted(fake_pipeline.prompts) == ["long wavy red hair", "short braids"]
@@ -84,7 +86,9 @@ def test_captions_need_a_diffusers_folder_and_matching_dims(fake_pipeline, tmp_p
 
     captions = tmp_path / "captions.txt"
     captions.write_text("a\tlong hair\n")
-    config = types.SimpleNamespace(captions=str(captions), text_embeds=None, cache_dir=None, model=None, mixed_precision="no")
+    config = types.SimpleNamespace(
+        captions=str(captions), text_embeds=None, cache_dir=None, model=None, mixed_precision="no"
+    )
     with pytest.raises(InputError, match="--text-embeds"):
         load_text_embeddings(config, _samples("a"), build_tiny_transformer(), tmp_path / "out", _acc())
     (tmp_path / "m").mkdir()

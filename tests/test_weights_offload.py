@@ -3,6 +3,7 @@
 bf16 compute runs on the CPU (fp16 matmuls are far too slow there, so fp16 storage is only
 checked for its dtypes). Shapes are small: 64x64 photos, 3 steps.
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,14 @@ import torch
 
 from hairdiff_core.errors import HairDiffError, InputError
 from hairdiff_core.lora import add_lora
-from hairdiff_core.memory import (apply_offload, apply_weights, current_storage_dtype, is_offloaded, prime_offload,
-                                  remove_offload)
+from hairdiff_core.memory import (
+    apply_offload,
+    apply_weights,
+    current_storage_dtype,
+    is_offloaded,
+    prime_offload,
+    remove_offload,
+)
 from hairdiff_core.pipeline import HairDiffPipeline
 from hairdiff_core.reference import ReferenceSettings
 from hairdiff_core.surgery import widen_input_channels
@@ -97,8 +104,13 @@ def test_fp8_storage_is_close_to_bf16_and_the_lora_still_applies(adapter_file, f
     assert q.base_layer.weight.dtype == torch.float8_e4m3fn  # stored in fp8 at rest
     assert t.transformer_blocks[0].norm1.linear.weight.dtype == torch.float8_e4m3fn  # adaLN too
     # ... while the patch embedding, the final layer and the LoRA compute in bf16.
-    for kept in (t.pos_embed.proj.weight, t.proj_out.weight, t.norm_out.linear.weight,
-                 next(iter(q.lora_A.values())).weight, next(iter(q.lora_B.values())).weight):
+    for kept in (
+        t.pos_embed.proj.weight,
+        t.proj_out.weight,
+        t.norm_out.linear.weight,
+        next(iter(q.lora_A.values())).weight,
+        next(iter(q.lora_B.values())).weight,
+    ):
         assert kept.dtype == torch.bfloat16
 
     assert _psnr(fp8_plain.image, bf16_plain.image) >= MIN_PSNR_DB
@@ -155,8 +167,9 @@ def test_block_offload_gives_the_same_output_and_restores_processors(tiny_transf
 def test_offload_through_from_files_with_fp8(adapter_file, fp8_pipe):
     expected = _generate(fp8_pipe).image
     for offload in ("blocks", "model"):
-        pipe = HairDiffPipeline.from_files(tiny=True, adapter=adapter_file, dtype=torch.bfloat16,
-                                           weights="fp8_e4m3fn", offload=offload)
+        pipe = HairDiffPipeline.from_files(
+            tiny=True, adapter=adapter_file, dtype=torch.bfloat16, weights="fp8_e4m3fn", offload=offload
+        )
         assert is_offloaded(pipe.transformer) == (offload == "blocks")
         torch.testing.assert_close(_generate(pipe).image, expected, atol=1e-6, rtol=0)
     with pytest.raises(InputError, match="unknown offload 'disk'"):
@@ -164,8 +177,9 @@ def test_offload_through_from_files_with_fp8(adapter_file, fp8_pipe):
 
 
 def test_cli_weights_and_offload_flags(tmp_path):
-    import hairdiff_cli
     from PIL import Image
+
+    import hairdiff_cli
 
     Image.new("RGB", (48, 48), (120, 90, 60)).save(tmp_path / "photo.png")
     Image.new("RGB", (48, 48), (255, 255, 255)).save(tmp_path / "sketch.png")
@@ -174,9 +188,23 @@ def test_cli_weights_and_offload_flags(tmp_path):
     matte.save(tmp_path / "matte.png")
 
     def run(out, *extra):
-        argv = ["generate", "--tiny", "--steps", "2", "--dtype", "bf16", "--image", str(tmp_path / "photo.png"),
-                "--sketch", str(tmp_path / "sketch.png"), "--matte", str(tmp_path / "matte.png"),
-                "--out", str(tmp_path / out), *extra]
+        argv = [
+            "generate",
+            "--tiny",
+            "--steps",
+            "2",
+            "--dtype",
+            "bf16",
+            "--image",
+            str(tmp_path / "photo.png"),
+            "--sketch",
+            str(tmp_path / "sketch.png"),
+            "--matte",
+            str(tmp_path / "matte.png"),
+            "--out",
+            str(tmp_path / out),
+            *extra,
+        ]
         return hairdiff_cli.main(argv)
 
     assert run("fp8.png", "--weights", "fp8_e4m3fn") == 0

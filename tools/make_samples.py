@@ -1,5 +1,6 @@
 """Draws the bundled sample images (hairdiff_core/assets/): a synthetic portrait, its hair
 matte and a sketch of new hair. Run once; the PNGs are committed. Deterministic."""
+
 from __future__ import annotations
 
 import math

@@ -12,6 +12,7 @@ It is written under a temporary name in the same folder and renamed into place, 
 any moment leaves either no new checkpoint or a complete one; older ones are pruned only after.
 Nothing here unpickles: tensors are safetensors, everything else JSON.
 """
+
 from __future__ import annotations
 
 import json
@@ -245,14 +246,17 @@ def resolve_resume(resume: str, checkpoints_dir) -> Path | None:
             problem = verify_checkpoint(path)
             if problem is None:
                 for bad, why in skipped:
-                    logger.warning("--resume latest: skipping damaged checkpoint %s (%s); resuming from %s",
-                                   bad, why, path.name)
+                    logger.warning(
+                        "--resume latest: skipping damaged checkpoint %s (%s); resuming from %s", bad, why, path.name
+                    )
                 return path
             skipped.append((path, problem))
         if skipped:
             details = "; ".join(f"{p.name}: {why}" for p, why in skipped)
-            raise CheckpointError(f"--resume latest: no intact checkpoint in {checkpoints_dir} ({details}); "
-                                  f"start again in a new --output folder, or remove the damaged checkpoints")
+            raise CheckpointError(
+                f"--resume latest: no intact checkpoint in {checkpoints_dir} ({details}); "
+                f"start again in a new --output folder, or remove the damaged checkpoints"
+            )
         return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
@@ -329,7 +333,8 @@ def read(path: Path, rank: int = 0) -> dict[str, Any]:
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         trainable = _load_tensors(path / "trainable.safetensors")
         opt = unflatten_optimizer_state(
-            _load_tensors(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
+            _load_tensors(path / "optimizer.safetensors"),
+            json.loads((path / "optimizer.json").read_text(encoding="utf-8")),
         )
         rng_file = path / f"rng-rank{rank}.safetensors"
         rng = (_load_tensors(rng_file), json.loads((path / f"rng-rank{rank}.json").read_text(encoding="utf-8")))

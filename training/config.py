@@ -3,6 +3,7 @@
 The resolved configuration is written as ``config.json`` beside the outputs, and its
 ``fingerprint`` (the settings a resumed run must share) is stored in every checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -97,16 +98,31 @@ class TrainConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
         keys = (
-            "tiny", "toy", "model", "resolution", "batch_size", "grad_accum", "rank", "lora_alpha", "lora_targets",
-            "train_base_channels", "augment", "seed", "sigma_sampling", "oversample_from_epoch",
-            "oversample_factor", "mixed_precision", "crop", "matte_growth",
+            "tiny",
+            "toy",
+            "model",
+            "resolution",
+            "batch_size",
+            "grad_accum",
+            "rank",
+            "lora_alpha",
+            "lora_targets",
+            "train_base_channels",
+            "augment",
+            "seed",
+            "sigma_sampling",
+            "oversample_from_epoch",
+            "oversample_factor",
+            "mixed_precision",
+            "crop",
+            "matte_growth",
         )
         return {k: getattr(self, k) for k in keys}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         self._check_types_and_ranges()
         if not self.data:
             raise InputError("no dataset: pass --data DIR (a folder with img/, matte/ and sketch/)")
@@ -116,8 +132,9 @@ class TrainConfig:
 
         check_writable_folder(self.output, "training output")
         if Path(self.output).expanduser().resolve() == Path(self.data).expanduser().resolve():
-            raise InputError("--output is the dataset folder; write the training outputs to another folder",
-                             input="output")
+            raise InputError(
+                "--output is the dataset folder; write the training outputs to another folder", input="output"
+            )
         if int(bool(self.tiny)) + int(bool(self.toy)) + int(bool(self.model)) != 1:
             raise InputError(
                 "pass exactly one of --model PATH (an SD3.5 diffusers folder or .safetensors checkpoint), "
@@ -168,7 +185,6 @@ class TrainConfig:
             raise InputError(f"adapter_name {self.adapter_name!r} must end in .safetensors")
         return self
 
-
     def _check_types_and_ranges(self) -> None:
         """Types, finiteness and ranges of every setting (a config file may hold "sixteen" or NaN)."""
         from hairdiff_core.checks import Bound, check_number
@@ -181,35 +197,54 @@ class TrainConfig:
             setattr(self, name, check_number(value, Bound(label, integer=integer, lo=lo, hi=hi, lo_open=lo_open), name))
         for name in BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
-                raise InputError(f"--{name.replace('_', '-')} is a switch: true or false, got {getattr(self, name)!r}",
-                                 input=name)
+                raise InputError(
+                    f"--{name.replace('_', '-')} is a switch: true or false, got {getattr(self, name)!r}", input=name
+                )
         for name in PATH_FIELDS:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise InputError(f"--{name.replace('_', '-')} must be a path (text), got {value!r}", input=name)
         if not isinstance(self.lora_targets, list) or not all(isinstance(t, str) and t for t in self.lora_targets):
-            raise InputError(f"--lora-targets must be module names such as to_q to_k, got {self.lora_targets!r}",
-                             input="lora_targets")
+            raise InputError(
+                f"--lora-targets must be module names such as to_q to_k, got {self.lora_targets!r}",
+                input="lora_targets",
+            )
 
 
 #: Numeric settings: name -> (whole number, low, high, low excluded). The training seed feeds
 #: numpy's seed, which takes 32 bits.
 TRAIN_BOUNDS: dict[str, tuple[bool, float | None, float | None, bool]] = {
-    "resolution": (True, 16, 4096, False), "num_workers": (True, 0, 64, False),
-    "max_steps": (True, 1, 10**9, False), "epochs": (True, 1, 10**6, False),
-    "batch_size": (True, 1, 4096, False), "grad_accum": (True, 1, 4096, False),
-    "lr": (False, 0.0, 1.0, True), "warmup_steps": (True, 0, 10**9, False),
-    "weight_decay": (False, 0.0, 10.0, False), "adam_beta1": (False, 0.0, 0.9999, False),
-    "adam_beta2": (False, 0.0, 0.99999, False), "adam_eps": (False, 0.0, 1.0, True),
-    "max_grad_norm": (False, 0.0, 1e6, False), "seed": (True, 0, 2**31 - 1, False),
-    "lambda_shape": (False, 0.0, 1000.0, False), "sketch_jitter": (False, 0.0, 256.0, False),
-    "feather_sigma": (False, 0.0, 1024.0, False), "logit_mean": (False, -10.0, 10.0, False),
-    "logit_std": (False, 0.0, 10.0, True), "mode_scale": (False, 0.0, 10.0, False),
-    "shift": (False, 0.0, 100.0, True), "rank": (True, 1, 1024, False), "lora_alpha": (False, 0.0, 1e5, True),
-    "oversample_from_epoch": (True, 0, 10**6, False), "oversample_factor": (True, 1, 1000, False),
-    "checkpoint_every": (True, 1, 10**9, False), "checkpoints_keep": (True, 1, 10**6, False),
-    "validate_every": (True, 0, 10**9, False), "validation_samples": (True, 1, 1000, False),
-    "validation_steps": (True, 1, 1000, False), "eval_limit": (True, 1, 10**6, False),
+    "resolution": (True, 16, 4096, False),
+    "num_workers": (True, 0, 64, False),
+    "max_steps": (True, 1, 10**9, False),
+    "epochs": (True, 1, 10**6, False),
+    "batch_size": (True, 1, 4096, False),
+    "grad_accum": (True, 1, 4096, False),
+    "lr": (False, 0.0, 1.0, True),
+    "warmup_steps": (True, 0, 10**9, False),
+    "weight_decay": (False, 0.0, 10.0, False),
+    "adam_beta1": (False, 0.0, 0.9999, False),
+    "adam_beta2": (False, 0.0, 0.99999, False),
+    "adam_eps": (False, 0.0, 1.0, True),
+    "max_grad_norm": (False, 0.0, 1e6, False),
+    "seed": (True, 0, 2**31 - 1, False),
+    "lambda_shape": (False, 0.0, 1000.0, False),
+    "sketch_jitter": (False, 0.0, 256.0, False),
+    "feather_sigma": (False, 0.0, 1024.0, False),
+    "logit_mean": (False, -10.0, 10.0, False),
+    "logit_std": (False, 0.0, 10.0, True),
+    "mode_scale": (False, 0.0, 10.0, False),
+    "shift": (False, 0.0, 100.0, True),
+    "rank": (True, 1, 1024, False),
+    "lora_alpha": (False, 0.0, 1e5, True),
+    "oversample_from_epoch": (True, 0, 10**6, False),
+    "oversample_factor": (True, 1, 1000, False),
+    "checkpoint_every": (True, 1, 10**9, False),
+    "checkpoints_keep": (True, 1, 10**6, False),
+    "validate_every": (True, 0, 10**9, False),
+    "validation_samples": (True, 1, 1000, False),
+    "validation_steps": (True, 1, 1000, False),
+    "eval_limit": (True, 1, 10**6, False),
 }
 OPTIONAL_NUMBERS = ("resolution", "max_steps", "epochs", "lora_alpha", "oversample_from_epoch", "eval_limit")
 BOOL_FIELDS = ("tiny", "skip_bad", "adam_8bit", "train_base_channels", "gradient_checkpointing", "cpu")

@@ -1,4 +1,5 @@
 """Training logs: per-step CSV, end-of-epoch summary table, loss-curve PNG, optional TensorBoard."""
+
 from __future__ import annotations
 
 import csv
@@ -29,7 +30,9 @@ class TrainingLogs:
     """Owned by the main process. ``start_step`` > 0 (a resume) drops rows the resumed run
     will write again."""
 
-    def __init__(self, output: Path, start_step: int = 0, epoch_rows: list[dict] | None = None, tensorboard: bool = True):
+    def __init__(
+        self, output: Path, start_step: int = 0, epoch_rows: list[dict] | None = None, tensorboard: bool = True
+    ):
         self.output = Path(output)
         self.output.mkdir(parents=True, exist_ok=True)
         self.steps_path = self.output / "log.csv"
@@ -41,7 +44,9 @@ class TrainingLogs:
         if start_step > 0 and self.steps_path.is_file():
             with open(self.steps_path, newline="", encoding="utf-8") as f:
                 self.rows = [
-                    {k: float(v) for k, v in r.items()} for r in csv.DictReader(f) if int(float(r["step"])) <= start_step
+                    {k: float(v) for k, v in r.items()}
+                    for r in csv.DictReader(f)
+                    if int(float(r["step"])) <= start_step
                 ]
         self._rewrite_steps()
         self._write_epochs()
@@ -52,7 +57,9 @@ class TrainingLogs:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.output / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+                self.tb = SummaryWriter(
+                    str(self.output / "tensorboard"), purge_step=start_step + 1 if start_step else None
+                )
             except ImportError:
                 logger.debug("tensorboard is not installed; skipping TensorBoard logs")
 

@@ -12,6 +12,7 @@ Default: none (zero embeddings, no text encoder in memory). Two ways to conditio
 
 Samples without a caption get zero text of the same length.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,6 @@ import torch
 
 from hairdiff_core.checks import parse_dtype
 from hairdiff_core.errors import InputError
-from hairdiff_core.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +87,14 @@ def _from_folder(folder: Path, samples, transformer) -> dict[int, tuple[torch.Te
     return out
 
 
-def _encode_captions(captions: dict[str, str], samples, config, cache: Path, device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def _encode_captions(
+    captions: dict[str, str], samples, config, cache: Path, device
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     from hairdiff_core.text import PromptCache
 
-    model_key = str(Path(config.model).resolve()) if config.model else ("toy" if getattr(config, "toy", False) else "tiny")
+    model_key = (
+        str(Path(config.model).resolve()) if config.model else ("toy" if getattr(config, "toy", False) else "tiny")
+    )
     prompts = PromptCache(cache / "text", model_key=model_key, max_sequence_length=MAX_SEQUENCE_LENGTH)
     wanted = {i: captions[s.stem] for i, s in enumerate(samples) if s.stem in captions}
 
@@ -109,8 +113,13 @@ def _encode_captions(captions: dict[str, str], samples, config, cache: Path, dev
 
         def encode(caption: str):
             embeds, _, pooled, _ = pipe.encode_prompt(
-                prompt=caption, prompt_2=None, prompt_3=None, device=device,
-                num_images_per_prompt=1, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH,
+                prompt=caption,
+                prompt_2=None,
+                prompt_3=None,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
             )
             return embeds, pooled
 
@@ -146,6 +155,8 @@ def load_text_embeddings(config, samples, transformer, output: Path, acc) -> Tex
         return None
     lengths = {e.shape[0] for e, _ in by_index.values()}
     if len(lengths) > 1:
-        raise InputError(f"text embeddings have different token counts {sorted(lengths)}; encode all captions with the same max length")
+        raise InputError(
+            f"text embeddings have different token counts {sorted(lengths)}; encode all captions with the same max length"
+        )
     logger.info("text conditioning for %d of %d sample(s)", len(by_index), len(samples))
     return TextEmbeddings(by_index, lengths.pop())

@@ -14,6 +14,7 @@ UI format (``workflows/*.json``): what the ComfyUI frontend opens; ComfyUI lists
 keeps these out of the template browser. Widget order comes from ``/object_info`` (so the UI
 files match the node definitions exactly); Note nodes exist only in the UI format.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,162 +40,258 @@ def loaders(photo=True, matte=True, photo_title="Photo"):
     nodes.append(dict(id=2, type="LoadImage", title="Sketch", widgets={"image": SAMPLES["sketch"]}))
     if matte:
         nodes.append(dict(id=3, type="LoadImage", title="Matte", widgets={"image": SAMPLES["matte"]}))
-        nodes.append(dict(id=4, type="ImageToMask", title="Matte To Mask", widgets={"channel": "red"}, links={"image": (3, 0)}))
+        nodes.append(
+            dict(id=4, type="ImageToMask", title="Matte To Mask", widgets={"channel": "red"}, links={"image": (3, 0)})
+        )
     return nodes
 
 
 def model(base=None, adapter="none"):
-    return dict(id=5, type="HairDiff_LoadModel", title="Load HairDiff Model",
-                widgets={"base_model": base or MODEL, "adapter": adapter, "dtype": "auto", "device": "auto",
-                         "weights": "auto", "offload": "auto"})
+    return dict(
+        id=5,
+        type="HairDiff_LoadModel",
+        title="Load HairDiff Model",
+        widgets={
+            "base_model": base or MODEL,
+            "adapter": adapter,
+            "dtype": "auto",
+            "device": "auto",
+            "weights": "auto",
+            "offload": "auto",
+        },
+    )
 
 
 def sketch_node():
-    return dict(id=6, type="HairDiff_SketchPreprocess", title="HairDiff Sketch Preprocess",
-                widgets={"background": "auto", "invert": False, "threshold": 0.2, "thickness_px": 0},
-                links={"sketch": (2, 0), "photo": (1, 0)})
+    return dict(
+        id=6,
+        type="HairDiff_SketchPreprocess",
+        title="HairDiff Sketch Preprocess",
+        widgets={"background": "auto", "invert": False, "threshold": 0.2, "thickness_px": 0},
+        links={"sketch": (2, 0), "photo": (1, 0)},
+    )
 
 
 def sampler(model_from=5, matte_from=(7, 0), steps=20, cfg=1.0, extra_links=None, photo_from=(1, 0)):
     links = {"model": (model_from, 0), "photo": photo_from, "sketch": (6, 0), "matte": matte_from}
     links.update(extra_links or {})
-    return dict(id=8, type="HairDiff_Sampler", title="HairDiff Sampler",
-                widgets={"seed": 42, "steps": steps, "cfg": cfg, "shift": 3.0, "strength": 1.0, "paste_back": True,
-                         "feather": 10.0},
-                links=links)
+    return dict(
+        id=8,
+        type="HairDiff_Sampler",
+        title="HairDiff Sampler",
+        widgets={
+            "seed": 42,
+            "steps": steps,
+            "cfg": cfg,
+            "shift": 3.0,
+            "strength": 1.0,
+            "paste_back": True,
+            "feather": 10.0,
+        },
+        links=links,
+    )
 
 
 def save(prefix):
-    return dict(id=9, type="SaveImage", title="Save Image", widgets={"filename_prefix": prefix}, links={"images": (8, 0)})
+    return dict(
+        id=9, type="SaveImage", title="Save Image", widgets={"filename_prefix": prefix}, links={"images": (8, 0)}
+    )
 
 
 def matte_node(from_sketch=False, links=None, grow_px=0, dilate=16, mode="union"):
     if from_sketch:
-        return dict(id=7, type="HairDiff_HairMatte", title="HairDiff Hair Matte",
-                    widgets={"grow_px": 8, "feather_sigma": 4.0, "threshold": 0.5, "sketch_dilate_px": 24, "mode": "sketch"},
-                    links={"sketch": (2, 0), "photo": (1, 0)})
-    return dict(id=7, type="HairDiff_HairMatte", title="HairDiff Hair Matte",
-                widgets={"grow_px": grow_px, "feather_sigma": 4.0, "threshold": 0.5, "sketch_dilate_px": dilate, "mode": mode},
-                links=links or {"mask": (4, 0), "photo": (1, 0)})
+        return dict(
+            id=7,
+            type="HairDiff_HairMatte",
+            title="HairDiff Hair Matte",
+            widgets={"grow_px": 8, "feather_sigma": 4.0, "threshold": 0.5, "sketch_dilate_px": 24, "mode": "sketch"},
+            links={"sketch": (2, 0), "photo": (1, 0)},
+        )
+    return dict(
+        id=7,
+        type="HairDiff_HairMatte",
+        title="HairDiff Hair Matte",
+        widgets={"grow_px": grow_px, "feather_sigma": 4.0, "threshold": 0.5, "sketch_dilate_px": dilate, "mode": mode},
+        links=links or {"mask": (4, 0), "photo": (1, 0)},
+    )
 
 
 def prompt_node(nid, title, text):
     return dict(id=nid, type="HairDiff_Prompt", title=title, widgets={"text": text, "encoders": TINY})
 
 
-TINY_NOTE = ("It runs as shipped with the built-in **tiny (wiring check)** model and the sample pictures: no model "
-             "files needed, and the 'hair' it draws is noise. It only shows that everything is connected.\n\n"
-             "**For real results:** in Load HairDiff Model pick an SD3.5 model (models/checkpoints, "
-             "models/diffusion_models or models/diffusers) and a HairDiff adapter (models/hairdiff), then load your "
-             "own pictures.\n\n"
-             "Headless: `hairdiff comfy-run --workflow workflows/api/{name}.json --image P --sketch S --matte M --out DIR`.")
+TINY_NOTE = (
+    "It runs as shipped with the built-in **tiny (wiring check)** model and the sample pictures: no model "
+    "files needed, and the 'hair' it draws is noise. It only shows that everything is connected.\n\n"
+    "**For real results:** in Load HairDiff Model pick an SD3.5 model (models/checkpoints, "
+    "models/diffusion_models or models/diffusers) and a HairDiff adapter (models/hairdiff), then load your "
+    "own pictures.\n\n"
+    "Headless: `hairdiff comfy-run --workflow workflows/api/{name}.json --image P --sketch S --matte M --out DIR`."
+)
 
 WORKFLOWS = {
     "hairdiff_basic": dict(
         title="Redraw hair from a sketch",
         note="Load a portrait, a sketch of the new hair and a matte (white where the hair may change). HairDiff "
-             "redraws the hair inside the matte so it follows your strokes; everything outside stays as it was.",
+        "redraws the hair inside the matte so it follows your strokes; everything outside stays as it was.",
         nodes=loaders() + [model(), sketch_node(), matte_node(), sampler(), save("hairdiff/basic")],
     ),
     "hairdiff_reference_attention": dict(
         title="Hair lit like the photo",
         note="The same as the basic template, plus **HairDiff Reference Attention**: while drawing, the new hair "
-             "keeps looking at the original photo, so it picks up its light and colour. 'once' is quick; "
-             "'per_step' looks at every step (about twice the time) and is the published method.",
-        nodes=loaders() + [model(), sketch_node(), matte_node(),
-                           dict(id=10, type="HairDiff_ReferenceAttention", title="HairDiff Reference Attention",
-                                widgets={"mode": "once", "weight_inside": 0.5, "weight_outside": 1.0,
-                                         "suppress_self_outside": 0.0, "key_weight_inside": 0.0,
-                                         "reference_input": "photo", "reference_noise": "auto", "key_pool": "1",
-                                         "key_ring": 0},
-                                links={"model": (5, 0)}),
-                           sampler(model_from=10), save("hairdiff/reference")],
+        "keeps looking at the original photo, so it picks up its light and colour. 'once' is quick; "
+        "'per_step' looks at every step (about twice the time) and is the published method.",
+        nodes=loaders()
+        + [
+            model(),
+            sketch_node(),
+            matte_node(),
+            dict(
+                id=10,
+                type="HairDiff_ReferenceAttention",
+                title="HairDiff Reference Attention",
+                widgets={
+                    "mode": "once",
+                    "weight_inside": 0.5,
+                    "weight_outside": 1.0,
+                    "suppress_self_outside": 0.0,
+                    "key_weight_inside": 0.0,
+                    "reference_input": "photo",
+                    "reference_noise": "auto",
+                    "key_pool": "1",
+                    "key_ring": 0,
+                },
+                links={"model": (5, 0)},
+            ),
+            sampler(model_from=10),
+            save("hairdiff/reference"),
+        ],
     ),
     "hairdiff_colour_prompt": dict(
         title="Hair colour from a prompt (SD3.5 files)",
         note="Say the colour in words: the prompt (e.g. 'copper red hair') tells the model what colour and "
-             "texture to draw, the sketch still gives the shape.\n\n**Needs model files** (for a try-out without "
-             "files use *hairdiff_colour_prompt_tiny*):\n- `models/checkpoints/sd3.5_medium.safetensors` (SD3.5 "
-             "Medium, VAE inside)\n- `models/hairdiff/hairdiff_sd3.5_medium.safetensors` (a HairDiff adapter "
-             "trained for it)\n- `models/text_encoders/clip_l.safetensors`, `clip_g.safetensors`, "
-             "`t5xxl_fp16.safetensors`\n\ncfg 4 uses the negative prompt. Headless: `hairdiff comfy-run --workflow "
-             "workflows/api/hairdiff_colour_prompt.json --image P --sketch S --matte M --set 'Hair Colour "
-             "Prompt.text=copper red hair' --out DIR`.",
+        "texture to draw, the sketch still gives the shape.\n\n**Needs model files** (for a try-out without "
+        "files use *hairdiff_colour_prompt_tiny*):\n- `models/checkpoints/sd3.5_medium.safetensors` (SD3.5 "
+        "Medium, VAE inside)\n- `models/hairdiff/hairdiff_sd3.5_medium.safetensors` (a HairDiff adapter "
+        "trained for it)\n- `models/text_encoders/clip_l.safetensors`, `clip_g.safetensors`, "
+        "`t5xxl_fp16.safetensors`\n\ncfg 4 uses the negative prompt. Headless: `hairdiff comfy-run --workflow "
+        "workflows/api/hairdiff_colour_prompt.json --image P --sketch S --matte M --set 'Hair Colour "
+        "Prompt.text=copper red hair' --out DIR`.",
         runnable=False,
-        nodes=loaders() + [
+        nodes=loaders()
+        + [
             model(base="checkpoints/sd3.5_medium.safetensors", adapter="hairdiff/hairdiff_sd3.5_medium.safetensors"),
-            sketch_node(), matte_node(),
-            dict(id=11, type="TripleCLIPLoader", title="SD3 Text Encoders",
-                 widgets={"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
-                          "clip_name3": "t5xxl_fp16.safetensors"}),
-            dict(id=12, type="CLIPTextEncode", title="Hair Colour Prompt", widgets={"text": "platinum blonde hair"},
-                 links={"clip": (11, 0)}),
+            sketch_node(),
+            matte_node(),
+            dict(
+                id=11,
+                type="TripleCLIPLoader",
+                title="SD3 Text Encoders",
+                widgets={
+                    "clip_name1": "clip_l.safetensors",
+                    "clip_name2": "clip_g.safetensors",
+                    "clip_name3": "t5xxl_fp16.safetensors",
+                },
+            ),
+            dict(
+                id=12,
+                type="CLIPTextEncode",
+                title="Hair Colour Prompt",
+                widgets={"text": "platinum blonde hair"},
+                links={"clip": (11, 0)},
+            ),
             dict(id=13, type="CLIPTextEncode", title="Negative Prompt", widgets={"text": ""}, links={"clip": (11, 0)}),
             sampler(steps=28, cfg=4.0, extra_links={"positive": (12, 0), "negative": (13, 0)}),
-            save("hairdiff/colour")],
+            save("hairdiff/colour"),
+        ],
     ),
     "hairdiff_colour_prompt_tiny": dict(
         title="Hair colour from a prompt (try-out)",
         note="Type the hair colour you want in **Hair Colour Prompt** ('copper red hair', 'platinum blonde'); the "
-             "sketch gives the shape, the words the colour. This copy uses the tiny built-in text encoders, so it "
-             "runs anywhere but ignores what the words mean.\n\n**For real results:** switch both prompt nodes' "
-             "encoders to 'sd3 files' (clip_l, clip_g, t5xxl in models/text_encoders) or use ComfyUI's Triple CLIP "
-             "Loader + CLIP Text Encode as in *hairdiff_colour_prompt*, and pick an SD3.5 model and adapter.",
-        nodes=loaders() + [model(), sketch_node(), matte_node(),
-                           prompt_node(11, "Hair Colour Prompt", "copper red hair"),
-                           prompt_node(12, "Negative Prompt", "blurry, dull"),
-                           sampler(cfg=2.0, extra_links={"positive": (11, 0), "negative": (12, 0)}),
-                           save("hairdiff/colour_tiny")],
+        "sketch gives the shape, the words the colour. This copy uses the tiny built-in text encoders, so it "
+        "runs anywhere but ignores what the words mean.\n\n**For real results:** switch both prompt nodes' "
+        "encoders to 'sd3 files' (clip_l, clip_g, t5xxl in models/text_encoders) or use ComfyUI's Triple CLIP "
+        "Loader + CLIP Text Encode as in *hairdiff_colour_prompt*, and pick an SD3.5 model and adapter.",
+        nodes=loaders()
+        + [
+            model(),
+            sketch_node(),
+            matte_node(),
+            prompt_node(11, "Hair Colour Prompt", "copper red hair"),
+            prompt_node(12, "Negative Prompt", "blurry, dull"),
+            sampler(cfg=2.0, extra_links={"positive": (11, 0), "negative": (12, 0)}),
+            save("hairdiff/colour_tiny"),
+        ],
     ),
     "hairdiff_matte_from_sketch": dict(
         title="Longer hair: the sketch sets the region",
         note="No matte needed: draw the outline of the new hair and HairDiff Hair Matte (mode 'sketch') takes the "
-             "strokes plus everything they enclose as the region to redraw. Good for longer hair: the sketch says "
-             "how far it reaches. Raise 'sketch_dilate_px' if your outline has gaps.",
+        "strokes plus everything they enclose as the region to redraw. Good for longer hair: the sketch says "
+        "how far it reaches. Raise 'sketch_dilate_px' if your outline has gaps.",
         note_drop=" --matte M",
-        nodes=loaders(matte=False) + [model(), sketch_node(), matte_node(from_sketch=True), sampler(),
-                                      save("hairdiff/matte_from_sketch")],
+        nodes=loaders(matte=False)
+        + [model(), sketch_node(), matte_node(from_sketch=True), sampler(), save("hairdiff/matte_from_sketch")],
     ),
     "hairdiff_shorter_hair": dict(
         title="Shorter hair: old hair + sketch",
         note="To make hair **shorter**, the old hair must go where the new hair does not reach, so the region to "
-             "redraw is the old hair's matte *plus* the sketch's region (Hair Matte, mode 'union'); the model paints "
-             "skin or background where there is no stroke.\n\n**Protect** is the photo again: open it in the mask "
-             "editor (right-click > Open in MaskEditor) and paint over the face or anything that must not change; it "
-             "is taken out of the matte. Left unpainted it protects nothing. The Hair Matte preview shows the final "
-             "region over the photo.",
-        nodes=loaders() + [
-            dict(id=10, type="LoadImage", title="Protect (paint the face in the mask editor)",
-                 widgets={"image": SAMPLES["photo"]}),
-            model(), sketch_node(),
+        "redraw is the old hair's matte *plus* the sketch's region (Hair Matte, mode 'union'); the model paints "
+        "skin or background where there is no stroke.\n\n**Protect** is the photo again: open it in the mask "
+        "editor (right-click > Open in MaskEditor) and paint over the face or anything that must not change; it "
+        "is taken out of the matte. Left unpainted it protects nothing. The Hair Matte preview shows the final "
+        "region over the photo.",
+        nodes=loaders()
+        + [
+            dict(
+                id=10,
+                type="LoadImage",
+                title="Protect (paint the face in the mask editor)",
+                widgets={"image": SAMPLES["photo"]},
+            ),
+            model(),
+            sketch_node(),
             matte_node(links={"mask": (4, 0), "sketch": (2, 0), "exclude": (10, 1), "photo": (1, 0)}, grow_px=4),
-            sampler(), save("hairdiff/shorter")],
+            sampler(),
+            save("hairdiff/shorter"),
+        ],
     ),
     "hairdiff_draw_in_comfyui": dict(
         title="Paint the matte in ComfyUI",
         note="Everything inside ComfyUI, no other program: right-click the **Photo** node > Open in MaskEditor and "
-             "paint over the hair you want to change (and where the new hair should go). Load your sketch in "
-             "**Sketch** (or paint strokes on a blank image in any paint app). Hair Matte adds the painted area to "
-             "the sketch's region.\n\nAs shipped nothing is painted yet, so only the sketch's region is used.",
+        "paint over the hair you want to change (and where the new hair should go). Load your sketch in "
+        "**Sketch** (or paint strokes on a blank image in any paint app). Hair Matte adds the painted area to "
+        "the sketch's region.\n\nAs shipped nothing is painted yet, so only the sketch's region is used.",
         note_drop=" --matte M",
-        nodes=loaders(matte=False, photo_title="Photo (paint the hair in the mask editor)") + [
-            model(), sketch_node(),
+        nodes=loaders(matte=False, photo_title="Photo (paint the hair in the mask editor)")
+        + [
+            model(),
+            sketch_node(),
             matte_node(links={"mask": (1, 1), "sketch": (2, 0), "photo": (1, 0)}, dilate=24),
-            sampler(), save("hairdiff/painted")],
+            sampler(),
+            save("hairdiff/painted"),
+        ],
     ),
     "hairdiff_batch": dict(
         title="Several photos at once",
         note="Two portraits go through one graph: **Image Batch** stacks them (the second is resized to the "
-             "first's size) and the sampler draws the same sketch and matte on each; one sketch/matte is shared, "
-             "or give one per photo with batches of the same size. As shipped both are the sample photo; swap the "
-             "**Second Portrait** for another one.\n\n**A whole folder** (photos of different sizes): run this "
-             "API workflow once per photo, e.g. `for p in photos/*.jpg; do hairdiff comfy-run --workflow "
-             "workflows/api/hairdiff_basic.json --image \"$p\" --sketch S --matte M --out out/; done`, or "
-             "`hairdiff generate` on the command line.",
-        nodes=loaders() + [
+        "first's size) and the sampler draws the same sketch and matte on each; one sketch/matte is shared, "
+        "or give one per photo with batches of the same size. As shipped both are the sample photo; swap the "
+        "**Second Portrait** for another one.\n\n**A whole folder** (photos of different sizes): run this "
+        "API workflow once per photo, e.g. `for p in photos/*.jpg; do hairdiff comfy-run --workflow "
+        'workflows/api/hairdiff_basic.json --image "$p" --sketch S --matte M --out out/; done`, or '
+        "`hairdiff generate` on the command line.",
+        nodes=loaders()
+        + [
             dict(id=10, type="LoadImage", title="Second Portrait", widgets={"image": SAMPLES["photo"]}),
-            dict(id=11, type="ImageBatch", title="Image Batch", widgets={}, links={"image1": (1, 0), "image2": (10, 0)}),
-            model(), sketch_node(), matte_node(), sampler(photo_from=(11, 0)), save("hairdiff/batch")],
+            dict(
+                id=11, type="ImageBatch", title="Image Batch", widgets={}, links={"image1": (1, 0), "image2": (10, 0)}
+            ),
+            model(),
+            sketch_node(),
+            matte_node(),
+            sampler(photo_from=(11, 0)),
+            save("hairdiff/batch"),
+        ],
     ),
 }
 
@@ -254,20 +351,35 @@ def build(info: dict, name: str, wf: dict) -> tuple[dict, dict]:
         missing = set(n["widgets"]) - {i[0] for i in inputs}
         if missing:
             raise SystemExit(f"{name}: {n['type']} has no inputs {sorted(missing)}")
-        ui_outputs = [{"name": out_names[i], "type": t, "links": out_links.get((n["id"], i), []), "slot_index": i}
-                      for i, t in enumerate(out_types)]
+        ui_outputs = [
+            {"name": out_names[i], "type": t, "links": out_links.get((n["id"], i), []), "slot_index": i}
+            for i, t in enumerate(out_types)
+        ]
         col = _column(n, by_id)
         row = columns.get(col, 0)
         columns[col] = row + 1
-        nodes.append({
-            "id": n["id"], "type": n["type"], "title": n["title"], "pos": [40 + 380 * col, 60 + 300 * row],
-            "size": [340, 260], "flags": {}, "order": order, "mode": 0, "inputs": ui_inputs, "outputs": ui_outputs,
-            "properties": {"Node name for S&R": n["type"]}, "widgets_values": widgets,
-        })
+        nodes.append(
+            {
+                "id": n["id"],
+                "type": n["type"],
+                "title": n["title"],
+                "pos": [40 + 380 * col, 60 + 300 * row],
+                "size": [340, 260],
+                "flags": {},
+                "order": order,
+                "mode": 0,
+                "inputs": ui_inputs,
+                "outputs": ui_outputs,
+                "properties": {"Node name for S&R": n["type"]},
+                "widgets_values": widgets,
+            }
+        )
         api[str(n["id"])] = {
             "class_type": n["type"],
-            "inputs": {**{k: v for k, v in n["widgets"].items()},
-                       **{k: [str(src), slot] for k, (src, slot) in n.get("links", {}).items()}},
+            "inputs": {
+                **{k: v for k, v in n["widgets"].items()},
+                **{k: [str(src), slot] for k, (src, slot) in n.get("links", {}).items()},
+            },
             "_meta": {"title": n["title"]},
         }
     for lid, src, slot, dst, inp in pending:
@@ -276,12 +388,34 @@ def build(info: dict, name: str, wf: dict) -> tuple[dict, dict]:
         dst_slot = next(i for i, x in enumerate(dst_inputs) if x["name"] == inp)
         links.append([lid, src, slot, dst, dst_slot, kind])
     note_id = max(by_id) + 1
-    nodes.append({"id": note_id, "type": "MarkdownNote", "title": wf["title"], "pos": [40, -260],
-                  "size": [700, 240], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
-                  "properties": {}, "widgets_values": [note_text(name, wf)]})
-    ui = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"hairdiff/{name}")), "revision": 0, "last_node_id": note_id,
-          "last_link_id": link_id, "nodes": nodes, "links": links, "groups": [], "config": {},
-          "extra": {"ds": {"scale": 0.8, "offset": [0, 300]}, "hairdiff": {"title": wf["title"]}}, "version": 0.4}
+    nodes.append(
+        {
+            "id": note_id,
+            "type": "MarkdownNote",
+            "title": wf["title"],
+            "pos": [40, -260],
+            "size": [700, 240],
+            "flags": {},
+            "order": len(nodes),
+            "mode": 0,
+            "inputs": [],
+            "outputs": [],
+            "properties": {},
+            "widgets_values": [note_text(name, wf)],
+        }
+    )
+    ui = {
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"hairdiff/{name}")),
+        "revision": 0,
+        "last_node_id": note_id,
+        "last_link_id": link_id,
+        "nodes": nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [0, 300]}, "hairdiff": {"title": wf["title"]}},
+        "version": 0.4,
+    }
     return ui, api
 
 
@@ -314,9 +448,12 @@ def object_info_from_stubs() -> dict:
     info = {}
     for node in nodes.NODES:
         schema = node.GET_SCHEMA()
-        entry = {"input": {"required": {}, "optional": {}}, "input_order": {"required": [], "optional": []},
-                 "output": [o.io_type for o in schema.outputs],
-                 "output_name": [o.display_name or o.id for o in schema.outputs]}
+        entry = {
+            "input": {"required": {}, "optional": {}},
+            "input_order": {"required": [], "optional": []},
+            "output": [o.io_type for o in schema.outputs],
+            "output_name": [o.display_name or o.id for o in schema.outputs],
+        }
         for i in schema.inputs:
             section = "optional" if i.optional else "required"
             opts = {"default": i.default} if i.default is not None else {}
@@ -329,8 +466,12 @@ def object_info_from_stubs() -> dict:
     for name, spec_ in core.items():
         if name.startswith("_"):
             continue
-        entry = {"input": {"required": {}, "optional": {}}, "input_order": {"required": [], "optional": []},
-                 "output": spec_["outputs"], "output_name": spec_["outputs"]}
+        entry = {
+            "input": {"required": {}, "optional": {}},
+            "input_order": {"required": [], "optional": []},
+            "output": spec_["outputs"],
+            "output_name": spec_["outputs"],
+        }
         for inp, kind, optional, extra in spec_["inputs"]:
             section = "optional" if optional else "required"
             opts = {}
@@ -363,14 +504,20 @@ def thumbnail(name: str, wf: dict, path: Path) -> None:
     links = hm.get("links", {})
     use_mask = "mask" in links and links["mask"][0] == 4
     use_sketch = "sketch" in links
-    composed = compose_matte(matte if use_mask else None, sketch if use_sketch else None,
-                             mode=hm.get("widgets", {}).get("mode", "union"),
-                             sketch_dilate_px=hm.get("widgets", {}).get("sketch_dilate_px", 16),
-                             grow_px=hm.get("widgets", {}).get("grow_px", 0), feather_px=2.0)
+    composed = compose_matte(
+        matte if use_mask else None,
+        sketch if use_sketch else None,
+        mode=hm.get("widgets", {}).get("mode", "union"),
+        sketch_dilate_px=hm.get("widgets", {}).get("sketch_dilate_px", 16),
+        grow_px=hm.get("widgets", {}).get("grow_px", 0),
+        feather_px=2.0,
+    )
     colour = (0.85, 0.35, 0.1) if "colour" in name else (0.2, 0.5, 1.0)
     tiles = [matte_preview(photo, composed.soft, colour=colour), sketch]
     if name == "hairdiff_batch":
-        tiles.insert(1, matte_preview(torch.flip(photo, dims=(-1,)), torch.flip(composed.soft, dims=(-1,)), colour=colour))
+        tiles.insert(
+            1, matte_preview(torch.flip(photo, dims=(-1,)), torch.flip(composed.soft, dims=(-1,)), colour=colour)
+        )
     h = 300
     images = [to_pil(t).resize((round(t.shape[-1] * h / t.shape[-2]), h)) for t in tiles]
     width = sum(im.width for im in images) + 8 * (len(images) + 1)
@@ -388,8 +535,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--object-info", help="ComfyUI's /object_info JSON (HairDiff installed)")
-    src.add_argument("--from-stubs", action="store_true",
-                     help="take the node definitions from tests/nodes (HairDiff's schemas + core_nodes.json), no server")
+    src.add_argument(
+        "--from-stubs",
+        action="store_true",
+        help="take the node definitions from tests/nodes (HairDiff's schemas + core_nodes.json), no server",
+    )
     parser.add_argument("--no-thumbnails", action="store_true", help="do not (re)write the <name>.jpg thumbnails")
     args = parser.parse_args()
     info = object_info_from_stubs() if args.from_stubs else json.loads(Path(args.object_info).read_text())

@@ -5,6 +5,7 @@ two sketches whose strands run in different directions, and the two results side
 contact sheet, with each result's measured strand direction next to its sketch's. ``--tiny``: the
 old wiring check (tiny random model + bundled samples; the hair it draws is noise).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,8 +84,15 @@ def run_toy(args) -> int:
     try:
         # One call, a batch of two: the same photo and matte with each sketch.
         n = len(sketches)
-        result = pipe.generate(photo.expand(n, -1, -1, -1), sketches, matte.expand(n, -1, -1, -1), steps=steps,
-                               seed=args.seed, reference=reference, on_step=on_step)
+        result = pipe.generate(
+            photo.expand(n, -1, -1, -1),
+            sketches,
+            matte.expand(n, -1, -1, -1),
+            steps=steps,
+            seed=args.seed,
+            reference=reference,
+            on_step=on_step,
+        )
     finally:
         bar.close()
     tiles, labels, lines = [photo, matte], ["photo", "matte"], []
@@ -92,10 +100,10 @@ def run_toy(args) -> int:
     result_dir = strand_orientation(result.image, matte, erode=48.0)["angle"]
     old_dir = float(strand_orientation(photo, matte, erode=48.0)["angle"][0])
     for i, k in enumerate(TOY_SKETCHES):
-        save_image(result.image[i:i + 1], out / f"result_{k}.png")
-        tiles += [sketches[i:i + 1], result.image[i:i + 1]]
+        save_image(result.image[i : i + 1], out / f"result_{k}.png")
+        tiles += [sketches[i : i + 1], result.image[i : i + 1]]
         s_deg, r_deg = float(torch.rad2deg(sketch_dir[i])), float(torch.rad2deg(result_dir[i]))
-        off = float(orientation_difference(sketch_dir[i:i + 1], result_dir[i:i + 1])[0])
+        off = float(orientation_difference(sketch_dir[i : i + 1], result_dir[i : i + 1])[0])
         labels += [f"sketch {k} ({s_deg:.0f} deg)", f"result {k} ({r_deg:.0f} deg)"]
         lines.append(f"sketch {k}: strands at {s_deg:.0f} deg, result {k}: {r_deg:.0f} deg ({off:.0f} deg apart)")
     save_pil(contact_sheet(tiles, labels), out / "contact_sheet.png")
@@ -136,6 +144,9 @@ def run(args) -> int:
     sheet = contact_sheet([photo, sketch, matte, result.image], ["photo", "sketch", "matte", "result"])
     save_pil(sheet, out / "contact_sheet.png")
     changed = (result.image != photo[:, :3]).any(dim=1).float().mean().item()
-    print(f"wrote {out / 'result.png'} and {out / 'contact_sheet.png'} "
-          f"({changed:.1%} of pixels changed, all inside the feathered matte)", file=sys.stderr)
+    print(
+        f"wrote {out / 'result.png'} and {out / 'contact_sheet.png'} "
+        f"({changed:.1%} of pixels changed, all inside the feathered matte)",
+        file=sys.stderr,
+    )
     return 0

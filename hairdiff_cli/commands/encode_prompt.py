@@ -4,6 +4,7 @@ Only the text encoders are loaded (no transformer, no VAE), then freed; the file
 ``prompt_embeds``/``pooled_prompt_embeds`` (+ ``negative_*``), float32, and the prompts in its
 metadata.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", help="a negative prompt (for --cfg > 1 later)")
     p.add_argument("--out", required=True, help="output .safetensors (what --prompt-embeds reads)")
     p.add_argument("--model", help="a diffusers SD3.5 folder: its text_encoder*/tokenizer* are used")
-    p.add_argument("--tiny", action="store_true", help="the tiny random text encoders of the tiny model (a wiring check)")
+    p.add_argument(
+        "--tiny", action="store_true", help="the tiny random text encoders of the tiny model (a wiring check)"
+    )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="encoder precision (bf16/fp16 on GPUs)")
     p.add_argument("--max-sequence-length", type=int, default=77, help="T5 tokens (SD3: 77, up to 512)")
@@ -49,12 +52,21 @@ def run(args) -> int:
         raise InputError(f"--max-sequence-length must be in 1..512 (T5's limit), got {args.max_sequence_length}")
     cache = PromptCache(model_key=source.key, max_sequence_length=args.max_sequence_length)
     prompts = [args.prompt] + ([args.negative_prompt] if args.negative_prompt is not None else [])
-    pairs = cache.encode(prompts, lambda: load_text_encoders(
-        source, device=args.device, dtype=torch_dtype(args.dtype), max_sequence_length=args.max_sequence_length))
+    pairs = cache.encode(
+        prompts,
+        lambda: load_text_encoders(
+            source, device=args.device, dtype=torch_dtype(args.dtype), max_sequence_length=args.max_sequence_length
+        ),
+    )
     embeds, pooled = pairs[args.prompt]
     neg = pairs.get(args.negative_prompt) if args.negative_prompt is not None else (None, None)
-    path = save_prompt_embeds(args.out, embeds, pooled, neg[0], neg[1],
-                              metadata={"prompt": args.prompt, "negative_prompt": args.negative_prompt or "",
-                                        "text_encoders": source.key})
+    path = save_prompt_embeds(
+        args.out,
+        embeds,
+        pooled,
+        neg[0],
+        neg[1],
+        metadata={"prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "text_encoders": source.key},
+    )
     logger.info("wrote %s: prompt_embeds %s, pooled %s", path, tuple(embeds.shape), tuple(pooled.shape))
     return 0

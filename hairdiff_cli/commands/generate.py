@@ -1,4 +1,5 @@
 """``hairdiff generate``: redraw the hair of one photo from a sketch and a matte."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,17 +18,28 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", help="VAE folder or .safetensors, if not inside --model")
     g.add_argument("--adapter", help="HairDiff adapter .safetensors (LoRA + sketch channels)")
     g.add_argument("--tiny", action="store_true", help="use the built-in tiny random model (a wiring check, not art)")
-    g.add_argument("--toy", action="store_true",
-                   help="use the shipped toy model (trained on synthetic portraits, 128 px) with its shipped adapter "
-                        "(--adapter overrides it)")
+    g.add_argument(
+        "--toy",
+        action="store_true",
+        help="use the shipped toy model (trained on synthetic portraits, 128 px) with its shipped adapter "
+        "(--adapter overrides it)",
+    )
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     g.add_argument("--dtype", choices=DTYPES, default="fp32", help="transformer precision (default fp32; bf16 on GPUs)")
-    g.add_argument("--weights", choices=("auto", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2"), default="auto",
-                   help="storage of the transformer's weights, computed in --dtype (fp8 halves bf16's memory); "
-                        "auto = an fp8 file's own fp8, else --dtype")
-    g.add_argument("--offload", choices=("auto", "none", "model", "blocks"), default="none",
-                   help="blocks = one transformer block on the GPU at a time (12 GB cards); model = transformer on "
-                        "the GPU only while sampling; auto = blocks when the model does not fit the free VRAM")
+    g.add_argument(
+        "--weights",
+        choices=("auto", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2"),
+        default="auto",
+        help="storage of the transformer's weights, computed in --dtype (fp8 halves bf16's memory); "
+        "auto = an fp8 file's own fp8, else --dtype",
+    )
+    g.add_argument(
+        "--offload",
+        choices=("auto", "none", "model", "blocks"),
+        default="none",
+        help="blocks = one transformer block on the GPU at a time (12 GB cards); model = transformer on "
+        "the GPU only while sampling; auto = blocks when the model does not fit the free VRAM",
+    )
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,50 +48,89 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=DEFAULTS.seed)
     g.add_argument("--strength", type=float, default=DEFAULTS.strength, help="denoise strength in [0, 1] (default 1)")
     g.add_argument("--cfg", type=float, default=DEFAULTS.cfg, help="classifier-free guidance scale (1 = off)")
-    g.add_argument("--shift", type=float, default=DEFAULTS.shift, help=f"flow-match schedule shift (default {DEFAULTS.shift})")
+    g.add_argument(
+        "--shift", type=float, default=DEFAULTS.shift, help=f"flow-match schedule shift (default {DEFAULTS.shift})"
+    )
     g.add_argument("--prompt-embeds", help="safetensors with prompt_embeds/pooled_prompt_embeds (+ negative_*)")
     add_text_arguments(p, g)
-    g.add_argument("--method", choices=("joint", "replace"), default="joint",
-                   help="joint = HairDiff soft-mask sampler; replace = latent-replacement inpainting baseline")
-    g.add_argument("--work-size", type=int, help="side of the working area in px (default: the model's, 1024 for SD3.5)")
-    g.add_argument("--margin", type=float, default=DEFAULTS.context_margin,
-                   help="context margin around the matte, fraction of its size")
-    g.add_argument("--feather", type=float, help=f"feather sigma in px at 1024 px working size (default {DEFAULTS.feather_at_1024:g})")
+    g.add_argument(
+        "--method",
+        choices=("joint", "replace"),
+        default="joint",
+        help="joint = HairDiff soft-mask sampler; replace = latent-replacement inpainting baseline",
+    )
+    g.add_argument(
+        "--work-size", type=int, help="side of the working area in px (default: the model's, 1024 for SD3.5)"
+    )
+    g.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULTS.context_margin,
+        help="context margin around the matte, fraction of its size",
+    )
+    g.add_argument(
+        "--feather",
+        type=float,
+        help=f"feather sigma in px at 1024 px working size (default {DEFAULTS.feather_at_1024:g})",
+    )
     g.add_argument("--matte-threshold", type=float, default=DEFAULTS.matte_threshold)
-    g.add_argument("--no-paste-back", action="store_true", help="keep the raw generated context box instead of compositing")
+    g.add_argument(
+        "--no-paste-back", action="store_true", help="keep the raw generated context box instead of compositing"
+    )
     r = p.add_argument_group("reference attention (lighting from the photo)")
     r.add_argument("--reference", choices=("off", "once", "per_step"), default="off")
-    r.add_argument("--ref-noise", choices=REFERENCE_NOISES, default="auto",
-                   help="what the reference pass sees: clean = the photo as is (published; auto for per_step), "
-                        "matched = the photo noised to each step's sigma (auto for once)")
+    r.add_argument(
+        "--ref-noise",
+        choices=REFERENCE_NOISES,
+        default="auto",
+        help="what the reference pass sees: clean = the photo as is (published; auto for per_step), "
+        "matched = the photo noised to each step's sigma (auto for once)",
+    )
     add_reference_field_arguments(r)
 
 
 REFERENCE_NOISES = ("auto", "clean", "matched")
+
 
 def add_text_arguments(p: argparse.ArgumentParser, group=None, prompts: bool = True) -> None:
     """--prompt/--negative-prompt and where SD3's text encoders are (generate, eval, encode-prompt)."""
     if prompts:
         group.add_argument("--prompt", help="text prompt, e.g. 'copper red hair' (encoded with SD3's text encoders)")
         group.add_argument("--negative-prompt", help="negative prompt (used when --cfg > 1)")
-    t = p.add_argument_group("text encoders (for --prompt; a diffusers --model folder brings its own; --tiny has tiny ones)")
-    t.add_argument("--text-encoders", metavar="PATH",
-                   help="a diffusers SD3 folder, or a folder of single files (clip_l*, clip_g*, t5xxl* .safetensors)")
+    t = p.add_argument_group(
+        "text encoders (for --prompt; a diffusers --model folder brings its own; --tiny has tiny ones)"
+    )
+    t.add_argument(
+        "--text-encoders",
+        metavar="PATH",
+        help="a diffusers SD3 folder, or a folder of single files (clip_l*, clip_g*, t5xxl* .safetensors)",
+    )
     t.add_argument("--clip-l", metavar="FILE", help="CLIP-L single file (e.g. models/text_encoders/clip_l.safetensors)")
     t.add_argument("--clip-g", metavar="FILE", help="CLIP-G single file")
-    t.add_argument("--t5", metavar="FILE", help="T5-XXL single file (fp16 or fp8); optional: without it T5's part is zeros")
+    t.add_argument(
+        "--t5", metavar="FILE", help="T5-XXL single file (fp16 or fp8); optional: without it T5's part is zeros"
+    )
     t.add_argument("--no-t5", action="store_true", help="leave T5 out even when present (saves ~9 GB)")
-    t.add_argument("--tokenizers", metavar="DIR",
-                   help="for single files: a diffusers SD3 folder (tokenizer*/) or a ComfyUI installation "
-                        "(comfy/sd1_tokenizer, comfy/text_encoders/t5_tokenizer)")
+    t.add_argument(
+        "--tokenizers",
+        metavar="DIR",
+        help="for single files: a diffusers SD3 folder (tokenizer*/) or a ComfyUI installation "
+        "(comfy/sd1_tokenizer, comfy/text_encoders/t5_tokenizer)",
+    )
 
 
 def text_source(args):
     """The ``TextEncoderSource`` of the flags, or None (the pipeline then picks tiny / the --model folder)."""
     from hairdiff_core.text_encoders import TextEncoderSource
 
-    src = TextEncoderSource(folder=args.text_encoders, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5,
-                            tokenizers=args.tokenizers, use_t5=not args.no_t5)
+    src = TextEncoderSource(
+        folder=args.text_encoders,
+        clip_l=args.clip_l,
+        clip_g=args.clip_g,
+        t5=args.t5,
+        tokenizers=args.tokenizers,
+        use_t5=not args.no_t5,
+    )
     return src if src.given else None
 
 
@@ -116,15 +167,26 @@ REFERENCE_FLAGS = {
     "ref_weight_outside": ("weight_outside", float, "reference weight for queries outside the matte"),
     "ref_key_weight_inside": ("key_weight_inside", float, "weight of reference keys inside the matte (0 = excluded)"),
     "ref_input": ("reference_input", str, "feed the reference pass the 'photo' or a hair-'filled' copy"),
-    "ref_suppress_self": ("suppress_self_outside", float, "0-1: down-weight the generation's own keys outside the matte"),
+    "ref_suppress_self": (
+        "suppress_self_outside",
+        float,
+        "0-1: down-weight the generation's own keys outside the matte",
+    ),
     "ref_once_sigma": ("once_sigma", float, "noise level of the single reference pass of --reference once"),
-    "ref_key_pool": ("key_pool", int, "key budget: average reference keys over NxN token cells (1 = off, 2 = 4x fewer)"),
+    "ref_key_pool": (
+        "key_pool",
+        int,
+        "key budget: average reference keys over NxN token cells (1 = off, 2 = 4x fewer)",
+    ),
     "ref_key_ring": ("key_ring", int, "key budget: only reference keys within R tokens of the matte (0 = all)"),
     "ref_kernel": ("attention_kernel", str, "auto (grouped on CUDA), grouped (no float mask) or bias"),
 }
 #: ``--ref-*`` flags with a fixed set of values.
-REFERENCE_FLAG_CHOICES = {"ref_input": ("photo", "filled"), "ref_key_pool": (1, 2, 4),
-                          "ref_kernel": ("auto", "grouped", "bias")}
+REFERENCE_FLAG_CHOICES = {
+    "ref_input": ("photo", "filled"),
+    "ref_key_pool": (1, 2, 4),
+    "ref_kernel": ("auto", "grouped", "bias"),
+}
 
 
 def add_reference_field_arguments(group) -> None:
@@ -135,17 +197,27 @@ def add_reference_field_arguments(group) -> None:
 
 def reference_fields(args) -> dict:
     """The ``ReferenceSettings`` fields the user set with ``--ref-*`` flags."""
-    return {field: getattr(args, dest) for dest, (field, _, _) in REFERENCE_FLAGS.items() if getattr(args, dest) is not None}
+    return {
+        field: getattr(args, dest) for dest, (field, _, _) in REFERENCE_FLAGS.items() if getattr(args, dest) is not None
+    }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, help="the photo")
-    p.add_argument("--sketch", required=True, help="strokes of the new hair (RGB, RGBA or L; white or black background)")
+    p.add_argument(
+        "--sketch", required=True, help="strokes of the new hair (RGB, RGBA or L; white or black background)"
+    )
     p.add_argument("--matte", action="append", help="hair matte (white = hair); repeat to add several (their union)")
-    p.add_argument("--matte-add-sketch", action="store_true",
-                   help="add the sketch's region (strokes + what they enclose) to the matte: for shorter or longer hair")
-    p.add_argument("--exclude", action="append",
-                   help="mask of what must stay the photo's (white = protected, e.g. the face); repeatable")
+    p.add_argument(
+        "--matte-add-sketch",
+        action="store_true",
+        help="add the sketch's region (strokes + what they enclose) to the matte: for shorter or longer hair",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        help="mask of what must stay the photo's (white = protected, e.g. the face); repeatable",
+    )
     p.add_argument("--out", required=True, help="output PNG")
     add_model_arguments(p)
     add_sampling_arguments(p)
@@ -176,19 +248,34 @@ def build_pipeline(args):
 
         adapter = adapter_path()
     pipe = HairDiffPipeline.from_files(
-        model=args.model, vae=args.vae, adapter=adapter, tiny=args.tiny, toy=toy,
-        device=args.device, dtype=torch_dtype(args.dtype), text_encoders=text_source(args),
-        weights=getattr(args, "weights", "auto"), offload=getattr(args, "offload", "none"),
+        model=args.model,
+        vae=args.vae,
+        adapter=adapter,
+        tiny=args.tiny,
+        toy=toy,
+        device=args.device,
+        dtype=torch_dtype(args.dtype),
+        text_encoders=text_source(args),
+        weights=getattr(args, "weights", "auto"),
+        offload=getattr(args, "offload", "none"),
     )
     return pipe
 
 
 def sampling_kwargs(args) -> dict:
     kw = dict(
-        steps=args.steps, seed=args.seed, strength=args.strength, cfg=args.cfg, shift=args.shift,
-        method=args.method, reference=reference_settings(args), feather_sigma=args.feather,
-        matte_threshold=args.matte_threshold, paste_back=not args.no_paste_back,
-        work_size=args.work_size, context_margin=args.margin,
+        steps=args.steps,
+        seed=args.seed,
+        strength=args.strength,
+        cfg=args.cfg,
+        shift=args.shift,
+        method=args.method,
+        reference=reference_settings(args),
+        feather_sigma=args.feather,
+        matte_threshold=args.matte_threshold,
+        paste_back=not args.no_paste_back,
+        work_size=args.work_size,
+        context_margin=args.margin,
     )
     kw.update(prompt_kwargs(args))
     if args.prompt_embeds:
@@ -219,11 +306,16 @@ def compose_matte_from_args(args, photo, sketch):
 
     mattes = [load_image(p) for p in args.matte or ()]
     if not mattes and not args.matte_add_sketch:
-        raise InputError("no matte: pass --matte FILE (white = hair), or --matte-add-sketch to use the region the sketch outlines")
+        raise InputError(
+            "no matte: pass --matte FILE (white = hair), or --matte-add-sketch to use the region the sketch outlines"
+        )
     excludes = [load_image(p) for p in args.exclude or ()]
     composed = compose_matte(
-        mattes or None, sketch if args.matte_add_sketch else None, excludes or None,
-        threshold=args.matte_threshold, size=tuple(photo.shape[-2:]),
+        mattes or None,
+        sketch if args.matte_add_sketch else None,
+        excludes or None,
+        threshold=args.matte_threshold,
+        size=tuple(photo.shape[-2:]),
     )
     for line in composed.warnings:
         logger.warning("%s", line)

@@ -5,6 +5,7 @@ pipeline's file checks), which the Python API runs too, so a bad value gets the 
 whichever way it comes in. A long run never starts with an argument already known to be wrong,
 and nothing is created (no output folder, no temporary file) when a check fails.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,13 @@ from hairdiff_core.fileio import check_writable_folder
 
 def _sampling(args) -> None:
     check_generate_settings(
-        steps=args.steps, seed=args.seed, strength=args.strength, cfg=args.cfg, shift=args.shift,
-        feather_sigma=args.feather, work_size=args.work_size,
+        steps=args.steps,
+        seed=args.seed,
+        strength=args.strength,
+        cfg=args.cfg,
+        shift=args.shift,
+        feather_sigma=args.feather,
+        work_size=args.work_size,
         **({"context_margin": args.margin} if hasattr(args, "margin") else {}),
         **({"matte_threshold": args.matte_threshold} if hasattr(args, "matte_threshold") else {}),
     )
@@ -31,11 +37,15 @@ def _model(args) -> None:
     toy = bool(getattr(args, "toy", False))
     chosen = [flag for flag, on in (("--model PATH", bool(args.model)), ("--tiny", args.tiny), ("--toy", toy)) if on]
     if len(chosen) > 1:
-        raise InputError(f"pass one of --model PATH, --toy or --tiny (built-in models), not {' and '.join(chosen)}",
-                         input="model")
+        raise InputError(
+            f"pass one of --model PATH, --toy or --tiny (built-in models), not {' and '.join(chosen)}", input="model"
+        )
     if not chosen:
-        raise InputError("no model given: pass --model PATH (SD3.5 folder or .safetensors), --toy for the toy model "
-                         "or --tiny for the wiring check", input="model")
+        raise InputError(
+            "no model given: pass --model PATH (SD3.5 folder or .safetensors), --toy for the toy model "
+            "or --tiny for the wiring check",
+            input="model",
+        )
     check_model_files(model=args.model, vae=args.vae, adapter=args.adapter, tiny=bool(args.tiny), toy=toy)
 
 
@@ -45,11 +55,17 @@ def _reference_flags(args, modes: list[str], methods: list[str]) -> None:
     fields = reference_fields(args)
     if not fields:
         return
-    flags = ", ".join("--" + dest.replace("_", "-") for dest in vars(args)
-                      if dest.startswith("ref_") and getattr(args, dest) is not None)
+    flags = ", ".join(
+        "--" + dest.replace("_", "-")
+        for dest in vars(args)
+        if dest.startswith("ref_") and getattr(args, dest) is not None
+    )
     if all(m == "off" for m in modes):
-        raise SettingsError(f"{flags} given but --reference is off, so it would have no effect; add "
-                            f"--reference once (or per_step), or drop {flags}", input="reference")
+        raise SettingsError(
+            f"{flags} given but --reference is off, so it would have no effect; add "
+            f"--reference once (or per_step), or drop {flags}",
+            input="reference",
+        )
     from hairdiff_core.errors import HairDiffError
     from hairdiff_core.reference import ReferenceSettings
 
@@ -84,12 +100,20 @@ def check_generate_args(args) -> None:
 
     _sampling(args)
     if args.method == "replace" and args.reference != "off":
-        raise SettingsError("--reference is part of the joint method; drop --method replace or use --reference off",
-                            input="reference")
+        raise SettingsError(
+            "--reference is part of the joint method; drop --method replace or use --reference off", input="reference"
+        )
     _reference_flags(args, [args.reference], [args.method])
     mattes, excludes = list(args.matte or []), list(getattr(args, "exclude", None) or [])
-    _input_files({"image": args.image, "sketch": args.sketch, "matte": mattes, "exclude": excludes,
-                  "prompt-embeds": getattr(args, "prompt_embeds", None)})
+    _input_files(
+        {
+            "image": args.image,
+            "sketch": args.sketch,
+            "matte": mattes,
+            "exclude": excludes,
+            "prompt-embeds": getattr(args, "prompt_embeds", None),
+        }
+    )
     check_output_image(args.out, inputs=(args.image, args.sketch, *mattes, *excludes), what="output")
     _prompt(args)
     _model(args)

@@ -10,6 +10,7 @@ clone restores the weights another clone had patched. Nothing here talks to a GP
 ``install()`` puts the modules into ``sys.modules`` and returns them; ``uninstall()`` removes
 exactly what ``install()`` added, so the stand-ins never outlive the tests that asked for them.
 """
+
 from __future__ import annotations
 
 import enum
@@ -27,11 +28,27 @@ import torch
 
 
 class _Input:
-    def __init__(self, id: str, display_name: str | None = None, optional: bool = False, tooltip: str | None = None,
-                 lazy: bool | None = None, default: Any = None, min: Any = None, max: Any = None, step: Any = None,
-                 round: Any = None, options: list | None = None, multiline: bool = False,
-                 control_after_generate: bool | None = None, display_mode: Any = None, upload: Any = None,
-                 force_input: bool | None = None, socketless: bool | None = None, **extra: Any):
+    def __init__(
+        self,
+        id: str,
+        display_name: str | None = None,
+        optional: bool = False,
+        tooltip: str | None = None,
+        lazy: bool | None = None,
+        default: Any = None,
+        min: Any = None,
+        max: Any = None,
+        step: Any = None,
+        round: Any = None,
+        options: list | None = None,
+        multiline: bool = False,
+        control_after_generate: bool | None = None,
+        display_mode: Any = None,
+        upload: Any = None,
+        force_input: bool | None = None,
+        socketless: bool | None = None,
+        **extra: Any,
+    ):
         self.id = id
         self.display_name = display_name
         self.optional = optional
@@ -55,8 +72,13 @@ class _Input:
 
 
 class _Output:
-    def __init__(self, id: str | None = None, display_name: str | None = None, tooltip: str | None = None,
-                 is_output_list: bool = False):
+    def __init__(
+        self,
+        id: str | None = None,
+        display_name: str | None = None,
+        tooltip: str | None = None,
+        is_output_list: bool = False,
+    ):
         self.id = id
         self.display_name = display_name
         self.tooltip = tooltip
@@ -78,6 +100,7 @@ def _comfytype(io_type: str):
         inp.Parent = cls
         out.Parent = cls
         return cls
+
     return make
 
 
@@ -104,9 +127,13 @@ class Schema:
         output_ids = [o.id for o in self.outputs or []]
         issues = []
         if len(set(input_ids)) != len(input_ids):
-            issues.append(f"Input ids must be unique, but {[k for k, c in Counter(input_ids).items() if c > 1]} are not.")
+            issues.append(
+                f"Input ids must be unique, but {[k for k, c in Counter(input_ids).items() if c > 1]} are not."
+            )
         if len(set(output_ids)) != len(output_ids):
-            issues.append(f"Output ids must be unique, but {[k for k, c in Counter(output_ids).items() if c > 1]} are not.")
+            issues.append(
+                f"Output ids must be unique, but {[k for k, c in Counter(output_ids).items() if c > 1]} are not."
+            )
         both = set(input_ids) & set(output_ids)
         if both:
             issues.append(f"Ids must be unique between inputs and outputs, but {both} are not.")
@@ -172,9 +199,18 @@ class _PreviewMask(_PreviewImage):
 def _io_module() -> types.ModuleType:
     io = types.ModuleType("comfy_api.latest.io")
     for name, io_type in {
-        "Image": "IMAGE", "Mask": "MASK", "Latent": "LATENT", "Conditioning": "CONDITIONING", "Vae": "VAE",
-        "Model": "MODEL", "Clip": "CLIP", "Int": "INT", "Float": "FLOAT", "String": "STRING",
-        "Boolean": "BOOLEAN", "Combo": "COMBO",
+        "Image": "IMAGE",
+        "Mask": "MASK",
+        "Latent": "LATENT",
+        "Conditioning": "CONDITIONING",
+        "Vae": "VAE",
+        "Model": "MODEL",
+        "Clip": "CLIP",
+        "Int": "INT",
+        "Float": "FLOAT",
+        "String": "STRING",
+        "Boolean": "BOOLEAN",
+        "Combo": "COMBO",
     }.items():
         setattr(io, name, _comfytype(io_type)(name))
     io.Custom = Custom
@@ -204,7 +240,7 @@ class VRAMState(enum.Enum):
 
 
 class _LoadedModel:
-    def __init__(self, patcher: "ModelPatcher"):
+    def __init__(self, patcher: ModelPatcher):
         self.model = patcher
 
     def model_unload(self, memory_to_free=None, unpatch_weights=True) -> bool:
@@ -242,8 +278,9 @@ def _model_management() -> types.ModuleType:
             mm.interrupt_processing = False
             raise InterruptProcessingException()
 
-    def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
-                        force_full_load=False):
+    def load_models_gpu(
+        models, memory_required=0, force_patch_weights=False, minimum_memory_required=None, force_full_load=False
+    ):
         for patcher in models:
             mm.load_calls.append((patcher, memory_required, force_full_load))
             # ComfyUI unloads other clones of the same module before loading this one.
@@ -312,7 +349,7 @@ class ModelPatcher:
             self.size = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
         return self.size
 
-    def clone(self) -> "ModelPatcher":
+    def clone(self) -> ModelPatcher:
         n = self.__class__(self.model, self.load_device, self.offload_device, self.size)
         n.patches = {k: v[:] for k, v in self.patches.items()}
         n.backup = self.backup  # shared, as in ComfyUI: the module's original weights
@@ -361,8 +398,17 @@ class LoRAAdapter:
         self.loaded_keys = loaded_keys
         self.weights = weights
 
-    def calculate_weight(self, weight, key, strength, strength_model, offset, function, intermediate_dtype=torch.float32,
-                         original_weight=None):
+    def calculate_weight(
+        self,
+        weight,
+        key,
+        strength,
+        strength_model,
+        offset,
+        function,
+        intermediate_dtype=torch.float32,
+        original_weight=None,
+    ):
         up, down, alpha = self.weights[0], self.weights[1], self.weights[2]
         scale = alpha / down.shape[0] if alpha is not None else 1.0
         diff = (up.float().flatten(1) @ down.float().flatten(1)).reshape(weight.shape)
@@ -378,14 +424,16 @@ def load_lora(lora: dict, to_load: dict, log_missing: bool = True) -> dict:
             continue
         alpha = lora.get(f"{prefix}.alpha")
         alpha = float(alpha.item()) if alpha is not None else None
-        patch_dict[model_key] = LoRAAdapter({f"{prefix}.lora_B.weight", f"{prefix}.lora_A.weight"}, (up, down, alpha, None, None, None))
+        patch_dict[model_key] = LoRAAdapter(
+            {f"{prefix}.lora_B.weight", f"{prefix}.lora_A.weight"}, (up, down, alpha, None, None, None)
+        )
     return patch_dict
 
 
 class ProgressBar:
     """comfy.utils.ProgressBar; records updates (the server's hook is where Cancel raises)."""
 
-    instances: list["ProgressBar"] = []
+    instances: list[ProgressBar] = []
 
     def __init__(self, total, node_id=None):
         self.total = total
@@ -434,8 +482,13 @@ def _folder_paths(models_dir: str) -> types.ModuleType:
     fp.supported_pt_extensions = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
     fp.folder_names_and_paths = {
         name: ([os.path.join(models_dir, sub)], fp.supported_pt_extensions)
-        for name, sub in (("checkpoints", "checkpoints"), ("loras", "loras"), ("vae", "vae"),
-                          ("diffusion_models", "diffusion_models"), ("text_encoders", "text_encoders"))
+        for name, sub in (
+            ("checkpoints", "checkpoints"),
+            ("loras", "loras"),
+            ("vae", "vae"),
+            ("diffusion_models", "diffusion_models"),
+            ("text_encoders", "text_encoders"),
+        )
     }
     fp.folder_names_and_paths["diffusers"] = ([os.path.join(models_dir, "diffusers")], ["folder"])
 
@@ -487,9 +540,19 @@ class _RecordingPreviewer:
 # install / uninstall
 # --------------------------------------------------------------------------------------------
 
-_NAMES = ("comfy", "comfy.model_management", "comfy.model_patcher", "comfy.utils", "comfy.lora",
-          "comfy.weight_adapter", "comfy.latent_formats", "comfy_api", "comfy_api.latest", "folder_paths",
-          "latent_preview")
+_NAMES = (
+    "comfy",
+    "comfy.model_management",
+    "comfy.model_patcher",
+    "comfy.utils",
+    "comfy.lora",
+    "comfy.weight_adapter",
+    "comfy.latent_formats",
+    "comfy_api",
+    "comfy_api.latest",
+    "folder_paths",
+    "latent_preview",
+)
 
 
 def install(models_dir: str) -> types.SimpleNamespace:
@@ -509,8 +572,14 @@ def install(models_dir: str) -> types.SimpleNamespace:
     weight_adapter.LoRAAdapter = LoRAAdapter
     latent_formats = types.ModuleType("comfy.latent_formats")
     latent_formats.SD3 = SD3LatentFormat
-    for name, mod in (("model_management", mm), ("model_patcher", patcher_mod), ("utils", utils), ("lora", lora),
-                      ("weight_adapter", weight_adapter), ("latent_formats", latent_formats)):
+    for name, mod in (
+        ("model_management", mm),
+        ("model_patcher", patcher_mod),
+        ("utils", utils),
+        ("lora", lora),
+        ("weight_adapter", weight_adapter),
+        ("latent_formats", latent_formats),
+    ):
         setattr(comfy, name, mod)
 
     comfy_api = types.ModuleType("comfy_api")
@@ -532,14 +601,23 @@ def install(models_dir: str) -> types.SimpleNamespace:
     fp = _folder_paths(models_dir)
 
     modules = {
-        "comfy": comfy, "comfy.model_management": mm, "comfy.model_patcher": patcher_mod, "comfy.utils": utils,
-        "comfy.lora": lora, "comfy.weight_adapter": weight_adapter, "comfy.latent_formats": latent_formats,
-        "comfy_api": comfy_api, "comfy_api.latest": latest, "folder_paths": fp, "latent_preview": preview,
+        "comfy": comfy,
+        "comfy.model_management": mm,
+        "comfy.model_patcher": patcher_mod,
+        "comfy.utils": utils,
+        "comfy.lora": lora,
+        "comfy.weight_adapter": weight_adapter,
+        "comfy.latent_formats": latent_formats,
+        "comfy_api": comfy_api,
+        "comfy_api.latest": latest,
+        "folder_paths": fp,
+        "latent_preview": preview,
     }
     sys.modules.update(modules)
     ProgressBar.instances.clear()
-    return types.SimpleNamespace(mm=mm, folder_paths=fp, io=latest.io, ProgressBar=ProgressBar,
-                                 previewers=previewers, modules=modules)
+    return types.SimpleNamespace(
+        mm=mm, folder_paths=fp, io=latest.io, ProgressBar=ProgressBar, previewers=previewers, modules=modules
+    )
 
 
 def uninstall() -> None:

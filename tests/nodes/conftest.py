@@ -7,6 +7,7 @@ root, without running the root ``__init__`` (ComfyUI's entry point), so ``nodes/
 relative ``..hairdiff_core`` imports exactly as inside ComfyUI. Node tests use only that alias:
 its ``hairdiff_core`` is a separate copy from the top-level one other tests import.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """Load HairDiff Model with an adapter file, and HairDiff LoRA on top of an adapter's PEFT layers."""
+
 from __future__ import annotations
 
 import importlib
@@ -55,15 +56,21 @@ def test_extra_lora_patches_the_adapters_base_layers(comfy, adapter_file):
 
     adapted = comfy.nodes.LoadHairDiffModel.execute(base_model="tiny (wiring check)", adapter=adapter_file)[0]
     keymap = comfy.nodes.model_nodes.lora_key_map(adapted.patcher.model)
-    name = next(n for n, m in adapted.transformer.named_modules() if n.endswith("attn.to_q") and hasattr(m, "base_layer"))
+    name = next(
+        n for n, m in adapted.transformer.named_modules() if n.endswith("attn.to_q") and hasattr(m, "base_layer")
+    )
     assert keymap[f"transformer.{name}"] == f"transformer.{name}.base_layer.weight"
     lin = adapted.transformer.get_submodule(name).base_layer
     g = torch.Generator().manual_seed(4)
     loras = comfy.models_dir / "loras"
     loras.mkdir(exist_ok=True)
-    save_file({f"transformer.{name}.lora_A.weight": torch.randn(2, lin.in_features, generator=g),
-               f"transformer.{name}.lora_B.weight": torch.randn(lin.out_features, 2, generator=g)},
-              str(loras / "on_adapter.safetensors"))
+    save_file(
+        {
+            f"transformer.{name}.lora_A.weight": torch.randn(2, lin.in_features, generator=g),
+            f"transformer.{name}.lora_B.weight": torch.randn(lin.out_features, 2, generator=g),
+        },
+        str(loras / "on_adapter.safetensors"),
+    )
     before = _run(comfy, adapted)
     extra = comfy.nodes.HairDiffLoRA.execute(model=adapted, lora_name="loras/on_adapter.safetensors", strength=1.0)[0]
     assert not torch.equal(_run(comfy, extra), before)

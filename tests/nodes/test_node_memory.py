@@ -1,4 +1,5 @@
 """Load HairDiff Model's weights/offload options and the memory the sampler asks ComfyUI for."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,36 +12,44 @@ def _inputs(size: int, batch: int = 1):
     g = torch.Generator().manual_seed(1)
     photo = torch.rand(batch, size, size, 3, generator=g)
     sketch = torch.zeros(batch, size, size, 3)
-    sketch[:, size // 4: size // 4 + 3, 8: size - 8] = 1.0
+    sketch[:, size // 4 : size // 4 + 3, 8 : size - 8] = 1.0
     matte = torch.zeros(batch, size, size)
-    matte[:, size // 8: size // 2, size // 8: size - size // 8] = 1.0
+    matte[:, size // 8 : size // 2, size // 8 : size - size // 8] = 1.0
     return photo, sketch, matte
 
 
 def _sample(comfy, model, size=64, **kw):
     photo, sketch, matte = _inputs(size)
-    return comfy.nodes.HairDiffSampler.execute(model=model, photo=photo, sketch=sketch, matte=matte, steps=2,
-                                               seed=3, **kw)
+    return comfy.nodes.HairDiffSampler.execute(
+        model=model, photo=photo, sketch=sketch, matte=matte, steps=2, seed=3, **kw
+    )
 
 
 @pytest.fixture(scope="module")
 def fp8_model(comfy):
-    return comfy.nodes.LoadHairDiffModel.execute(base_model=TINY, adapter="none", weights="fp8_e4m3fn",
-                                                 offload="none")[0]
+    return comfy.nodes.LoadHairDiffModel.execute(base_model=TINY, adapter="none", weights="fp8_e4m3fn", offload="none")[
+        0
+    ]
 
 
 def test_memory_required_follows_the_core_estimate(comfy, fp8_model):
-    from hairdiff_pack.nodes import sampler_node
-
     from hairdiff_pack.hairdiff_core import memory as core
+    from hairdiff_pack.nodes import sampler_node
 
     model = fp8_model
 
     def need(size, cfg=1.0, reference=None):
         m = model.replace(reference=reference)
         photo = torch.zeros(1, 3, size, size)
-        est = core.estimate_for(m.transformer, m.family, offload="none", height=size, width=size, cfg=cfg,
-                                reference=reference.mode if reference else "off")
+        est = core.estimate_for(
+            m.transformer,
+            m.family,
+            offload="none",
+            height=size,
+            width=size,
+            cfg=cfg,
+            reference=reference.mode if reference else "off",
+        )
         got = sampler_node.memory_required(m, photo, cfg)
         assert got == est.beyond_weights  # ComfyUI already counts the (fp8) weights themselves
         return got
@@ -79,8 +88,9 @@ def test_fp8_weights_run_and_comfyui_lora_patches_still_apply(comfy, fp8_model):
             sd[f"transformer.{name}.lora_B.weight"] = torch.randn(mod.out_features, 2, generator=g) * 0.5
     save_file(sd, str(loras / "fp8_extra.safetensors"))
     plain = _sample(comfy, fp8_model)[0]
-    patched = comfy.nodes.HairDiffLoRA.execute(model=fp8_model, lora_name="loras/fp8_extra.safetensors",
-                                               strength=1.0)[0]
+    patched = comfy.nodes.HairDiffLoRA.execute(model=fp8_model, lora_name="loras/fp8_extra.safetensors", strength=1.0)[
+        0
+    ]
     with_lora = _sample(comfy, patched)[0]
     assert torch.isfinite(with_lora).all() and not torch.allclose(with_lora, plain, atol=1e-3)
     # The fp8 weights are restored for the unpatched model.
@@ -88,8 +98,9 @@ def test_fp8_weights_run_and_comfyui_lora_patches_still_apply(comfy, fp8_model):
 
 
 def test_block_offload_matches_none_and_asks_comfyui_for_room(comfy, fp8_model):
-    blocks = comfy.nodes.LoadHairDiffModel.execute(base_model=TINY, adapter="none", weights="fp8_e4m3fn",
-                                                   offload="blocks")[0]
+    blocks = comfy.nodes.LoadHairDiffModel.execute(
+        base_model=TINY, adapter="none", weights="fp8_e4m3fn", offload="blocks"
+    )[0]
     assert blocks.offload == "blocks" and blocks.patcher.load_device.type == "cpu"
     comfy.mm.free_calls.clear()
     expected = _sample(comfy, fp8_model)[0]
@@ -107,6 +118,7 @@ def test_block_offload_matches_none_and_asks_comfyui_for_room(comfy, fp8_model):
 
 def test_auto_picks_from_the_free_vram(comfy, monkeypatch):
     from hairdiff_pack.hairdiff_core import memory
+
     # A "GPU" the loader never runs on: only the choice is checked.
     monkeypatch.setattr(comfy.mm, "get_torch_device", lambda: torch.device("meta"))
     monkeypatch.setattr(comfy.mm, "free_vram", 64 * 2**30)
@@ -164,5 +176,9 @@ def test_unknown_weights_or_offload_are_refused_at_prompt_time(comfy):
     validate = comfy.nodes.LoadHairDiffModel.validate_inputs
     assert validate(base_model=TINY, adapter="none", weights="fp8_e5m2", offload="blocks") is True
     # The same message as every other COMBO (convert.check_combos): the input, its value, the allowed values.
-    assert "input 'weights' is 'int4'; allowed: 'auto', 'bf16'" in validate(base_model=TINY, adapter="none", weights="int4")
-    assert "input 'offload' is 'disk'; allowed: 'auto', 'none', 'model', 'blocks'" in validate(base_model=TINY, offload="disk")
+    assert "input 'weights' is 'int4'; allowed: 'auto', 'bf16'" in validate(
+        base_model=TINY, adapter="none", weights="int4"
+    )
+    assert "input 'offload' is 'disk'; allowed: 'auto', 'none', 'model', 'blocks'" in validate(
+        base_model=TINY, offload="disk"
+    )

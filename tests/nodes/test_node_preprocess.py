@@ -1,4 +1,5 @@
 """Sketch Preprocess and Hair Matte: pure tensor nodes."""
+
 from __future__ import annotations
 
 import pytest
@@ -91,8 +92,9 @@ def test_matte_from_sketch_fills_the_enclosed_region(comfy):
     assert torch.equal(only_mask, mask)
     union = comfy.nodes.HairMatte.execute(mask=mask, sketch=sketch, sketch_dilate_px=2, feather_sigma=0.0)[0]
     assert torch.equal(union, torch.maximum(mask, matte))
-    only_sketch = comfy.nodes.HairMatte.execute(mask=mask, sketch=sketch, sketch_dilate_px=2, feather_sigma=0.0,
-                                                mode="sketch")[0]
+    only_sketch = comfy.nodes.HairMatte.execute(
+        mask=mask, sketch=sketch, sketch_dilate_px=2, feather_sigma=0.0, mode="sketch"
+    )[0]
     assert torch.equal(only_sketch, matte)
 
 
@@ -107,8 +109,9 @@ def test_matte_shorter_hair_with_exclusion_and_photo_preview(comfy, caplog):
     face = torch.zeros(1, 64, 64)
     face[:, 20:50, 20:44] = 1
     photo = torch.rand(1, 64, 64, 3)
-    out = comfy.nodes.HairMatte.execute(mask=old_hair, sketch=sketch, exclude=face, photo=photo,
-                                        sketch_dilate_px=0, feather_sigma=0.0)
+    out = comfy.nodes.HairMatte.execute(
+        mask=old_hair, sketch=sketch, exclude=face, photo=photo, sketch_dilate_px=0, feather_sigma=0.0
+    )
     matte = out[0]
     assert float(matte[0, 2, 30]) == 1.0 and float(matte[0, 30, 12]) == 1.0  # old hair and the sketched region
     assert not bool(matte[face.bool()].any())  # the face stays the photo's
@@ -119,8 +122,14 @@ def test_matte_shorter_hair_with_exclusion_and_photo_preview(comfy, caplog):
     # LoadImage's MASK of a picture without alpha is a 64x64 zero placeholder: ignored in a union.
     photo_wide = torch.rand(1, 64, 80, 3)
     wide_sketch = torch.nn.functional.pad(sketch.movedim(-1, 1), (8, 8), value=1.0).movedim(1, -1)
-    placeholder = comfy.nodes.HairMatte.execute(mask=torch.zeros(1, 64, 64), sketch=wide_sketch, photo=photo_wide,
-                                                exclude=torch.zeros(1, 64, 64), sketch_dilate_px=0, feather_sigma=0.0)[0]
+    placeholder = comfy.nodes.HairMatte.execute(
+        mask=torch.zeros(1, 64, 64),
+        sketch=wide_sketch,
+        photo=photo_wide,
+        exclude=torch.zeros(1, 64, 64),
+        sketch_dilate_px=0,
+        feather_sigma=0.0,
+    )[0]
     assert placeholder.shape == (1, 64, 80) and float(placeholder[0, 30, 20]) == 1.0
     with pytest.raises(ValueError, match=r"input 'exclude'.*covers the whole matte"):
         comfy.nodes.HairMatte.execute(mask=old_hair, exclude=torch.ones(1, 64, 64))

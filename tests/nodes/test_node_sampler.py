@@ -1,4 +1,5 @@
 """HairDiff Sampler (and the model nodes feeding it) on the tiny model, with ComfyUI stood in."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,8 +25,9 @@ def tiny_model(comfy):
 
 def _sample(comfy, model, steps=3, **kw):
     photo, sketch, matte = kw.pop("inputs", None) or _inputs()
-    return comfy.nodes.HairDiffSampler.execute(model=model, photo=photo, sketch=sketch, matte=matte, steps=steps,
-                                               seed=kw.pop("seed", 7), **kw)
+    return comfy.nodes.HairDiffSampler.execute(
+        model=model, photo=photo, sketch=sketch, matte=matte, steps=steps, seed=kw.pop("seed", 7), **kw
+    )
 
 
 class _ComfyVAE:

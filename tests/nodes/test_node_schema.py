@@ -1,4 +1,5 @@
 """Node schemas and registration: the conventions every HairDiff node keeps."""
+
 from __future__ import annotations
 
 import asyncio
@@ -73,8 +74,12 @@ def test_missing_model_files_are_refused_at_validation(comfy):
 
 def test_diffusers_listing_is_bounded_in_depth_and_skips_hidden_folders(comfy):
     base = comfy.models_dir / "diffusers"
-    for rel in ("sd35/transformer", "vendor/sd35m/transformer", ".cache/hub/sd/transformer",
-                "a/b/c/d/deep/transformer"):
+    for rel in (
+        "sd35/transformer",
+        "vendor/sd35m/transformer",
+        ".cache/hub/sd/transformer",
+        "a/b/c/d/deep/transformer",
+    ):
         (base / rel).mkdir(parents=True, exist_ok=True)
     (base / "sd35" / "model_index.json").write_text("{}")
     listed = comfy.nodes.model_nodes._diffusers_folders()

@@ -1,6 +1,7 @@
 """Every COMBO of every node is checked at validation; errors name their input through the
 error's ``input`` field; users see the exception's short class name; the templates' sample
 images are installed into ComfyUI's input folder when absent."""
+
 from __future__ import annotations
 
 import inspect
@@ -47,8 +48,9 @@ def test_core_errors_map_to_the_node_input_by_field(comfy):
     assert type(err).__module__ == "builtins" and type(err).__name__ == "EmptyMaskError"
     assert isinstance(err, comfy.core.errors.EmptyMaskError)
     with pytest.raises(ValueError) as info:
-        comfy.nodes.HairDiffSampler.execute(model=model, photo=photo, sketch=photo, matte=matte + 1, steps=1,
-                                            feather=float("nan"))
+        comfy.nodes.HairDiffSampler.execute(
+            model=model, photo=photo, sketch=photo, matte=matte + 1, steps=1, feather=float("nan")
+        )
     assert info.value.input == "feather"  # the core's feather_sigma, under the node's name
     with pytest.raises(ValueError) as info:
         comfy.nodes.HairDiffReferenceAttention.execute(model=model, mode="once", weight_outside=-1.0)

@@ -1,11 +1,10 @@
 """Inside ComfyUI the pack is imported by file path, and ``hairdiff_core`` is not a top-level package."""
+
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,6 +25,12 @@ print('ok')
 
 
 def test_shipped_configs_load_when_the_core_is_a_subpackage(tmp_path):
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                         env={"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"},
+    )
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

@@ -1,4 +1,5 @@
 """Every shipped workflow against the pack's own node schemas and a listed set of ComfyUI core nodes."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,16 @@ WF = ROOT / "workflows"
 UI_FILES = sorted(WF.glob("*.json"))
 API_FILES = sorted((WF / "api").glob("*.json"))
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-REQUIRED = {"hairdiff_basic", "hairdiff_reference_attention", "hairdiff_colour_prompt", "hairdiff_matte_from_sketch",
-            "hairdiff_shorter_hair", "hairdiff_draw_in_comfyui", "hairdiff_colour_prompt_tiny", "hairdiff_batch"}
+REQUIRED = {
+    "hairdiff_basic",
+    "hairdiff_reference_attention",
+    "hairdiff_colour_prompt",
+    "hairdiff_matte_from_sketch",
+    "hairdiff_shorter_hair",
+    "hairdiff_draw_in_comfyui",
+    "hairdiff_colour_prompt_tiny",
+    "hairdiff_batch",
+}
 #: Method words that belong in tooltips, not in a template's note for artists.
 JARGON = ("K/V", "soft-mask", "soft mask", "latent", "sigma", "attention processor")
 
@@ -23,8 +32,11 @@ JARGON = ("K/V", "soft-mask", "soft mask", "latent", "sigma", "attention process
 def specs(comfy):
     """node type -> {"inputs": [(name, type, optional, extra_widget_values, input)], "outputs": [types]}."""
     core = json.loads((Path(__file__).with_name("core_nodes.json")).read_text())
-    out = {k: {"inputs": [tuple(i) + (None,) for i in v["inputs"]], "outputs": v["outputs"]}
-           for k, v in core.items() if not k.startswith("_")}
+    out = {
+        k: {"inputs": [tuple(i) + (None,) for i in v["inputs"]], "outputs": v["outputs"]}
+        for k, v in core.items()
+        if not k.startswith("_")
+    }
     for node in comfy.nodes.NODES:
         schema = node.GET_SCHEMA()
         out[schema.node_id] = {
@@ -87,8 +99,10 @@ def test_api_workflow_matches_the_schemas(specs, path):
             else:
                 assert names[name][1] in WIDGETS, f"{where}: a value for a socket input"
                 _check_value(names[name], value, where)
-        for name, itype, optional, _extra, _inp in spec["inputs"]:
-            assert optional or name in node["inputs"], f"{path.name} node {nid} ({kind}): required input {name!r} missing"
+        for name, _itype, optional, _extra, _inp in spec["inputs"]:
+            assert optional or name in node["inputs"], (
+                f"{path.name} node {nid} ({kind}): required input {name!r} missing"
+            )
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
@@ -102,7 +116,9 @@ def test_ui_workflow_matches_the_schemas_and_its_api_twin(specs, path):
     assert any(n["type"] == "MarkdownNote" for n in nodes.values()), "each workflow explains itself in a note"
     for nid, n in real.items():
         spec = specs[n["type"]]
-        sockets = [i for i in spec["inputs"] if i[1] not in WIDGETS or isinstance(api[str(nid)]["inputs"].get(i[0]), list)]
+        sockets = [
+            i for i in spec["inputs"] if i[1] not in WIDGETS or isinstance(api[str(nid)]["inputs"].get(i[0]), list)
+        ]
         widgets = [i for i in spec["inputs"] if i not in sockets]
         assert [x["name"] for x in n["inputs"]] == [i[0] for i in sockets], f"{path.name} node {nid} socket inputs"
         assert len(n["widgets_values"]) == sum(1 + i[3] for i in widgets), f"{path.name} node {nid} widget count"
@@ -115,7 +131,9 @@ def test_ui_workflow_matches_the_schemas_and_its_api_twin(specs, path):
                 assert x["name"] not in api[str(nid)]["inputs"]
                 continue
             lid, src, src_slot, dst, dst_slot, ltype = links[x["link"]]
-            assert (dst, dst_slot) == (nid, slot) and ltype == x["type"] == specs[nodes[src]["type"]]["outputs"][src_slot]
+            assert (dst, dst_slot) == (nid, slot) and ltype == x["type"] == specs[nodes[src]["type"]]["outputs"][
+                src_slot
+            ]
             assert api[str(nid)]["inputs"][x["name"]] == [str(src), src_slot]
             assert lid in nodes[src]["outputs"][src_slot]["links"]
     assert data["last_link_id"] == max(links, default=0) and data["last_node_id"] == max(nodes)
@@ -130,8 +148,12 @@ def test_tiny_by_default_or_says_which_files(specs):
             note = next(n for n in json.loads((WF / path.name).read_text())["nodes"] if n["type"] == "MarkdownNote")
             text = note["widgets_values"][0]
             assert "Needs model files" in text
-            files = [v for n in graph.values() for k, v in n["inputs"].items()
-                     if isinstance(v, str) and v.endswith(".safetensors")]
+            files = [
+                v
+                for n in graph.values()
+                for k, v in n["inputs"].items()
+                if isinstance(v, str) and v.endswith(".safetensors")
+            ]
             assert files and all(Path(f).name in text for f in files), files
 
 
@@ -188,8 +210,11 @@ class _CoreNodes:
     def LoadImage(self, image):
         from PIL import Image
 
-        names = {"hairdiff_photo.png": "sample_photo.png", "hairdiff_sketch.png": "sample_sketch.png",
-                 "hairdiff_matte.png": "sample_matte.png"}
+        names = {
+            "hairdiff_photo.png": "sample_photo.png",
+            "hairdiff_sketch.png": "sample_sketch.png",
+            "hairdiff_matte.png": "sample_matte.png",
+        }
         with Image.open(ROOT / "hairdiff_core" / "assets" / names[image]) as full:
             # Half size keeps the test fast: below the tiny model's work area nothing is cropped.
             im = full.resize((full.width // 2, full.height // 2), Image.NEAREST)
@@ -216,8 +241,10 @@ class _CoreNodes:
 def test_runnable_templates_run_as_shipped_on_the_stand_ins(comfy, path):
     """Each template that needs no model files runs end to end (1 sampler step instead of 20)."""
     graph = json.loads(path.read_text())
-    if any(n["class_type"] == "HairDiff_LoadModel" and n["inputs"]["base_model"] != "tiny (wiring check)"
-           for n in graph.values()):
+    if any(
+        n["class_type"] == "HairDiff_LoadModel" and n["inputs"]["base_model"] != "tiny (wiring check)"
+        for n in graph.values()
+    ):
         pytest.skip("needs model files (its note says which)")
     ours = {node.GET_SCHEMA().node_id: node for node in comfy.nodes.NODES}
     core = _CoreNodes()
