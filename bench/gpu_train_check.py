@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     from hairdiff_core.loading import VAE_CONFIG_FILE, shipped_config
     from hairdiff_core.pipeline import HairDiffPipeline
     from training.config import resolve_config
-    from training.trainer import Trainer, setup_trainable
+    from training.trainer import RunSetup, Trainer, setup_trainable
 
     dry = args.cpu_dry_run
     tmp = Path(tempfile.mkdtemp(prefix="gpu_train_check_"))
@@ -173,7 +173,6 @@ def main(argv=None) -> int:
 
     trainer = Trainer(cfg)
     acc = trainer._accelerator()
-    trainer.acc = acc
     device = acc.device
     tconfig = dict(DRY_CONFIG) if dry else shipped_config(CONFIG_FILES[args.family])
 
@@ -211,21 +210,38 @@ def main(argv=None) -> int:
     transformer = pipe.transformer
     groups = setup_trainable(transformer, cfg)
     transformer.train()
-    trainer.pipe, trainer.transformer = pipe, transformer
-    trainer.base_channels = transformer.pos_embed.proj.weight.detach()[:, :16].clone()
     optimizer = trainer._optimizer(
         [
             {"params": groups["lora"], "weight_decay": cfg.weight_decay},
             {"params": groups["proj"], "weight_decay": 0.0},
         ]
     )
-    trainer.model, trainer.optimizer = acc.prepare(transformer, optimizer)
-    trainer.trainable_params = groups["lora"] + groups["proj"]
-    trainer.gen = torch.Generator().manual_seed(0)
-    trainer.aug = AugmentSettings(mode=cfg.augment, sketch_jitter_px=cfg.sketch_jitter)
-    trainer.growth = MatteGrowth(p=cfg.matte_growth)
-    trainer.latent_cache, trainer.text = None, None
-    trainer.ckdir = tmp / "checkpoints"
+    model, optimizer = acc.prepare(transformer, optimizer)
+    # Only what _micro_step and _apply_gradients read: no dataset, plan or logs in this check.
+    trainer.state = RunSetup(
+        acc=acc,
+        out=tmp,
+        ckdir=tmp / "checkpoints",
+        gen=torch.Generator().manual_seed(0),
+        family=None,
+        pipe=pipe,
+        transformer=transformer,
+        model=model,
+        optimizer=optimizer,
+        trainable_params=groups["lora"] + groups["proj"],
+        base_channels=transformer.pos_embed.proj.weight.detach()[:, :16].clone(),
+        resolution=resolution,
+        samples=[],
+        dataset=None,
+        plan=None,
+        max_steps=args.warmup + args.steps,
+        aug=AugmentSettings(mode=cfg.augment, sketch_jitter_px=cfg.sketch_jitter),
+        growth=MatteGrowth(p=cfg.matte_growth),
+        latent_cache=None,
+        sketch_cache=None,
+        text=None,
+        skipped=0,
+    )
 
     b = cfg.batch_size
     g = torch.Generator().manual_seed(1)
@@ -276,7 +292,7 @@ def main(argv=None) -> int:
         "augment": cfg.augment,
         "matte_growth": cfg.matte_growth,
         "params_b": round(sum(p.numel() for p in transformer.parameters()) / 1e9, 3),
-        "trainable_m": round(sum(p.numel() for p in trainer.trainable_params) / 1e6, 2),
+        "trainable_m": round(sum(p.numel() for p in trainer.state.trainable_params) / 1e6, 2),
         "build_seconds": round(build_s, 1),
         "seconds_per_micro_batch": round(micro, 4),
         "seconds_per_step": round(micro * cfg.grad_accum, 3),

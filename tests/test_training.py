@@ -239,7 +239,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(dataset, tmp_path):
     def poison(step, row, trainer):
         if step == 2:
             with torch.no_grad():
-                next(p for n, p in trainer.transformer.named_parameters() if "lora_A" in n).fill_(float("nan"))
+                next(p for n, p in trainer.state.transformer.named_parameters() if "lora_A" in n).fill_(float("nan"))
 
     with pytest.raises(NonFiniteError, match=r"step 3: the loss is NaN or infinite.*checkpoint-00000002 \(step 2\)"):
         _train(_config(dataset, tmp_path, max_steps=6), on_step=poison)

@@ -18,28 +18,30 @@ per process whose state is checkpointed with the torch/numpy/python states, and 
 is a pure function of (seed, epoch), so a resumed run replays exactly what the uninterrupted
 run would have done.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from hairdiff_core import mask as M
 from hairdiff_core.augment import AugmentSettings, MatteGrowth, augment_batch, grow_matte
-from hairdiff_core.data import HairDataset, file_digest, scan_dataset
 from hairdiff_core.checks import parse_dtype
+from hairdiff_core.data import HairDataset, file_digest, scan_dataset
 from hairdiff_core.errors import HairDiffError, NonFiniteError
 from hairdiff_core.fileio import atomic_write
+from hairdiff_core.flow import soft_noise, timestep_from_sigma
 from hairdiff_core.imageio import save_pil
-from hairdiff_core.flow import NUM_TRAIN_TIMESTEPS, soft_noise
 from hairdiff_core.losses import hairdiff_loss, sample_sigmas
 from hairdiff_core.surgery import BASE_CHANNELS
 
@@ -84,8 +86,17 @@ class EpochPlan:
     the same bucket's list, so every process gets an equal, non-empty shard.
     """
 
-    def __init__(self, n: int, braid: list[int], seed: int, global_batch: int, from_epoch: int | None, factor: int,
-                 pad: bool = False, buckets: list | None = None):
+    def __init__(
+        self,
+        n: int,
+        braid: list[int],
+        seed: int,
+        global_batch: int,
+        from_epoch: int | None,
+        factor: int,
+        pad: bool = False,
+        buckets: list | None = None,
+    ):
         self.n, self.braid, self.seed = n, list(braid), int(seed)
         self.global_batch, self.from_epoch, self.factor, self.pad = global_batch, from_epoch, int(factor), pad
         if buckets is not None and len(buckets) != n:
@@ -159,7 +170,9 @@ def _collate(items: list[dict]) -> dict:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t)
+    oom_types = tuple(
+        t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
+    )
     if oom_types and isinstance(exc, oom_types):
         return True
     text = str(exc)
@@ -199,6 +212,7 @@ def setup_trainable(transformer, config: TrainConfig) -> dict[str, list[torch.nn
             proj.bias.requires_grad_(True)
             proj_params.append(proj.bias)
     else:
+
         def _sketch_channels_only(grad: torch.Tensor) -> torch.Tensor:
             grad = grad.clone()
             grad[:, :BASE_CHANNELS] = 0
@@ -213,10 +227,65 @@ def trainable_state(transformer) -> dict[str, torch.Tensor]:
 
 
 # -- the trainer -----------------------------------------------------------------------------
+@dataclass
+class RunSetup:
+    """Everything a run builds before its first step, made once by :meth:`Trainer._setup`.
+
+    The methods of the loop read it from ``Trainer.state`` (set once, complete, before the loop
+    starts), so none of them depends on the order in which attributes were assigned.
+    """
+
+    acc: Any  # accelerate.Accelerator
+    out: Path
+    ckdir: Path
+    gen: torch.Generator  # every random draw of a step; checkpointed
+    family: str | None
+    pipe: Any  # HairDiffPipeline: owns the VAE scale/shift, samples validation
+    transformer: torch.nn.Module  # the unwrapped, widened transformer with its LoRA
+    model: torch.nn.Module  # ``transformer`` as prepared by accelerate (DDP wrapper when distributed)
+    optimizer: Any  # prepared by accelerate
+    trainable_params: list[torch.nn.Parameter]
+    base_channels: torch.Tensor  # channels 0-15 of pos_embed.proj, restored after each step
+    resolution: int
+    samples: list
+    dataset: HairDataset
+    plan: EpochPlan
+    max_steps: int
+    aug: AugmentSettings
+    growth: MatteGrowth
+    latent_cache: list[Path] | None  # photo latents ('seed' and 'none' augment)
+    sketch_cache: list[Path] | None  # sketch latents ('none' augment)
+    text: Any  # TextEmbeddings, or None for zero text
+    skipped: int  # bad samples left out by --skip-bad
+    logs: TrainingLogs | None = None  # main process only; made after resume (it needs the step)
+
+
+@dataclass
+class Progress:
+    """Where the loop starts: 0/1/0 for a fresh run, the checkpoint's position on resume."""
+
+    step: int = 0
+    epoch: int = 1
+    position: int = 0
+    epoch_sums: dict = field(default_factory=lambda: {"total": 0.0, "mse": 0.0, "shape": 0.0, "n": 0})
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, on_step: Callable | None = None):
         self.config = config
         self.on_step = on_step
+        self._state: RunSetup | None = None
+
+    @property
+    def state(self) -> RunSetup:
+        """The run's :class:`RunSetup`; exists once :meth:`run` has set the run up."""
+        if self._state is None:
+            raise RuntimeError("the trainer is not set up: call run() first")
+        return self._state
+
+    @state.setter
+    def state(self, value: RunSetup) -> None:
+        self._state = value
 
     # setup ------------------------------------------------------------------------------
     def _accelerator(self):
@@ -226,7 +295,10 @@ class Trainer:
         except ImportError as exc:
             raise HairDiffError("training needs accelerate: pip install 'hairdiff[train]'") from exc
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            # One process (tests, notebooks): let a new run choose its own precision.
+            # One process (tests, notebooks): let a new run choose its own precision. accelerate
+            # (1.15) has no public way to drop its shared state (AcceleratorState is a borg whose
+            # first mixed_precision sticks; clear_environment only touches os.environ), so this
+            # uses the private reset its own test utilities use, keeping the PartialState.
             AcceleratorState._reset_state(reset_partial_state=False)
         return Accelerator(mixed_precision=self.config.mixed_precision, cpu=self.config.cpu)
 
@@ -234,27 +306,27 @@ class Trainer:
         mp = self.config.mixed_precision
         return torch.float32 if mp == "no" else parse_dtype(mp)
 
-    def run(self) -> TrainResult:
+    def _setup(self) -> tuple[RunSetup, Progress]:
+        """Check the inputs, load the models, data, caches and text, resume: everything the loop
+        needs, in one object, and where the loop starts."""
         cfg = self.config
         acc = self._accelerator()
-        self.acc = acc
         main = acc.is_main_process
         out = Path(cfg.output)
-        self.out = out
-        self.ckdir = out / "checkpoints"
+        ckdir = out / "checkpoints"
 
         # Everything that can be refused is refused before the output folder is touched and
         # before the model loads: the dataset, the checkpoint to resume from.
         scan = scan_dataset(cfg.data, skip_bad=cfg.skip_bad)
         skipped = len(scan.bad_stems)
-        existing = ckpt.list_checkpoints(self.ckdir)
+        existing = ckpt.list_checkpoints(ckdir)
         if not cfg.resume and existing:
             # A fresh run would interleave its checkpoints and logs with the old run's.
             raise ckpt.CheckpointError(
                 f"{out} already holds checkpoints of a run (latest: step {existing[-1][0]}); pass --resume latest "
                 f"to continue it, or choose another --output folder"
             )
-        resume_from = ckpt.resolve_resume(cfg.resume, self.ckdir) if cfg.resume else None
+        resume_from = ckpt.resolve_resume(cfg.resume, ckdir) if cfg.resume else None
         from hairdiff_core.pipeline import check_model_files
 
         check_model_files(model=cfg.model, vae=cfg.vae, tiny=cfg.tiny)
@@ -271,26 +343,31 @@ class Trainer:
         random.seed(seed + acc.process_index)
         np.random.seed(seed + acc.process_index)
         torch.manual_seed(seed + acc.process_index)
-        self.gen = torch.Generator().manual_seed(seed * 7919 + acc.process_index)
+        gen = torch.Generator().manual_seed(seed * 7919 + acc.process_index)
 
         from hairdiff_core.loading import load_models
         from hairdiff_core.pipeline import HairDiffPipeline
 
         weight_dtype = self._weight_dtype()
         # The SD3 VAE runs in float32 (force_upcast): load it so, without a bf16 round trip.
-        loaded = load_models(cfg.model, vae=cfg.vae, tiny=cfg.tiny, toy=cfg.toy, dtype=weight_dtype, device="cpu", vae_dtype=torch.float32)
+        loaded = load_models(
+            cfg.model,
+            vae=cfg.vae,
+            tiny=cfg.tiny,
+            toy=cfg.toy,
+            dtype=weight_dtype,
+            device="cpu",
+            vae_dtype=torch.float32,
+        )
         if loaded.vae is None:
             raise HairDiffError("training needs a VAE: the model has none; pass --vae PATH")
-        self.family = loaded.family
         # The pipeline widens the transformer, owns the VAE scale/shift and samples validation.
         pipe = HairDiffPipeline(loaded.transformer, loaded.vae, device=acc.device, dtype=weight_dtype)
-        self.pipe = pipe
         transformer = pipe.transformer
         resolution = int(cfg.resolution or pipe.default_work_size)
-        self.resolution = resolution
         groups = setup_trainable(transformer, cfg)
         transformer.train()
-        self.base_channels = transformer.pos_embed.proj.weight.detach()[:, :BASE_CHANNELS].clone()
+        base_channels = transformer.pos_embed.proj.weight.detach()[:, :BASE_CHANNELS].clone()
 
         param_groups = [
             {"params": groups["lora"], "weight_decay": cfg.weight_decay},
@@ -298,79 +375,128 @@ class Trainer:
         ]
         optimizer = self._optimizer(param_groups)
         model, optimizer = acc.prepare(transformer, optimizer)
-        self.model, self.optimizer, self.transformer = model, optimizer, transformer
-        self.trainable_params = groups["lora"] + groups["proj"]
 
         # Data.
-        self.samples = scan.samples
-        dataset = HairDataset(scan.samples, resolution, crop=cfg.crop)
-        self.dataset = dataset
-        braid = [i for i, s in enumerate(scan.samples) if s.is_braid]
-        self.plan = EpochPlan(
-            len(scan.samples), braid, seed, cfg.batch_size * acc.num_processes,
-            None, cfg.oversample_factor, pad=acc.num_processes > 1, buckets=dataset.buckets,
+        samples = scan.samples
+        dataset = HairDataset(samples, resolution, crop=cfg.crop)
+        braid = [i for i, s in enumerate(samples) if s.is_braid]
+        plan = EpochPlan(
+            len(samples),
+            braid,
+            seed,
+            cfg.batch_size * acc.num_processes,
+            None,
+            cfg.oversample_factor,
+            pad=acc.num_processes > 1,
+            buckets=dataset.buckets,
         )
         if cfg.max_steps is not None:
             # The run's length in epochs (for the curriculum's middle), counted before oversampling.
-            epochs = math.ceil(int(cfg.max_steps) * cfg.grad_accum / self.plan.micro_batches(1))
+            epochs = math.ceil(int(cfg.max_steps) * cfg.grad_accum / plan.micro_batches(1))
         else:
             epochs = int(cfg.epochs or DEFAULT_EPOCHS)
-        self.plan.from_epoch = default_oversample_from(cfg, len(braid), epochs)
+        plan.from_epoch = default_oversample_from(cfg, len(braid), epochs)
         if cfg.max_steps is not None:
             max_steps = int(cfg.max_steps)
         else:
-            micro = sum(self.plan.micro_batches(e) for e in range(1, epochs + 1))
+            micro = sum(plan.micro_batches(e) for e in range(1, epochs + 1))
             max_steps = math.ceil(micro / cfg.grad_accum)
-        self.max_steps = max_steps
-        self.aug = AugmentSettings(mode=cfg.augment, sketch_jitter_px=cfg.sketch_jitter)
-        self.growth = MatteGrowth(p=cfg.matte_growth)
-        self.latent_cache = self._prepare_latent_cache() if cfg.augment in ("seed", "none") else None
+
+        def cache(kind: str) -> list[Path]:
+            return self._prepare_latent_cache(
+                kind, acc=acc, pipe=pipe, samples=samples, dataset=dataset, resolution=resolution, out=out
+            )
+
+        latent_cache = cache("image") if cfg.augment in ("seed", "none") else None
         # Nothing warps the sketch in 'none' mode either: its latent is cached too (CPU runs).
-        self.sketch_cache = self._prepare_latent_cache("sketch") if cfg.augment == "none" else None
-        self.text = self._prepare_text()
+        sketch_cache = cache("sketch") if cfg.augment == "none" else None
+        from .text import load_text_embeddings
+
+        text = load_text_embeddings(cfg, samples, transformer, out, acc)
+
+        s = RunSetup(
+            acc=acc,
+            out=out,
+            ckdir=ckdir,
+            gen=gen,
+            family=loaded.family,
+            pipe=pipe,
+            transformer=transformer,
+            model=model,
+            optimizer=optimizer,
+            trainable_params=groups["lora"] + groups["proj"],
+            base_channels=base_channels,
+            resolution=resolution,
+            samples=samples,
+            dataset=dataset,
+            plan=plan,
+            max_steps=max_steps,
+            aug=AugmentSettings(mode=cfg.augment, sketch_jitter_px=cfg.sketch_jitter),
+            growth=MatteGrowth(p=cfg.matte_growth),
+            latent_cache=latent_cache,
+            sketch_cache=sketch_cache,
+            text=text,
+            skipped=skipped,
+        )
 
         # Resume.
-        step, epoch, position = 0, 1, 0
-        epoch_sums = {"total": 0.0, "mse": 0.0, "shape": 0.0, "n": 0}
+        start = Progress()
         epoch_rows: list[dict] = []
         if cfg.resume == "latest" and resume_from is None and main:
-            logger.info("--resume latest: no checkpoint in %s yet, starting from step 0", self.ckdir)
+            logger.info("--resume latest: no checkpoint in %s yet, starting from step 0", ckdir)
         if resume_from is not None:
-            state = self._load_checkpoint(resume_from)
-            step, epoch, position = state["step"], state["epoch"], state["position"]
-            epoch_sums, epoch_rows = state["epoch_sums"], state["epoch_rows"]
+            state = self._load_checkpoint(s, resume_from)
+            start = Progress(state["step"], state["epoch"], state["position"], state["epoch_sums"])
+            epoch_rows = state["epoch_rows"]
             if main:
-                logger.info("resumed from %s (step %d, epoch %d)", resume_from, step, epoch)
+                logger.info("resumed from %s (step %d, epoch %d)", resume_from, start.step, start.epoch)
 
-        logs = TrainingLogs(out, start_step=step, epoch_rows=epoch_rows) if main else None
-        self.logs = logs
+        s.logs = TrainingLogs(out, start_step=start.step, epoch_rows=epoch_rows) if main else None
         if main:
             used = sorted(set(dataset.buckets))
             logger.info(
                 "training %s on %d sample(s) (%d braid) at ~%dx%d (%s crop: %s), %d step(s), batch %d x %d process(es) "
                 "x %d accumulation, augment=%s, matte growth p=%s, curriculum %s, %s",
-                loaded.family, len(scan.samples), len(braid), resolution, resolution, cfg.crop,
-                ", ".join(f"{h}x{w}" for h, w in used), max_steps, cfg.batch_size, acc.num_processes, cfg.grad_accum,
-                cfg.augment, cfg.matte_growth,
-                f"from epoch {self.plan.from_epoch} (x{cfg.oversample_factor})" if self.plan.from_epoch else "off",
+                loaded.family,
+                len(samples),
+                len(braid),
+                resolution,
+                resolution,
+                cfg.crop,
+                ", ".join(f"{h}x{w}" for h, w in used),
+                max_steps,
+                cfg.batch_size,
+                acc.num_processes,
+                cfg.grad_accum,
+                cfg.augment,
+                cfg.matte_growth,
+                f"from epoch {plan.from_epoch} (x{cfg.oversample_factor})" if plan.from_epoch else "off",
                 cfg.mixed_precision,
             )
+        return s, start
+
+    def run(self) -> TrainResult:
+        s, start = self._setup()
+        self.state = s
         try:
-            last = self._loop(step, epoch, position, epoch_sums)
+            last = self._loop(start)
         except Exception as exc:
             if _is_oom(exc):
                 raise TrainingOutOfMemoryError(self._oom_message()) from exc
             raise
         finally:
-            if logs is not None:
-                logs.plot()
-                logs.close()
+            if s.logs is not None:
+                s.logs.plot()
+                s.logs.close()
 
+        main = s.acc.is_main_process
         adapter = None
         if main:
             adapter = self._save_adapter()
-        acc.wait_for_everyone()
-        return TrainResult(out, adapter, self.max_steps, last, list(logs.epoch_rows) if logs else [], skipped, main)
+        s.acc.wait_for_everyone()
+        return TrainResult(
+            s.out, adapter, s.max_steps, last, list(s.logs.epoch_rows) if s.logs else [], s.skipped, main
+        )
 
     def _optimizer(self, param_groups):
         cfg = self.config
@@ -384,114 +510,125 @@ class Trainer:
         return torch.optim.AdamW(param_groups, **kwargs)
 
     def _oom_message(self) -> str:
-        cfg = self.config
+        cfg, s = self.config, self.state
         return (
-            f"out of memory during a training step at about {self.resolution}x{self.resolution} px, batch {cfg.batch_size}, "
+            f"out of memory during a training step at about {s.resolution}x{s.resolution} px, batch {cfg.batch_size}, "
             f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
             f"{'8-bit' if cfg.adam_8bit else '32-bit'} AdamW, {cfg.mixed_precision}. Turn these knobs: a lower "
             f"--resolution, a smaller --batch-size (with a larger --grad-accum to keep the effective batch), "
             f"--gradient-checkpointing, --adam-8bit (needs bitsandbytes), --mixed-precision bf16, --augment seed "
-            f"(no photo re-encoding). The last good checkpoint in {self.ckdir} is intact."
+            f"(no photo re-encoding). The last good checkpoint in {s.ckdir} is intact."
         )
 
     # seed-mode photo latents ---------------------------------------------------------------
-    def _vae_fingerprint(self) -> str:
+    @staticmethod
+    def _vae_fingerprint(vae) -> str:
         import hashlib
         import json
 
-        vae = self.pipe.vae
         h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
         first = next(vae.parameters()).detach().float().cpu().flatten()[:4096]
         h.update(first.numpy().tobytes())
         return h.hexdigest()[:12]
 
-    def _prepare_latent_cache(self, kind: str = "image") -> list[Path]:
+    def _prepare_latent_cache(
+        self, kind: str, *, acc, pipe, samples: list, dataset: HairDataset, resolution: int, out: Path
+    ) -> list[Path]:
         """Encode every photo (or sketch: ``kind``) once (unaugmented, at its bucket) and cache the
         latent on disk, keyed by the file's content, the resolution, the bucket (and crop) and the VAE."""
         from safetensors.torch import save_file
 
         cfg = self.config
-        cache = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
         folder = cache / "latents"
-        vae_fp = self._vae_fingerprint()
+        vae_fp = self._vae_fingerprint(pipe.vae)
         # The bucket (and, in bucket mode, the matte that places the crop) decide the pixels encoded.
         field, tag = ("img", "") if kind == "image" else (kind, f"_{kind}")
         paths = []
-        for s, (bh, bw) in zip(self.samples, self.dataset.buckets):
-            crop = f"c{bh}x{bw}" if cfg.crop == "center" else f"b{bh}x{bw}m{file_digest(s.matte)[:12]}"
-            paths.append(folder / f"{file_digest(getattr(s, field))[:32]}_{self.resolution}_{crop}_{vae_fp}{tag}.safetensors")
-        if self.acc.is_main_process:
+        for sample, (bh, bw) in zip(samples, dataset.buckets):
+            crop = f"c{bh}x{bw}" if cfg.crop == "center" else f"b{bh}x{bw}m{file_digest(sample.matte)[:12]}"
+            paths.append(
+                folder / f"{file_digest(getattr(sample, field))[:32]}_{resolution}_{crop}_{vae_fp}{tag}.safetensors"
+            )
+        if acc.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
             todo = [i for i, p in enumerate(paths) if not p.is_file()]
             for i in todo:
-                item = self.dataset[i][kind][None]  # the sketch is canonical already
-                latent = self.pipe.encode(item).cpu()[0].contiguous()
+                item = dataset[i][kind][None]  # the sketch is canonical already
+                latent = pipe.encode(item).cpu()[0].contiguous()
                 with atomic_write(paths[i], fsync=False) as tmp:
                     save_file({"latent": latent}, str(tmp))
-            logger.info("%s mode: %d %s latent(s) cached in %s (%d new)", cfg.augment, len(paths), kind, folder,
-                        len(todo))
-        self.acc.wait_for_everyone()
+            logger.info(
+                "%s mode: %d %s latent(s) cached in %s (%d new)", cfg.augment, len(paths), kind, folder, len(todo)
+            )
+        acc.wait_for_everyone()
         return paths
 
-    def _cached_latents(self, indices: torch.Tensor, cache: list[Path] | None = None) -> torch.Tensor:
+    @staticmethod
+    def _cached_latents(indices: torch.Tensor, cache: list[Path]) -> torch.Tensor:
         from safetensors.torch import load_file
 
-        cache = self.latent_cache if cache is None else cache
         return torch.stack([load_file(str(cache[int(i)]))["latent"] for i in indices])
 
     # text -----------------------------------------------------------------------------------
-    def _prepare_text(self):
-        from .text import load_text_embeddings
-
-        return load_text_embeddings(self.config, self.samples, self.transformer, self.out, self.acc)
-
     def _text_batch(self, indices: torch.Tensor, device):
         from hairdiff_core.text import zero_text
 
+        s = self.state
         b = len(indices)
-        if self.text is None:
-            return zero_text(self.transformer, b, device, torch.float32)
+        if s.text is None:
+            return zero_text(s.transformer, b, device, torch.float32)
         embeds, pooled = [], []
         for i in indices.tolist():
-            e, p = self.text.get(i, (None, None))
+            e, p = s.text.get(i, (None, None))
             if e is None:
-                e, p = (t[0] for t in zero_text(self.transformer, 1, "cpu", torch.float32, tokens=self.text.tokens))
+                e, p = (t[0] for t in zero_text(s.transformer, 1, "cpu", torch.float32, tokens=s.text.tokens))
             embeds.append(e)
             pooled.append(p)
         return torch.stack(embeds).to(device), torch.stack(pooled).to(device)
 
     # the step -------------------------------------------------------------------------------
     def _micro_step(self, batch: dict):
-        cfg, acc, dev = self.config, self.acc, self.acc.device
+        cfg, s = self.config, self.state
+        acc, dev = s.acc, s.acc.device
         photo = batch["image"].to(dev)
         sketch = batch["sketch"].to(dev)
         matte = batch["matte"].to(dev)
         b, _, h, w = photo.shape
-        photo_a, sketch_a, matte_a = augment_batch(photo, sketch, matte, self.aug, generator=self.gen)
+        photo_a, sketch_a, matte_a = augment_batch(photo, sketch, matte, s.aug, generator=s.gen)
         # The sketch keeps showing the real hair; only the region where loss counts grows.
-        matte_a = grow_matte(matte_a, self.growth, generator=self.gen)
+        matte_a = grow_matte(matte_a, s.growth, generator=s.gen)
         soft = M.soft_mask(matte_a, M.feather_sigma(h, w, cfg.feather_sigma))
         mask = M.latent_grid(soft)
         with torch.no_grad():
-            x0 = self._cached_latents(batch["index"]).to(dev) if self.latent_cache is not None else self.pipe.encode(photo_a)
-            if self.sketch_cache is not None:
-                sketch_latent = self._cached_latents(batch["index"], self.sketch_cache).to(dev)
+            x0 = (
+                self._cached_latents(batch["index"], s.latent_cache).to(dev)
+                if s.latent_cache is not None
+                else s.pipe.encode(photo_a)
+            )
+            if s.sketch_cache is not None:
+                sketch_latent = self._cached_latents(batch["index"], s.sketch_cache).to(dev)
             else:
-                sketch_latent = self.pipe.encode(sketch_a)
+                sketch_latent = s.pipe.encode(sketch_a)
         sigma = sample_sigmas(
-            b, cfg.sigma_sampling, shift=cfg.shift, generator=self.gen,
-            logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
+            b,
+            cfg.sigma_sampling,
+            shift=cfg.shift,
+            generator=s.gen,
+            logit_mean=cfg.logit_mean,
+            logit_std=cfg.logit_std,
+            mode_scale=cfg.mode_scale,
         )
-        noise = torch.randn(x0.shape, generator=self.gen).to(dev)
+        noise = torch.randn(x0.shape, generator=s.gen).to(dev)
         sigma_d = sigma.to(dev)
         x_in = soft_noise(x0, noise, sigma_d, mask)
         embeds, pooled = self._text_batch(batch["index"], dev)
         with acc.autocast():
-            v = self.model(
+            v = s.model(
                 hidden_states=torch.cat([x_in, sketch_latent], dim=1),
                 encoder_hidden_states=embeds,
                 pooled_projections=pooled,
-                timestep=sigma_d * NUM_TRAIN_TIMESTEPS,
+                timestep=timestep_from_sigma(sigma, b, device=dev, dtype=sigma_d.dtype),
                 return_dict=False,
             )[0]
         terms = hairdiff_loss(v, x0, noise, x_in, sigma_d, mask, cfg.lambda_shape)
@@ -499,14 +636,18 @@ class Trainer:
 
     def _stream(self, epoch: int, position: int):
         """Yield (epoch, position, micro-batches in epoch, batch) forever from (epoch, position)."""
-        cfg, acc = self.config, self.acc
+        cfg, s = self.config, self.state
+        acc = s.acc
         b, r = cfg.batch_size, acc.process_index
         while True:
-            batches = self.plan.batches(epoch)
+            batches = s.plan.batches(epoch)
             shards = [gb[r * b : (r + 1) * b] for gb in batches]
-            remaining = [s for s in shards[position:] if s]
+            remaining = [shard for shard in shards[position:] if shard]
             loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=remaining, num_workers=cfg.num_workers, collate_fn=_collate,
+                s.dataset,
+                batch_sampler=remaining,
+                num_workers=cfg.num_workers,
+                collate_fn=_collate,
                 persistent_workers=False,
             )
             for i, batch in enumerate(loader):
@@ -514,14 +655,19 @@ class Trainer:
             epoch, position = epoch + 1, 0
 
     def _all_finite(self, value: torch.Tensor) -> bool:
-        flag = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=self.acc.device)
-        if self.acc.num_processes > 1:
-            flag = self.acc.reduce(flag, "sum")
+        s = self.state
+        flag = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=s.acc.device)
+        if s.acc.num_processes > 1:
+            flag = s.acc.reduce(flag, "sum")
         return float(flag) == 0.0
 
     def _nonfinite(self, step: int, what: str, terms: dict | None = None) -> NonFiniteError:
-        found = ckpt.list_checkpoints(self.ckdir)
-        last = f"the last good checkpoint is {found[-1][1]} (step {found[-1][0]})" if found else "no checkpoint was written yet"
+        found = ckpt.list_checkpoints(self.state.ckdir)
+        last = (
+            f"the last good checkpoint is {found[-1][1]} (step {found[-1][0]})"
+            if found
+            else "no checkpoint was written yet"
+        )
         detail = f" (total={terms['total']}, mse={terms['mse']}, shape={terms['shape']})" if terms else ""
         fp16 = ", use --mixed-precision bf16 rather than fp16" if self.config.mixed_precision == "fp16" else ""
         return NonFiniteError(
@@ -532,37 +678,40 @@ class Trainer:
 
     def _apply_gradients(self, step: int, sums: dict) -> None:
         """Clip, check, step the optimiser and keep channels 0-15 of the patch conv as they were."""
-        cfg, acc = self.config, self.acc
-        grad_norm = acc.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        cfg, s = self.config, self.state
+        acc = s.acc
+        grad_norm = acc.clip_grad_norm_(s.trainable_params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
         if grad_norm is not None and cfg.mixed_precision != "fp16" and not self._all_finite(torch.as_tensor(grad_norm)):
             raise self._nonfinite(step + 1, "gradient norm", sums)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
         if not cfg.train_base_channels:
             with torch.no_grad():
-                self.transformer.pos_embed.proj.weight[:, :BASE_CHANNELS].copy_(self.base_channels)
+                s.transformer.pos_embed.proj.weight[:, :BASE_CHANNELS].copy_(s.base_channels)
 
-    def _loop(self, step: int, epoch: int, position: int, epoch_sums: dict) -> dict:
-        cfg, acc = self.config, self.acc
+    def _loop(self, start: Progress) -> dict:
+        cfg, s = self.config, self.state
+        acc = s.acc
+        step, epoch, position, epoch_sums = start.step, start.epoch, start.position, dict(start.epoch_sums)
         main = acc.is_main_process
         stream = self._stream(epoch, position)
         bar = None
         if main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=s.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
         last: dict = {}
         try:
-            while step < self.max_steps:
-                factor = lr_factor(step, self.max_steps, cfg.warmup_steps, cfg.lr_schedule)
-                for g in self.optimizer.param_groups:
+            while step < s.max_steps:
+                factor = lr_factor(step, s.max_steps, cfg.warmup_steps, cfg.lr_schedule)
+                for g in s.optimizer.param_groups:
                     g["lr"] = cfg.lr * factor
                 sums = {"total": 0.0, "mse": 0.0, "shape": 0.0, "sigma": 0.0}
                 finished_epochs = []
                 for k in range(cfg.grad_accum):
                     ep, pos, n_in_epoch, batch = next(stream)
                     sync = k == cfg.grad_accum - 1
-                    ctx = nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(self.model)
+                    ctx = nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(s.model)
                     with ctx:
                         terms, sigma_mean = self._micro_step(batch)
                         if not self._all_finite(terms.total.detach()):
@@ -580,7 +729,9 @@ class Trainer:
                     epoch, position, last_ep = ep, pos + 1, ep
                     if position >= n_in_epoch:
                         n = max(1, epoch_sums["n"])
-                        finished_epochs.append({"epoch": ep, **{k: epoch_sums[k] / n for k in ("total", "mse", "shape")}})
+                        finished_epochs.append(
+                            {"epoch": ep, **{k: epoch_sums[k] / n for k in ("total", "mse", "shape")}}
+                        )
                         epoch_sums = {"total": 0.0, "mse": 0.0, "shape": 0.0, "n": 0}
                         epoch, position = ep + 1, 0
                 self._apply_gradients(step, sums)
@@ -588,17 +739,22 @@ class Trainer:
                 row = {"step": step, "epoch": last_ep, **sums, "lr": cfg.lr * factor}
                 last = row
                 if main:
-                    self.logs.log_step(row)
+                    s.logs.log_step(row)
                     for er in finished_epochs:
-                        self.logs.log_epoch(er)
+                        s.logs.log_epoch(er)
                     bar.update(1)
-                    bar.set_postfix(total=f"{sums['total']:.4f}", mse=f"{sums['mse']:.4f}", shape=f"{sums['shape']:.4f}", ep=row["epoch"])
+                    bar.set_postfix(
+                        total=f"{sums['total']:.4f}",
+                        mse=f"{sums['mse']:.4f}",
+                        shape=f"{sums['shape']:.4f}",
+                        ep=row["epoch"],
+                    )
                 epoch_end = bool(finished_epochs) and cfg.checkpoint_every_epoch
-                if step % cfg.checkpoint_every == 0 or step == self.max_steps or epoch_end:
+                if step % cfg.checkpoint_every == 0 or step == s.max_steps or epoch_end:
                     self._save_checkpoint(step, epoch, position, epoch_sums)
                 if epoch_end and main:
                     self._save_adapter(epoch=finished_epochs[-1]["epoch"], step=step)
-                if main and cfg.validate_every and (step % cfg.validate_every == 0 or step == self.max_steps):
+                if main and cfg.validate_every and (step % cfg.validate_every == 0 or step == s.max_steps):
                     self.validate(step)
                 if self.on_step is not None:
                     self.on_step(step, row, self)
@@ -609,12 +765,13 @@ class Trainer:
 
     # checkpoints ----------------------------------------------------------------------------
     def _save_checkpoint(self, step: int, epoch: int, position: int, epoch_sums: dict) -> None:
-        acc, cfg = self.acc, self.config
-        tmp = self.ckdir / f".tmp-checkpoint-{step:08d}"
+        cfg, s = self.config, self.state
+        acc = s.acc
+        tmp = s.ckdir / f".tmp-checkpoint-{step:08d}"
         if acc.is_main_process:
-            ckpt.begin(self.ckdir, step)
+            ckpt.begin(s.ckdir, step)
         acc.wait_for_everyone()
-        ckpt.write_process_part(tmp, acc.process_index, self.gen)
+        ckpt.write_process_part(tmp, acc.process_index, s.gen)
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {
@@ -623,26 +780,35 @@ class Trainer:
                 "epoch": epoch,
                 "position": position,
                 "epoch_sums": epoch_sums,
-                "epoch_rows": list(self.logs.epoch_rows) if self.logs else [],
+                "epoch_rows": list(s.logs.epoch_rows) if s.logs else [],
                 "fingerprint": cfg.fingerprint(),
                 "fingerprint_hash": fingerprint_hash(cfg.fingerprint()),
                 "num_processes": acc.num_processes,
-                "max_steps": self.max_steps,
+                "max_steps": s.max_steps,
                 "time": time.time(),
             }
             scaler = acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None
-            ckpt.write_main_part(tmp, trainable_state(self.transformer), self.optimizer.state_dict(), state, scaler)
+            ckpt.write_main_part(tmp, trainable_state(s.transformer), s.optimizer.state_dict(), state, scaler)
             ckpt.commit(tmp, step, cfg.checkpoints_keep)
         acc.wait_for_everyone()
 
-    def _load_checkpoint(self, path: Path) -> dict:
-        acc, cfg = self.acc, self.config
+    def _load_checkpoint(self, s: RunSetup, path: Path) -> dict:
+        """Restore the trainable weights, optimiser, scaler and generator of ``s`` from ``path``
+        (during :meth:`_setup`, before ``state`` is set); returns the checkpoint's state."""
+        acc, cfg = s.acc, self.config
         data = ckpt.read(path, acc.process_index)
         state = data["state"]
         if state.get("version") != CHECKPOINT_VERSION:
-            raise ckpt.CheckpointError(f"{path} has checkpoint version {state.get('version')}; this HairDiff writes {CHECKPOINT_VERSION}")
+            raise ckpt.CheckpointError(
+                f"{path} has checkpoint version {state.get('version')}; this HairDiff writes {CHECKPOINT_VERSION}"
+            )
         theirs, ours = state.get("fingerprint", {}), cfg.fingerprint()
-        diff = {k: (theirs.get(k), ours.get(k)) for k in ours if theirs.get(k) != ours.get(k) and not (isinstance(ours.get(k), list) and list(theirs.get(k) or []) == ours.get(k))}
+        diff = {
+            k: (theirs.get(k), ours.get(k))
+            for k in ours
+            if theirs.get(k) != ours.get(k)
+            and not (isinstance(ours.get(k), list) and list(theirs.get(k) or []) == ours.get(k))
+        }
         if diff:
             lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
             raise ckpt.CheckpointError(
@@ -654,32 +820,52 @@ class Trainer:
                 f"{path} was written by {state.get('num_processes')} process(es), this run has {acc.num_processes}; "
                 "resume with the same number of processes"
             )
-        params = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
+        params = {n: p for n, p in s.transformer.named_parameters() if p.requires_grad}
         saved = data["trainable"]
         if set(saved) != set(params):
             missing, extra = sorted(set(params) - set(saved))[:5], sorted(set(saved) - set(params))[:5]
-            raise ckpt.CheckpointError(f"{path} does not match this model's trainable parameters (missing {missing}, unexpected {extra})")
+            raise ckpt.CheckpointError(
+                f"{path} does not match this model's trainable parameters (missing {missing}, unexpected {extra})"
+            )
         with torch.no_grad():
             for n, p in params.items():
                 if tuple(saved[n].shape) != tuple(p.shape):
-                    raise ckpt.CheckpointError(f"{path}: {n} has shape {tuple(saved[n].shape)}, the model {tuple(p.shape)}")
+                    raise ckpt.CheckpointError(
+                        f"{path}: {n} has shape {tuple(saved[n].shape)}, the model {tuple(p.shape)}"
+                    )
                 p.copy_(saved[n].to(p.dtype))
-        self.base_channels = self.transformer.pos_embed.proj.weight.detach()[:, :BASE_CHANNELS].clone()
-        self.optimizer.load_state_dict(data["optimizer"])
+        s.base_channels = s.transformer.pos_embed.proj.weight.detach()[:, :BASE_CHANNELS].clone()
+        s.optimizer.load_state_dict(data["optimizer"])
         if data.get("scaler") and getattr(acc, "scaler", None) is not None:
             acc.scaler.load_state_dict(data["scaler"])
-        ckpt.restore_rng(self.gen, *data["rng"])
+        ckpt.restore_rng(s.gen, *data["rng"])
         return state
 
     # outputs ---------------------------------------------------------------------------------
     def _adapter_metadata(self) -> dict:
-        cfg = self.config
-        keep = ("resolution", "crop", "matte_growth", "lambda_shape", "augment", "lr", "batch_size", "grad_accum", "seed", "mixed_precision",
-                "sigma_sampling", "oversample_from_epoch", "oversample_factor", "lora_targets", "rank", "lora_alpha")
+        cfg, s = self.config, self.state
+        keep = (
+            "resolution",
+            "crop",
+            "matte_growth",
+            "lambda_shape",
+            "augment",
+            "lr",
+            "batch_size",
+            "grad_accum",
+            "seed",
+            "mixed_precision",
+            "sigma_sampling",
+            "oversample_from_epoch",
+            "oversample_factor",
+            "lora_targets",
+            "rank",
+            "lora_alpha",
+        )
         training = {k: getattr(cfg, k) for k in keep}
-        training["resolution"] = self.resolution
-        training["oversample_from_epoch"] = self.plan.from_epoch
-        training["dataset_samples"] = len(self.samples)
+        training["resolution"] = s.resolution
+        training["oversample_from_epoch"] = s.plan.from_epoch
+        training["dataset_samples"] = len(s.samples)
         return training
 
     def _save_adapter(self, epoch: int | None = None, step: int | None = None) -> Path:
@@ -687,16 +873,23 @@ class Trainer:
         for comparing epochs, never pruned)."""
         from hairdiff_core.adapter import save_adapter
 
+        s = self.state
         name = self.config.adapter_name
-        path = self.out / name
+        path = s.out / name
         training = self._adapter_metadata()
         if epoch is not None:
-            path = self.out / "epochs" / f"{name[: -len('.safetensors')]}-epoch-{epoch:03d}.safetensors"
+            path = s.out / "epochs" / f"{name[: -len('.safetensors')]}-epoch-{epoch:03d}.safetensors"
             path.parent.mkdir(parents=True, exist_ok=True)
             training["epoch"] = epoch
-        extra = {"family": self.family} if self.family not in (None, "custom") else {}
-        save_adapter(self.transformer, path, step=self.max_steps if step is None else step, training=training,
-                     base_channels_trained=bool(self.config.train_base_channels), **extra)
+        extra = {"family": s.family} if s.family not in (None, "custom") else {}
+        save_adapter(
+            s.transformer,
+            path,
+            step=s.max_steps if step is None else step,
+            training=training,
+            base_channels_trained=bool(self.config.train_base_channels),
+            **extra,
+        )
         logger.info("saved the adapter %s", path)
         return path
 
@@ -707,32 +900,43 @@ class Trainer:
 
         from hairdiff_core.imageio import contact_sheet
 
-        cfg = self.config
-        k = min(cfg.validation_samples, len(self.samples))
+        cfg, s = self.config, self.state
+        k = min(cfg.validation_samples, len(s.samples))
         if k <= 0:
             return None
-        was_training = self.transformer.training
-        self.transformer.eval()
+        was_training = s.transformer.training
+        s.transformer.eval()
         rows = []
         try:
             for i in range(k):
-                item = self.dataset[i]
+                item = s.dataset[i]
                 photo, sketch, matte = item["image"][None], item["sketch"][None], item["matte"][None]
-                with self.acc.autocast():
-                    result = self.pipe.generate(
-                        photo, sketch, matte, steps=cfg.validation_steps, seed=cfg.seed, work_size=self.resolution,
+                with s.acc.autocast():
+                    result = s.pipe.generate(
+                        photo,
+                        sketch,
+                        matte,
+                        steps=cfg.validation_steps,
+                        seed=cfg.seed,
+                        work_size=s.resolution,
                     )
-                rows.append(contact_sheet([photo, sketch, matte, result.image], ["photo", "sketch", "matte", f"step {step}"], height=min(256, max(64, self.resolution))))
+                rows.append(
+                    contact_sheet(
+                        [photo, sketch, matte, result.image],
+                        ["photo", "sketch", "matte", f"step {step}"],
+                        height=min(256, max(64, s.resolution)),
+                    )
+                )
         finally:
-            self.transformer.train(was_training)
+            s.transformer.train(was_training)
         sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), (24, 24, 24))
         y = 0
         for r in rows:
             sheet.paste(r, (0, y))
             y += r.height
-        path = save_pil(sheet, self.out / "samples" / f"step-{step:08d}.png")
-        if self.logs is not None and self.logs.tb is not None:
-            self.logs.tb.add_image("validation", np.asarray(sheet), step, dataformats="HWC")
+        path = save_pil(sheet, s.out / "samples" / f"step-{step:08d}.png")
+        if s.logs is not None and s.logs.tb is not None:
+            s.logs.tb.add_image("validation", np.asarray(sheet), step, dataformats="HWC")
         if cfg.eval_data:
             self.evaluate(step)
         return path
@@ -744,17 +948,22 @@ class Trainer:
 
         from hairdiff_core.evaluation import EvalOptions, EvalSetting, evaluate_samples, scan_samples
 
-        cfg = self.config
+        cfg, s = self.config, self.state
         samples = scan_samples(cfg.eval_data, limit=cfg.eval_limit, skip_bad=True)
-        options = EvalOptions(steps=cfg.validation_steps, seed=cfg.seed, resolution=self.resolution, crop=cfg.crop,
-                              work_size=self.resolution)
-        with self.acc.autocast():
+        options = EvalOptions(
+            steps=cfg.validation_steps, seed=cfg.seed, resolution=s.resolution, crop=cfg.crop, work_size=s.resolution
+        )
+        with s.acc.autocast():
             report = evaluate_samples(
-                self.pipe, samples, [EvalSetting("joint")], options,
-                out_dir=self.out / "eval" / f"step-{step:08d}", save_results=False,
+                s.pipe,
+                samples,
+                [EvalSetting("joint")],
+                options,
+                out_dir=s.out / "eval" / f"step-{step:08d}",
+                save_results=False,
             )
         means = report.means(prefix="")
-        path = self.out / "eval.csv"
+        path = s.out / "eval.csv"
         old = path.read_text(encoding="utf-8") if path.exists() else ""
         with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             f.write(old)  # one row per validation: rewriting keeps the file whole after a kill
@@ -762,9 +971,9 @@ class Trainer:
             if not old:
                 writer.writeheader()
             writer.writerow({"step": step, **means})
-        if self.logs is not None and self.logs.tb is not None:
+        if s.logs is not None and s.logs.tb is not None:
             for key, value in means.items():
-                self.logs.tb.add_scalar(f"eval/{key}", value, step)
+                s.logs.tb.add_scalar(f"eval/{key}", value, step)
         logger.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(means.items())))
         return means
 
