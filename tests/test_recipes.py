@@ -72,3 +72,13 @@ def test_gpu_check_without_cuda_says_so(capsys):
         pytest.skip("a CUDA device is present")
     assert _gpu_check().main([]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_check_dry_run_takes_the_trainers_own_step(capsys):
+    # The same code path as on a GPU (the trainer's micro step and optimiser step, the recipe's
+    # settings) on a tiny model: a change of the trainer's internals breaks it here, not on an A100.
+    import json
+
+    assert _gpu_check().main(["--cpu-dry-run", "--steps", "1", "--warmup", "0"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["device"] == "cpu" and row["recipe"] == "sd35-large-1xa100.toml"
