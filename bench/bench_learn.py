@@ -22,12 +22,12 @@ trained on synthetic portraits), train a HairDiff adapter with the project's own
 
 Prints a table and, last, one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
 import csv
 import json
-import math
 import sys
 import tempfile
 import time
@@ -46,7 +46,14 @@ def held_out_edits(n: int, seed: int = 4242):
     hair (every other one) or exact level lines of the new field."""
     import numpy as np
 
-    from training.synthetic import hair_matte, redirect, render_portrait, sample_hair_params, strand_sketch, traced_sketch
+    from training.synthetic import (
+        hair_matte,
+        redirect,
+        render_portrait,
+        sample_hair_params,
+        strand_sketch,
+        traced_sketch,
+    )
 
     rng = np.random.default_rng(seed)
     out = []
@@ -99,10 +106,26 @@ def ablation_gap(pipe, photos, sketches, mattes, lambda_shape: float, seed: int 
             x_in = soft_noise(x0, noise, s, mask)
             losses = {}
             for name, sk in (("own", sk_own), ("other", sk_other)):
-                v = tr(hidden_states=torch.cat([x_in, sk], 1), encoder_hidden_states=embeds, pooled_projections=pooled,
-                       timestep=s * NUM_TRAIN_TIMESTEPS).sample
-                losses[name] = [float(hairdiff_loss(v[i:i + 1], x0[i:i + 1], noise[i:i + 1], x_in[i:i + 1], s[i:i + 1],
-                                                    mask[i:i + 1], lambda_shape).total) for i in range(b)]
+                v = tr(
+                    hidden_states=torch.cat([x_in, sk], 1),
+                    encoder_hidden_states=embeds,
+                    pooled_projections=pooled,
+                    timestep=s * NUM_TRAIN_TIMESTEPS,
+                ).sample
+                losses[name] = [
+                    float(
+                        hairdiff_loss(
+                            v[i : i + 1],
+                            x0[i : i + 1],
+                            noise[i : i + 1],
+                            x_in[i : i + 1],
+                            s[i : i + 1],
+                            mask[i : i + 1],
+                            lambda_shape,
+                        ).total
+                    )
+                    for i in range(b)
+                ]
             rows += [(sigma, o, t) for o, t in zip(losses["own"], losses["other"])]
 
     def gap(sel):
@@ -118,7 +141,6 @@ def ablation_gap(pipe, photos, sketches, mattes, lambda_shape: float, seed: int 
 
 
 def direction_scores(results, sketches, photos, mattes) -> dict:
-    import torch
 
     from hairdiff_core.metrics import orientation_difference, preservation, strand_orientation
 
@@ -140,11 +162,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="adapter training steps (default: make_toy's)")
     p.add_argument("--samples", type=int, default=24, help="held-out edits generated per method")
     p.add_argument("--gen-steps", type=int, default=20)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared CPU more threads mostly wait)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: on a shared CPU more threads mostly wait)"
+    )
     p.add_argument("--work", help="folder for the dataset and the run (default: a temporary one)")
     p.add_argument("--adapter", help="measure this adapter instead of training one (e.g. the shipped one)")
     p.add_argument("--n-train", type=int, default=None, help="training portraits (default: make_toy's)")
-    p.add_argument("--toy-dir", help="toy weights from this folder (e.g. make_toy.py's --work) instead of the shipped ones")
+    p.add_argument(
+        "--toy-dir", help="toy weights from this folder (e.g. make_toy.py's --work) instead of the shipped ones"
+    )
     args = p.parse_args(argv)
     if args.toy_dir:
         from hairdiff_core import toy
@@ -185,7 +211,9 @@ def run(args) -> int:
         n_train = args.n_train or make_toy.N_TRAIN
         data = make_toy.training_dataset(work / "data", work, n_train)
         steps = args.steps or make_toy.ADAPTER_STEPS
-        config = resolve_config({**settings, "toy": True, "data": str(data), "output": str(work / "run"), "max_steps": steps})
+        config = resolve_config(
+            {**settings, "toy": True, "data": str(data), "output": str(work / "run"), "max_steps": steps}
+        )
         t0 = time.time()
         result = train(config)
         out["train_seconds"] = round(time.time() - t0, 1)
@@ -212,7 +240,11 @@ def run(args) -> int:
     photos = _stack([{"p": e[0]} for e in edits], "p")
     mattes = _stack([{"m": e[1]} for e in edits], "m")
     sketches = _stack([{"s": e[2]} for e in edits], "s")
-    for name, pipe, method in (("trained", trained, "joint"), ("untrained", untrained, "joint"), ("replace", untrained, "replace")):
+    for name, pipe, method in (
+        ("trained", trained, "joint"),
+        ("untrained", untrained, "joint"),
+        ("replace", untrained, "replace"),
+    ):
         res = pipe.generate(photos, sketches, mattes, steps=args.gen_steps, seed=0, method=method).image
         scores = direction_scores(res, sketches, photos, mattes)
         for k, v in scores.items():

@@ -11,6 +11,7 @@ train -> adapter -> generate loop can be seen working on a CPU, on synthetic dat
 The weights ship in ``hairdiff_core/assets/toy/`` (float16 safetensors, read as float32) and are
 reproduced by ``tools/make_toy.py``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -121,11 +122,15 @@ def build_toy_transformer(state_dict: dict[str, torch.Tensor] | None = None):
     return model.eval()
 
 
-def build_toy_vae(state_dict: dict[str, torch.Tensor] | None = None, scaling_factor: float = 1.0, shift_factor: float = 0.0):
+def build_toy_vae(
+    state_dict: dict[str, torch.Tensor] | None = None, scaling_factor: float = 1.0, shift_factor: float = 0.0
+):
     """An ``AutoencoderKL`` with the toy config and the given SD3-style scale/shift."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(**{**TOY_VAE_CONFIG, "scaling_factor": float(scaling_factor), "shift_factor": float(shift_factor)})
+    vae = AutoencoderKL(
+        **{**TOY_VAE_CONFIG, "scaling_factor": float(scaling_factor), "shift_factor": float(shift_factor)}
+    )
     if state_dict is not None:
         vae.load_state_dict(state_dict, strict=True)
     return vae.eval()

@@ -1,5 +1,6 @@
 """The toy model family: shipped weights load, its adapter steers the strands, the synthetic data
 and the strand-direction measure behave as documented."""
+
 from __future__ import annotations
 
 import math
@@ -126,8 +127,9 @@ def test_toy_adapter_follows_the_sketch_better_than_the_untrained_model(toy_pipe
 
 
 def test_toy_demo_writes_two_results_and_a_contact_sheet(tmp_path, capsys):
-    import hairdiff_cli
     from PIL import Image
+
+    import hairdiff_cli
 
     assert hairdiff_cli.main(["demo", "--out", str(tmp_path), "--steps", "2"]) == 0
     err = capsys.readouterr().err
@@ -143,10 +145,25 @@ def test_generate_toy_refuses_another_model(tmp_path, capsys):
     from hairdiff_core.toy import asset_dir
 
     d = asset_dir()
-    argv = ["generate", "--toy", "--tiny", "--image", str(d / "demo_photo.png"), "--sketch", str(d / "demo_sketch_a.png"),
-            "--matte", str(d / "demo_matte.png"), "--out", str(tmp_path / "out.png"), "--steps", "2"]
+    argv = [
+        "generate",
+        "--toy",
+        "--tiny",
+        "--image",
+        str(d / "demo_photo.png"),
+        "--sketch",
+        str(d / "demo_sketch_a.png"),
+        "--matte",
+        str(d / "demo_matte.png"),
+        "--out",
+        str(tmp_path / "out.png"),
+        "--steps",
+        "2",
+    ]
     assert hairdiff_cli.main(argv) == 2
-    assert "pass one of --model PATH, --toy or --tiny (built-in models), not --tiny and --toy" in capsys.readouterr().err
+    assert (
+        "pass one of --model PATH, --toy or --tiny (built-in models), not --tiny and --toy" in capsys.readouterr().err
+    )
 
 
 def test_train_config_takes_exactly_one_base():
@@ -172,10 +189,24 @@ def test_augment_none_caches_photo_and_sketch_latents(tmp_path):
 
     data = make_synthetic_dataset(tmp_path / "ds", n=2, size=32, braid=0)
     out = tmp_path / "out"
-    result = train(resolve_config(dict(
-        data=str(data), output=str(out), tiny=True, resolution=32, max_steps=1, batch_size=2, augment="none",
-        mixed_precision="no", num_workers=0, checkpoint_every=10, validate_every=0, warmup_steps=0,
-    )))
+    result = train(
+        resolve_config(
+            dict(
+                data=str(data),
+                output=str(out),
+                tiny=True,
+                resolution=32,
+                max_steps=1,
+                batch_size=2,
+                augment="none",
+                mixed_precision="no",
+                num_workers=0,
+                checkpoint_every=10,
+                validate_every=0,
+                warmup_steps=0,
+            )
+        )
+    )
     assert result.adapter.is_file()
     cached = sorted((out / "cache" / "latents").glob("*.safetensors"))
     sketches = [p for p in cached if p.stem.endswith("_sketch")]

@@ -14,6 +14,7 @@ Everything is seeded. On 2 CPU cores shared with other jobs, with one torch thre
 about 45 minutes (VAE 26, base 9, adapter 7), most of it the VAE.
     PYTHONPATH=$PWD python3 tools/make_toy.py [--work build/toy] [--stages vae,base,adapter]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,10 +44,33 @@ CROP = 48
 
 #: Settings of the adapter stage (``hairdiff train`` flags); bench_learn.py reuses them.
 ADAPTER_TRAIN = dict(
-    resolution=SIZE, batch_size=8, lr=3e-3, lr_schedule="cosine", warmup_steps=50, rank=16,
-    lora_targets=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "ff.net.0.proj", "ff.net.2"],
-    augment="none", mixed_precision="no", gradient_checkpointing=False, cpu=True, num_workers=0, validate_every=0,
-    checkpoint_every=100000, sketch_jitter=2.0, lambda_shape=0.1, seed=0,
+    resolution=SIZE,
+    batch_size=8,
+    lr=3e-3,
+    lr_schedule="cosine",
+    warmup_steps=50,
+    rank=16,
+    lora_targets=[
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "ff.net.0.proj",
+        "ff.net.2",
+    ],
+    augment="none",
+    mixed_precision="no",
+    gradient_checkpointing=False,
+    cpu=True,
+    num_workers=0,
+    validate_every=0,
+    checkpoint_every=100000,
+    sketch_jitter=2.0,
+    lambda_shape=0.1,
+    seed=0,
 )
 
 
@@ -70,10 +94,16 @@ def portrait_arrays(n: int, seed: int, work: Path | None = None, style: str = "s
         from training.synthetic import traced_sketch
 
         levels = _CACHE[(n, seed, "levels")]
-        sketches = [traced_sketch(levels["photo"][i], levels["matte"][i], colour=bool(prm.get("stroke_colour")), seed=i)
-                    for i, prm in enumerate(levels["params"])]
-        out = {"photo": levels["photo"], "matte": levels["matte"], "params": levels["params"],
-               "sketch": (np.clip(np.stack(sketches), 0, 1) * 255 + 0.5).astype(np.uint8)}
+        sketches = [
+            traced_sketch(levels["photo"][i], levels["matte"][i], colour=bool(prm.get("stroke_colour")), seed=i)
+            for i, prm in enumerate(levels["params"])
+        ]
+        out = {
+            "photo": levels["photo"],
+            "matte": levels["matte"],
+            "params": levels["params"],
+            "sketch": (np.clip(np.stack(sketches), 0, 1) * 255 + 0.5).astype(np.uint8),
+        }
         if path is not None:
             np.savez_compressed(path, **{k: out[k] for k in ("photo", "matte", "sketch")})
             path.with_suffix(".json").write_text(json.dumps(out["params"]))
@@ -82,7 +112,9 @@ def portrait_arrays(n: int, seed: int, work: Path | None = None, style: str = "s
         rows = {"photo": [], "matte": [], "sketch": [], "params": []}
         for _ in range(n):
             params = sample_hair_params(rng, SIZE)
-            for k, a in zip(("photo", "matte", "sketch"), make_portrait_arrays(params, style, seed=len(rows["params"]))):
+            for k, a in zip(
+                ("photo", "matte", "sketch"), make_portrait_arrays(params, style, seed=len(rows["params"]))
+            ):
                 rows[k].append(a)
             rows["params"].append(params)
         out = {k: np.stack(v) for k, v in rows.items() if k != "params"}
@@ -113,7 +145,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def reconstruct(vae, images: torch.Tensor, batch: int = 16) -> torch.Tensor:
     out = []
     for i in range(0, len(images), batch):
-        x = images[i:i + batch] * 2 - 1
+        x = images[i : i + batch] * 2 - 1
         out.append((vae.decode(vae.encode(x).latent_dist.mode()).sample + 1) / 2)
     return torch.cat(out).clamp(0, 1)
 
@@ -130,7 +162,9 @@ def train_vae(work: Path, steps: int, full_steps: int) -> dict:
     vae = toy.build_toy_vae().train()
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     total = steps + full_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
     g = torch.Generator().manual_seed(0)
     t0 = time.time()
     for step in range(total):
@@ -140,7 +174,7 @@ def train_vae(work: Path, steps: int, full_steps: int) -> dict:
         x = data[idx]
         if crop:  # random 48 px crops: 7x cheaper, the VAE is fully convolutional
             oy, ox = (int(v) for v in torch.randint(0, (SIZE - CROP) // 8 + 1, (2,), generator=g) * 8)
-            x = x[..., oy:oy + CROP, ox:ox + CROP]
+            x = x[..., oy : oy + CROP, ox : ox + CROP]
         if torch.rand((), generator=g) < 0.5:
             x = x.flip(-1)
         x = x * 2 - 1
@@ -157,16 +191,27 @@ def train_vae(work: Path, steps: int, full_steps: int) -> dict:
         if step % 25 == 0 or step == total - 1:
             logger.info("vae step %d/%d rec %.5f kl %.3f (%.0fs)", step, total, rec.item(), kl.item(), time.time() - t0)
     vae.eval()
-    figures = {"vae_psnr_heldout": psnr(reconstruct(vae, held), held),
-               "vae_psnr_heldout_sketch": psnr(reconstruct(vae, torch.from_numpy(held_sk)), torch.from_numpy(held_sk))}
+    figures = {
+        "vae_psnr_heldout": psnr(reconstruct(vae, held), held),
+        "vae_psnr_heldout_sketch": psnr(reconstruct(vae, torch.from_numpy(held_sk)), torch.from_numpy(held_sk)),
+    }
     # SD3-style scale/shift measured on the training photos' latents (as SD3's were).
     with torch.no_grad():
-        lat = torch.cat([vae.encode(torch.from_numpy(photos[i:i + 32]) * 2 - 1).latent_dist.mode() for i in range(0, min(256, len(photos)), 32)])
+        lat = torch.cat(
+            [
+                vae.encode(torch.from_numpy(photos[i : i + 32]) * 2 - 1).latent_dist.mode()
+                for i in range(0, min(256, len(photos)), 32)
+            ]
+        )
     shift = float(lat.mean())
     scale = float(1.0 / (lat - shift).std())
     figures.update(scaling_factor=scale, shift_factor=shift, vae_seconds=time.time() - t0)
     logger.info("vae: %s", figures)
-    meta = {"scaling_factor": repr(scale), "shift_factor": repr(shift), "psnr_heldout": f"{figures['vae_psnr_heldout']:.2f}"}
+    meta = {
+        "scaling_factor": repr(scale),
+        "shift_factor": repr(shift),
+        "psnr_heldout": f"{figures['vae_psnr_heldout']:.2f}",
+    }
     toy.save_half(vae, work / toy.VAE_FILE, meta)
     return figures
 
@@ -185,10 +230,12 @@ def train_base(work: Path, steps: int) -> dict:
     photos = torch.cat([photos, photos.flip(-1)])  # mirrored portraits are portraits too
     pipe = HairDiffPipeline(toy.build_toy_transformer(), vae)  # for encode(): scale/shift in one place
     with torch.no_grad():
-        latents = torch.cat([pipe.encode(photos[i:i + 64]) for i in range(0, len(photos), 64)])
+        latents = torch.cat([pipe.encode(photos[i : i + 64]) for i in range(0, len(photos), 64)])
     model = toy.build_toy_transformer().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     g = torch.Generator().manual_seed(1)
     bs = 16
     embeds, pooled = zero_text(model, bs)
@@ -200,8 +247,12 @@ def train_base(work: Path, steps: int) -> dict:
         sigma = sample_sigmas(bs, "logit_normal", generator=g)
         s = sigma.view(-1, 1, 1, 1)
         x = (1 - s) * x0 + s * noise
-        v = model(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
-                  timestep=timestep_from_sigma(sigma, bs)).sample
+        v = model(
+            hidden_states=x,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            timestep=timestep_from_sigma(sigma, bs),
+        ).sample
         loss = F.mse_loss(v.float(), noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -210,10 +261,21 @@ def train_base(work: Path, steps: int) -> dict:
         sched.step()
         curve.append(loss.item())
         if step % 25 == 0 or step == steps - 1:
-            logger.info("base step %d/%d loss %.4f (avg100 %.4f, %.0fs)", step, steps, loss.item(), float(np.mean(curve[-100:])), time.time() - t0)
+            logger.info(
+                "base step %d/%d loss %.4f (avg100 %.4f, %.0fs)",
+                step,
+                steps,
+                loss.item(),
+                float(np.mean(curve[-100:])),
+                time.time() - t0,
+            )
     model.eval()
     toy.save_half(model, work / toy.TRANSFORMER_FILE, {"trained_steps": str(steps)})
-    return {"base_loss_first100": float(np.mean(curve[:100])), "base_loss_last100": float(np.mean(curve[-100:])), "base_seconds": time.time() - t0}
+    return {
+        "base_loss_first100": float(np.mean(curve[:100])),
+        "base_loss_last100": float(np.mean(curve[-100:])),
+        "base_seconds": time.time() - t0,
+    }
 
 
 def _load_work_vae(work: Path):
@@ -267,7 +329,9 @@ def train_adapter(work: Path, steps: int) -> dict:
 
         shutil.rmtree(out)
     with toy.asset_override(work):
-        config = resolve_config({**ADAPTER_TRAIN, "toy": True, "data": str(data), "output": str(out), "max_steps": steps})
+        config = resolve_config(
+            {**ADAPTER_TRAIN, "toy": True, "data": str(data), "output": str(out), "max_steps": steps}
+        )
         t0 = time.time()
         result = train(config)
     import shutil
@@ -284,8 +348,14 @@ def write_demo_assets(folder: Path) -> None:
     from training.synthetic import hair_matte, render_portrait, strand_sketch
 
     rng = np.random.default_rng(HELDOUT_SEED + 99)
-    params = {**sample_hair_params(rng, SIZE), "angle": math.pi / 4, "curl": 0.0, "stroke_colour": False, "stroke_every": 1,
-              "blobs": [[0.38 * SIZE, 0.5 * SIZE, 0.28 * SIZE, 0.32 * SIZE, 2.2]]}
+    params = {
+        **sample_hair_params(rng, SIZE),
+        "angle": math.pi / 4,
+        "curl": 0.0,
+        "stroke_colour": False,
+        "stroke_every": 1,
+        "blobs": [[0.38 * SIZE, 0.5 * SIZE, 0.28 * SIZE, 0.32 * SIZE, 2.2]],
+    }
     matte = hair_matte(params)
     sketch_a = strand_sketch({**params, "angle": 0.0}, matte)
     sketch_b = strand_sketch({**params, "angle": math.pi / 2, "curl": 0.3}, matte)
@@ -307,7 +377,9 @@ def main(argv=None) -> int:
     p.add_argument("--base-steps", type=int, default=1200)
     p.add_argument("--adapter-steps", type=int, default=ADAPTER_STEPS)
     p.add_argument("--install", action="store_true", help="copy the results into hairdiff_core/assets/toy/")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared CPU more threads mostly wait)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: on a shared CPU more threads mostly wait)"
+    )
     p.add_argument("--n-train", type=int, default=N_TRAIN, help=f"training portraits (default {N_TRAIN})")
     args = p.parse_args(argv)
     N_TRAIN = args.n_train

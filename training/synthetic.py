@@ -4,6 +4,7 @@ Each sample is a smooth "portrait" background with a hair-like striped blob at t
 matte (the blob) and a sketch of dark strokes on white that follow the stripes. Deterministic
 for a given seed; no network, no real faces.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -74,11 +75,15 @@ def sample_hair_params(rng: np.random.Generator, size: int = 128) -> dict:
     s = float(size)
     blobs = []
     for _ in range(int(rng.integers(1, 4))):
-        blobs.append([
-            s * rng.uniform(0.3, 0.5), s * rng.uniform(0.3, 0.7),  # centre y, x
-            s * rng.uniform(0.16, 0.3), s * rng.uniform(0.18, 0.34),  # radii y, x
-            rng.uniform(1.6, 3.0),  # superellipse exponent (round .. boxy)
-        ])
+        blobs.append(
+            [
+                s * rng.uniform(0.3, 0.5),
+                s * rng.uniform(0.3, 0.7),  # centre y, x
+                s * rng.uniform(0.16, 0.3),
+                s * rng.uniform(0.18, 0.34),  # radii y, x
+                rng.uniform(1.6, 3.0),  # superellipse exponent (round .. boxy)
+            ]
+        )
     return {
         "size": int(size),
         "angle": float(rng.uniform(0, np.pi)),
@@ -91,7 +96,12 @@ def sample_hair_params(rng: np.random.Generator, size: int = 128) -> dict:
         "bg": rng.uniform(0.25, 0.9, size=3).round(4).tolist(),
         "bg_grad": rng.uniform(-0.25, 0.25, size=3).round(4).tolist(),
         "skin": (np.array([0.85, 0.66, 0.55]) * rng.uniform(0.55, 1.1)).round(4).tolist(),
-        "face": [s * rng.uniform(0.55, 0.65), s * rng.uniform(0.42, 0.58), s * rng.uniform(0.2, 0.26), s * rng.uniform(0.15, 0.2)],
+        "face": [
+            s * rng.uniform(0.55, 0.65),
+            s * rng.uniform(0.42, 0.58),
+            s * rng.uniform(0.2, 0.26),
+            s * rng.uniform(0.15, 0.2),
+        ],
         "blobs": blobs,
         "stroke_every": int(rng.integers(1, 3)),
         "stroke_colour": bool(rng.uniform() < 0.5),
@@ -172,7 +182,9 @@ def traced_sketch(photo: np.ndarray, matte: np.ndarray, colour: bool = False, se
     return synthesize_sketch(p, m, colour=colour, seed=seed)[0].permute(1, 2, 0).numpy()
 
 
-def make_portrait_arrays(params: dict, sketch_style: str = "strands", seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_portrait_arrays(
+    params: dict, sketch_style: str = "strands", seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(photo HxWx3 uint8, matte HxW uint8, sketch HxWx3 uint8) of one scene.
 
     ``sketch_style``: ``strands`` (default) traces the photo's strands as ``hairdiff prepare``
@@ -207,7 +219,9 @@ def angle_difference(a: float, b: float) -> float:
     return float(min(d, np.pi - d))
 
 
-def make_portrait_dataset(root, n: int = 16, size: int = 128, seed: int = 0, braid: int = 0, sketch_style: str = "strands") -> Path:
+def make_portrait_dataset(
+    root, n: int = 16, size: int = 128, seed: int = 0, braid: int = 0, sketch_style: str = "strands"
+) -> Path:
     """Write ``n`` rich synthetic portraits under ``root``/{img,matte,sketch} plus
     ``params.json`` ({stem: params}, the known strand field of each). Returns ``root``."""
     import json

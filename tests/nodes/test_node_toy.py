@@ -1,6 +1,6 @@
 """Load HairDiff Model lists the toy model and loads it with its shipped adapter."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 
 def test_toy_base_is_listed_and_loads_with_its_adapter(comfy):
