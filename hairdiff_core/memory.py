@@ -580,7 +580,10 @@ def estimate_for(
 ) -> MemoryEstimate:
     """``estimate_peak_vram`` for a loaded transformer: its family (or config), storage and
     compute dtypes are read from the model."""
-    known = family if family not in ("custom",) else _config_of(transformer)
+    from .loading import FAMILY_NAMES
+
+    # A family outside the registry (a custom or renamed model) is sized from its own config.
+    known = family if family in FAMILY_NAMES and family != "custom" else _config_of(transformer)
     return estimate_peak_vram(
         known,
         weights=weights_of(transformer),

@@ -60,3 +60,11 @@ def test_auto_choices_for_the_cards_artists_have():
     # Fixed options are kept.
     w, off, est = choose_settings("sd3.5-large", 12 * GB, weights="fp8_e4m3fn", offload="blocks")
     assert (w, off) == ("fp8_e4m3fn", "blocks") and est.total < 12 * GB
+
+
+def test_a_model_of_an_unknown_family_is_sized_from_its_own_config(tiny_transformer):
+    from hairdiff_core.memory import estimate_for
+
+    mine = estimate_for(tiny_transformer, "my-finetune", offload="none", height=256, width=256)
+    tiny = estimate_for(tiny_transformer, "tiny", offload="none", height=256, width=256)
+    assert mine.total == tiny.total
