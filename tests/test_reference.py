@@ -6,6 +6,9 @@ The tiny transformer (one SD3.5-Medium-style dual-attention block, rms q/k norm)
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -51,28 +54,10 @@ def model(tiny_transformer):
     return widen_input_channels(tiny_transformer)
 
 
-def _forward(model, x, sketch, sigma, text, pooled, kwargs=None):
-    return model(
-        hidden_states=torch.cat([x, sketch], dim=1),
-        encoder_hidden_states=text,
-        pooled_projections=pooled,
-        timestep=timestep_from_sigma(sigma, x.shape[0]),
-        joint_attention_kwargs=kwargs or None,
-        return_dict=False,
-    )[0]
-
-
-def _with_reference(model, settings, x, sketch, sigma, ref_latent, noise, token_mask, text, pooled):
-    with reference_attention(
-        model,
-        settings,
-        reference_latent=ref_latent,
-        token_mask=token_mask,
-        noise=noise,
-        encoder_hidden_states=text,
-        pooled_projections=pooled,
-    ) as hook:
-        return _forward(model, x, sketch, sigma, text, pooled, hook.step_kwargs(sigma, 0))
+_spec = importlib.util.spec_from_file_location("_reference_util", Path(__file__).with_name("_reference_util.py"))
+_ref_util = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_ref_util)
+_forward, _with_reference = _ref_util.forward, _ref_util.with_reference
 
 
 @torch.no_grad()

@@ -6,14 +6,15 @@ is forced with ``attention_kernel="grouped"`` and must equal the float-bias path
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hairdiff_core.errors import InputError
-from hairdiff_core.flow import timestep_from_sigma
 from hairdiff_core.reference import ReferenceGating, ReferenceSettings, grouped_attention, reference_attention
 from hairdiff_core.sampler import TransformerDenoiser
 from hairdiff_core.surgery import widen_input_channels
@@ -33,28 +34,10 @@ def _inputs(batch: int = 1, seed: int = 0):
     return x0, noise, sketch, text, pooled, token_mask
 
 
-def _forward(model, x, sketch, sigma, text, pooled, kwargs=None):
-    return model(
-        hidden_states=torch.cat([x, sketch], dim=1),
-        encoder_hidden_states=text,
-        pooled_projections=pooled,
-        timestep=timestep_from_sigma(sigma, x.shape[0]),
-        joint_attention_kwargs=kwargs or None,
-        return_dict=False,
-    )[0]
-
-
-def _with_reference(model, settings, x, sketch, sigma, ref_latent, noise, token_mask, text, pooled):
-    with reference_attention(
-        model,
-        settings,
-        reference_latent=ref_latent,
-        token_mask=token_mask,
-        noise=noise,
-        encoder_hidden_states=text,
-        pooled_projections=pooled,
-    ) as hook:
-        return _forward(model, x, sketch, sigma, text, pooled, hook.step_kwargs(sigma, 0))
+_spec = importlib.util.spec_from_file_location("_reference_util", Path(__file__).with_name("_reference_util.py"))
+_ref_util = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_ref_util)
+_forward, _with_reference = _ref_util.forward, _ref_util.with_reference
 
 
 @pytest.fixture
