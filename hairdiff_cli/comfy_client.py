@@ -126,7 +126,12 @@ def apply_sets(graph: dict[str, Any], sets: list[str]) -> dict[str, Any]:
 
 
 def format_validation_error(body: dict[str, Any], graph: dict[str, Any]) -> str:
-    """ComfyUI's /prompt 400 answer -> readable lines naming node, input and problem."""
+    """ComfyUI's /prompt 400 answer -> readable lines naming node, input and problem.
+
+    A node's ``validate_inputs`` answer is one message, but ComfyUI repeats it once for every
+    input the method takes ("custom_validation_failed", details "<input> - <message>"); it is
+    shown once, on the node, since the message itself names the inputs that are wrong.
+    """
     lines = []
     error = body.get("error") or {}
     if isinstance(error, dict) and error.get("message"):
@@ -136,8 +141,15 @@ def format_validation_error(body: dict[str, Any], graph: dict[str, Any]) -> str:
         node = graph.get(str(nid), {})
         name = f"node {nid} ({info.get('class_type') or node.get('class_type', '?')}"
         name += f" '{_title(node)}')" if _title(node) else ")"
+        custom_seen = set()
         for err in info.get("errors", []):
             inp = (err.get("extra_info") or {}).get("input_name")
+            if err.get("type") == "custom_validation_failed" and " - " in (err.get("details") or ""):
+                text = err["details"].partition(" - ")[2]
+                if text not in custom_seen:
+                    custom_seen.add(text)
+                    lines.append(f"{name}: {text}")
+                continue
             where = f" input '{inp}'" if inp else ""
             detail = err.get("details") or ""
             lines.append(

@@ -188,6 +188,25 @@ def test_validation_errors_become_readable_lines(files, tmp_path, capsys):
     assert "node 4 (HairDiff_Sampler 'HairDiff Sampler') input 'steps': Value 0 smaller than min of 1" in err
 
 
+def test_a_custom_validation_message_is_shown_once_per_node():
+    # ComfyUI repeats a node's validate_inputs answer for every input the method takes.
+    message = "Load HairDiff Model: input 'base_model' is 'x.safetensors'; allowed: 'tiny (wiring check)'"
+    errors = [
+        {
+            "type": "custom_validation_failed",
+            "message": "Custom validation failed for node",
+            "details": f"{name} - {message}",
+            "extra_info": {"input_name": name},
+        }
+        for name in ("base_model", "adapter", "dtype")
+    ]
+    graph = {"5": {"class_type": "HairDiff_LoadModel", "inputs": {}, "_meta": {"title": "Load HairDiff Model"}}}
+    text = C.format_validation_error(
+        {"node_errors": {"5": {"class_type": "HairDiff_LoadModel", "errors": errors}}}, graph
+    )
+    assert text == f"node 5 (HairDiff_LoadModel 'Load HairDiff Model'): {message}"
+
+
 def test_execution_error_is_reported(files, tmp_path, capsys):
     # ComfyUI names a custom node's exception by its module path; the user sees the class name.
     fail = {
