@@ -436,3 +436,43 @@ def test_cancel_during_sampling_stops_it_and_the_next_run_works(server, tmp_path
 
     with Image.open(after[0]) as a, Image.open(clean[0]) as b:
         assert ImageChops.difference(a.convert("RGB"), b.convert("RGB")).getbbox() is None  # pixels identical
+
+
+def test_draw_in_comfyui_takes_the_region_painted_in_the_mask_editor(server, tmp_path):
+    """The mask editor saves the photo with the painted strokes transparent; ComfyUI's Load Image gives
+    1 - alpha as its MASK, which the template adds to the sketch's region. Painted far from the
+    sketch's region, those pixels are redrawn; unpainted, they stay the photo's, bit for bit."""
+    import numpy as np
+    from PIL import Image
+
+    from hairdiff_cli import comfy_client as C
+    from hairdiff_core.imageio import load_image
+    from hairdiff_core.mask import compose_matte, dilate
+
+    # The template's sketch region (its Hair Matte: sketch_dilate_px 24), padded past both feathers.
+    region = compose_matte(None, load_image(ASSETS / "sample_sketch.png"), mode="sketch", sketch_dilate_px=24)
+    clear = dilate(region.binary, 32)[0, 0].numpy() == 0
+    with Image.open(ASSETS / "sample_photo.png") as photo:
+        rgb = np.asarray(photo.convert("RGB")).astype(np.int16)
+        painted_area = np.zeros(rgb.shape[:2], dtype=bool)
+        painted_area[-40:, :] = True  # a band along the bottom (the sample sketch's region reaches y = 312 of 372)
+        painted = photo.convert("RGB")
+        painted.putalpha(Image.fromarray(np.where(painted_area, 0, 255).astype(np.uint8)))
+    painted.save(tmp_path / "painted_photo.png")
+    far = painted_area & clear
+    assert far.sum() > 2000
+
+    client = C.ComfyClient(server["url"])
+    graph = C.load_workflow(ROOT / "workflows" / "api" / "hairdiff_draw_in_comfyui.json")
+    changed = {}
+    for label, photo_file in (("painted", tmp_path / "painted_photo.png"), ("plain", ASSETS / "sample_photo.png")):
+        uploaded = {
+            "photo": client.upload_image(photo_file),
+            "sketch": client.upload_image(ASSETS / "sample_sketch.png"),
+        }
+        run = C.prepare_graph(graph, uploaded, ["HairDiff Sampler.steps=2", f"Save Image.filename_prefix={label}"])
+        (saved,) = _submit(server, run, tmp_path / label)
+        with Image.open(saved) as im:
+            out = np.asarray(im.convert("RGB")).astype(np.int16)
+        changed[label] = float(np.abs(out - rgb)[far].mean())
+    assert changed["plain"] == 0.0 and changed["painted"] > 5.0, changed
