@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -476,3 +477,101 @@ def test_draw_in_comfyui_takes_the_region_painted_in_the_mask_editor(server, tmp
             out = np.asarray(im.convert("RGB")).astype(np.int16)
         changed[label] = float(np.abs(out - rgb)[far].mean())
     assert changed["plain"] == 0.0 and changed["painted"] > 5.0, changed
+
+
+class _Browser:
+    """Headless Chromium through chromedriver's W3C WebDriver HTTP API (standard library only).
+
+    Host names resolve to nothing (the frontend's update and news checks stay off the network);
+    the server is reached by its IP address.
+    """
+
+    def __init__(self, chromium: str, chromedriver: str):
+        port = _free_port()
+        self.proc = subprocess.Popen(
+            [chromedriver, f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if _get(self.url + "/status")["value"]["ready"]:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail("chromedriver did not start within 30 s")
+            time.sleep(0.2)
+        args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+        args += ["--window-size=1600,1000", "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"]
+        options = {"binary": chromium, "args": args}
+        caps = {"browserName": "chrome", "goog:chromeOptions": options, "timeouts": {"script": 120_000}}
+        self.session = self._call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})["sessionId"]
+
+    def _call(self, method: str, path: str, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=180) as r:
+                return json.loads(r.read())["value"]
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"WebDriver {method} {path}: {exc.read()[:2000].decode(errors='replace')}") from exc
+
+    def open(self, url: str) -> None:
+        self._call("POST", f"/session/{self.session}/url", {"url": url})
+
+    def run(self, script: str, *args, wait: bool = False):
+        """Run JavaScript in the page; with ``wait`` the script calls its last argument with the result."""
+        kind = "async" if wait else "sync"
+        return self._call("POST", f"/session/{self.session}/execute/{kind}", {"script": script, "args": list(args)})
+
+    def close(self) -> None:
+        try:
+            self._call("DELETE", f"/session/{self.session}")
+        finally:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+LOAD_AND_CONVERT = """
+const [name, done] = arguments;
+(async () => {
+  try {
+    const wf = await (await fetch('/api/workflow_templates/hairdiff/' + name + '.json')).json();
+    await window.app.loadGraphData(wf, true, true, name);
+    done({output: (await window.app.graphToPrompt()).output});
+  } catch (e) { done({error: String((e && e.stack) || e)}); }
+})();
+"""
+
+
+def test_the_real_frontend_opens_each_template_and_makes_its_api_twin(server):
+    """ComfyUI's own frontend (the comfyui-frontend-package the server serves) opens every template
+    as the template browser does (the server's /api/workflow_templates/hairdiff/<name>.json route),
+    and its graphToPrompt, what the Run button sends, is the shipped API file exactly.
+
+    Needs Chromium and chromedriver (on PATH, or CHROMIUM / CHROMEDRIVER); skipped otherwise.
+    """
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("google-chrome")
+    chromedriver = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
+    if not chromium or not chromedriver:
+        pytest.skip("Chromium and chromedriver are needed to run ComfyUI's frontend")
+    browser = _Browser(chromium, chromedriver)
+    try:
+        browser.open(server["url"])
+        deadline = time.monotonic() + 120
+        while not browser.run("return !!(window.app && window.app.graph && window.app.canvas)"):
+            assert time.monotonic() < deadline, "ComfyUI's frontend did not start within 120 s"
+            time.sleep(0.5)
+        names = sorted(_get(server["url"] + "/workflow_templates")["hairdiff"])
+        assert names == sorted(p.stem for p in UI_FILES)
+        for name in names:
+            result = browser.run(LOAD_AND_CONVERT, name, wait=True)
+            assert "error" not in result, f"{name}: {result['error']}"
+            api = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+            assert result["output"] == api, name
+    finally:
+        browser.close()
