@@ -507,7 +507,11 @@ class _Browser:
         args += ["--window-size=1600,1000", "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"]
         options = {"binary": chromium, "args": args}
         caps = {"browserName": "chrome", "goog:chromeOptions": options, "timeouts": {"script": 120_000}}
-        self.session = self._call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})["sessionId"]
+        try:
+            self.session = self._call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})["sessionId"]
+        except BaseException:
+            self.proc.kill()
+            raise
 
     def _call(self, method: str, path: str, body=None):
         data = json.dumps(body).encode() if body is not None else None
