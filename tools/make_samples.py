@@ -1,5 +1,6 @@
 """Draws the bundled sample images (hairdiff_core/assets/): a synthetic portrait, its hair
-matte and a sketch of new hair. Run once; the PNGs are committed. Deterministic."""
+matte, a sketch of new hair and a protect mask of the face (white = keep: the visible face plus
+a small margin, for the templates' exclusion input). Run once; the PNGs are committed. Deterministic."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFilter
 
 W, H = 300, 372
+FACE = (95, 90, 205, 250)  # ellipse box
+FRINGE = (88, 60, 212, 140)  # ellipse box of the fringe (its upper half, a chord, covers the forehead)
+#: Margin of the protect mask around the visible face, in pixels (covers the photo's 0.8-px blur).
+PROTECT_MARGIN = 4
 OUT = Path(__file__).resolve().parent.parent / "hairdiff_core" / "assets"
 
 
@@ -25,18 +30,25 @@ def main() -> None:
     d.rectangle((128, 250, 172, 320), fill=(214, 170, 140))  # neck
     hair_box = (70, 40, 230, 280)
     d.ellipse(hair_box, fill=(60, 38, 24))  # hair behind the face
-    d.ellipse((95, 90, 205, 250), fill=(226, 184, 152))  # face
+    d.ellipse(FACE, fill=(226, 184, 152))  # face
     d.ellipse((122, 150, 138, 160), fill=(40, 30, 30))
     d.ellipse((162, 150, 178, 160), fill=(40, 30, 30))
     d.arc((130, 190, 170, 220), 20, 160, fill=(150, 70, 70), width=3)
-    d.chord((88, 60, 212, 140), 180, 360, fill=(60, 38, 24))  # fringe
+    d.chord(FRINGE, 180, 360, fill=(60, 38, 24))  # fringe
     photo = photo.filter(ImageFilter.GaussianBlur(0.8))
 
     matte = Image.new("L", (W, H), 0)
     m = ImageDraw.Draw(matte)
     m.ellipse(hair_box, fill=255)
-    m.ellipse((95, 90, 205, 250), fill=0)
-    m.chord((88, 60, 212, 140), 180, 360, fill=255)
+    m.ellipse(FACE, fill=0)
+    m.chord(FRINGE, 180, 360, fill=255)
+
+    # The face as the photo shows it (the fringe covers the forehead), grown by the margin.
+    protect = Image.new("L", (W, H), 0)
+    f = ImageDraw.Draw(protect)
+    f.ellipse(FACE, fill=255)
+    f.chord(FRINGE, 180, 360, fill=0)
+    protect = protect.filter(ImageFilter.MaxFilter(2 * PROTECT_MARGIN + 1))
 
     sketch = Image.new("RGB", (W, H), (255, 255, 255))
     s = ImageDraw.Draw(sketch)
@@ -52,6 +64,7 @@ def main() -> None:
     photo.save(OUT / "sample_photo.png")
     matte.save(OUT / "sample_matte.png")
     sketch.save(OUT / "sample_sketch.png")
+    protect.save(OUT / "sample_face_protect.png", optimize=True)
 
 
 if __name__ == "__main__":
