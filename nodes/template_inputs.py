@@ -1,9 +1,10 @@
 """Sample images for the bundled workflow templates, put where ComfyUI's LoadImage looks.
 
-The templates load ``hairdiff_photo.png``, ``hairdiff_sketch.png`` and ``hairdiff_matte.png``
-from ComfyUI's input folder; on a fresh install they are not there and every template fails
-with "Invalid image file". At pack load the bundled samples are copied there under those names
-when absent (three small files, never overwriting what a user put there).
+The templates load ``hairdiff_photo.png``, ``hairdiff_sketch.png``, ``hairdiff_matte.png`` and
+``hairdiff_face_protect.png`` (the sample photo's face, white = keep) from ComfyUI's input folder;
+on a fresh install they are not there and every template fails with "Invalid image file". At pack
+load the bundled samples are copied there under those names when absent (four small files, never
+overwriting what a user put there).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ TEMPLATE_INPUTS = {
     "hairdiff_photo.png": "sample_photo.png",
     "hairdiff_sketch.png": "sample_sketch.png",
     "hairdiff_matte.png": "sample_matte.png",
+    "hairdiff_face_protect.png": "sample_face_protect.png",
 }
 
 

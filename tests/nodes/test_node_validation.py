@@ -75,6 +75,7 @@ def test_template_samples_are_installed_once_never_overwritten(comfy, tmp_path):
     (tmp_path / "hairdiff_photo.png").write_bytes(b"mine")
     written = install_template_inputs(tmp_path)
     assert sorted(p.name for p in written) == sorted(set(TEMPLATE_INPUTS) - {"hairdiff_photo.png"})
+    assert "hairdiff_face_protect.png" in TEMPLATE_INPUTS  # the shorter-hair and draw-in-ComfyUI protect mask
     assert (tmp_path / "hairdiff_photo.png").read_bytes() == b"mine"
     assert install_template_inputs(tmp_path) == []
     from PIL import Image
