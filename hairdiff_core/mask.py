@@ -13,7 +13,7 @@ Conventions (all torch, NCHW, float32 unless said otherwise):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +187,10 @@ MATTE_MODES = ("union", "mask", "sketch")
 #: Above this share of the photo a matte gets a warning: the model then redraws most of the
 #: picture, usually a mistake (a sketch outline around the face fills the face).
 MATTE_COVERAGE_WARNING = 0.6
+#: When the matte (before the exclusion) covers more than this share of the protected region, a
+#: warning says so: the exclusion is then what keeps that region (with no face detector in the
+#: core, a protected face is the only way to know a matte reached over a face).
+PROTECTED_OVERLAP_WARNING = 0.5
 
 
 @dataclass
@@ -195,6 +199,9 @@ class ComposedMatte:
     soft: torch.Tensor  # (B, 1, H, W) in [0, 1]: ``binary`` feathered by ``feather_px`` (preview / node output)
     coverage: list[float]  # share of the image covered, per batch item
     warnings: list[str]  # one line each, for a log or a node's console; never an error
+    #: per batch item, the share of the exclusion mask that the matte covered before the exclusion
+    #: took it out (0 for an item whose exclusion is empty; an empty list without any exclusion)
+    protected_overlap: list[float] = field(default_factory=list)
 
 
 def _union(masks, threshold: float, size, what: str):
@@ -235,6 +242,8 @@ def compose_matte(
     enclose (``matte_from_strokes``: gaps closed by ``sketch_dilate_px``). The result is grown
     (``grow_px`` > 0) or shrunk (< 0), then everything in ``exclude`` (face, eyes, anything the
     artist protects) is removed, so an outline drawn around the face does not select the face.
+    The exclusion holds for ``soft`` too: the feather stops at the protected region (zero there).
+    There is no face detector: a face is protected only when the exclusion mask covers it.
 
     Args:
         mask: (B, C, H, W) old-hair matte (1, 3 or 4 channels, as ``binarize_matte``), a list of
@@ -252,7 +261,9 @@ def compose_matte(
 
     Returns:
         ``ComposedMatte``; ``warnings`` holds a line when the matte covers more than
-        ``MATTE_COVERAGE_WARNING`` of the image.
+        ``MATTE_COVERAGE_WARNING`` of the image, and one when, before the exclusion, it covered
+        more than ``PROTECTED_OVERLAP_WARNING`` of the protected region (numbers in the line;
+        ``protected_overlap`` has the shares).
 
     Raises:
         InputError: an unknown mode, a source the mode needs is missing, sizes of another
@@ -305,6 +316,7 @@ def compose_matte(
         binary = dilate(binary, int(grow_px))
         if not bool(binary.flatten(1).amax(1).all()):
             raise EmptyMaskError(f"shrinking the matte by {-int(grow_px)} px removed all of it; shrink less")
+    keep_out, overlap, areas = None, [], []
     if exclude is not None:
         keep_out = resize_same_aspect(
             binarize_matte(exclude, threshold, require_nonempty=False), size, "exclusion mask", ref, mode="nearest"
@@ -313,11 +325,18 @@ def compose_matte(
             raise InputError(
                 f"the exclusion mask has {keep_out.shape[0]} items but the matte has {batch}; give 1 or {batch}"
             )
+        protected = keep_out.expand_as(binary).flatten(1).sum(1)
+        inside = (binary * keep_out).flatten(1).sum(1)
+        if bool(keep_out.any()):
+            areas = [float(a) for a in protected]
+            overlap = [float(i) / a if a > 0 else 0.0 for i, a in zip(inside, areas)]
         binary = binary * (1.0 - keep_out)
         if not bool(binary.flatten(1).amax(1).all()):
             raise EmptyMaskError("the exclusion mask covers the whole matte; nothing is left to redraw")
     binary = binary.contiguous()
     soft = soft_mask(binary, float(feather_px)) if feather_px > 0 else binary.clone()
+    if keep_out is not None and feather_px > 0:
+        soft = soft * (1.0 - keep_out)  # the feather does not reach into what is protected
     coverage = [float(v) for v in binary.flatten(1).mean(1)]
     warnings = [
         f"the matte covers {c:.0%} of the image (item {i}); above {MATTE_COVERAGE_WARNING:.0%} most of the picture "
@@ -325,7 +344,15 @@ def compose_matte(
         for i, c in enumerate(coverage)
         if c > MATTE_COVERAGE_WARNING
     ]
-    return ComposedMatte(binary=binary, soft=soft, coverage=coverage, warnings=warnings)
+    n_pixels = size[0] * size[1]
+    warnings += [
+        f"the matte reached over {share:.0%} of the protected region (item {i}: {round(share * area):,} of its "
+        f"{round(area):,} px, {share * area / n_pixels:.0%} of the image); that part is kept as the photo's. "
+        f"Without the exclusion mask it would be redrawn: the sketch's outline or the grown mask encloses it"
+        for i, (share, area) in enumerate(zip(overlap, areas))
+        if share > PROTECTED_OVERLAP_WARNING
+    ]
+    return ComposedMatte(binary=binary, soft=soft, coverage=coverage, warnings=warnings, protected_overlap=overlap)
 
 
 def matte_preview(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hairdiff_core.errors import EmptyMaskError, InputError
-from hairdiff_core.mask import compose_matte, matte_preview
+from hairdiff_core.mask import compose_matte, matte_preview, soft_mask
 
 S = 64
 
@@ -76,6 +76,31 @@ def test_large_matte_warns_but_does_not_fail(caplog):
     assert c.coverage == [pytest.approx(50 / 64)]
     assert len(c.warnings) == 1 and "covers 78% of the image" in c.warnings[0]
     assert compose_matte(_old_hair()).warnings == []
+
+
+def test_a_matte_over_the_protected_region_warns_with_numbers():
+    # The ring encloses the whole face: before the exclusion the matte covers all of it.
+    c = compose_matte(_old_hair(), _ring_sketch(), _face(), sketch_dilate_px=0)
+    assert c.protected_overlap == [1.0]
+    (line,) = [w for w in c.warnings if "protected region" in w]
+    assert "reached over 100% of the protected region (item 0: 320 of its 320 px, 8% of the image)" in line
+    # Old hair beside the face, nothing enclosing it: no warning, the face was never in the matte.
+    clean = compose_matte(_old_hair(), exclude=_face())
+    assert clean.protected_overlap == [0.0] and clean.warnings == []
+    # Grown into the face's top rows (16 of 320 px): a small overlap is taken out without a warning.
+    touching = compose_matte(_old_hair(), exclude=_face(), grow_px=7)
+    assert 0 < touching.protected_overlap[0] < 0.5 and touching.warnings == []
+    # No exclusion (or an empty one): nothing to measure.
+    assert compose_matte(_old_hair()).protected_overlap == []
+    assert compose_matte(_old_hair(), exclude=torch.zeros(1, 1, S, S)).protected_overlap == []
+
+
+def test_the_feather_stops_at_the_protected_region():
+    c = compose_matte(_old_hair(), _ring_sketch(), _face(), sketch_dilate_px=0, feather_px=3.0)
+    face = _face().bool()
+    assert float(c.soft[face].abs().max()) == 0.0  # the feathered edge does not reach into the face
+    assert float(c.soft[..., 24, 30]) > 0  # outside it the edge is soft as before
+    assert torch.equal(c.soft, soft_mask(c.binary, 3.0).where(~face, 0.0))  # and exactly as before outside it
 
 
 def test_errors_name_the_missing_or_mismatched_input():
