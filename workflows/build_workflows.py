@@ -30,7 +30,23 @@ TINY = "tiny (wiring check)"
 #: built-in model). Templates that need real files (colour prompt with SD3.5) say so in their note.
 MODEL = TINY
 #: The bundled sample images, as the pack copies them into ComfyUI's input folder.
-SAMPLES = {"photo": "hairdiff_photo.png", "sketch": "hairdiff_sketch.png", "matte": "hairdiff_matte.png"}
+SAMPLES = {
+    "photo": "hairdiff_photo.png",
+    "sketch": "hairdiff_sketch.png",
+    "matte": "hairdiff_matte.png",
+    "protect": "hairdiff_face_protect.png",
+}
+#: Where the templates' protect mask (white = keep) comes from: Load Image + Image To Mask (red).
+PROTECT = (11, 0)
+
+
+def protect_nodes():
+    """The sample photo's face (white, plus a small margin) as the Hair Matte's exclusion: as shipped,
+    the sample sketch's strokes cross the face and would otherwise redraw it."""
+    return [
+        dict(id=10, type="LoadImage", title="Protect (white = keep; the sample's face)", widgets={"image": SAMPLES["protect"]}),
+        dict(id=11, type="ImageToMask", title="Protect To Mask", widgets={"channel": "red"}, links={"image": (10, 0)}),
+    ]
 
 
 def loaders(photo=True, matte=True, photo_title="Photo"):
@@ -236,21 +252,18 @@ WORKFLOWS = {
         title="Shorter hair: old hair + sketch",
         note="To make hair **shorter**, the old hair must go where the new hair does not reach, so the region to "
         "redraw is the old hair's matte *plus* the sketch's region (Hair Matte, mode 'union'); the model paints "
-        "skin or background where there is no stroke.\n\n**Protect** is the photo again: open it in the mask "
-        "editor (right-click > Open in MaskEditor) and paint over the face or anything that must not change; it "
-        "is taken out of the matte. Left unpainted it protects nothing. The Hair Matte preview shows the final "
-        "region over the photo.",
+        "skin or background where there is no stroke.\n\n**Protect** keeps the face: the sample sketch's strokes "
+        "sweep across it, so without protection the face would be redrawn too. As shipped the face is protected by "
+        "`hairdiff_face_protect.png` (the sample's face in white, plus a small margin); Hair Matte takes it out of "
+        "the region. **For your own photo paint your own**: white over the face and anything else that must not "
+        "change, black elsewhere, the size of your photo, and load it in Protect. The Hair Matte preview shows "
+        "the final region over the photo.",
         nodes=loaders()
+        + protect_nodes()
         + [
-            dict(
-                id=10,
-                type="LoadImage",
-                title="Protect (paint the face in the mask editor)",
-                widgets={"image": SAMPLES["photo"]},
-            ),
             model(),
             sketch_node(),
-            matte_node(links={"mask": (4, 0), "sketch": (2, 0), "exclude": (10, 1), "photo": (1, 0)}, grow_px=4),
+            matte_node(links={"mask": (4, 0), "sketch": (2, 0), "exclude": PROTECT, "photo": (1, 0)}, grow_px=4),
             sampler(),
             save("hairdiff/shorter"),
         ],
@@ -260,13 +273,18 @@ WORKFLOWS = {
         note="Everything inside ComfyUI, no other program: right-click the **Photo** node > Open in MaskEditor and "
         "paint over the hair you want to change (and where the new hair should go). Load your sketch in "
         "**Sketch** (or paint strokes on a blank image in any paint app). Hair Matte adds the painted area to "
-        "the sketch's region.\n\nAs shipped nothing is painted yet, so only the sketch's region is used.",
+        "the sketch's region.\n\nAs shipped nothing is painted yet, so only the sketch's region is used, and the "
+        "face is protected by `hairdiff_face_protect.png` (the sample's face in white, loaded in **Protect**): the "
+        "sample strokes cross the face and would otherwise redraw it. **For your own photo** load a protect "
+        "picture of your own there (white = keep, black elsewhere), or delete Protect and set Hair Matte's mode "
+        "to 'mask', so that only what you paint is redrawn.",
         note_drop=" --matte M",
         nodes=loaders(matte=False, photo_title="Photo (paint the hair in the mask editor)")
+        + protect_nodes()
         + [
             model(),
             sketch_node(),
-            matte_node(links={"mask": (1, 1), "sketch": (2, 0), "photo": (1, 0)}, dilate=24),
+            matte_node(links={"mask": (1, 1), "sketch": (2, 0), "exclude": PROTECT, "photo": (1, 0)}, dilate=24),
             sampler(),
             save("hairdiff/painted"),
         ],
@@ -504,9 +522,11 @@ def thumbnail(name: str, wf: dict, path: Path) -> None:
     links = hm.get("links", {})
     use_mask = "mask" in links and links["mask"][0] == 4
     use_sketch = "sketch" in links
+    protect = load_image(assets / "sample_face_protect.png") if links.get("exclude") == PROTECT else None
     composed = compose_matte(
         matte if use_mask else None,
         sketch if use_sketch else None,
+        protect,
         mode=hm.get("widgets", {}).get("mode", "union"),
         sketch_dilate_px=hm.get("widgets", {}).get("sketch_dilate_px", 16),
         grow_px=hm.get("widgets", {}).get("grow_px", 0),

@@ -210,12 +210,9 @@ class _CoreNodes:
     def LoadImage(self, image):
         from PIL import Image
 
-        names = {
-            "hairdiff_photo.png": "sample_photo.png",
-            "hairdiff_sketch.png": "sample_sketch.png",
-            "hairdiff_matte.png": "sample_matte.png",
-        }
-        with Image.open(ROOT / "hairdiff_core" / "assets" / names[image]) as full:
+        from hairdiff_pack.nodes.template_inputs import TEMPLATE_INPUTS  # what the pack copies into input/
+
+        with Image.open(ROOT / "hairdiff_core" / "assets" / TEMPLATE_INPUTS[image]) as full:
             # Half size keeps the test fast: below the tiny model's work area nothing is cropped.
             im = full.resize((full.width // 2, full.height // 2), Image.NEAREST)
             rgb = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)[None]
@@ -237,15 +234,9 @@ class _CoreNodes:
         return ()
 
 
-@pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.stem)
-def test_runnable_templates_run_as_shipped_on_the_stand_ins(comfy, path):
-    """Each template that needs no model files runs end to end (1 sampler step instead of 20)."""
-    graph = json.loads(path.read_text())
-    if any(
-        n["class_type"] == "HairDiff_LoadModel" and n["inputs"]["base_model"] != "tiny (wiring check)"
-        for n in graph.values()
-    ):
-        pytest.skip("needs model files (its note says which)")
+def _run_graph(comfy, graph, only=None):
+    """Run an API graph on the stand-ins (1 sampler step): (outputs by node id, the core nodes).
+    ``only``: run just that node and what it needs."""
     ours = {node.GET_SCHEMA().node_id: node for node in comfy.nodes.NODES}
     core = _CoreNodes()
     outputs = {}
@@ -261,9 +252,77 @@ def test_runnable_templates_run_as_shipped_on_the_stand_ins(comfy, path):
         outputs[nid] = ours[kind].execute(**kwargs) if kind in ours else getattr(core, kind)(**kwargs)
         return outputs[nid]
 
-    for nid in graph:
+    for nid in [only] if only else graph:
         run(nid)
+    return outputs, core
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.stem)
+def test_runnable_templates_run_as_shipped_on_the_stand_ins(comfy, path):
+    """Each template that needs no model files runs end to end (1 sampler step instead of 20)."""
+    graph = json.loads(path.read_text())
+    if any(
+        n["class_type"] == "HairDiff_LoadModel" and n["inputs"]["base_model"] != "tiny (wiring check)"
+        for n in graph.values()
+    ):
+        pytest.skip("needs model files (its note says which)")
+    _outputs, core = _run_graph(comfy, graph)
     assert len(core.saved) == 1
     images = core.saved[0][1]
     batch = 2 if path.stem == "hairdiff_batch" else 1
     assert images.shape == (batch, 186, 150, 3) and torch.isfinite(images).all()
+
+
+def test_every_image_a_template_loads_is_copied_into_comfyuis_input_folder(comfy):
+    from hairdiff_pack.nodes.template_inputs import ASSETS, TEMPLATE_INPUTS
+
+    b = _builder()
+    assert set(b.SAMPLES.values()) <= set(TEMPLATE_INPUTS)
+    assert all((ASSETS / sample).is_file() for sample in TEMPLATE_INPUTS.values())
+
+
+@pytest.mark.parametrize("name", ["hairdiff_shorter_hair", "hairdiff_draw_in_comfyui"])
+def test_templates_whose_sketch_crosses_the_face_keep_the_face_as_shipped(comfy, name, caplog):
+    """The sample sketch's strokes sweep across the face (their region spans most of the photo): the
+    template's protect mask (the bundled face) is taken out of the Hair Matte's output, feather
+    included, the node says how much of the face the matte reached over, and the saved picture
+    keeps the face (only the sampler's feathered seam reaches a few pixels into it)."""
+    import logging
+
+    from PIL import Image
+
+    from hairdiff_core.mask import dilate
+
+    b = _builder()
+    graph = json.loads((WF / "api" / f"{name}.json").read_text())
+    (matte_id,) = [k for k, n in graph.items() if n["class_type"] == "HairDiff_HairMatte"]
+    exclude = graph[matte_id]["inputs"]["exclude"]
+    assert exclude == [str(b.PROTECT[0]), b.PROTECT[1]]
+    loader = graph[graph[exclude[0]]["inputs"]["image"][0]]
+    assert loader["class_type"] == "LoadImage" and loader["inputs"]["image"] == b.SAMPLES["protect"]
+    with caplog.at_level(logging.WARNING):
+        outputs, core = _run_graph(comfy, graph)
+    matte = outputs[matte_id][0][0]  # (H, W) at the stand-in's half size
+    with Image.open(ROOT / "hairdiff_core" / "assets" / "sample_face_protect.png") as im:
+        assert im.mode == "L"
+        half = im.resize((im.width // 2, im.height // 2), Image.NEAREST)
+        face = torch.from_numpy(np.asarray(half, dtype=np.float32) / 255.0) > 0.5
+    assert matte.shape == face.shape and face.sum() > 1000
+    assert float(matte[face].max()) == 0.0  # zero overlap with the face, feathered edge included
+    assert float((matte > 0.5).float().mean()) > 0.2  # the hair region is still there
+    (line,) = [r.getMessage() for r in caplog.records if "protected region" in r.getMessage()]
+    assert "reached over 100% of the protected region" in line and "that part is kept as the photo's" in line
+
+    # The same graph without the protect input redraws the whole face.
+    bare_graph = {k: dict(n, inputs=dict(n["inputs"])) for k, n in graph.items()}
+    del bare_graph[matte_id]["inputs"]["exclude"]
+    bare_outputs, bare_core = _run_graph(comfy, bare_graph)
+    assert float((bare_outputs[matte_id][0][0][face] > 0.5).float().mean()) == 1.0
+    photo = outputs["1"][0][0]
+    inner = dilate(face[None, None].float(), -2)[0, 0] > 0.5  # the face without the protect margin
+    kept = (core.saved[0][1][0] - photo).abs().amax(-1)[inner]
+    redrawn = (bare_core.saved[0][1][0] - photo).abs().amax(-1)[inner]
+    assert float(redrawn.mean()) > 0.1 and float((redrawn > 1 / 255).float().mean()) == 1.0
+    # Measured: 91% of the face within 1/255 of the photo, at most 12/255 off at the seam (unprotected: all
+    # of it redrawn, on average far more).
+    assert float(kept.max()) < 0.1 and float((kept <= 1 / 255).float().mean()) > 0.85
