@@ -30,7 +30,10 @@ from hairdiff_core.errors import HairDiffError, InputError
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("photo", "sketch", "matte")
+ROLES = ("photo", "sketch", "matte", "protect")
+#: Roles a workflow may keep as shipped: its Protect node loads the sample photo's face, right only
+#: for the sample photo (``--protect`` swaps it).
+OPTIONAL_ROLES = ("protect",)
 UPLOAD_SUBFOLDER = "hairdiff"
 
 
@@ -81,7 +84,7 @@ def find_node(graph: dict[str, Any], ref: str) -> str:
 
 
 def role_nodes(graph: dict[str, Any]) -> dict[str, str]:
-    """{"photo"|"sketch"|"matte": node id} for Load Image nodes titled after their role."""
+    """{"photo"|"sketch"|"matte"|"protect": node id} for Load Image nodes titled after their role."""
     out: dict[str, str] = {}
     for nid, node in graph.items():
         if node.get("class_type") != "LoadImage":
@@ -319,6 +322,18 @@ class _WebSocket:
 # --------------------------------------------------------------------------------------------
 
 
+def kept_protect_warning(graph: dict[str, Any], roles_given) -> str | None:
+    """A line for a workflow whose Protect node keeps its shipped mask while the photo is swapped."""
+    roles = role_nodes(graph)
+    if "protect" in roles and "protect" not in roles_given and "photo" in roles_given:
+        shipped = graph[roles["protect"]]["inputs"].get("image")
+        return (
+            f"the workflow's Protect node keeps its shipped mask ({shipped}), drawn for the sample photo; "
+            "pass --protect FILE (white = keep, black elsewhere) for your photo"
+        )
+    return None
+
+
 def prepare_graph(graph: dict[str, Any], uploaded: dict[str, str], sets: list[str]) -> dict[str, Any]:
     """Write uploaded file names into the role nodes, then apply --set edits."""
     roles = role_nodes(graph)
@@ -330,7 +345,7 @@ def prepare_graph(graph: dict[str, Any], uploaded: dict[str, str], sets: list[st
                 f"titled ones: {sorted(roles) or 'none'}"
             )
         graph[roles[role]]["inputs"]["image"] = name
-    missing = [r for r in roles if r not in uploaded]
+    missing = [r for r in roles if r not in uploaded and r not in OPTIONAL_ROLES]
     if missing:
         raise InputError(f"the workflow loads the {', '.join(missing)} from Load Image; pass --{' --'.join(missing)}")
     return apply_sets(graph, sets)
@@ -410,6 +425,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--matte", help="the hair matte (into the node titled 'Matte'); not needed by matte-from-sketch workflows"
     )
     parser.add_argument(
+        "--protect",
+        help="what must not change, white on black, e.g. the face (into the node titled 'Protect'); the "
+        "shorter-hair and draw-in-ComfyUI workflows otherwise keep the sample photo's face mask",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -431,6 +451,9 @@ def run(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise FileNotFoundError(2, "no such file", path)
     prepare_graph(graph, {role: "x" for role in files}, args.set)  # errors before any upload
+    line = kept_protect_warning(graph, files)
+    if line:
+        logger.warning("%s", line)
     from hairdiff_core.fileio import check_writable_folder
 
     check_writable_folder(args.out, "comfy-run output")

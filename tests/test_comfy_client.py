@@ -248,6 +248,26 @@ def test_graph_helpers():
         C.prepare_graph(no_matte, {"photo": "a", "sketch": "b", "matte": "c"}, [])
 
 
+def test_protect_is_an_optional_role_that_swaps_the_shipped_face_mask():
+    from pathlib import Path
+
+    graph = C.load_workflow(Path(__file__).resolve().parents[1] / "workflows" / "api" / "hairdiff_shorter_hair.json")
+    roles = C.role_nodes(graph)
+    assert graph[roles["protect"]]["inputs"]["image"] == "hairdiff_face_protect.png"
+    files = {"photo": "p.png", "sketch": "s.png", "matte": "m.png"}
+    kept = C.prepare_graph(graph, files, [])  # not required: the shipped mask stays, with a warning
+    assert kept[roles["protect"]]["inputs"]["image"] == "hairdiff_face_protect.png"
+    assert "hairdiff_face_protect.png), drawn for the sample photo; pass --protect FILE" in C.kept_protect_warning(
+        graph, files
+    )
+    assert C.kept_protect_warning(graph, {**files, "protect": "f.png"}) is None
+    assert C.kept_protect_warning(GRAPH, files) is None  # no Protect node
+    swapped = C.prepare_graph(graph, {**files, "protect": "face.png"}, [])
+    assert swapped[roles["protect"]]["inputs"]["image"] == "face.png"
+    with pytest.raises(C.InputError, match="--protect was given.*no Load Image node titled 'Protect'"):
+        C.prepare_graph(GRAPH, {"photo": "a", "sketch": "b", "matte": "c", "protect": "d"}, [])
+
+
 def test_ui_format_workflow_is_refused_with_a_hint(tmp_path):
     p = tmp_path / "ui.json"
     p.write_text(json.dumps({"nodes": [], "links": []}))

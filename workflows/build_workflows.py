@@ -44,7 +44,12 @@ def protect_nodes():
     """The sample photo's face (white, plus a small margin) as the Hair Matte's exclusion: as shipped,
     the sample sketch's strokes cross the face and would otherwise redraw it."""
     return [
-        dict(id=10, type="LoadImage", title="Protect (white = keep; the sample's face)", widgets={"image": SAMPLES["protect"]}),
+        dict(
+            id=10,
+            type="LoadImage",
+            title="Protect (white = keep; the sample's face)",
+            widgets={"image": SAMPLES["protect"]},
+        ),
         dict(id=11, type="ImageToMask", title="Protect To Mask", widgets={"channel": "red"}, links={"image": (10, 0)}),
     ]
 
@@ -318,6 +323,8 @@ def note_text(name: str, wf: dict) -> str:
     text = f"## {wf['title']}\n{wf['note']}\n\n"
     if wf.get("runnable", True):
         text += TINY_NOTE.replace(" --matte M", "" if wf.get("note_drop") else " --matte M")
+        if any(n.get("links", {}).get("exclude") == PROTECT for n in wf["nodes"]):
+            text = text.replace(" --out DIR", " --protect F --out DIR")  # F: white = keep
     return text.replace("{name}", name)
 
 
