@@ -208,9 +208,8 @@ class _CoreNodes:
         self.saved = []
 
     def LoadImage(self, image):
-        from PIL import Image
-
         from hairdiff_pack.nodes.template_inputs import TEMPLATE_INPUTS  # what the pack copies into input/
+        from PIL import Image
 
         with Image.open(ROOT / "hairdiff_core" / "assets" / TEMPLATE_INPUTS[image]) as full:
             # Half size keeps the test fast: below the tiny model's work area nothing is cropped.
