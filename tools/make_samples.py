@@ -1,6 +1,7 @@
 """Draws the bundled sample images (hairdiff_core/assets/): a synthetic portrait, its hair
-matte, a sketch of new hair and a protect mask of the face (white = keep: the visible face plus
-a small margin, for the templates' exclusion input). Run once; the PNGs are committed. Deterministic."""
+matte, a sketch of new hair and the face-protect picture: the photo with its visible face (plus a
+small margin) transparent, the way ComfyUI's mask editor marks a region (Load Image's MASK is
+1 - alpha, so the face is 1 = protected). Run once; the PNGs are committed. Deterministic."""
 
 from __future__ import annotations
 
@@ -43,12 +44,15 @@ def main() -> None:
     m.ellipse(FACE, fill=0)
     m.chord(FRINGE, 180, 360, fill=255)
 
-    # The face as the photo shows it (the fringe covers the forehead), grown by the margin.
-    protect = Image.new("L", (W, H), 0)
-    f = ImageDraw.Draw(protect)
+    # The face as the photo shows it (the fringe covers the forehead), grown by the margin, made
+    # transparent in a copy of the photo (the artist sees the photo and paints more in the mask editor).
+    face = Image.new("L", (W, H), 0)
+    f = ImageDraw.Draw(face)
     f.ellipse(FACE, fill=255)
     f.chord(FRINGE, 180, 360, fill=0)
-    protect = protect.filter(ImageFilter.MaxFilter(2 * PROTECT_MARGIN + 1))
+    face = face.filter(ImageFilter.MaxFilter(2 * PROTECT_MARGIN + 1))
+    protect = photo.copy()
+    protect.putalpha(face.point(lambda v: 255 - v))
 
     sketch = Image.new("RGB", (W, H), (255, 255, 255))
     s = ImageDraw.Draw(sketch)
