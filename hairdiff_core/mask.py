@@ -62,6 +62,43 @@ def binarize_matte(matte: torch.Tensor, threshold: float = 0.5, require_nonempty
     return binary
 
 
+def has_transparency(picture: torch.Tensor) -> bool:
+    """A (B, 4, H, W) picture whose alpha is not uniformly opaque."""
+    return picture.shape[1] == 4 and bool((picture[:, 3:4] < 0.999).any())
+
+
+def protect_mask(picture: torch.Tensor) -> torch.Tensor:
+    """A Protect picture (B, C, H, W) -> (B, 1, H, W) in [0, 1], 1 = keep as the photo's.
+
+    The one reading of a protect picture, as ComfyUI's Load Image gives its MASK: with
+    transparency (4 channels, alpha not uniformly opaque) it is ``1 - alpha`` (transparent =
+    protected, what the mask editor paints); otherwise it is a plain mask, white = protected (the
+    value, or the luminance of RGB / an opaque RGBA). Unlike ``binarize_matte``, whose alpha marks
+    the hair (opaque = selected), transparency here marks what is kept.
+    """
+    _check_nchw(picture, "protect picture")
+    picture = picture.float()
+    c = picture.shape[1]
+    if c not in (1, 3, 4):
+        raise InputError(f"the protect picture has {c} channels; expected 1 (mask), 3 (RGB) or 4 (RGBA)")
+    if has_transparency(picture):
+        return 1.0 - picture[:, 3:4]
+    return picture if c == 1 else _luminance(picture[:, :3])
+
+
+def protect_picture(picture: torch.Tensor) -> torch.Tensor:
+    """A Protect picture -> (B, 4, H, W) RGBA that ComfyUI's Load Image reads as the same mask.
+
+    A picture with transparency is returned as it is; a plain mask (white = keep) becomes its own
+    grey picture with the protected part transparent (alpha = 1 - ``protect_mask``).
+    """
+    if has_transparency(picture):
+        return picture.float()
+    keep = protect_mask(picture)
+    rgb = picture.float()[:, :3] if picture.shape[1] >= 3 else keep.expand(-1, 3, -1, -1)
+    return torch.cat([rgb, 1.0 - keep], 1)
+
+
 def feather_sigma(height: int, width: int, sigma_at_1024: float = DEFAULT_FEATHER_SIGMA) -> float:
     """Feather sigma in pixels scaled with the working resolution (geometric mean side)."""
     return float(sigma_at_1024) * math.sqrt(height * width) / REFERENCE_RESOLUTION

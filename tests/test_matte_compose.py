@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hairdiff_core.errors import EmptyMaskError, InputError
-from hairdiff_core.mask import compose_matte, matte_preview, soft_mask
+from hairdiff_core.mask import compose_matte, matte_preview, protect_mask, protect_picture, soft_mask
 
 S = 64
 
@@ -101,6 +101,30 @@ def test_the_feather_stops_at_the_protected_region():
     assert float(c.soft[face].abs().max()) == 0.0  # the feathered edge does not reach into the face
     assert float(c.soft[..., 24, 30]) > 0  # outside it the edge is soft as before
     assert torch.equal(c.soft, soft_mask(c.binary, 3.0).where(~face, 0.0))  # and exactly as before outside it
+
+
+def test_a_protect_picture_reads_as_comfyuis_load_image_mask():
+    """Transparent = protected (Load Image's MASK = 1 - alpha, what the mask editor paints); without
+    transparency a plain mask, white = protected. protect_picture turns the plain one into the first."""
+    face = _face()
+    photo = torch.rand(1, 3, S, S)
+    transparent = torch.cat([photo, 1.0 - face], 1)
+    assert torch.equal(protect_mask(transparent), face)
+    assert torch.equal(protect_mask(face), face)  # grey mask
+    assert torch.equal(protect_mask(face.expand(-1, 3, -1, -1)), face)  # RGB black/white
+    opaque = torch.cat([face.expand(-1, 3, -1, -1), torch.ones_like(face)], 1)
+    assert torch.equal(protect_mask(opaque), face)  # opaque RGBA: its picture is the mask
+    assert torch.equal(protect_picture(transparent), transparent)
+    for plain in (face, face.expand(-1, 3, -1, -1), opaque):
+        picture = protect_picture(plain)
+        assert picture.shape == (1, 4, S, S) and torch.equal(1.0 - picture[:, 3:], face)
+    # The same protection as an exclusion, whichever way it was given.
+    assert torch.equal(
+        compose_matte(_old_hair(), _ring_sketch(), protect_mask(transparent), sketch_dilate_px=0).binary,
+        compose_matte(_old_hair(), _ring_sketch(), face, sketch_dilate_px=0).binary,
+    )
+    with pytest.raises(InputError, match="2 channels"):
+        protect_mask(torch.zeros(1, 2, S, S))
 
 
 def test_errors_name_the_missing_or_mismatched_input():
