@@ -1,11 +1,12 @@
 """``hairdiff comfy-run``: run a HairDiff workflow (API format) on a ComfyUI server over HTTP.
 
-Uploads the photo, sketch and matte, writes their names into the graph's Load Image nodes
-(found by their titles "Photo", "Sketch", "Matte"), applies ``--set node.input=value`` edits
-(node = id or title), submits the graph, follows its progress (ComfyUI's websocket, or polling
-``/history`` when the websocket is unavailable), and downloads the output images. ComfyUI's
-validation errors become one readable line per problem. Standard library only; it never
-imports ComfyUI.
+Uploads the photo, sketch and matte (and an optional protect picture), writes their names into
+the graph's Load Image nodes (found by their titles "Photo", "Sketch", "Matte", "Protect"),
+applies ``--set node.input=value`` edits (node = id or title), submits the graph, follows its
+progress (ComfyUI's websocket, or polling ``/history`` when the websocket is unavailable), and
+downloads the output images. ComfyUI's validation errors become one readable line per problem.
+HTTP with the standard library only (a plain ``--protect`` mask is converted with the pack's
+image code first); it never imports ComfyUI.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import mimetypes
 import os
 import socket
 import struct
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -328,10 +330,33 @@ def kept_protect_warning(graph: dict[str, Any], roles_given) -> str | None:
     if "protect" in roles and "protect" not in roles_given and "photo" in roles_given:
         shipped = graph[roles["protect"]]["inputs"].get("image")
         return (
-            f"the workflow's Protect node keeps its shipped mask ({shipped}), drawn for the sample photo; "
-            "pass --protect FILE (white = keep, black elsewhere) for your photo"
+            f"the workflow's Protect node keeps its shipped picture ({shipped}: the sample photo's face, "
+            "transparent), drawn for the sample photo; pass --protect FILE for your photo (a picture with "
+            "the protected part transparent, or a plain mask, white = keep)"
         )
     return None
+
+
+def protect_file(path: str | os.PathLike, tmp_dir: str | os.PathLike) -> Path:
+    """The file to upload for ``--protect``, read as the templates read it (Load Image's MASK, 1 - alpha).
+
+    A picture with transparency (the mask editor's way: transparent = protected) is uploaded as it
+    is; a plain mask (white = keep, no transparency) is converted to a PNG in ``tmp_dir`` with the
+    white part transparent, so Load Image gives the same MASK. ``hairdiff_core.mask.protect_mask``
+    is the one reading of both.
+    """
+    from hairdiff_core.imageio import load_image, save_image
+    from hairdiff_core.mask import has_transparency, protect_mask, protect_picture
+
+    p = Path(path)
+    picture = load_image(p)
+    if float(protect_mask(picture).amax()) <= 0.5:
+        logger.warning(
+            "--protect %s protects nothing: no transparent part and no white (transparent or white = keep)", p
+        )
+    if has_transparency(picture):
+        return p
+    return save_image(protect_picture(picture)[0], Path(tmp_dir) / f"{p.stem}_protect.png")
 
 
 def prepare_graph(graph: dict[str, Any], uploaded: dict[str, str], sets: list[str]) -> dict[str, Any]:
@@ -426,8 +451,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--protect",
-        help="what must not change, white on black, e.g. the face (into the node titled 'Protect'); the "
-        "shorter-hair and draw-in-ComfyUI workflows otherwise keep the sample photo's face mask",
+        help="what must not change, e.g. the face (into the node titled 'Protect'): a picture with that part "
+        "transparent (as ComfyUI's mask editor saves it) or a plain mask, white = keep; the shorter-hair and "
+        "draw-in-ComfyUI workflows otherwise keep the sample photo's face",
     )
     parser.add_argument(
         "--set",
@@ -458,7 +484,10 @@ def run(args: argparse.Namespace) -> int:
 
     check_writable_folder(args.out, "comfy-run output")
     client = ComfyClient(args.server)
-    uploaded = {role: client.upload_image(path) for role, path in files.items()}
+    with tempfile.TemporaryDirectory(prefix="hairdiff_protect_") as tmp:
+        if "protect" in files:
+            files["protect"] = protect_file(files["protect"], tmp)
+        uploaded = {role: client.upload_image(path) for role, path in files.items()}
     graph = prepare_graph(graph, uploaded, args.set)
     ws = client.open_progress()
     try:

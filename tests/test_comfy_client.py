@@ -257,15 +257,56 @@ def test_protect_is_an_optional_role_that_swaps_the_shipped_face_mask():
     files = {"photo": "p.png", "sketch": "s.png", "matte": "m.png"}
     kept = C.prepare_graph(graph, files, [])  # not required: the shipped mask stays, with a warning
     assert kept[roles["protect"]]["inputs"]["image"] == "hairdiff_face_protect.png"
-    assert "hairdiff_face_protect.png), drawn for the sample photo; pass --protect FILE" in C.kept_protect_warning(
-        graph, files
-    )
+    line = C.kept_protect_warning(graph, files)
+    assert "(hairdiff_face_protect.png: the sample photo's face, transparent)" in line and "--protect FILE" in line
     assert C.kept_protect_warning(graph, {**files, "protect": "f.png"}) is None
     assert C.kept_protect_warning(GRAPH, files) is None  # no Protect node
     swapped = C.prepare_graph(graph, {**files, "protect": "face.png"}, [])
     assert swapped[roles["protect"]]["inputs"]["image"] == "face.png"
     with pytest.raises(C.InputError, match="--protect was given.*no Load Image node titled 'Protect'"):
         C.prepare_graph(GRAPH, {"photo": "a", "sketch": "b", "matte": "c", "protect": "d"}, [])
+
+
+def test_run_protect_uploads_a_transparent_picture_as_is_and_converts_a_plain_mask(files, tmp_path, caplog):
+    """--protect takes what Load Image reads into the templates' exclude (MASK = 1 - alpha): a picture with
+    the protected part transparent goes up unchanged; a plain mask (white = keep) is sent as an RGBA PNG
+    with the white part transparent, so both give ComfyUI the same MASK."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    graph = {**GRAPH, "6": {"class_type": "LoadImage", "inputs": {"image": "x.png"}, "_meta": {"title": "Protect"}}}
+    files["workflow"].write_text(json.dumps(graph))
+    keep = np.zeros((20, 16), dtype=bool)
+    keep[5:12, 4:10] = True
+    plain = tmp_path / "face_mask.png"
+    Image.fromarray(np.where(keep, 255, 0).astype(np.uint8)).save(plain)
+    rgba = Image.new("RGB", (16, 20), (10, 120, 200))
+    rgba.putalpha(Image.fromarray(np.where(keep, 0, 255).astype(np.uint8)))
+    painted = tmp_path / "painted.png"
+    rgba.save(painted)
+    for given, uploaded_as in ((painted, "painted.png"), (plain, "face_mask_protect.png")):
+        fake = FakeComfy()
+        try:
+            assert main(_argv(fake.url, files, tmp_path / "out", "--protect", str(given))) == 0
+        finally:
+            fake.close()
+        assert fake.prompts[0]["prompt"]["6"]["inputs"]["image"] == f"hairdiff/{uploaded_as}"
+        data = fake.uploads[f"hairdiff/{uploaded_as}"]
+        if given == painted:
+            assert data == painted.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:  # ComfyUI's Load Image: MASK = 1 - alpha
+            assert im.mode == "RGBA" and np.array_equal(255 - np.asarray(im.getchannel("A")) > 127, keep)
+    # A picture that protects nothing says so (and still runs).
+    empty = tmp_path / "black.png"
+    Image.new("L", (16, 20), 0).save(empty)
+    fake = FakeComfy()
+    try:
+        assert main(_argv(fake.url, files, tmp_path / "out", "--protect", str(empty))) == 0
+    finally:
+        fake.close()
+    assert "protects nothing" in caplog.text
 
 
 def test_ui_format_workflow_is_refused_with_a_hint(tmp_path):
