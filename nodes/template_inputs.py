@@ -1,7 +1,8 @@
 """Sample images for the bundled workflow templates, put where ComfyUI's LoadImage looks.
 
 The templates load ``hairdiff_photo.png``, ``hairdiff_sketch.png``, ``hairdiff_matte.png`` and
-``hairdiff_face_protect.png`` (the sample photo's face, white = keep) from ComfyUI's input folder;
+``hairdiff_face_protect.png`` (the sample photo with its face transparent: Load Image's MASK,
+1 - alpha, is the face to keep, and the mask editor paints more) from ComfyUI's input folder;
 on a fresh install they are not there and every template fails with "Invalid image file". At pack
 load the bundled samples are copied there under those names when absent (four small files, never
 overwriting what a user put there).

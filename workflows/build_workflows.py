@@ -36,21 +36,31 @@ SAMPLES = {
     "matte": "hairdiff_matte.png",
     "protect": "hairdiff_face_protect.png",
 }
-#: Where the templates' protect mask (white = keep) comes from: Load Image + Image To Mask (red).
-PROTECT = (11, 0)
+#: Where the templates' protect mask comes from: the Protect Load Image's MASK (1 - alpha: the
+#: picture's transparent part, which the mask editor paints).
+PROTECT = (10, 1)
+
+
+#: What the protecting templates' notes say about Protect (the sample sketch's strokes cross the face).
+PROTECT_NOTE = (
+    "**Protect**: the face is protected: it is transparent in `hairdiff_face_protect.png`; paint more in the "
+    "mask editor (right-click Protect > Open in MaskEditor), or load your own. The sample sketch's strokes cross "
+    "the face, so without it the face would be redrawn too. The picture fits only the sample photo: **for your "
+    "own photo**, load your photo in Protect and paint the face (and anything else that must not change) in the "
+    "mask editor."
+)
 
 
 def protect_nodes():
-    """The sample photo's face (white, plus a small margin) as the Hair Matte's exclusion: as shipped,
-    the sample sketch's strokes cross the face and would otherwise redraw it."""
+    """The sample photo with its face (plus a small margin) transparent, as the Hair Matte's exclusion:
+    as shipped, the sample sketch's strokes cross the face and would otherwise redraw it."""
     return [
         dict(
             id=10,
             type="LoadImage",
-            title="Protect (white = keep; the sample's face)",
+            title="Protect (transparent = keep; paint more in the mask editor)",
             widgets={"image": SAMPLES["protect"]},
         ),
-        dict(id=11, type="ImageToMask", title="Protect To Mask", widgets={"channel": "red"}, links={"image": (10, 0)}),
     ]
 
 
@@ -257,12 +267,8 @@ WORKFLOWS = {
         title="Shorter hair: old hair + sketch",
         note="To make hair **shorter**, the old hair must go where the new hair does not reach, so the region to "
         "redraw is the old hair's matte *plus* the sketch's region (Hair Matte, mode 'union'); the model paints "
-        "skin or background where there is no stroke.\n\n**Protect** keeps the face: the sample sketch's strokes "
-        "sweep across it, so without protection the face would be redrawn too. As shipped the face is protected by "
-        "`hairdiff_face_protect.png` (the sample's face in white, plus a small margin); Hair Matte takes it out of "
-        "the region. **For your own photo paint your own**: white over the face and anything else that must not "
-        "change, black elsewhere, the size of your photo, and load it in Protect. The Hair Matte preview shows "
-        "the final region over the photo.",
+        "skin or background where there is no stroke.\n\n" + PROTECT_NOTE + " The Hair Matte preview shows the "
+        "final region over the photo.",
         nodes=loaders()
         + protect_nodes()
         + [
@@ -278,11 +284,9 @@ WORKFLOWS = {
         note="Everything inside ComfyUI, no other program: right-click the **Photo** node > Open in MaskEditor and "
         "paint over the hair you want to change (and where the new hair should go). Load your sketch in "
         "**Sketch** (or paint strokes on a blank image in any paint app). Hair Matte adds the painted area to "
-        "the sketch's region.\n\nAs shipped nothing is painted yet, so only the sketch's region is used, and the "
-        "face is protected by `hairdiff_face_protect.png` (the sample's face in white, loaded in **Protect**): the "
-        "sample strokes cross the face and would otherwise redraw it. **For your own photo** load a protect "
-        "picture of your own there (white = keep, black elsewhere), or delete Protect and set Hair Matte's mode "
-        "to 'mask', so that only what you paint is redrawn.",
+        "the sketch's region.\n\nAs shipped nothing is painted yet, so only the sketch's region is used. "
+        + PROTECT_NOTE
+        + " Or delete Protect and set Hair Matte's mode to 'mask', so that only what you paint is redrawn.",
         note_drop=" --matte M",
         nodes=loaders(matte=False, photo_title="Photo (paint the hair in the mask editor)")
         + protect_nodes()
@@ -324,7 +328,7 @@ def note_text(name: str, wf: dict) -> str:
     if wf.get("runnable", True):
         text += TINY_NOTE.replace(" --matte M", "" if wf.get("note_drop") else " --matte M")
         if any(n.get("links", {}).get("exclude") == PROTECT for n in wf["nodes"]):
-            text = text.replace(" --out DIR", " --protect F --out DIR")  # F: white = keep
+            text = text.replace(" --out DIR", " --protect F --out DIR")  # F: transparent (or white) = keep
     return text.replace("{name}", name)
 
 
@@ -519,7 +523,7 @@ def thumbnail(name: str, wf: dict, path: Path) -> None:
     from PIL import Image, ImageDraw
 
     from hairdiff_core.imageio import load_image, to_pil
-    from hairdiff_core.mask import compose_matte, matte_preview
+    from hairdiff_core.mask import compose_matte, matte_preview, protect_mask
 
     assets = ROOT / "hairdiff_core" / "assets"
     photo, sketch = load_image(assets / "sample_photo.png"), load_image(assets / "sample_sketch.png")
@@ -529,7 +533,8 @@ def thumbnail(name: str, wf: dict, path: Path) -> None:
     links = hm.get("links", {})
     use_mask = "mask" in links and links["mask"][0] == 4
     use_sketch = "sketch" in links
-    protect = load_image(assets / "sample_face_protect.png") if links.get("exclude") == PROTECT else None
+    # Protect: Load Image's MASK, 1 - alpha (the face is transparent).
+    protect = protect_mask(load_image(assets / "sample_face_protect.png")) if links.get("exclude") == PROTECT else None
     composed = compose_matte(
         matte if use_mask else None,
         sketch if use_sketch else None,

@@ -211,7 +211,9 @@ class _CoreNodes:
         from hairdiff_pack.nodes.template_inputs import TEMPLATE_INPUTS  # what the pack copies into input/
         from PIL import Image
 
-        with Image.open(ROOT / "hairdiff_core" / "assets" / TEMPLATE_INPUTS[image]) as full:
+        # A bundled sample by the name the pack copies it under, or (a test's own picture) a path.
+        path = ROOT / "hairdiff_core" / "assets" / TEMPLATE_INPUTS[image] if image in TEMPLATE_INPUTS else image
+        with Image.open(path) as full:
             # Half size keeps the test fast: below the tiny model's work area nothing is cropped.
             im = full.resize((full.width // 2, full.height // 2), Image.NEAREST)
             rgb = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)[None]
@@ -296,16 +298,18 @@ def test_templates_whose_sketch_crosses_the_face_keep_the_face_as_shipped(comfy,
     graph = json.loads((WF / "api" / f"{name}.json").read_text())
     (matte_id,) = [k for k, n in graph.items() if n["class_type"] == "HairDiff_HairMatte"]
     exclude = graph[matte_id]["inputs"]["exclude"]
-    assert exclude == [str(b.PROTECT[0]), b.PROTECT[1]]
-    loader = graph[graph[exclude[0]]["inputs"]["image"][0]]
+    assert exclude == [str(b.PROTECT[0]), 1]  # Load Image's MASK output, straight in: what the mask editor paints
+    loader = graph[exclude[0]]
     assert loader["class_type"] == "LoadImage" and loader["inputs"]["image"] == b.SAMPLES["protect"]
     with caplog.at_level(logging.WARNING):
         outputs, core = _run_graph(comfy, graph)
     matte = outputs[matte_id][0][0]  # (H, W) at the stand-in's half size
     with Image.open(ROOT / "hairdiff_core" / "assets" / "sample_face_protect.png") as im:
-        assert im.mode == "L"
+        assert im.mode == "RGBA"  # the sample photo, the face transparent
         half = im.resize((im.width // 2, im.height // 2), Image.NEAREST)
-        face = torch.from_numpy(np.asarray(half, dtype=np.float32) / 255.0) > 0.5
+        face = torch.from_numpy(np.asarray(half.getchannel("A"), dtype=np.float32) / 255.0) < 0.5
+        with Image.open(ROOT / "hairdiff_core" / "assets" / "sample_photo.png") as photo:
+            assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(photo.convert("RGB")))
     assert matte.shape == face.shape and face.sum() > 1000
     assert float(matte[face].max()) == 0.0  # zero overlap with the face, feathered edge included
     assert float((matte > 0.5).float().mean()) > 0.2  # the hair region is still there
@@ -325,3 +329,30 @@ def test_templates_whose_sketch_crosses_the_face_keep_the_face_as_shipped(comfy,
     # Measured: 91% of the face within 1/255 of the photo, at most 12/255 off at the seam (unprotected: all
     # of it redrawn, on average far more).
     assert float(kept.max()) < 0.1 and float((kept <= 1 / 255).float().mean()) > 0.85
+
+
+def test_painting_in_the_mask_editor_on_protect_adds_to_the_protected_face(comfy, tmp_path):
+    """The mask editor saves the Protect picture with the painted strokes transparent too; Load Image's
+    MASK (1 - alpha) then holds the face and the strokes, and the Hair Matte keeps both out."""
+    from PIL import Image
+
+    graph = json.loads((WF / "api" / "hairdiff_shorter_hair.json").read_text())
+    (matte_id,) = [k for k, n in graph.items() if n["class_type"] == "HairDiff_HairMatte"]
+    protect_id = graph[matte_id]["inputs"]["exclude"][0]
+    shipped = _run_graph(comfy, graph, only=matte_id)[0][matte_id][0][0]
+    with Image.open(ROOT / "hairdiff_core" / "assets" / "sample_face_protect.png") as im:
+        alpha = np.asarray(im.getchannel("A")).copy()
+        alpha[40:80, :] = 0  # a stroke across the top of the hair, painted in the mask editor
+        painted = im.copy()
+    painted.putalpha(Image.fromarray(alpha))
+    painted.save(tmp_path / "painted_protect.png")
+    graph[protect_id]["inputs"]["image"] = str(tmp_path / "painted_protect.png")
+    outputs = _run_graph(comfy, graph, only=matte_id)[0]
+    matte = outputs[matte_id][0][0]
+    stroke = torch.zeros_like(matte, dtype=torch.bool)
+    stroke[20:40, :] = True  # the stroke at the stand-in's half size
+    assert float((shipped[stroke] > 0.5).float().mean()) > 0.3  # the shipped matte redraws there
+    assert float(matte[stroke].max()) == 0.0  # painted: kept as the photo's
+    half = painted.resize((painted.width // 2, painted.height // 2), Image.NEAREST)  # as the stand-in reads it
+    face = torch.from_numpy(np.asarray(half.getchannel("A")) == 0)  # the face is still protected too
+    assert float(matte[face].max()) == 0.0 and float((matte > 0.5).float().mean()) > 0.1
