@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -125,6 +127,31 @@ def test_a_protect_picture_reads_as_comfyuis_load_image_mask():
     )
     with pytest.raises(InputError, match="2 channels"):
         protect_mask(torch.zeros(1, 2, S, S))
+
+
+def test_cli_exclude_reads_a_protect_picture_like_comfyuis_load_image(tmp_path):
+    """hairdiff generate --exclude: the bundled protect picture (face transparent) and a plain mask of the
+    same face (white) protect the same pixels."""
+    import argparse
+
+    from PIL import Image
+
+    from hairdiff_cli.commands.generate import compose_matte_from_args
+    from hairdiff_core.imageio import load_image
+
+    assets = Path(__file__).resolve().parents[1] / "hairdiff_core" / "assets"
+    with Image.open(assets / "sample_face_protect.png") as im:
+        im.getchannel("A").point(lambda v: 255 - v).save(tmp_path / "face_white.png")
+    photo, sketch = load_image(assets / "sample_photo.png"), load_image(assets / "sample_sketch.png")
+    out = []
+    for exclude in (assets / "sample_face_protect.png", tmp_path / "face_white.png"):
+        args = argparse.Namespace(
+            matte=[str(assets / "sample_matte.png")], matte_add_sketch=True, exclude=[str(exclude)], matte_threshold=0.5
+        )
+        out.append(compose_matte_from_args(args, photo, sketch))
+    face = load_image(tmp_path / "face_white.png") > 0.5
+    first, second = out  # the binary mattes
+    assert torch.equal(first, second) and float(first[face].max()) == 0.0 and float(first.mean()) > 0.2
 
 
 def test_errors_name_the_missing_or_mismatched_input():

@@ -216,7 +216,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--exclude",
         action="append",
-        help="mask of what must stay the photo's (white = protected, e.g. the face); repeatable",
+        help="what must stay the photo's, e.g. the face: a mask (white = protected) or a picture with that part "
+        "transparent, as ComfyUI's Protect reads it (hairdiff_face_protect.png); repeatable",
     )
     p.add_argument("--out", required=True, help="output PNG")
     add_model_arguments(p)
@@ -302,14 +303,14 @@ def compose_matte_from_args(args, photo, sketch):
     """The matte of ``--matte`` (repeatable), ``--matte-add-sketch`` and ``--exclude`` (binary, photo size)."""
     from hairdiff_core.errors import InputError
     from hairdiff_core.imageio import load_image
-    from hairdiff_core.mask import compose_matte
+    from hairdiff_core.mask import compose_matte, protect_mask
 
     mattes = [load_image(p) for p in args.matte or ()]
     if not mattes and not args.matte_add_sketch:
         raise InputError(
             "no matte: pass --matte FILE (white = hair), or --matte-add-sketch to use the region the sketch outlines"
         )
-    excludes = [load_image(p) for p in args.exclude or ()]
+    excludes = [protect_mask(load_image(p)) for p in args.exclude or ()]  # transparent or white = protected
     composed = compose_matte(
         mattes or None,
         sketch if args.matte_add_sketch else None,
