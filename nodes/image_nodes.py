@@ -202,8 +202,9 @@ class HairMatte(io.ComfyNode):
                 io.Mask.Input(
                     "exclude",
                     optional=True,
-                    tooltip="What must stay as it is (white = protected): the face, eyes, a hand. Taken "
-                    "out of the matte last, after growing.",
+                    tooltip="What must stay as it is (1 = protected; from Load Image's MASK, the picture's "
+                    "transparent part, what the mask editor paints): the face, eyes, a hand. Taken out of the matte "
+                    "last, after growing.",
                 ),
                 io.Image.Input(
                     "photo", optional=True, tooltip="Optional: the photo, for the preview (the matte tinted over it)."
@@ -247,6 +248,11 @@ class HairMatte(io.ComfyNode):
             logger.info("%s: the mask is empty (nothing painted); using the sketch's region", node)
             m = None
         if x is not None and not bool(x.any()):
+            logger.warning(
+                "%s: the exclude mask is empty, nothing is protected (Load Image's MASK is the transparent part: "
+                "paint what to keep in the mask editor, or load a picture with it transparent)",
+                node,
+            )
             x = None
         try:
             composed = M.compose_matte(

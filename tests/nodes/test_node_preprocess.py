@@ -122,15 +122,18 @@ def test_matte_shorter_hair_with_exclusion_and_photo_preview(comfy, caplog):
     # LoadImage's MASK of a picture without alpha is a 64x64 zero placeholder: ignored in a union.
     photo_wide = torch.rand(1, 64, 80, 3)
     wide_sketch = torch.nn.functional.pad(sketch.movedim(-1, 1), (8, 8), value=1.0).movedim(1, -1)
-    placeholder = comfy.nodes.HairMatte.execute(
-        mask=torch.zeros(1, 64, 64),
-        sketch=wide_sketch,
-        photo=photo_wide,
-        exclude=torch.zeros(1, 64, 64),
-        sketch_dilate_px=0,
-        feather_sigma=0.0,
-    )[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        placeholder = comfy.nodes.HairMatte.execute(
+            mask=torch.zeros(1, 64, 64),
+            sketch=wide_sketch,
+            photo=photo_wide,
+            exclude=torch.zeros(1, 64, 64),
+            sketch_dilate_px=0,
+            feather_sigma=0.0,
+        )[0]
     assert placeholder.shape == (1, 64, 80) and float(placeholder[0, 30, 20]) == 1.0
+    assert "the exclude mask is empty, nothing is protected" in caplog.text  # e.g. a Protect picture without alpha
     with pytest.raises(ValueError, match=r"input 'exclude'.*covers the whole matte"):
         comfy.nodes.HairMatte.execute(mask=old_hair, exclude=torch.ones(1, 64, 64))
     with pytest.raises(ValueError, match=r"input 'mode'.*needs a sketch"):
