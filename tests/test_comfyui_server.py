@@ -187,6 +187,68 @@ def test_template_runs_as_shipped(server, name, tmp_path):
     for path in saved:
         with Image.open(path) as im, Image.open(ASSETS / "sample_photo.png") as photo:
             assert im.size == photo.size
+    matte = next(n for n in graph.values() if n["class_type"] == "HairDiff_HairMatte")
+    if "exclude" in matte["inputs"]:
+        _assert_face_kept(saved[0])
+
+
+def _assert_face_kept(path: Path) -> None:
+    """The shipped Protect picture's transparent face (Load Image's MASK = 1 - alpha, straight into Hair
+    Matte's exclude) is the photo's in the saved picture, but for the sampler's feathered seam: measured
+    at this size, it reaches 8 px into the protected region (the face + 4 px), so the visible face's
+    outer pixels change by up to 16/255 (91% within 1/255), and deeper in it is the photo's exactly."""
+    import numpy as np
+    from PIL import Image
+
+    from hairdiff_core.imageio import load_image
+    from hairdiff_core.mask import dilate, protect_mask
+
+    protected = protect_mask(load_image(ASSETS / "sample_face_protect.png"))
+    visible = dilate(protected, -4)[0, 0].numpy() > 0.5  # the face without the protect margin
+    deep = dilate(protected, -8)[0, 0].numpy() > 0.5
+    assert visible.sum() > 12000
+    with Image.open(path) as im, Image.open(ASSETS / "sample_photo.png") as photo:
+        diff = np.abs(np.asarray(im.convert("RGB")).astype(np.int16) - np.asarray(photo.convert("RGB"))).max(-1)
+    kept = diff[visible]
+    assert kept.max() < 24 and (kept <= 1).mean() > 0.88, (int(kept.max()), float((kept <= 1).mean()))
+    assert int(diff[deep].max()) <= 2, int(diff[deep].max())
+
+
+def test_a_stroke_painted_on_protect_in_the_mask_editor_is_kept_too(server, tmp_path):
+    """The mask editor saves the Protect picture with the painted stroke transparent as well; Load Image's
+    MASK (1 - alpha) then holds the face and the stroke, and neither is redrawn. Without the stroke those
+    hair pixels are redrawn (2 steps on the tiny model)."""
+    import numpy as np
+    from PIL import Image
+
+    from hairdiff_cli import comfy_client as C
+
+    with Image.open(ASSETS / "sample_face_protect.png") as im:
+        alpha = np.asarray(im.getchannel("A")).copy()
+        alpha[40:80, :] = 0  # a band across the top of the hair
+        painted = im.copy()
+    painted.putalpha(Image.fromarray(alpha))
+    painted.save(tmp_path / "painted_protect.png")
+    with Image.open(ASSETS / "sample_photo.png") as photo:
+        rgb = np.asarray(photo.convert("RGB")).astype(np.int16)
+    client = C.ComfyClient(server["url"])
+    graph = C.load_workflow(ROOT / "workflows" / "api" / "hairdiff_shorter_hair.json")
+    samples = {"photo": "sample_photo.png", "sketch": "sample_sketch.png", "matte": "sample_matte.png"}
+    inside = np.zeros(rgb.shape[:2], dtype=bool)
+    inside[50:70, :] = True  # the band less the sampler's feathered seam
+    diffs = {}
+    for label, protect in (("shipped", None), ("painted", tmp_path / "painted_protect.png")):
+        uploaded = {role: client.upload_image(ASSETS / f) for role, f in samples.items()}
+        if protect is not None:
+            uploaded["protect"] = client.upload_image(protect)
+        run = C.prepare_graph(graph, uploaded, ["HairDiff Sampler.steps=2", f"Save Image.filename_prefix={label}"])
+        (saved,) = _submit(server, run, tmp_path / label)
+        with Image.open(saved) as im:
+            diffs[label] = np.abs(np.asarray(im.convert("RGB")).astype(np.int16) - rgb).max(-1)
+        _assert_face_kept(saved)
+    redrawn = inside & (diffs["shipped"] > 1)
+    assert redrawn.sum() > 1000  # the shipped protect lets the band's hair be redrawn
+    assert int(diffs["painted"][redrawn].max()) <= 1, int(diffs["painted"][redrawn].max())
 
 
 def _real_inputs(spec: dict) -> list[tuple[str, str, dict]]:
