@@ -6,7 +6,7 @@
 
 Each template also gets a thumbnail ``<name>.jpg`` beside it (the sample photo with the template's
 matte over it, the sketch and the title). ``MODEL`` below is the one place that says which model
-the runnable templates load.
+the hair-drawing templates load (the toy model); the colour-prompt try-out loads ``PROMPT_MODEL``.
 
 UI format (``workflows/*.json``): what the ComfyUI frontend opens; ComfyUI lists the first-level
 ``*.json`` of a pack's ``workflows/`` folder as the pack's templates. API format
@@ -26,9 +26,18 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 TINY = "tiny (wiring check)"
-#: The model every runnable template loads: the ONE place to switch them all (e.g. to a better
-#: built-in model). Templates that need real files (colour prompt with SD3.5) say so in their note.
-MODEL = TINY
+TOY = "toy (synthetic portraits + its adapter)"
+#: The built-in models (no files needed): a template loading another one needs model files.
+BUILT_IN = (TINY, TOY)
+#: The model every hair-drawing template loads: the ONE place to switch them all. The toy model
+#: (trained on synthetic striped portraits, 128 px) brings its shipped adapter itself when the
+#: adapter is 'none', so no HairDiff LoRA node is needed after it. Templates that need real files
+#: (colour prompt with SD3.5) say so in their note.
+MODEL = TOY
+#: The colour-prompt try-out's model: HairDiff Prompt's built-in 'tiny' text encoders make
+#: conditioning for the tiny model only (pooled width 64; the toy model takes 32 and was trained
+#: without text), so that template stays on the tiny model.
+PROMPT_MODEL = TINY
 #: The bundled sample images, as the pack copies them into ComfyUI's input folder.
 SAMPLES = {
     "photo": "hairdiff_photo.png",
@@ -151,13 +160,27 @@ def prompt_node(nid, title, text):
     return dict(id=nid, type="HairDiff_Prompt", title=title, widgets={"text": text, "encoders": TINY})
 
 
+HEADLESS = (
+    "Headless: `hairdiff comfy-run --workflow workflows/api/{name}.json --image P --sketch S --matte M --out DIR`."
+)
+#: The note of every template that runs the toy model (MODEL).
+TOY_NOTE = (
+    "This template runs a small **toy model** trained on synthetic striped hair, so you can see the sketch "
+    "steer the strands without downloading anything. It draws stripes, not real hair, and works on a small "
+    "picture (about 128 px around the region, scaled back to your photo).\n\n"
+    "**For real hair:** in Load HairDiff Model pick an SD3.5 model (models/checkpoints, "
+    "models/diffusion_models or models/diffusers) and your HairDiff adapter (models/hairdiff), then load your "
+    "own pictures.\n\n" + HEADLESS
+)
+#: The note of a template that runs the tiny model (PROMPT_MODEL).
 TINY_NOTE = (
     "It runs as shipped with the built-in **tiny (wiring check)** model and the sample pictures: no model "
-    "files needed, and the 'hair' it draws is noise. It only shows that everything is connected.\n\n"
+    "files needed, and the 'hair' it draws is noise. It only shows that everything is connected. (The toy "
+    "model, which draws striped hair in the other templates, never learned words, so it cannot take a "
+    "prompt.)\n\n"
     "**For real results:** in Load HairDiff Model pick an SD3.5 model (models/checkpoints, "
     "models/diffusion_models or models/diffusers) and a HairDiff adapter (models/hairdiff), then load your "
-    "own pictures.\n\n"
-    "Headless: `hairdiff comfy-run --workflow workflows/api/{name}.json --image P --sketch S --matte M --out DIR`."
+    "own pictures.\n\n" + HEADLESS
 )
 
 WORKFLOWS = {
@@ -245,7 +268,7 @@ WORKFLOWS = {
         "Loader + CLIP Text Encode as in *hairdiff_colour_prompt*, and pick an SD3.5 model and adapter.",
         nodes=loaders()
         + [
-            model(),
+            model(base=PROMPT_MODEL),
             sketch_node(),
             matte_node(),
             prompt_node(11, "Hair Colour Prompt", "copper red hair"),
@@ -326,7 +349,10 @@ WORKFLOWS = {
 def note_text(name: str, wf: dict) -> str:
     text = f"## {wf['title']}\n{wf['note']}\n\n"
     if wf.get("runnable", True):
-        text += TINY_NOTE.replace(" --matte M", "" if wf.get("note_drop") else " --matte M")
+        base = next(n["widgets"]["base_model"] for n in wf["nodes"] if n["type"] == "HairDiff_LoadModel")
+        text += (TOY_NOTE if base == TOY else TINY_NOTE).replace(
+            " --matte M", "" if wf.get("note_drop") else " --matte M"
+        )
         if any(n.get("links", {}).get("exclude") == PROTECT for n in wf["nodes"]):
             text = text.replace(" --out DIR", " --protect F --out DIR")  # F: transparent (or white) = keep
     return text.replace("{name}", name)

@@ -24,6 +24,18 @@ REQUIRED = {
     "hairdiff_colour_prompt_tiny",
     "hairdiff_batch",
 }
+#: The templates whose job is drawing hair: they run the toy model (its shipped adapter) as shipped.
+DRAWING = {
+    "hairdiff_basic",
+    "hairdiff_reference_attention",
+    "hairdiff_matte_from_sketch",
+    "hairdiff_shorter_hair",
+    "hairdiff_draw_in_comfyui",
+    "hairdiff_batch",
+}
+TINY = "tiny (wiring check)"
+TOY = "toy (synthetic portraits + its adapter)"
+BUILT_IN = (TINY, TOY)
 #: Method words that belong in tooltips, not in a template's note for artists.
 JARGON = ("K/V", "soft-mask", "soft mask", "latent", "sigma", "attention processor")
 
@@ -139,12 +151,12 @@ def test_ui_workflow_matches_the_schemas_and_its_api_twin(specs, path):
     assert data["last_link_id"] == max(links, default=0) and data["last_node_id"] == max(nodes)
 
 
-def test_tiny_by_default_or_says_which_files(specs):
+def test_a_built_in_model_by_default_or_says_which_files(specs):
     for path in API_FILES:
         graph = json.loads(path.read_text())
         loaders = [n for n in graph.values() if n["class_type"] == "HairDiff_LoadModel"]
         assert len(loaders) == 1
-        if loaders[0]["inputs"]["base_model"] != "tiny (wiring check)":
+        if loaders[0]["inputs"]["base_model"] not in BUILT_IN:
             note = next(n for n in json.loads((WF / path.name).read_text())["nodes"] if n["type"] == "MarkdownNote")
             text = note["widgets_values"][0]
             assert "Needs model files" in text
@@ -195,10 +207,29 @@ def test_runnable_templates_use_the_one_model_constant_and_the_bundled_samples()
         graph = json.loads((WF / "api" / f"{name}.json").read_text())
         models = [n["inputs"]["base_model"] for n in graph.values() if n["class_type"] == "HairDiff_LoadModel"]
         if wf.get("runnable", True):
-            assert models == [b.MODEL], name
+            assert models == [b.MODEL if name in DRAWING else b.PROMPT_MODEL], name
             images = {n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"}
             assert images <= set(b.SAMPLES.values()), (name, images)
             assert not [n for n in graph.values() if n["class_type"] in ("TripleCLIPLoader", "CheckpointLoaderSimple")]
+
+
+def test_every_drawing_template_loads_the_toy_model_with_its_shipped_adapter(comfy):
+    """The hair-drawing templates show the sketch steering the strands without any files: the toy model,
+    adapter 'none' (Load HairDiff Model then adds the toy's shipped adapter), no extra LoRA on top; their
+    notes say so and where to pick SD3.5 for real hair. The prompt try-out stays on the tiny model."""
+    b = _builder()
+    assert b.MODEL == TOY == comfy.nodes.model_nodes.TOY and b.PROMPT_MODEL == TINY
+    assert DRAWING == {p.stem for p in API_FILES} - {"hairdiff_colour_prompt", "hairdiff_colour_prompt_tiny"}
+    for name in sorted(DRAWING):
+        graph = json.loads((WF / "api" / f"{name}.json").read_text())
+        (loader,) = [n for n in graph.values() if n["class_type"] == "HairDiff_LoadModel"]
+        assert loader["inputs"]["base_model"] == TOY and loader["inputs"]["adapter"] == "none", name
+        assert not [n for n in graph.values() if n["class_type"] == "HairDiff_LoRA"], name
+        note = next(n for n in json.loads((WF / f"{name}.json").read_text())["nodes"] if n["type"] == "MarkdownNote")
+        text = note["widgets_values"][0]
+        assert "toy model" in text and "synthetic striped hair" in text and "SD3.5" in text, name
+    graph = json.loads((WF / "api" / "hairdiff_colour_prompt_tiny.json").read_text())
+    assert [n["inputs"]["base_model"] for n in graph.values() if n["class_type"] == "HairDiff_LoadModel"] == [TINY]
 
 
 class _CoreNodes:
@@ -263,8 +294,7 @@ def test_runnable_templates_run_as_shipped_on_the_stand_ins(comfy, path):
     """Each template that needs no model files runs end to end (1 sampler step instead of 20)."""
     graph = json.loads(path.read_text())
     if any(
-        n["class_type"] == "HairDiff_LoadModel" and n["inputs"]["base_model"] != "tiny (wiring check)"
-        for n in graph.values()
+        n["class_type"] == "HairDiff_LoadModel" and n["inputs"]["base_model"] not in BUILT_IN for n in graph.values()
     ):
         pytest.skip("needs model files (its note says which)")
     _outputs, core = _run_graph(comfy, graph)
@@ -272,6 +302,39 @@ def test_runnable_templates_run_as_shipped_on_the_stand_ins(comfy, path):
     images = core.saved[0][1]
     batch = 2 if path.stem == "hairdiff_batch" else 1
     assert images.shape == (batch, 186, 150, 3) and torch.isfinite(images).all()
+
+
+def test_the_basic_template_on_the_toy_model_redraws_inside_the_matte_only(comfy):
+    """As shipped (the toy model and its adapter, the sample pictures at the stand-in's half size, 1 step):
+    the photo is worked at the toy's size (about 128 px around the region) and the saved picture differs
+    from the photo inside the matte, and is the photo's bit for bit away from it."""
+    from hairdiff_core.mask import dilate
+
+    graph = json.loads((WF / "api" / "hairdiff_basic.json").read_text())
+    assert graph["5"]["inputs"]["base_model"] == TOY
+    outputs, core = _run_graph(comfy, graph)
+    assert outputs["5"][0].family == "toy" and "adapter toy (shipped)" in outputs["5"][0].source
+    photo = outputs["1"][0][0]  # (H, W, 3)
+    matte = outputs["7"][0][0]  # Hair Matte's output (H, W)
+    ((_prefix, images),) = core.saved
+    assert images.shape == (1, *photo.shape) and torch.isfinite(images).all()
+    diff = (images[0] - photo).abs().amax(-1)
+    inside = matte > 0.9
+    outside = dilate((matte > 0)[None, None].float(), 12)[0, 0] == 0  # past the sampler's feathered seam
+    assert inside.sum() > 1000 and outside.sum() > 5000, (int(inside.sum()), int(outside.sum()))
+    assert float(diff[inside].mean()) > 0.1 and float((diff[inside] > 2 / 255).float().mean()) > 0.8
+    assert float(diff[outside].max()) == 0.0
+
+
+def test_the_toy_model_takes_no_prompt_so_the_prompt_try_out_stays_tiny(comfy):
+    """HairDiff Prompt's tiny encoders make conditioning for the tiny model only: with the toy model the
+    sampler refuses it, naming the input (why hairdiff_colour_prompt_tiny keeps the tiny model)."""
+    graph = json.loads((WF / "api" / "hairdiff_colour_prompt_tiny.json").read_text())
+    (loader,) = [k for k, n in graph.items() if n["class_type"] == "HairDiff_LoadModel"]
+    graph[loader]["inputs"]["base_model"] = TOY
+    with pytest.raises(Exception, match="positive") as info:
+        _run_graph(comfy, graph)
+    assert "conditioning" in str(info.value)
 
 
 def test_every_image_a_template_loads_is_copied_into_comfyuis_input_folder(comfy):
