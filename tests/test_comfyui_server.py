@@ -1,7 +1,7 @@
 """Integration: a real ComfyUI server on 127.0.0.1 with this pack in custom_nodes/.
 
 Every template that needs no model files runs as shipped (API format, the sample inputs the pack
-copies into ComfyUI's input folder, the tiny model); every UI-format template is checked against
+copies into ComfyUI's input folder, the built-in toy or tiny model); every UI-format template is checked against
 the live /object_info (node types, sockets, links, widget values and their options and ranges).
 
 Skipped unless COMFYUI_DIR points at a ComfyUI checkout (CI cannot fetch ComfyUI). The server
@@ -41,6 +41,9 @@ HAIRDIFF_NODES = {
 }
 ASSETS = ROOT / "hairdiff_core" / "assets"
 TINY = "tiny (wiring check)"
+TOY = "toy (synthetic portraits + its adapter)"
+#: The built-in models: no files needed.
+BUILT_IN = (TINY, TOY)
 UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
 API_FILES = sorted((ROOT / "workflows" / "api").glob("*.json"))
 #: Frontend-only node types (notes): never sent to the server, absent from /object_info.
@@ -50,7 +53,9 @@ CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 
 
 def _needs_model_files(graph: dict) -> bool:
-    return any(n["class_type"] == "HairDiff_LoadModel" and n["inputs"]["base_model"] != TINY for n in graph.values())
+    return any(
+        n["class_type"] == "HairDiff_LoadModel" and n["inputs"]["base_model"] not in BUILT_IN for n in graph.values()
+    )
 
 
 #: Every template that needs no model files: they must run as shipped on a fresh install.
@@ -177,8 +182,8 @@ def _photos(graph: dict, link: list) -> int:
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_template_runs_as_shipped(server, name, tmp_path):
     """The API file exactly as shipped: the inputs the pack copied into ComfyUI's input folder, every
-    setting (steps included) as in the file, the tiny model."""
-    from PIL import Image
+    setting (steps included) as in the file, the built-in model it names (toy, or tiny for the prompt try-out)."""
+    from PIL import Image, ImageChops
 
     graph = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
     sampler = next(n for n in graph.values() if n["class_type"] == "HairDiff_Sampler")
@@ -187,6 +192,8 @@ def test_template_runs_as_shipped(server, name, tmp_path):
     for path in saved:
         with Image.open(path) as im, Image.open(ASSETS / "sample_photo.png") as photo:
             assert im.size == photo.size
+            # Something was drawn: the hair region is not the photo's.
+            assert ImageChops.difference(im.convert("RGB"), photo.convert("RGB")).getbbox() is not None
     matte = next(n for n in graph.values() if n["class_type"] == "HairDiff_HairMatte")
     if "exclude" in matte["inputs"]:
         _assert_face_kept(saved[0])
@@ -217,7 +224,7 @@ def _assert_face_kept(path: Path) -> None:
 def test_a_stroke_painted_on_protect_in_the_mask_editor_is_kept_too(server, tmp_path):
     """The mask editor saves the Protect picture with the painted stroke transparent as well; Load Image's
     MASK (1 - alpha) then holds the face and the stroke, and neither is redrawn. Without the stroke those
-    hair pixels are redrawn (2 steps on the tiny model)."""
+    hair pixels are redrawn (2 steps on the toy model)."""
     import numpy as np
     from PIL import Image
 
@@ -345,19 +352,21 @@ def test_lora_graph_runs_and_changes_the_result(server, tmp_path):
     from safetensors.torch import save_file
 
     from hairdiff_cli import comfy_client as C
-    from hairdiff_core.tiny import build_tiny_transformer
+    from hairdiff_core.toy import build_toy_transformer
 
+    # An extra LoRA on top of the basic template's toy model and its shipped adapter (its PEFT layers: the
+    # ComfyUI patch lands on their base weights). The toy config gives the keys and shapes.
     g = torch.Generator().manual_seed(0)
     sd = {}
-    for name, mod in build_tiny_transformer().named_modules():
+    for name, mod in build_toy_transformer().named_modules():
         if name.endswith(("attn.to_q", "attn.to_v")):
             sd[f"transformer.{name}.lora_A.weight"] = torch.randn(4, mod.in_features, generator=g)
             sd[f"transformer.{name}.lora_B.weight"] = torch.randn(mod.out_features, 4, generator=g)
-    save_file(sd, str(server["base"] / "models" / "loras" / "tiny_test_lora.safetensors"))
+    save_file(sd, str(server["base"] / "models" / "loras" / "toy_test_lora.safetensors"))
     graph = C.load_workflow(ROOT / "workflows" / "api" / "hairdiff_basic.json")
     graph["50"] = {
         "class_type": "HairDiff_LoRA",
-        "inputs": {"model": ["5", 0], "lora_name": "loras/tiny_test_lora.safetensors", "strength": 1.0},
+        "inputs": {"model": ["5", 0], "lora_name": "loras/toy_test_lora.safetensors", "strength": 1.0},
         "_meta": {"title": "HairDiff LoRA"},
     }
     graph["8"]["inputs"]["model"] = ["50", 0]
@@ -423,9 +432,10 @@ def test_adapter_from_models_hairdiff_with_an_extra_lora(server, tmp_path):
     from hairdiff_core.adapter import save_adapter
     from hairdiff_core.lora import add_lora
     from hairdiff_core.surgery import widen_input_channels
-    from hairdiff_core.tiny import build_tiny_transformer
+    from hairdiff_core.toy import build_toy_transformer
 
-    model = widen_input_channels(build_tiny_transformer())
+    # An adapter of the user's own for the basic template's toy base (it replaces the shipped one).
+    model = widen_input_channels(build_toy_transformer())
     add_lora(model, rank=4)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -433,7 +443,7 @@ def test_adapter_from_models_hairdiff_with_an_extra_lora(server, tmp_path):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     (server["base"] / "models" / "hairdiff").mkdir(parents=True, exist_ok=True)
-    save_adapter(model, server["base"] / "models" / "hairdiff" / "tiny_adapter.safetensors")
+    save_adapter(model, server["base"] / "models" / "hairdiff" / "toy_user_adapter.safetensors")
     lin = model.transformer_blocks[0].attn.to_q.base_layer
     save_file(
         {
@@ -443,7 +453,7 @@ def test_adapter_from_models_hairdiff_with_an_extra_lora(server, tmp_path):
         str(server["base"] / "models" / "loras" / "on_adapter.safetensors"),
     )
     graph = C.load_workflow(ROOT / "workflows" / "api" / "hairdiff_basic.json")
-    graph["5"]["inputs"]["adapter"] = "hairdiff/tiny_adapter.safetensors"
+    graph["5"]["inputs"]["adapter"] = "hairdiff/toy_user_adapter.safetensors"
     adapted = _run(server, "", tmp_path / "a", graph=graph, sets=["Save Image.filename_prefix=adapted"])
     graph["50"] = {
         "class_type": "HairDiff_LoRA",
