@@ -322,7 +322,8 @@ def test_the_basic_template_on_the_toy_model_redraws_inside_the_matte_only(comfy
     inside = matte > 0.9
     outside = dilate((matte > 0)[None, None].float(), 12)[0, 0] == 0  # past the sampler's feathered seam
     assert inside.sum() > 1000 and outside.sum() > 5000, (int(inside.sum()), int(outside.sum()))
-    assert float(diff[inside].mean()) > 0.1 and float((diff[inside] > 2 / 255).float().mean()) > 0.8
+    # Loose bounds: the toy weights may be retrained (measured 0.31 mean, 100% changed with the first ones).
+    assert float(diff[inside].mean()) > 0.02 and float((diff[inside] > 2 / 255).float().mean()) > 0.5
     assert float(diff[outside].max()) == 0.0
 
 
