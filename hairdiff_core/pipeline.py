@@ -153,7 +153,8 @@ def check_model_files(model=None, vae=None, adapter=None, tiny: bool = False, to
     if builtin is None and model is None:
         raise ModelLoadError(
             "no model given: pass an SD3/SD3.5 diffusers folder or .safetensors checkpoint "
-            "(--model PATH), or the tiny model (--tiny) for a wiring check",
+            "(--model PATH), the toy model (--toy: small, trained on synthetic portraits) or the tiny model "
+            "(--tiny) for a wiring check",
             input="model",
         )
     for value, what in ((model, "model"), (vae, "vae"), (adapter, "adapter")):

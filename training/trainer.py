@@ -329,7 +329,7 @@ class Trainer:
         resume_from = ckpt.resolve_resume(cfg.resume, ckdir) if cfg.resume else None
         from hairdiff_core.pipeline import check_model_files
 
-        check_model_files(model=cfg.model, vae=cfg.vae, tiny=cfg.tiny)
+        check_model_files(model=cfg.model, vae=cfg.vae, tiny=cfg.tiny, toy=cfg.toy)
         for value, what in ((cfg.captions, "--captions"), (cfg.text_embeds, "--text-embeds")):
             if value is not None and not Path(value).exists():
                 raise HairDiffError(f"{what} {value} not found", input=what.strip("-").replace("-", "_"))
