@@ -65,16 +65,19 @@ class PrepareOptions:
     density: float = 1.0
     length: float = 1.0
     thickness: float = 1.0
+    seeding: str = "grid"
     braids_file: str | None = None
     braid_pattern: str | None = None
     skip_bad: bool = False
     overwrite: bool = False
 
     def validate(self) -> PrepareOptions:
-        from .strands import STYLES
+        from .strands import SEEDINGS, STYLES
 
         if self.sketch not in STYLES:
             raise InputError(f"unknown sketch style {self.sketch!r}; choose one of {', '.join(STYLES)}")
+        if self.seeding not in SEEDINGS:
+            raise InputError(f"unknown --seeding {self.seeding!r}; choose one of {', '.join(SEEDINGS)}")
         if self.variants < 1:
             raise InputError(f"--variants must be >= 1, got {self.variants}")
         if self.max_side is not None and self.max_side != 0 and self.max_side < 16:
@@ -291,6 +294,7 @@ def prepare_sample(pair: Pair, out: Path, options: PrepareOptions) -> dict:
             density=settings["density"],
             length=settings["length"],
             thickness=options.thickness,
+            seeding=options.seeding,
             return_alpha=True,
         )
         # Coloured strokes of dark hair are nearly black: an alpha channel keeps them strokes.

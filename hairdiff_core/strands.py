@@ -34,6 +34,9 @@ from .errors import InputError
 logger = logging.getLogger(__name__)
 
 STYLES = ("strands", "edges")
+SEEDINGS = ("grid", "ridges")
+#: Scale (px at 1024) of the "hair around" a highlight for ``seeding="ridges"``.
+RIDGE_SIGMA_AT_1024 = 24.0
 
 #: Stroke geometry at 1024 px (geometric-mean side); scaled linearly with the resolution.
 STROKE_THICKNESS_AT_1024 = 3.0
@@ -205,11 +208,17 @@ def _nearest(field: torch.Tensor, batch: torch.Tensor, xy: torch.Tensor) -> torc
     return torch.where(inside, field.reshape(-1)[idx], torch.zeros((), dtype=field.dtype, device=field.device))
 
 
-def seed_points(matte: torch.Tensor, spacing: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Well-spread seeds inside a (B, 1, H, W) matte: one uniformly jittered point per cell of a
-    ``spacing``-px grid, kept where the matte is set. Returns (xy (N, 2), batch (N,))."""
+def seed_points(
+    matte: torch.Tensor, spacing: float, generator: torch.Generator, score: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Well-spread seeds inside a (B, 1, H, W) matte, one per cell of a ``spacing``-px grid, kept
+    where the matte is set: a uniformly jittered point, or with ``score`` ((B, 1, H, W)) the
+    cell's best-scoring matte pixel where that score is positive (e.g. :func:`ridge_score`:
+    seeds on the visible strands). Returns (xy (N, 2), batch (N,))."""
     b, _, h, w = matte.shape
     spacing = max(1.0, float(spacing))
+    if score is not None:
+        return _best_in_cells(matte, max(1, int(round(spacing))), generator, score)
     ny, nx = max(1, math.ceil(h / spacing)), max(1, math.ceil(w / spacing))
     jitter = torch.rand((b, ny, nx, 2), generator=generator, dtype=torch.float32)
     gy, gx = torch.meshgrid(torch.arange(ny, dtype=torch.float32), torch.arange(nx, dtype=torch.float32), indexing="ij")
@@ -218,6 +227,36 @@ def seed_points(matte: torch.Tensor, spacing: float, generator: torch.Generator)
     xy, batch = xy.reshape(-1, 2).to(matte.device), batch.reshape(-1).to(matte.device)
     keep = _nearest(matte.float(), batch, xy) > 0.5
     return xy[keep], batch[keep]
+
+
+def _best_in_cells(matte, cell: int, generator, score) -> tuple[torch.Tensor, torch.Tensor]:
+    b, _, h, w = matte.shape
+    if score.shape[0] != b or score.shape[-2:] != (h, w):
+        raise InputError(
+            f"seed score must be (B, 1, H, W) like the matte {tuple(matte.shape)}; got {tuple(score.shape)}"
+        )
+    ny, nx = math.ceil(h / cell), math.ceil(w / cell)
+    # A deterministic tie-break: flat regions would otherwise always seed at a cell's corner.
+    tie = torch.rand((b, 1, h, w), generator=generator, dtype=torch.float32).to(matte.device) * 1e-6
+    sc = torch.where(matte > 0.5, score.float() + tie, torch.full_like(tie, -math.inf))
+    sc = F.pad(sc, (0, nx * cell - w, 0, ny * cell - h), value=-math.inf)
+    cells = sc.view(b, ny, cell, nx, cell).permute(0, 1, 3, 2, 4).reshape(b, ny, nx, cell * cell)
+    best, idx = cells.max(dim=-1)
+    gy, gx = torch.meshgrid(torch.arange(ny, device=matte.device), torch.arange(nx, device=matte.device), indexing="ij")
+    x = (gx[None] * cell + idx % cell).float() + 0.5
+    y = (gy[None] * cell + idx // cell).float() + 0.5
+    batch = torch.arange(b, device=matte.device).view(b, 1, 1).expand(b, ny, nx)
+    keep = best > 0
+    return torch.stack([x[keep], y[keep]], dim=-1), batch[keep]
+
+
+def ridge_score(photo: torch.Tensor, matte: torch.Tensor, sigma: float) -> torch.Tensor:
+    """How much brighter each hair pixel is than the hair around it (luminance minus its
+    matte-weighted blur at ``sigma`` px): positive on highlights, the visible strands that an
+    artist's strokes follow. (B, 1, H, W)."""
+    lum = M._luminance(photo.float())
+    binary = (matte > 0.5).float()
+    return (lum - _masked_blur(lum, binary, sigma)) * binary
 
 
 def trace_streamlines(
@@ -230,6 +269,7 @@ def trace_streamlines(
     thickness: float = 1.0,
     seeds: tuple[torch.Tensor, torch.Tensor] | None = None,
     step: float | None = None,
+    seed_score: torch.Tensor | None = None,
 ) -> Streamlines:
     """Trace streamlines of an orientation field inside a matte, all at once.
 
@@ -249,6 +289,8 @@ def trace_streamlines(
             area, so thicker strokes mean fewer of them.
         seeds: optional ``(xy (N, 2) px, batch (N,))`` seed points instead of the jittered grid.
         step: step length in px (default 2 px at 1024, scaled, at least 0.5).
+        seed_score: optional (B, 1, H, W): each grid cell seeds at its best-scoring pixel, where
+            positive (see :func:`seed_points`), instead of at a jittered point.
 
     Returns:
         :class:`Streamlines` on the field's device.
@@ -266,7 +308,7 @@ def trace_streamlines(
     if seeds is None:
         # One seed per cell of area (stroke area / target coverage): coverage follows density.
         area = stroke_len * stroke_thickness(h, w, thickness) / (COVERAGE_AT_DENSITY_1 * float(density))
-        xy0, batch = seed_points(binary, math.sqrt(area), generator)
+        xy0, batch = seed_points(binary, math.sqrt(area), generator, score=seed_score)
     else:
         xy0, batch = seeds[0].to(angle.device, torch.float32), seeds[1].to(angle.device, torch.long)
     n = xy0.shape[0]
@@ -619,6 +661,7 @@ def sketch_from_field(
     density: float = 1.0,
     length: float = 1.0,
     thickness: float = 1.0,
+    seed_score: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Strand strokes along a given orientation field, drawn exactly as ``synthesize_sketch``
     draws them from an estimated one (for a caller who knows the true field, e.g. synthetic hair).
@@ -628,6 +671,7 @@ def sketch_from_field(
         matte: (B|1, 1, H, W) hair matte; strokes stay inside it.
         photo: (B, 3, H, W) in [0, 1]: strokes take its median colour along them; None: white.
         seed, density, length, thickness: as in :func:`synthesize_sketch`.
+        seed_score: where strokes start (see :func:`trace_streamlines`); None: a jittered grid.
 
     Returns:
         ``(rgb, alpha)``: (B, 3, H, W) strokes on black and (B, 1, H, W) stroke mask.
@@ -635,7 +679,9 @@ def sketch_from_field(
     angle, _ = _as_batch(angle_field, "angle_field")
     b, _, h, w = angle.shape
     binary = _matte_batch(matte, (h, w), b).to(angle.device)
-    lines = trace_streamlines(angle, binary, seed=seed, density=density, length=length, thickness=thickness)
+    lines = trace_streamlines(
+        angle, binary, seed=seed, density=density, length=length, thickness=thickness, seed_score=seed_score
+    )
     colours = None
     if photo is not None:
         photo_b, _ = _as_batch(photo, "photo")
@@ -653,7 +699,7 @@ def sketch_from_field(
     )
 
 
-def _strands_in_box(photo, binary, *, colour, seed, density, length, thickness):
+def _strands_in_box(photo, binary, *, colour, seed, density, length, thickness, seeding="grid"):
     """Strands of (B, 3, H, W) hair, computed on the matte's bounding box (every per-pixel step
     costs in proportion to the area, and hair is often a small part of a portrait). Sizes that
     scale with the resolution (smoothing, stroke length and width) follow the whole image."""
@@ -670,6 +716,9 @@ def _strands_in_box(photo, binary, *, colour, seed, density, length, thickness):
     # scale them back up so that a crop draws the strokes of the whole image.
     ratio = resolution_scale(h, w) / resolution_scale(*photo_c.shape[-2:])
     angle, _ = orientation_field(photo_c, binary_c, sigma=sigma)
+    score = None
+    if seeding == "ridges":
+        score = ridge_score(photo_c, binary_c, max(1.5, RIDGE_SIGMA_AT_1024 * resolution_scale(h, w)))
     rgb[crop], alpha[crop] = sketch_from_field(
         angle,
         binary_c,
@@ -678,6 +727,7 @@ def _strands_in_box(photo, binary, *, colour, seed, density, length, thickness):
         density=density,
         length=length * ratio,
         thickness=thickness * ratio,
+        seed_score=score,
     )
     return rgb, alpha
 
@@ -693,6 +743,7 @@ def synthesize_sketch(
     length: float = 1.0,
     thickness: float = 1.0,
     return_alpha: bool = False,
+    seeding: str = "grid",
 ):
     """Draw a training sketch of the hair of a photo: strokes on black, inside the matte.
 
@@ -711,6 +762,10 @@ def synthesize_sketch(
         length: strand length relative to the default (140 px at 1024; edges ignore it).
         thickness: stroke width relative to the default (3 px at 1024, at least 1 px).
         return_alpha: also return the stroke mask (tells a dark stroke from the background).
+        seeding: where strands start (``strands`` style): ``grid`` (a jittered grid: strokes
+            spread evenly, anywhere across the strands) or ``ridges`` (each grid cell's brightest
+            point relative to the hair around it: strokes lie on the visible highlights, as an
+            artist draws them, so a stroke says where a strand is, not only its direction).
 
     Returns:
         The sketch, same shape as ``photo``, float in [0, 1]; with ``return_alpha`` a tuple
@@ -718,6 +773,8 @@ def synthesize_sketch(
     """
     if style not in STYLES:
         raise InputError(f"unknown sketch style {style!r}; choose one of {', '.join(STYLES)}")
+    if seeding not in SEEDINGS:
+        raise InputError(f"unknown seeding {seeding!r}; choose one of {', '.join(SEEDINGS)}")
     photo_b, squeezed = _as_batch(photo, "photo")
     if photo_b.shape[1] != 3:
         raise InputError(f"photo must have 3 channels (RGB); got {photo_b.shape[1]}")
@@ -732,7 +789,14 @@ def synthesize_sketch(
         rgb, alpha = edge_sketch(photo_b, binary, colour=colour, density=density, thickness=thickness)
     else:
         rgb, alpha = _strands_in_box(
-            photo_b, binary, colour=colour, seed=seed, density=density, length=length, thickness=thickness
+            photo_b,
+            binary,
+            colour=colour,
+            seed=seed,
+            density=density,
+            length=length,
+            thickness=thickness,
+            seeding=seeding,
         )
     if squeezed:
         rgb, alpha = rgb[0], alpha[0]

@@ -243,3 +243,19 @@ def test_prepared_dataset_trains_and_evaluates(tmp_path, capsys):
     )
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "eval" / "metrics.csv").read_text().count("\n") == 3  # header + 2 samples
+
+
+def test_seeding_ridges_is_recorded_and_puts_strokes_on_brighter_hair(tmp_path, capsys):
+    images, mattes, arrays = write_inputs(tmp_path, n=1, size=96, seed=4)
+    brightness = {}
+    for seeding in ("grid", "ridges"):
+        out = tmp_path / seeding
+        assert prepare(images, mattes, out, "--seeding", seeding) == 0, capsys.readouterr().err
+        assert json.loads((out / "prepare.json").read_text())["settings"]["seeding"] == seeding
+        strokes = np.asarray(Image.open(out / "sketch" / "p0.png").convert("L")) > 127
+        photo = np.asarray(Image.open(out / "img" / "p0.png").convert("L")).astype(np.float32)
+        assert strokes.sum() > 0
+        brightness[seeding] = float(photo[strokes].mean())
+    assert brightness["ridges"] > brightness["grid"]
+    with pytest.raises(SystemExit):
+        prepare(images, mattes, tmp_path / "bad", "--seeding", "random")

@@ -319,3 +319,32 @@ def test_batch_and_errors():
         S.synthesize_sketch(p1, m1, density=0)
     # An empty matte draws nothing (the caller decides whether that is an error).
     assert float(S.synthesize_sketch(p1, torch.zeros(1, 64, 64)).abs().sum()) == 0.0
+
+
+def test_ridge_seeding_puts_strokes_on_the_highlights():
+    # Wide stripes (period 24 px at 128): grid seeds land anywhere across a stripe, ridge seeds on
+    # its bright middle, and the strokes still run along the stripes.
+    photo, matte = striped_hair(128, 30.0, period=24.0)
+    lum = (0.2126 * photo[0] + 0.7152 * photo[1] + 0.0722 * photo[2])[None, None]
+    brightness = {}
+    for seeding in ("grid", "ridges"):
+        _, alpha = S.synthesize_sketch(photo, matte, seed=3, seeding=seeding, return_alpha=True)
+        a = alpha.reshape(1, 1, 128, 128)
+        assert a.sum() > 20
+        brightness[seeding] = float((lum * a).sum() / a.sum())
+        assert abs(mean_orientation(alpha) - 30.0) < 8.0
+    hair = float((lum * matte[None]).sum() / matte.sum())
+    assert brightness["ridges"] > brightness["grid"] + 0.02
+    assert brightness["ridges"] > hair + 0.03
+
+
+def test_seed_points_with_a_score_take_each_cells_best_positive_pixel():
+    matte = torch.ones(1, 1, 8, 8)
+    score = torch.full((1, 1, 8, 8), -1.0)
+    score[0, 0, 1, 2] = 5.0  # the only positive pixel of the top-left 4x4 cell
+    score[0, 0, 6, 6] = 1.0  # and of the bottom-right one
+    xy, batch = S.seed_points(matte, 4.0, torch.Generator().manual_seed(0), score=score)
+    assert sorted(map(tuple, xy.tolist())) == [(2.5, 1.5), (6.5, 6.5)]
+    assert batch.tolist() == [0, 0]
+    with pytest.raises(InputError, match="seeding"):
+        S.synthesize_sketch(torch.rand(3, 16, 16), torch.ones(16, 16), seeding="random")

@@ -53,6 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--thickness", type=float, default=1.0, help="stroke width relative to the default, 3 px at 1024 (default 1)"
     )
+    p.add_argument(
+        "--seeding",
+        choices=["grid", "ridges"],
+        default="grid",
+        help="where strand strokes start: grid (spread evenly, default) or ridges (on the hair's highlights, "
+        "so a stroke marks a visible strand; the toy model's sketches are drawn this way)",
+    )
     p.add_argument("--skip-bad", action="store_true", help="leave out bad photo/matte pairs instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier prepare run in --out")
 
@@ -71,6 +78,7 @@ def run(args) -> int:
         density=args.density,
         length=args.length,
         thickness=args.thickness,
+        seeding=args.seeding,
         braids_file=args.braids,
         braid_pattern=args.braid_pattern,
         skip_bad=args.skip_bad,
