@@ -42,8 +42,8 @@ SIGMAS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
 
 def held_out_edits(n: int, seed: int = 4242):
     """n held-out scenes: (photo with the old hair, matte, sketch of new hair turned >= 45 deg)
-    as uint8 arrays. The sketch is what ``hairdiff prepare`` traces from a photo with the new
-    hair (every other one) or exact level lines of the new field."""
+    as uint8 arrays. The sketch is what ``hairdiff prepare --seeding ridges`` traces from a photo
+    with the new hair (every other one) or exact level lines of the new field."""
     import numpy as np
 
     from training.synthetic import (

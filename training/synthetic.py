@@ -90,7 +90,10 @@ def sample_hair_params(rng: np.random.Generator, size: int = 128) -> dict:
         "curl": float(rng.choice([0.0, rng.uniform(0.1, 0.6)])),
         "wavelength": float(s * rng.uniform(0.25, 0.6)),
         "curl_phase": float(rng.uniform(0, 2 * np.pi)),
-        "period": float(s * rng.uniform(0.075, 0.11)),
+        # Stripes 20-31 px: 2.5-4 latent pixels (factor 8), so a 16-channel latent and the
+        # transformer's 16 px tokens can carry them; 10-14 px stripes were finer than a latent
+        # pixel and the toy VAE and base model blurred them away.
+        "period": float(s * rng.uniform(0.16, 0.24)),
         "phase": float(rng.uniform(0, 1)),
         "hair_colour": rng.uniform(0.05, 0.85, size=3).round(4).tolist(),
         "bg": rng.uniform(0.25, 0.9, size=3).round(4).tolist(),
@@ -103,7 +106,10 @@ def sample_hair_params(rng: np.random.Generator, size: int = 128) -> dict:
             s * rng.uniform(0.15, 0.2),
         ],
         "blobs": blobs,
-        "stroke_every": int(rng.integers(1, 3)),
+        # One stroke on each bright stripe: the sketch then says where the strands are, not
+        # only which way they run (with 2-3 strokes per period the phase is ambiguous, the
+        # best guess at high noise is flat colour, and generation loses the direction).
+        "strokes_per_period": 1,
         "stroke_colour": bool(rng.uniform() < 0.5),
     }
 
@@ -152,15 +158,15 @@ def render_portrait(params: dict, matte: np.ndarray | None = None) -> np.ndarray
     return np.clip(photo, 0, 1)
 
 
-def strand_sketch(params: dict, matte: np.ndarray, width: float = 0.75) -> np.ndarray:
+def strand_sketch(params: dict, matte: np.ndarray, width: float = 0.9) -> np.ndarray:
     """Sketch (H x W x 3 float): strokes along level lines of the strand field inside ``matte``,
-    one every ``stroke_every`` stripe periods, ``width`` px half-width, antialiased; white strokes
-    on black, or strokes in the hair colour when ``stroke_colour``."""
-    phi = hair_phase(params)
-    k = max(1, int(params.get("stroke_every", 1)))
+    ``strokes_per_period`` per stripe period (one on each bright stripe's centre), ``width`` px
+    half-width, antialiased; white strokes on black, or strokes in the hair colour when
+    ``stroke_colour``."""
+    phi = hair_phase(params) * max(1, int(params.get("strokes_per_period", 2)))
     gy, gx = np.gradient(phi)
     grad = np.maximum(np.hypot(gx, gy), 1e-6)
-    dist = np.abs((phi / k) - np.round(phi / k)) * k / grad  # px to the nearest drawn level line
+    dist = np.abs(phi - np.round(phi)) / grad  # px to the nearest drawn level line
     alpha = np.clip(width + 0.5 - dist, 0, 1) * matte.astype(bool)
     colour = np.asarray(params["hair_colour"]) * 1.2 + 0.1 if params.get("stroke_colour") else np.ones(3)
     return np.clip(alpha[..., None] * np.clip(colour, 0, 1), 0, 1)
@@ -170,16 +176,17 @@ SKETCH_STYLES = ("strands", "levels")
 
 
 def traced_sketch(photo: np.ndarray, matte: np.ndarray, colour: bool = False, seed: int = 0) -> np.ndarray:
-    """The sketch ``hairdiff prepare`` draws for this photo (HxWx3 uint8) and matte (HxW): strands
-    traced along the hair's estimated orientation field (:mod:`hairdiff_core.strands`), so the
-    synthetic training sketches look like the ones users' datasets get. Float HxWx3 in [0, 1]."""
+    """The sketch ``hairdiff prepare --seeding ridges`` draws for this photo (HxWx3 uint8) and matte
+    (HxW): strands traced along the hair's estimated orientation field from its highlights
+    (:mod:`hairdiff_core.strands`), so the synthetic training sketches look like the ones users'
+    datasets get, with each stroke on a visible stripe. Float HxWx3 in [0, 1]."""
     import torch
 
     from hairdiff_core.strands import synthesize_sketch
 
     p = torch.from_numpy(np.ascontiguousarray(photo)).permute(2, 0, 1)[None].float() / 255.0
     m = torch.from_numpy(np.ascontiguousarray(matte > (127 if matte.dtype == np.uint8 else 0.5))).float()[None, None]
-    return synthesize_sketch(p, m, colour=colour, seed=seed)[0].permute(1, 2, 0).numpy()
+    return synthesize_sketch(p, m, colour=colour, seed=seed, seeding="ridges")[0].permute(1, 2, 0).numpy()
 
 
 def make_portrait_arrays(
