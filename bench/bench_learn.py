@@ -12,7 +12,8 @@ trained on synthetic portraits), train a HairDiff adapter with the project's own
 - on generated images, for held-out edits whose sketch turns the strands by >= 45 degrees away
   from the old hair (so copying the old hair fails): the fraction of results whose dominant
   strand direction inside the matte (structure tensor, ``metrics.strand_orientation``) is within
-  15 degrees of the sketch's (``within15``) and the fraction closer to the old hair's direction
+  15 degrees of the sketch's (``within15``; ``within15_coherent_sketch`` on the edits whose
+  sketch has one dominant direction, coherence >= 0.4, apart from wavy ones) and the fraction closer to the old hair's direction
   than to the sketch's (``follows_old``), for the trained adapter, the untrained widened base
   (sketch channels zero) and the ``replace`` inpainting baseline; median angle error;
 - ``psnr_out``: preservation outside the matte (metrics.preservation);
@@ -38,6 +39,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 SIGMAS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
+#: Sketch coherence (structure tensor, 0..1) from which a sketch has one dominant direction.
+COHERENT = 0.4
 
 
 def held_out_edits(n: int, seed: int = 4242):
@@ -145,12 +148,18 @@ def direction_scores(results, sketches, photos, mattes) -> dict:
     from hairdiff_core.metrics import orientation_difference, preservation, strand_orientation
 
     res = strand_orientation(results, mattes, erode=48.0)["angle"]
-    sk = strand_orientation(sketches, mattes)["angle"]
+    sketch = strand_orientation(sketches, mattes)
+    sk = sketch["angle"]
     old = strand_orientation(photos, mattes, erode=48.0)["angle"]
     err = orientation_difference(res, sk)
     err_old = orientation_difference(res, old)
+    # Wavy strands have no single direction: a sketch whose structure tensor is weakly coherent
+    # gives an angle that swings with the phase of a wave. Reported apart, never instead.
+    coherent = sketch["coherence"] >= COHERENT
     return {
         "within15": float((err <= 15).float().mean()),
+        "within15_coherent_sketch": float((err[coherent] <= 15).float().mean()) if coherent.any() else float("nan"),
+        "coherent_sketches": int(coherent.sum()),
         "follows_old": float((err_old < err).float().mean()),
         "median_err_deg": float(err.median()),
         "psnr_out": float(preservation(results, photos, mattes)["psnr_out"].median()),

@@ -43,10 +43,13 @@ def test_strand_orientation_recovers_the_known_angle_of_straight_hair():
     rng = np.random.default_rng(3)
     for angle in (0.2, 1.0, 2.5):
         params = {**sample_hair_params(rng, 128), "angle": angle, "curl": 0.0}
-        photo, matte, sketch = make_portrait_arrays(params)
-        for image, erode in ((photo, 48.0), (sketch, 0.0)):
+        photo, matte, traced = make_portrait_arrays(params)
+        levels = make_portrait_arrays(params, "levels")[2]
+        # The photo and the exact level lines within 4 degrees; a traced sketch is itself an
+        # estimate (short 1 px strokes on a few highlights, measured 1-6 degrees off): within 8.
+        for image, erode, bound in ((photo, 48.0, 4.0), (levels, 0.0, 4.0), (traced, 0.0, 8.0)):
             got = strand_orientation(image, matte, erode=erode)
-            assert float(orientation_difference(got["angle"], torch.tensor([angle]))[0]) < 4.0
+            assert float(orientation_difference(got["angle"], torch.tensor([angle]))[0]) < bound
             assert float(got["coherence"][0]) > 0.5
 
 
