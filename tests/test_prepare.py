@@ -259,3 +259,9 @@ def test_seeding_ridges_is_recorded_and_puts_strokes_on_brighter_hair(tmp_path, 
     assert brightness["ridges"] > brightness["grid"]
     with pytest.raises(SystemExit):
         prepare(images, mattes, tmp_path / "bad", "--seeding", "random")
+    from hairdiff_core.errors import InputError
+    from hairdiff_core.prepare import PrepareOptions
+
+    with pytest.raises(InputError, match="unknown --seeding 'random'; choose one of grid, ridges"):
+        PrepareOptions(seeding="random").validate()
+    assert not (tmp_path / "bad").exists()

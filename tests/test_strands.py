@@ -348,3 +348,5 @@ def test_seed_points_with_a_score_take_each_cells_best_positive_pixel():
     assert batch.tolist() == [0, 0]
     with pytest.raises(InputError, match="seeding"):
         S.synthesize_sketch(torch.rand(3, 16, 16), torch.ones(16, 16), seeding="random")
+    with pytest.raises(InputError, match=r"seed score must be \(B, 1, H, W\)"):
+        S.seed_points(matte, 4.0, torch.Generator().manual_seed(0), score=torch.zeros(1, 1, 4, 4))

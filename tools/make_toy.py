@@ -449,7 +449,6 @@ def write_demo_assets(folder: Path) -> None:
         "angle": math.pi / 4,
         "curl": 0.0,
         "stroke_colour": False,
-        "strokes_per_period": 1,
         "blobs": [[0.38 * SIZE, 0.5 * SIZE, 0.28 * SIZE, 0.32 * SIZE, 2.2]],
     }
     matte = hair_matte(params)

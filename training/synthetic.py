@@ -163,7 +163,7 @@ def strand_sketch(params: dict, matte: np.ndarray, width: float = 0.9) -> np.nda
     ``strokes_per_period`` per stripe period (one on each bright stripe's centre), ``width`` px
     half-width, antialiased; white strokes on black, or strokes in the hair colour when
     ``stroke_colour``."""
-    phi = hair_phase(params) * max(1, int(params.get("strokes_per_period", 2)))
+    phi = hair_phase(params) * max(1, int(params.get("strokes_per_period", 1)))
     gy, gx = np.gradient(phi)
     grad = np.maximum(np.hypot(gx, gy), 1e-6)
     dist = np.abs(phi - np.round(phi)) / grad  # px to the nearest drawn level line
