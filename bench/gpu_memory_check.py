@@ -11,7 +11,12 @@ with fp8 + blocks at <= 1.5x the bf16 all-in-VRAM step time; Medium fits 8 GB.
     python bench/gpu_memory_check.py [--family sd3.5-large] [--steps 28] [--size 1024]
         [--variants bf16:none,fp8_e4m3fn:none,bf16:blocks,fp8_e4m3fn:blocks]
 
-Without CUDA it prints one JSON line saying so and exits with code 2. Prints one JSON line last.
+    python bench/gpu_memory_check.py --cpu-dry-run   # the same code path, tiny model, CPU (wiring only)
+
+Without CUDA (and without ``--cpu-dry-run``) it prints one JSON line saying so and exits with
+code 2. Prints one JSON line last. ``--cpu-dry-run`` runs every variant's child process on the
+tiny family at 128 px for 2 steps on the CPU (no memory figures): a change that would break the
+GPU run breaks it here first, where it costs no device time.
 """
 
 from __future__ import annotations
@@ -57,26 +62,53 @@ def random_transformer(family: str, device: str):
     return model.eval()
 
 
-def child(family: str, weights: str, offload: str, size: int, steps: int) -> dict:
+class _Meter:
+    """Synchronisation and peak memory on CUDA; no-ops (and no figures) on the CPU dry run."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch, self.cuda = torch, device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def reset(self) -> int:
+        if not self.cuda:
+            return 0
+        self.torch.cuda.synchronize()
+        self.torch.cuda.reset_peak_memory_stats()
+        return self.torch.cuda.memory_allocated()
+
+    def peak_gb(self) -> float | None:
+        return round(self.torch.cuda.max_memory_allocated() / 2**30, 3) if self.cuda else None
+
+    def reserved_gb(self) -> float | None:
+        return round(self.torch.cuda.max_memory_reserved() / 2**30, 3) if self.cuda else None
+
+
+def child(family: str, weights: str, offload: str, size: int, steps: int, device: str = "cuda") -> dict:
     import torch
 
     from hairdiff_core.memory import apply_weights, estimate_peak_vram
     from hairdiff_core.pipeline import HairDiffPipeline
 
-    cuda = torch.device("cuda")
+    dev = torch.device(device)
+    meter = _Meter(dev)
     # Blocks rest on the CPU; otherwise build on the GPU directly (fast, no 16 GB host copy).
-    model = random_transformer(family, "cpu" if offload == "blocks" else "cuda")
+    model = random_transformer(family, "cpu" if offload == "blocks" else device)
     apply_weights(model, weights, torch.bfloat16)
     g = torch.Generator().manual_seed(1)
 
     class RandomCodec:  # no VAE at this size: random latents in, blank images out
         def encode(self, image01):
-            return torch.randn(image01.shape[0], 16, image01.shape[2] // 8, image01.shape[3] // 8, generator=g).to(cuda)
+            return torch.randn(image01.shape[0], 16, image01.shape[2] // 8, image01.shape[3] // 8, generator=g).to(dev)
 
         def decode(self, latent):
             return torch.zeros(latent.shape[0], 3, latent.shape[2] * 8, latent.shape[3] * 8)
 
-    pipe = HairDiffPipeline(model, None, device=cuda, dtype=torch.bfloat16, offload=offload, codec=RandomCodec())
+    pipe = HairDiffPipeline(model, None, device=dev, dtype=torch.bfloat16, offload=offload, codec=RandomCodec())
     photo = torch.rand(1, 3, size, size)
     sketch = torch.zeros(1, 3, size, size)
     sketch[..., size // 4 : size // 4 + 8, size // 4 : 3 * size // 4] = 1
@@ -85,16 +117,15 @@ def child(family: str, weights: str, offload: str, size: int, steps: int) -> dic
     stamps = []
 
     def on_step(step, total, latent):
-        torch.cuda.synchronize()
+        meter.sync()
         stamps.append(time.perf_counter())
 
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    base = meter.reset()
     t0 = time.perf_counter()
-    pipe.generate(photo, sketch, matte, steps=steps, seed=0, reference="once", work_size=size, on_step=on_step)
+    out = pipe.generate(photo, sketch, matte, steps=steps, seed=0, reference="once", work_size=size, on_step=on_step)
     total = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated()
+    if len(stamps) != steps or not torch.isfinite(out.latent).all():
+        raise RuntimeError(f"the sampling call reported {len(stamps)} of {steps} steps or a non-finite result")
     # Step time without the first step (it also runs the one reference pass).
     per_step = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
     est = estimate_peak_vram(
@@ -103,46 +134,59 @@ def child(family: str, weights: str, offload: str, size: int, steps: int) -> dic
     return {
         "weights": weights,
         "offload": offload,
-        "peak_gb": round(peak / 2**30, 3),
+        "peak_gb": meter.peak_gb(),
         "resident_before_gb": round(base / 2**30, 3),
         "predicted_gb": round(est.total / 2**30, 3),
         "s_per_step": round(per_step, 4),
         "total_s": round(total, 2),
-        "reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+        "reserved_gb": meter.reserved_gb(),
     }
 
 
-def main() -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--family", default="sd3.5-large", choices=("sd3.5-large", "sd3.5-medium", "sd3-medium"))
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated weights:offload pairs")
-    p.add_argument("--child", nargs=5, metavar=("FAMILY", "WEIGHTS", "OFFLOAD", "SIZE", "STEPS"))
-    args = p.parse_args()
+    p.add_argument("--cpu-dry-run", action="store_true", help="tiny model, 128 px, 2 steps on the CPU: wiring only")
+    p.add_argument("--child", nargs=6, metavar=("FAMILY", "WEIGHTS", "OFFLOAD", "SIZE", "STEPS", "DEVICE"))
+    args = p.parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
+    from hairdiff_core.memory import WEIGHTS
+
+    pairs = []
+    for pair in args.variants.split(","):
+        weights, _, offload = pair.strip().partition(":")
+        if weights not in WEIGHTS or weights == "auto" or offload not in ("none", "model", "blocks"):
+            p.error(
+                f"--variants: {pair!r} is not weights:offload with weights in {WEIGHTS[1:]} and offload none|model|blocks"
+            )
+        pairs.append((weights, offload))
+    if args.child:
+        family, weights, offload, size, steps, device = args.child
+        print(json.dumps(child(family, weights, offload, int(size), int(steps), device)))
+        return 0
+    device = "cuda"
+    if args.cpu_dry_run:
+        device, args.family, args.size, args.steps = "cpu", "tiny", 128, 2
+    elif not torch.cuda.is_available():
         print(
             json.dumps(
                 {"bench": "gpu_memory_check", "error": "no CUDA device: this check needs a GPU; nothing was measured"}
             )
         )
         return 2
-    if args.child:
-        family, weights, offload, size, steps = args.child
-        print(json.dumps(child(family, weights, offload, int(size), int(steps))))
-        return 0
     rows = []
-    for pair in args.variants.split(","):
-        weights, offload = pair.split(":")
+    for weights, offload in pairs:
         cmd = [sys.executable, __file__, "--child", args.family, weights, offload, str(args.size), str(args.steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd + [device], capture_output=True, text=True)
         if out.returncode != 0:
-            rows.append({"weights": weights, "offload": offload, "error": out.stderr.strip().splitlines()[-1:]})
+            rows.append({"weights": weights, "offload": offload, "error": out.stderr.strip().splitlines()[-3:]})
         else:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), file=sys.stderr)
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     ok = {(r["weights"], r["offload"]): r for r in rows if "error" not in r}
     target = TARGET_GB.get(args.family)
     result = {
@@ -150,12 +194,13 @@ def main() -> int:
         "family": args.family,
         "size": args.size,
         "steps": args.steps,
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (dry run: wiring only, no figures)",
+        "torch": torch.__version__,
         "rows": rows,
     }
     base = ok.get(("bf16", "none"))
     frugal = ok.get(("fp8_e4m3fn", "blocks"))
-    if target is not None:
+    if target is not None and device == "cuda":
         result["target_gb"] = target
         result["fits_target"] = {f"{w}:{o}": r["peak_gb"] <= target for (w, o), r in ok.items()}
     if base and frugal:
