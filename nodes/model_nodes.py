@@ -190,8 +190,9 @@ def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 
 def _settle_memory(transformer: torch.nn.Module, family: str, weights: str, offload: str, device: torch.device) -> str:
-    """Resolve "auto" weights/offload from the VRAM ComfyUI reports free (for a 1024² call with
-    reference attention); fp8 storage is applied here when auto picks it. Returns the offload."""
+    """Resolve "auto" weights/offload from the VRAM ComfyUI reports free, less what it keeps in
+    reserve (``--reserve-vram``), for a 1024² call with reference attention; fp8 storage is
+    applied here when auto picks it. Returns the offload."""
     import comfy.model_management as mm
 
     from ..hairdiff_core.memory import apply_weights, choose_settings, weights_of
@@ -207,9 +208,12 @@ def _settle_memory(transformer: torch.nn.Module, family: str, weights: str, offl
     known = (
         family if family != "custom" else {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
     )
+    # --reserve-vram (and ComfyUI's default few hundred MB) is not subtracted by get_free_memory;
+    # load_models_gpu keeps it free beside every model, so auto must not plan with it.
+    reserved = mm.extra_reserved_memory() if hasattr(mm, "extra_reserved_memory") else 0
     chosen_weights, chosen_offload, est = choose_settings(
         known,
-        mm.get_free_memory(device),
+        max(0, mm.get_free_memory(device) - reserved),
         weights=fixed,
         offload=offload,
         compute_dtype=transformer.pos_embed.proj.weight.dtype,

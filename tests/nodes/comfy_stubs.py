@@ -296,6 +296,11 @@ def _model_management() -> types.ModuleType:
         return None
 
     mm.free_vram = 24 * 2**30  # what get_free_memory reports; tests set it
+    mm.reserved_vram = 400 * 2**20  # ComfyUI's default reserve on Linux; --reserve-vram sets it
+
+    def extra_reserved_memory():
+        return mm.reserved_vram
+
     mm.free_calls = []  # (memory_required, device): room the nodes asked ComfyUI to make
 
     def get_free_memory(dev=None, torch_free_too=False):
@@ -314,6 +319,7 @@ def _model_management() -> types.ModuleType:
     mm.load_models_gpu = load_models_gpu
     mm.soft_empty_cache = soft_empty_cache
     mm.get_free_memory = get_free_memory
+    mm.extra_reserved_memory = extra_reserved_memory
     mm.free_memory = free_memory
     return mm
 

@@ -132,6 +132,22 @@ def test_auto_picks_from_the_free_vram(comfy, monkeypatch):
     assert fixed.offload == "none" and memory.weights_of(fixed.transformer) == "bf16"
 
 
+def test_auto_plans_with_the_vram_left_after_comfyuis_reserve(comfy, monkeypatch):
+    # --reserve-vram: ComfyUI's get_free_memory still reports the whole card free, but
+    # load_models_gpu keeps the reserve free beside every model; auto must plan without it.
+    from hairdiff_pack.hairdiff_core import memory
+
+    monkeypatch.setattr(comfy.mm, "get_torch_device", lambda: torch.device("meta"))
+    need = memory.estimate_peak_vram("tiny", weights="auto", compute_dtype=torch.float32, reference="once").total
+    monkeypatch.setattr(comfy.mm, "free_vram", 4 * need)  # everything fits ...
+    monkeypatch.setattr(comfy.mm, "reserved_vram", 0)
+    roomy = comfy.nodes.LoadHairDiffModel.execute(base_model=TINY, adapter="none")[0]
+    assert roomy.offload == "none" and memory.weights_of(roomy.transformer) == "fp32"
+    monkeypatch.setattr(comfy.mm, "reserved_vram", 4 * need - 2**20)  # ... until the reserve leaves 1 MB
+    tight = comfy.nodes.LoadHairDiffModel.execute(base_model=TINY, adapter="none")[0]
+    assert tight.offload == "blocks" and memory.weights_of(tight.transformer) == "fp8_e4m3fn"
+
+
 def test_gguf_transformers_are_listed_and_load(comfy):
     pytest.importorskip("gguf", reason="the optional gguf package is not installed (pip install 'hairdiff[gguf]')")
     import importlib.util
