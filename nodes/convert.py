@@ -29,6 +29,8 @@ def _short_named(cls: type) -> type:
 
 def node_error(node: str, input_name: str | None, problem: str | Exception, fix: str = "") -> InputError:
     """An error that names the node, the input that was wrong (when one is) and what to do."""
+    if isinstance(problem, HairDiffError) and str(problem).startswith(f"{node}:"):
+        return problem  # already this node's message (raised by a helper inside the same try)
     text = f"{node}: input '{input_name}': {problem}" if input_name else f"{node}: {problem}"
     if fix:
         text += f" -> {fix}"

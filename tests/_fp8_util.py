@@ -47,10 +47,14 @@ def write_fp8_checkpoint(
     Every 2-D ``.weight`` becomes float8 (scaled per layer when ``scaled``); biases, norms and
     the position table stay float32. ``vae`` adds ``first_stage_model.*`` in float32.
     """
-    state = {k: v.detach().float().contiguous() for k, v in transformer.state_dict().items()}
+    # Converted one tensor at a time (not the whole state in fp32 first): bench/gpu_comfy_check.py
+    # writes SD3.5 Large's 8B parameters with this.
+    state = {k: v.detach().to("cpu").contiguous() for k, v in transformer.state_dict().items()}
     original = diffusers_to_original_sd3(state)
+    del state
     out: dict[str, torch.Tensor] = {}
-    for key, t in original.items():
+    for key in list(original):
+        t = original.pop(key)
         if key.endswith(".weight") and t.ndim == 2:
             if scaled:
                 q, scale = _quantise(t, dtype)
@@ -62,7 +66,7 @@ def write_fp8_checkpoint(
             else:
                 out[key] = t.to(dtype)
         else:
-            out[key] = t
+            out[key] = t.float()
     if marker:
         out[SD3_PREFIX + "scaled_fp8"] = torch.empty(0, dtype=dtype)
     if vae is not None:

@@ -69,6 +69,16 @@ def test_short_exception_type_as_comfyui_prints_it(comfy):
         assert shown == "InputError"
 
 
+def test_a_missing_model_file_is_reported_once(comfy):
+    # resolve() raises the node's own error inside the loader's try; it must reach the user as
+    # is, not wrapped in a second "Load HairDiff Model: input 'base_model':" with a second fix.
+    with pytest.raises(ValueError) as info:
+        comfy.nodes.LoadHairDiffModel.execute(base_model="diffusion_models/gone.safetensors", adapter="none")
+    text = str(info.value)
+    assert text.count("Load HairDiff Model") == 1 and text.count(" -> ") == 1, text
+    assert "gone.safetensors" in text and info.value.input == "base_model"
+
+
 def test_template_samples_are_installed_once_never_overwritten(comfy, tmp_path):
     from hairdiff_pack.nodes.template_inputs import TEMPLATE_INPUTS, install_template_inputs
 
