@@ -47,9 +47,9 @@ def write_fp8_checkpoint(
     Every 2-D ``.weight`` becomes float8 (scaled per layer when ``scaled``); biases, norms and
     the position table stay float32. ``vae`` adds ``first_stage_model.*`` in float32.
     """
-    # Converted one tensor at a time (not the whole state in fp32 first): bench/gpu_comfy_check.py
-    # writes SD3.5 Large's 8B parameters with this.
-    state = {k: v.detach().to("cpu").contiguous() for k, v in transformer.state_dict().items()}
+    # Converted one tensor at a time on the model's device (not the whole state in fp32 on the
+    # CPU first): bench/gpu_comfy_check.py writes SD3.5 Large's 8B parameters with this.
+    state = {k: v.detach().contiguous() for k, v in transformer.state_dict().items()}
     original = diffusers_to_original_sd3(state)
     del state
     out: dict[str, torch.Tensor] = {}
@@ -58,15 +58,15 @@ def write_fp8_checkpoint(
         if key.endswith(".weight") and t.ndim == 2:
             if scaled:
                 q, scale = _quantise(t, dtype)
-                out[key] = q
+                out[key] = q.cpu()
                 layer = key[: -len(".weight")]
-                out[layer + ".scale_weight"] = scale
+                out[layer + ".scale_weight"] = scale.cpu()
                 if scale_input:
                     out[layer + ".scale_input"] = torch.ones(())
             else:
-                out[key] = t.to(dtype)
+                out[key] = t.to(dtype).cpu()
         else:
-            out[key] = t.float()
+            out[key] = t.float().cpu()
     if marker:
         out[SD3_PREFIX + "scaled_fp8"] = torch.empty(0, dtype=dtype)
     if vae is not None:
