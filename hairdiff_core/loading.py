@@ -466,8 +466,18 @@ _FLOAT8 = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 # optionally `<layer>.scale_input` (for fp8 matmuls of the activations; not needed to dequantise).
 _SCALED_FP8_MARKER = "scaled_fp8"
 _SCALE_WEIGHT, _SCALE_INPUT = ".scale_weight", ".scale_input"
-# Other quantised-weight layouts, which HairDiff does not read.
-_OTHER_QUANT_SUFFIXES = (".weight_scale", ".comfy_quant", ".input_scale", ".weight_scale_2", ".scales", ".qweight")
+# ComfyUI's newer mixed-precision layout (comfy/ops.py MixedPrecisionOps, its QUANTIZATION.md),
+# what ComfyUI converts fp8_scaled files to on load and newer files are written in: per
+# quantised layer a float8 `<layer>.weight`, `<layer>.weight_scale` (weight = fp8 x scale),
+# optionally `<layer>.input_scale`, and `<layer>.comfy_quant` (uint8 JSON such as
+# {"format": "float8_e4m3fn"}; or the same in the file's `_quantization_metadata`); layers
+# without them are plain bf16/fp16.
+_WEIGHT_SCALE, _INPUT_SCALE, _COMFY_QUANT = ".weight_scale", ".input_scale", ".comfy_quant"
+_SCALE_KEYS = (_SCALE_WEIGHT, _WEIGHT_SCALE)
+# Tensors that describe a layer's quantisation rather than being one of its parameters.
+_QUANT_AUX = (_SCALE_WEIGHT, _SCALE_INPUT, _WEIGHT_SCALE, _INPUT_SCALE, _COMFY_QUANT)
+# Other quantised-weight layouts (NVFP4's second scale, AWQ/GPTQ-style packs), which HairDiff does not read.
+_OTHER_QUANT_SUFFIXES = (".weight_scale_2", ".pre_quant_scale", ".scales", ".qweight", ".qzeros")
 
 
 @dataclass(frozen=True)
@@ -475,9 +485,15 @@ class Float8Info:
     """What float8 content a transformer file has."""
 
     dtype: torch.dtype  # the weights' float8 format
-    scaled: bool  # per-layer scale_weight tensors present
+    scaled: bool  # per-layer scale tensors present (scale_weight or weight_scale)
     marker: bool  # ComfyUI's scaled_fp8 marker present
     tensors: int  # float8 tensors in the transformer
+    layout: str = "fp8_scaled"  # "fp8_scaled" (scale_weight), "mixed" (weight_scale) or "plain"
+
+    def describe(self) -> str:
+        if self.layout == "mixed":
+            return "scaled fp8 (ComfyUI mixed precision)"
+        return "scaled fp8 (ComfyUI fp8_scaled)" if self.scaled else "plain fp8"
 
 
 def float8_info(shapes: Mapping[str, Any], dtypes: Mapping[str, str], path: Path, prefix: str) -> Float8Info | None:
@@ -489,21 +505,30 @@ def float8_info(shapes: Mapping[str, Any], dtypes: Mapping[str, str], path: Path
     own = [k for k in shapes if k.startswith(prefix) and k != marker_key]
     f8 = [k for k in own if dtypes.get(k) in _FLOAT8]
     marker = marker_key in shapes
-    scaled = any(k.endswith(_SCALE_WEIGHT) for k in own)
+    scales = [k for k in own if k.endswith(_SCALE_KEYS)]
+    scaled = bool(scales)
     other = sorted(k for k in own if k.endswith(_OTHER_QUANT_SUFFIXES))
     if other:
         raise ModelLoadError(
             f"{path} holds quantised weights in a layout HairDiff cannot dequantise (e.g. '{other[0]}'; "
-            f"it reads ComfyUI's fp8_scaled files with '{_SCALE_WEIGHT}' tensors, plain fp8/bf16/fp16 "
-            f".safetensors and GGUF). Use the bf16 release or Comfy-Org's *_fp8_scaled file of the model."
+            f"it reads ComfyUI's fp8 files — fp8_scaled with '{_SCALE_WEIGHT}' and mixed precision with "
+            f"'{_WEIGHT_SCALE}' tensors — plain fp8/bf16/fp16 .safetensors and GGUF; NVFP4 and int4 packs "
+            f"are not read). Use the bf16 release or Comfy-Org's *_fp8_scaled file of the model."
         )
     if not f8:
         if scaled:
             raise ModelLoadError(
-                f"{path} has '{_SCALE_WEIGHT}' tensors but no float8 weights; it is not an fp8_scaled "
-                f"file HairDiff can read (damaged or another format)"
+                f"{path} has '{scales[0][scales[0].rindex('.') :]}' tensors but no float8 weights; it is not "
+                f"an fp8 file HairDiff can read (damaged or another format)"
             )
         return None
+    for k in scales:
+        weight = k[: k.rindex(".")] + ".weight"
+        if dtypes.get(weight) not in _FLOAT8:
+            raise ModelLoadError(
+                f"{path}: '{k}' scales '{weight}', which is {dtypes.get(weight, 'missing')}, not float8; "
+                f"HairDiff reads scaled float8 layers only (another quantisation format?)"
+            )
     kinds = {dtypes[k] for k in f8}
     if len(kinds) > 1:
         raise ModelLoadError(f"{path} mixes float8 formats {sorted(kinds)}; HairDiff reads one per file")
@@ -513,7 +538,8 @@ def float8_info(shapes: Mapping[str, Any], dtypes: Mapping[str, str], path: Path
             f"{path}: float8 tensor '{bad[0]}' is not a layer weight; only weights may be fp8 in the "
             f"files HairDiff reads (ComfyUI's fp8_scaled layout)"
         )
-    return Float8Info(dtype=_FLOAT8[kinds.pop()], scaled=scaled, marker=marker, tensors=len(f8))
+    layout = "mixed" if any(k.endswith(_WEIGHT_SCALE) for k in scales) else "fp8_scaled" if scaled else "plain"
+    return Float8Info(dtype=_FLOAT8[kinds.pop()], scaled=scaled, marker=marker, tensors=len(f8), layout=layout)
 
 
 # Keys (after the prefix) whose modules stay in the compute dtype under fp8 storage: the patch
@@ -564,14 +590,15 @@ def _read_transformer_state(
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
             for new, old in keys.items():
-                if new.endswith((_SCALE_WEIGHT, _SCALE_INPUT)):
+                if new.endswith(_QUANT_AUX):
                     continue
                 t = f.get_tensor(old)
                 stored = t.ndim >= 2 and not new.startswith(kept)
                 target = storage if stored else compute_dtype
                 if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                    scale_key = old[: -len(".weight")] + _SCALE_WEIGHT
-                    scale = f.get_tensor(scale_key) if scale_key in names else None
+                    layer = old[: -len(".weight")]
+                    scale_key = next((layer + s for s in _SCALE_KEYS if layer + s in names), None)
+                    scale = f.get_tensor(scale_key) if scale_key is not None else None
                     if scale is None and t.dtype == target:
                         out[new] = t  # plain fp8 into the same fp8: no round trip
                         continue
@@ -714,8 +741,8 @@ def _load_transformer_file(
                 "%s: %d %s weights%s dequantised layer by layer into %s",
                 path.name,
                 fp8.tensors,
-                "scaled fp8 (ComfyUI fp8_scaled)" if fp8.scaled else "plain fp8",
-                "" if fp8.marker or not fp8.scaled else " (no scaled_fp8 marker)",
+                fp8.describe(),
+                "" if fp8.marker or fp8.layout != "fp8_scaled" else " (no scaled_fp8 marker)",
                 weights,
             )
     else:

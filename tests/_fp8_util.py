@@ -73,3 +73,32 @@ def write_fp8_checkpoint(
         out.update(diffusers_to_ldm_vae({k: v.detach().float().contiguous() for k, v in vae.state_dict().items()}))
     save_file(out, str(path))
     return out
+
+
+def to_mixed_precision(written: dict[str, torch.Tensor], plain_layers: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """An fp8_scaled file's tensors in ComfyUI's newer mixed-precision layout, as its
+    ``comfy.utils.convert_old_quants`` converts them: ``scale_weight`` -> ``weight_scale``,
+    ``scale_input`` -> ``input_scale`` (dropped when 1), a ``<layer>.comfy_quant`` JSON per
+    quantised layer, no marker. Layers whose name contains one of ``plain_layers`` are written
+    back in bf16 without scales (the "mixed" in mixed precision)."""
+    import json
+
+    out: dict[str, torch.Tensor] = {}
+    for key, t in written.items():
+        if key.endswith("scaled_fp8"):
+            continue
+        layer = key.rsplit(".", 1)[0]
+        plain = any(p in layer for p in plain_layers)
+        if key.endswith(".scale_weight"):
+            if not plain:
+                out[layer + ".weight_scale"] = t
+                conf = json.dumps({"format": "float8_e4m3fn"}).encode("utf-8")
+                out[layer + ".comfy_quant"] = torch.tensor(list(conf), dtype=torch.uint8)
+        elif key.endswith(".scale_input"):
+            if not plain and float(t) != 1.0:
+                out[layer + ".input_scale"] = t
+        elif key.endswith(".weight") and t.dtype == torch.float8_e4m3fn and plain:
+            out[key] = (t.float() * written[layer + ".scale_weight"]).to(torch.bfloat16)
+        else:
+            out[key] = t
+    return out

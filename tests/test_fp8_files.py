@@ -92,17 +92,42 @@ def test_fp8_without_marker_is_read_correctly(models, tmp_path):
         assert torch.equal(same.transformer_blocks[0].ff.net[0].proj.weight.view(torch.uint8), file_q.view(torch.uint8))
 
 
+def test_comfyui_mixed_precision_file_loads_within_fp8_rounding(models, tmp_path, caplog):
+    # ComfyUI's newer layout (weight_scale, input_scale, comfy_quant), with some layers left in
+    # bf16, as ComfyUI's own converter and newer files have it.
+    transformer, _ = models
+    written = fp8u.write_fp8_checkpoint(transformer, tmp_path / "scaled.safetensors")
+    mixed = fp8u.to_mixed_precision(written, plain_layers=("final_layer", "context_block"))
+    assert any(k.endswith(".comfy_quant") for k in mixed) and not any(k.endswith("scale_weight") for k in mixed)
+    fc1 = "model.diffusion_model.joint_blocks.0.context_block.mlp.fc1.weight"
+    assert mixed[fc1].dtype == torch.bfloat16  # a plain layer beside fp8 ones
+    save_file(mixed, str(tmp_path / "mixed.safetensors"))
+    with caplog.at_level("INFO", logger="hairdiff_core.loading"):
+        loaded, family = load_transformer(tmp_path / "mixed.safetensors", dtype=torch.bfloat16, weights="bf16")
+    assert family == "tiny" and "ComfyUI mixed precision" in caplog.text
+    _assert_within_fp8(loaded, transformer, E4M3_REL)
+    auto, _ = load_transformer(tmp_path / "mixed.safetensors", dtype=torch.bfloat16)
+    assert current_storage_dtype(auto) == torch.float8_e4m3fn
+    _assert_within_fp8(auto, transformer, 2 * E4M3_REL)
+
+
 def test_unreadable_fp8_layouts_are_refused_clearly(models, tmp_path):
     transformer, _ = models
     path = tmp_path / "scaled.safetensors"
     state = fp8u.write_fp8_checkpoint(transformer, path)
-    # Another tool's quantisation layout (weight_scale instead of ComfyUI's scale_weight).
-    other = {
-        (k[: -len("scale_weight")] + "weight_scale" if k.endswith("scale_weight") else k): v for k, v in state.items()
-    }
-    save_file(other, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ModelLoadError, match=r"layout HairDiff cannot dequantise.*weight_scale.*fp8_scaled"):
-        load_transformer(tmp_path / "other.safetensors", dtype=torch.bfloat16)
+    # NVFP4 (a second scale per layer, packed uint8 weights): not dequantised here.
+    nvfp4 = dict(fp8u.to_mixed_precision(state))
+    layer = "model.diffusion_model.joint_blocks.0.x_block.attn.qkv"
+    nvfp4[layer + ".weight_scale_2"] = torch.ones(())
+    save_file(nvfp4, str(tmp_path / "nvfp4.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"layout HairDiff cannot dequantise.*weight_scale_2.*NVFP4"):
+        load_transformer(tmp_path / "nvfp4.safetensors", dtype=torch.bfloat16)
+    # A scale beside a weight that is not float8 (int8 quantisation, say) among fp8 layers.
+    int8 = dict(fp8u.to_mixed_precision(state))
+    int8[layer + ".weight"] = torch.zeros(int8[layer + ".weight"].shape, dtype=torch.int8)
+    save_file(int8, str(tmp_path / "int8.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"qkv.weight_scale' scales .*I8, not float8"):
+        load_transformer(tmp_path / "int8.safetensors", dtype=torch.bfloat16)
     # Scales beside weights that are not float8: not an fp8 file.
     bf16 = {
         k: (v.float().to(torch.bfloat16) if v.dtype == torch.float8_e4m3fn and v.numel() else v)
