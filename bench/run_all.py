@@ -111,6 +111,10 @@ def run_one(path: str, timeout: float) -> dict:
             break
         except json.JSONDecodeError:
             continue
+    if name.startswith("gpu_") and proc.returncode == 2 and "no CUDA" in proc.stdout + proc.stderr:
+        # A GPU check on a machine without one: not run, not a failure.
+        row["result"] = {"skipped": "no CUDA device: run it on a GPU machine (bench/gpu_run.sh)"}
+        return row
     if proc.returncode != 0 or not isinstance(result, dict):
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         row["error"] = (

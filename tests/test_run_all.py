@@ -23,12 +23,18 @@ def test_run_all_rows_targets_and_errors(tmp_path, capsys):
     (tmp_path / "bench_crash.py").write_text("raise SystemExit('broken on purpose')\n")
     (tmp_path / "bench_silent.py").write_text("print('no json here')\n")
     (tmp_path / "gpu_check.py").write_text("import json; print(json.dumps({'skipped': 'no CUDA device'}))\n")
+    (tmp_path / "gpu_exit2.py").write_text(
+        "import sys; print('no CUDA device is visible', file=sys.stderr); sys.exit(2)\n"
+    )
+    (tmp_path / "gpu_broken.py").write_text("import sys; sys.exit(2)\n")  # exit 2 for another reason: an error
     (tmp_path / "helper.py").write_text("raise RuntimeError('not a bench: never run')\n")
     out = tmp_path / "all.json"
     assert run_all.main(["--dir", str(tmp_path), "--out", str(out), "--markdown"]) == 0
     report = json.loads(out.read_text())
     rows = {r["bench"]: r for r in report["benches"]}
-    assert sorted(rows) == ["bench_crash", "bench_good", "bench_silent", "gpu_check"]
+    assert sorted(rows) == ["bench_crash", "bench_good", "bench_silent", "gpu_broken", "gpu_check", "gpu_exit2"]
+    assert "no CUDA" in rows["gpu_exit2"]["result"]["skipped"] and "error" not in rows["gpu_exit2"]
+    assert rows["gpu_broken"]["error"] == "exit 2"
     good = rows["bench_good"]
     assert good["result"]["argv"] == ["--fast", "3"]  # its own SHORT_ARGS
     checks = {t["metric"]: t for t in good["targets"]}
