@@ -48,7 +48,7 @@ PROJECT_TARGETS = {
         "large_per_step_over_off": 2.05,
         "large_mem_once_over_off": 1.05,
     },
-    "gpu_attention_check": {"large_bias_over_grouped": {"min": 1.5}},
+    "gpu_attention_check": {"large_bias_over_fused": {"min": 1.5}},
 }
 
 

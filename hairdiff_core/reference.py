@@ -64,8 +64,14 @@ REFERENCE_INPUTS = ("photo", "filled")
 REFERENCE_NOISES = ("auto", "clean", "matched")
 #: Reference key pooling factors (cells of k x k tokens; 1 = no pooling).
 KEY_POOLS = (1, 2, 4)
-#: ``auto`` = ``grouped`` on CUDA (flash kernels), ``bias`` elsewhere (one fused CPU call).
-ATTENTION_KERNELS = ("auto", "grouped", "bias")
+#: ``auto`` = ``grouped`` on CUDA (flash kernels), ``bias`` elsewhere (one fused CPU call);
+#: ``folded`` = the biases carried in extra head dimensions (one bias-free SDPA call).
+ATTENTION_KERNELS = ("auto", "grouped", "bias", "folded")
+#: The folded kernel's stand-in for -inf: exp(-1000) is 0 in every float format, and 1000 divided
+#: by the softmax scale stays finite in fp16 (head dims up to 4096).
+_FOLD_NEG = 1.0e3
+#: Extra head dimensions of the folded kernel (4 used); a multiple of 8 keeps flash kernels eligible.
+_FOLD_DIMS = 8
 #: The ``joint_attention_kwargs`` key the processor reads (it must be a named parameter).
 KWARG = "hairdiff_reference"
 #: Floor of the own-key weight under suppression: a finite bias keeps every row non-empty.
@@ -113,8 +119,10 @@ class ReferenceSettings:
       input, unit weights = plain model) holds only without a budget: pooling and the ring are
       approximations of the photo's keys, so the budget is off by default.
     - ``attention_kernel``: ``"auto"`` (grouped on CUDA, bias elsewhere), ``"grouped"``
-      (attention per key group merged by log-sum-exp: no float mask, flash kernels on CUDA)
-      or ``"bias"`` (one SDPA call with an additive float mask). Same result either way.
+      (attention per key group merged by log-sum-exp: no float mask, flash kernels on CUDA),
+      ``"folded"`` (the biases, a per-query value per key group plus a per-key value, carried
+      in 8 extra head dimensions: one bias-free SDPA call, flash kernels on CUDA) or ``"bias"``
+      (one SDPA call with an additive float mask). Same result either way (up to rounding).
     """
 
     mode: str = "off"
@@ -279,6 +287,28 @@ def _sdpa_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) 
     logits = (query.float() @ key.float().transpose(-1, -2)) / math.sqrt(query.shape[-1])
     lse = torch.logsumexp(logits, dim=-1)
     return (torch.softmax(logits, dim=-1) @ value.float()).to(query.dtype), lse
+
+
+def folded_attention(query, key, value, q_extra, k_extra) -> torch.Tensor:
+    """Softmax attention with ``bias[q, k] = q_extra[q] . k_extra[k]`` added to the scaled logits,
+    in one bias-free SDPA call: the bias rides in extra head dimensions.
+
+    ``(q, q_extra / scale) . (k, k_extra) x scale = q . k x scale + q_extra . k_extra``, exactly
+    in exact arithmetic; the extra dims are rounded to the query's dtype like q and k are.
+
+    Args:
+        query, key, value: (B, H, L, D).
+        q_extra: (B|1, Lq, E) float32, finite (``-_FOLD_NEG`` for "not seen").
+        k_extra: (B|1, Lk, E) float32, finite; E = ``_FOLD_DIMS``.
+    """
+    B, H, _, D = query.shape
+    scale = 1.0 / math.sqrt(D)
+    qe = (q_extra / scale).to(query.dtype)[:, None].expand(B, H, -1, -1)
+    ke = k_extra.to(key.dtype)[:, None].expand(B, H, -1, -1)
+    q = torch.cat([query, qe], dim=-1)
+    k = torch.cat([key, ke], dim=-1)
+    v = torch.cat([value, value.new_zeros(*value.shape[:-1], k_extra.shape[-1])], dim=-1)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False, scale=scale)[..., :D]
 
 
 def grouped_attention(query: torch.Tensor, groups) -> torch.Tensor:
@@ -495,6 +525,58 @@ class ReferenceGating:
         out.copy_(bias)
         return out
 
+    # ---- folded kernel (biases in extra head dimensions) ----------------------------------------
+    def use_folded(self) -> bool:
+        return self.settings.attention_kernel == "folded"
+
+    @staticmethod
+    def _finite(t: torch.Tensor) -> torch.Tensor:
+        return t.nan_to_num(neginf=-_FOLD_NEG).clamp_min(-_FOLD_NEG)
+
+    def generation_extras(self, batch: int, text_tokens: int | None, ref_tokens: int, device):
+        """(q_extra, k_extra) of a generation attention: dims 0-2 carry the per-query bias of the
+        own, text and reference key groups (a 1 marks the key's group), dim 3 the reference
+        keys' column bias (the query side holds 1)."""
+        key = ("folded_gen", batch, text_tokens, device)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        L, Lt, R = self.tokens, text_tokens or 0, ref_tokens
+        rows = [self._finite(self._rows(n, batch, text_tokens, "cpu")) for n in ("own", "text", "ref")]
+        bq = rows[0].shape[0]
+        q_extra = torch.zeros(bq, L + Lt, _FOLD_DIMS)
+        for i, r in enumerate(rows):
+            q_extra[:, :, i] = r
+        q_extra[:, :, 3] = 1.0
+        col = self._finite(self.col_kept)
+        if col.shape[0] not in (1, batch):
+            col = col.repeat(batch // col.shape[0], 1)  # [uncond, cond] halves, as _match_reference
+        k_extra = torch.zeros(col.shape[0], L + Lt + R, _FOLD_DIMS)
+        k_extra[:, :L, 0] = 1.0
+        k_extra[:, L : L + Lt, 1] = 1.0
+        k_extra[:, L + Lt :, 2] = 1.0
+        k_extra[:, L + Lt :, 3] = col
+        hit = self._cache[key] = (q_extra.to(device), k_extra.to(device))
+        return hit
+
+    def reference_extras(self, batch: int, text_tokens: int | None, device):
+        """(q_extra, k_extra) of the hair-blind reference pass (``reference_bias`` folded)."""
+        key = ("folded_ref", batch, text_tokens, device)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        L, Lt = self.tokens, text_tokens or 0
+        col = torch.where(self.all_excluded[:, None], torch.zeros_like(self.col_ref), self.col_ref)
+        col = self._finite(col)
+        if col.shape[0] not in (1, batch):
+            col = col.repeat(batch // col.shape[0], 1)
+        q_extra = torch.zeros(1, L + Lt, _FOLD_DIMS)
+        q_extra[:, :, 0] = 1.0
+        k_extra = torch.zeros(col.shape[0], L + Lt, _FOLD_DIMS)
+        k_extra[:, :L, 0] = col
+        hit = self._cache[key] = (q_extra.to(device), k_extra.to(device))
+        return hit
+
     # ---- grouped kernel (no float mask) -------------------------------------------------------
     def use_grouped(self, query: torch.Tensor) -> bool:
         kernel = self.settings.attention_kernel
@@ -645,6 +727,7 @@ class ReferenceAttnProcessor:
 
         bias = None
         groups = None
+        folded = None
         state = hairdiff_reference
         takes_part = state is not None and (joint or state.include_attn2)
         if takes_part and isinstance(state, ReferencePassState):
@@ -654,9 +737,12 @@ class ReferenceAttnProcessor:
                 state.cache[attn] = (img_key, img_value)
             if state.expected is not None and len(state.cache) >= state.expected:
                 raise _ReferenceComplete
-            if state.gating is not None and state.gating.use_grouped(query):
+            if state.gating is not None and state.gating.use_folded():
+                if state.gating.reference_bias_needed():
+                    folded = state.gating.reference_extras(batch, text_tokens, query.device)
+            elif state.gating is not None and state.gating.use_grouped(query):
                 groups = state.gating.reference_groups(key, value, text_tokens)
-            if state.gating is not None and groups is None:
+            if state.gating is not None and groups is None and folded is None and not state.gating.use_folded():
                 bias = state.gating.reference_bias(batch, text_tokens, query.dtype, query.device)
         elif takes_part and isinstance(state, GenerationPassState):
             cached = state.cache.get(attn)
@@ -667,11 +753,15 @@ class ReferenceAttnProcessor:
                         f"{residual_len}; the reference latent must have the generation latent's size"
                     )
                 ref_k, ref_v = _match_reference(cached, batch)
-                if state.gating.use_grouped(query):
+                if state.gating.use_folded():
+                    folded = state.gating.generation_extras(batch, text_tokens, ref_k.shape[2], query.device)
+                    key = torch.cat([key, ref_k.to(key.dtype)], dim=2)
+                    value = torch.cat([value, ref_v.to(value.dtype)], dim=2)
+                elif state.gating.use_grouped(query):
                     groups = state.gating.generation_groups(
                         key, value, ref_k.to(key.dtype), ref_v.to(value.dtype), text_tokens
                     )
-                if groups is None:
+                if groups is None and folded is None:
                     key = torch.cat([key, ref_k.to(key.dtype)], dim=2)
                     value = torch.cat([value, ref_v.to(value.dtype)], dim=2)
                     bias = state.gating.generation_bias(batch, text_tokens, query.dtype, query.device)
@@ -680,6 +770,8 @@ class ReferenceAttnProcessor:
 
         if groups is not None:
             hidden_states = grouped_attention(query, groups)
+        elif folded is not None:
+            hidden_states = folded_attention(query, key, value, *folded)
         else:
             hidden_states = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False

@@ -58,4 +58,5 @@ def test_attention_check_dry_run_compares_both_kernels(capsys):
     assert result["kernels_agree"] is True
     assert result["max_abs_diff_b1"] < 1e-5 and result["max_abs_diff_b2"] < 1e-5
     assert result["stored_keys"] > 0
-    assert not any(k.endswith("bias_over_grouped") for k in result)  # no ratio from a dry run
+    assert not any("_bias_over_" in k for k in result)  # no ratio from a dry run
+    assert result["max_abs_diff_folded_b1"] < 1e-5 and result["max_abs_diff_folded_b2"] < 1e-5

@@ -111,6 +111,61 @@ def test_grouped_kernel_equals_the_bias_path_with_cfg(model, extra, monkeypatch)
     torch.testing.assert_close(outs["grouped"], outs["bias"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "extra", SETTINGS, ids=[",".join(f"{k}={v}" for k, v in e.items()) or "defaults" for e in SETTINGS]
+)
+@torch.no_grad()
+def test_folded_kernel_equals_the_bias_path_with_cfg(model, extra, monkeypatch):
+    """The biases carried in extra head dimensions: one bias-free SDPA call per attention
+    (flash-eligible on CUDA), the float-bias result up to fp32 rounding."""
+    import hairdiff_core.reference as R
+
+    masks = []
+    real = R.F.scaled_dot_product_attention
+
+    def spy(*a, **kw):
+        masks.append(kw.get("attn_mask"))
+        return real(*a, **kw)
+
+    x0, noise, sketch, text, pooled, mask = _inputs(batch=1, seed=5)
+    neg_text, neg_pooled = torch.zeros_like(text), torch.zeros_like(pooled)
+    outs = {}
+    for kernel in ("bias", "folded"):
+        s = ReferenceSettings(mode="per_step", attention_kernel=kernel, **extra)
+        masks.clear()
+        monkeypatch.setattr(R.F, "scaled_dot_product_attention", spy)
+        with reference_attention(
+            model,
+            s,
+            reference_latent=x0,
+            token_mask=mask,
+            noise=noise,
+            encoder_hidden_states=text,
+            pooled_projections=pooled,
+        ) as hook:
+            d = TransformerDenoiser(model, sketch, text, pooled, neg_text, neg_pooled, cfg=3.0, attention_hook=hook)
+            outs[kernel] = d(noise, 0.7, 0)
+        monkeypatch.undo()
+        assert any(m is not None for m in masks) == (kernel == "bias")  # folded: no float mask anywhere
+    torch.testing.assert_close(outs["folded"], outs["bias"], rtol=0, atol=1e-5)
+
+
+def test_folded_attention_is_the_biased_softmax():
+    from hairdiff_core.reference import _FOLD_DIMS, folded_attention
+
+    g = torch.Generator().manual_seed(3)
+    B, H, Lq, Lk, D = 2, 3, 7, 11, 16
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (Lq, Lk, Lk))
+    q_extra = torch.randn(B, Lq, _FOLD_DIMS, generator=g)
+    k_extra = torch.randn(1, Lk, _FOLD_DIMS, generator=g)
+    k_extra[:, 3] = 0.0
+    q_extra[0, 2, :] = 0.0
+    q_extra[0, 2, 0], k_extra[0, 3, 0] = -1e3, 1.0  # "not seen" (the -inf stand-in)
+    bias = (q_extra @ k_extra.transpose(1, 2))[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(folded_attention(q, k, v, q_extra, k_extra), want, rtol=0, atol=1e-5)
+
+
 @torch.no_grad()
 def test_grouped_kernel_with_a_batch_of_different_mattes(model):
     """Different stored-key patterns per item: the grouped kernel falls back, same result."""
@@ -131,12 +186,13 @@ def test_grouped_kernel_with_a_batch_of_different_mattes(model):
             text,
             pooled,
         )
-        for k in ("bias", "grouped")
+        for k in ("bias", "grouped", "folded")
     ]
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(outs[2], outs[0], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["bias", "grouped"])
+@pytest.mark.parametrize("kernel", ["bias", "grouped", "folded"])
 @torch.no_grad()
 def test_zero_weights_equal_the_plain_model_under_the_budget(model, kernel):
     x0, noise, sketch, text, pooled, mask = _inputs(seed=7)
@@ -216,5 +272,9 @@ def test_cli_budget_flags_reach_the_settings():
     fields = reference_fields(p.parse_args(["--ref-key-pool", "2", "--ref-key-ring", "4", "--ref-kernel", "grouped"]))
     s = ReferenceSettings(mode="once", **fields)
     assert (s.key_pool, s.key_ring, s.attention_kernel) == (2, 4, "grouped")
+    from hairdiff_cli.commands.generate import REFERENCE_FLAG_CHOICES
+    from hairdiff_core.reference import ATTENTION_KERNELS
+
+    assert REFERENCE_FLAG_CHOICES["ref_kernel"] == ATTENTION_KERNELS  # the CLI's copy (no torch at import)
     with pytest.raises(SystemExit):
         p.parse_args(["--ref-key-pool", "3"])

@@ -63,6 +63,6 @@ def test_project_targets_match_reported_metrics():
     # the same target declared by the bench and the project is one row
     row = {
         "bench": "gpu_attention_check",
-        "result": {"large_bias_over_grouped": 2.0, "targets": {"large_bias_over_grouped": {"min": 1.5}}},
+        "result": {"large_bias_over_fused": 2.0, "targets": {"large_bias_over_fused": {"min": 1.5}}},
     }
     assert [t["source"] for t in run_all.check_targets(row)] == ["bench"]

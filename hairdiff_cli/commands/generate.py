@@ -179,13 +179,17 @@ REFERENCE_FLAGS = {
         "key budget: average reference keys over NxN token cells (1 = off, 2 = 4x fewer)",
     ),
     "ref_key_ring": ("key_ring", int, "key budget: only reference keys within R tokens of the matte (0 = all)"),
-    "ref_kernel": ("attention_kernel", str, "auto (grouped on CUDA), grouped (no float mask) or bias"),
+    "ref_kernel": (
+        "attention_kernel",
+        str,
+        "auto (grouped on CUDA), grouped (no float mask), folded (biases in extra head dims) or bias",
+    ),
 }
 #: ``--ref-*`` flags with a fixed set of values.
 REFERENCE_FLAG_CHOICES = {
     "ref_input": ("photo", "filled"),
     "ref_key_pool": (1, 2, 4),
-    "ref_kernel": ("auto", "grouped", "bias"),
+    "ref_kernel": ("auto", "grouped", "bias", "folded"),  # reference.ATTENTION_KERNELS (the CLI loads torch lazily)
 }
 
 
