@@ -1,4 +1,5 @@
-"""Shared bits of the benchmarks: a mid-size random SD3-shaped config and peak-RSS measurement.
+"""Shared bits of the benchmarks: a mid-size random SD3-shaped config, a synthetic edit and
+peak-RSS measurement.
 
 Peak memory on the CPU is measured per process: Linux's peak resident set (VmHWM) is reset by
 writing 5 to /proc/self/clear_refs right before the measured work, so a figure covers that work
@@ -76,3 +77,22 @@ def threads_note() -> dict:
     import torch
 
     return {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+
+
+def synthetic_edit(size: int, comfy_layout: bool = False, seed: int = 1):
+    """(photo, sketch, matte) of one random photo: an 8-px stroke and a head-top box matte.
+
+    Core layout (1, 3, H, W) / (1, 3, H, W) / (1, 1, H, W), or ComfyUI's IMAGE/MASK layout
+    (1, H, W, 3) / (1, H, W, 3) / (1, H, W) with ``comfy_layout``.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    photo = torch.rand(1, 3, size, size, generator=g)
+    sketch = torch.zeros(1, 3, size, size)
+    sketch[..., size // 4 : size // 4 + max(1, size // 128), size // 4 : 3 * size // 4] = 1
+    matte = torch.zeros(1, 1, size, size)
+    matte[..., size // 8 : size // 2, size // 8 : 7 * size // 8] = 1
+    if comfy_layout:
+        return photo.movedim(1, -1), sketch.movedim(1, -1), matte[:, 0]
+    return photo, sketch, matte

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import build_mid_transformer, threads_note  # noqa: E402
+from _common import build_mid_transformer, synthetic_edit, threads_note  # noqa: E402
 
 
 def _comfy() -> str:
@@ -82,13 +82,8 @@ def main() -> None:
         source="bench",
         dtype=torch.float32,
     )
-    g = torch.Generator().manual_seed(0)
     s = args.size
-    photo = torch.rand(1, s, s, 3, generator=g)
-    sketch = torch.zeros(1, s, s, 3)
-    sketch[:, s // 4 : s // 4 + 3, s // 5 : 4 * s // 5] = 1.0
-    matte = torch.zeros(1, s, s)
-    matte[:, s // 8 : s // 2, s // 6 : 5 * s // 6] = 1.0
+    photo, sketch, matte = synthetic_edit(s, comfy_layout=True, seed=0)
     settings = dict(steps=args.steps, seed=1, cfg=1.0, shift=3.0, strength=1.0, paste_back=True)
 
     def node():

@@ -47,6 +47,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from _common import synthetic_edit  # noqa: E402
 
 #: What bench/run_all.py passes (it skips without COMFYUI_DIR or CUDA).
 SHORT_ARGS = ["--steps", "8"]
@@ -159,12 +162,7 @@ def child(args) -> dict:
         def decode(self, latent):
             return torch.zeros(latent.shape[0], latent.shape[2] * 8, latent.shape[3] * 8, 3)
 
-    size = args.size
-    photo = torch.rand(1, size, size, 3, generator=g)
-    sketch = torch.zeros(1, size, size, 3)
-    sketch[:, size // 4 : size // 4 + 8, size // 4 : 3 * size // 4] = 1
-    matte = torch.zeros(1, size, size)
-    matte[:, size // 8 : size // 2, size // 8 : 7 * size // 8] = 1
+    photo, sketch, matte = synthetic_edit(args.size, comfy_layout=True)
     if not cpu:
         torch.cuda.reset_peak_memory_stats()
     t1 = time.perf_counter()

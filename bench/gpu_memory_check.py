@@ -29,6 +29,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import synthetic_edit  # noqa: E402
 
 DEFAULT_VARIANTS = "bf16:none,fp8_e4m3fn:none,bf16:blocks,fp8_e4m3fn:blocks"
 TARGET_GB = {"sd3.5-large": 12.0, "sd3.5-medium": 8.0}
@@ -109,11 +112,7 @@ def child(family: str, weights: str, offload: str, size: int, steps: int, device
             return torch.zeros(latent.shape[0], 3, latent.shape[2] * 8, latent.shape[3] * 8)
 
     pipe = HairDiffPipeline(model, None, device=dev, dtype=torch.bfloat16, offload=offload, codec=RandomCodec())
-    photo = torch.rand(1, 3, size, size)
-    sketch = torch.zeros(1, 3, size, size)
-    sketch[..., size // 4 : size // 4 + 8, size // 4 : 3 * size // 4] = 1
-    matte = torch.zeros(1, 1, size, size)
-    matte[..., size // 8 : size // 2, size // 8 : 7 * size // 8] = 1
+    photo, sketch, matte = synthetic_edit(size)
     stamps = []
 
     def on_step(step, total, latent):

@@ -80,74 +80,46 @@ SETTINGS = [
 ]
 
 
+def _per_step_with_cfg(model, kernel: str, extra: dict) -> torch.Tensor:
+    x0, noise, sketch, text, pooled, mask = _inputs(batch=1, seed=5)
+    neg_text, neg_pooled = torch.zeros_like(text), torch.zeros_like(pooled)
+    s = ReferenceSettings(mode="per_step", attention_kernel=kernel, **extra)
+    with reference_attention(
+        model,
+        s,
+        reference_latent=x0,
+        token_mask=mask,
+        noise=noise,
+        encoder_hidden_states=text,
+        pooled_projections=pooled,
+    ) as hook:
+        d = TransformerDenoiser(model, sketch, text, pooled, neg_text, neg_pooled, cfg=3.0, attention_hook=hook)
+        return d(noise, 0.7, 0)
+
+
+@pytest.mark.parametrize("kernel", ["grouped", "folded"])
 @pytest.mark.parametrize(
     "extra", SETTINGS, ids=[",".join(f"{k}={v}" for k, v in e.items()) or "defaults" for e in SETTINGS]
 )
 @torch.no_grad()
-def test_grouped_kernel_equals_the_bias_path_with_cfg(model, extra, monkeypatch):
+def test_bias_free_kernels_equal_the_bias_path_with_cfg(model, extra, kernel, monkeypatch):
+    """grouped: one SDPA per key group merged by log-sum-exp; folded: the biases in extra head
+    dimensions, one SDPA call. Neither passes a float mask; both give the float-bias result."""
     import hairdiff_core.reference as R
 
-    calls = []
-    real = R.grouped_attention
-    monkeypatch.setattr(R, "grouped_attention", lambda q, groups: calls.append(len(groups)) or real(q, groups))
-    x0, noise, sketch, text, pooled, mask = _inputs(batch=1, seed=5)
-    neg_text, neg_pooled = torch.zeros_like(text), torch.zeros_like(pooled)
-    outs = {}
-    for kernel in ("bias", "grouped"):
-        s = ReferenceSettings(mode="per_step", attention_kernel=kernel, **extra)
-        with reference_attention(
-            model,
-            s,
-            reference_latent=x0,
-            token_mask=mask,
-            noise=noise,
-            encoder_hidden_states=text,
-            pooled_projections=pooled,
-        ) as hook:
-            d = TransformerDenoiser(model, sketch, text, pooled, neg_text, neg_pooled, cfg=3.0, attention_hook=hook)
-            outs[kernel] = d(noise, 0.7, 0)
-        # grouped: every generation attention (joint + attn2) and, when blind, the reference pass's
-        assert (len(calls) >= 2) == (kernel == "grouped")
-    torch.testing.assert_close(outs["grouped"], outs["bias"], rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "extra", SETTINGS, ids=[",".join(f"{k}={v}" for k, v in e.items()) or "defaults" for e in SETTINGS]
-)
-@torch.no_grad()
-def test_folded_kernel_equals_the_bias_path_with_cfg(model, extra, monkeypatch):
-    """The biases carried in extra head dimensions: one bias-free SDPA call per attention
-    (flash-eligible on CUDA), the float-bias result up to fp32 rounding."""
-    import hairdiff_core.reference as R
-
-    masks = []
-    real = R.F.scaled_dot_product_attention
-
-    def spy(*a, **kw):
-        masks.append(kw.get("attn_mask"))
-        return real(*a, **kw)
-
-    x0, noise, sketch, text, pooled, mask = _inputs(batch=1, seed=5)
-    neg_text, neg_pooled = torch.zeros_like(text), torch.zeros_like(pooled)
-    outs = {}
-    for kernel in ("bias", "folded"):
-        s = ReferenceSettings(mode="per_step", attention_kernel=kernel, **extra)
-        masks.clear()
-        monkeypatch.setattr(R.F, "scaled_dot_product_attention", spy)
-        with reference_attention(
-            model,
-            s,
-            reference_latent=x0,
-            token_mask=mask,
-            noise=noise,
-            encoder_hidden_states=text,
-            pooled_projections=pooled,
-        ) as hook:
-            d = TransformerDenoiser(model, sketch, text, pooled, neg_text, neg_pooled, cfg=3.0, attention_hook=hook)
-            outs[kernel] = d(noise, 0.7, 0)
-        monkeypatch.undo()
-        assert any(m is not None for m in masks) == (kernel == "bias")  # folded: no float mask anywhere
-    torch.testing.assert_close(outs["folded"], outs["bias"], rtol=0, atol=1e-5)
+    want = _per_step_with_cfg(model, "bias", extra)
+    grouped_calls, masks = [], []
+    real_grouped, real_sdpa = R.grouped_attention, R.F.scaled_dot_product_attention
+    monkeypatch.setattr(R, "grouped_attention", lambda q, groups: grouped_calls.append(1) or real_grouped(q, groups))
+    monkeypatch.setattr(
+        R.F, "scaled_dot_product_attention", lambda *a, **kw: masks.append(kw.get("attn_mask")) or real_sdpa(*a, **kw)
+    )
+    got = _per_step_with_cfg(model, kernel, extra)
+    monkeypatch.undo()
+    # grouped: every generation attention (joint + attn2) and, when blind, the reference pass's
+    assert (len(grouped_calls) >= 2) == (kernel == "grouped")
+    assert all(m is None for m in masks)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_folded_attention_is_the_biased_softmax():
