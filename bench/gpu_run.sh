@@ -17,14 +17,16 @@
 # VRAM and s/step of each weights x offload at 1024², 28 steps.
 # Part 2: Medium under ComfyUI with 8 GB usable; Medium's weights x offload; the training recipe.
 #
-# The device image has torch, accelerate, transformers, safetensors and peft but not diffusers
-# or av (ComfyUI's comfy_api imports it): those travel as wheels.
+# The device image (Python 3.12, torch 2.11) has accelerate, transformers, safetensors,
+# matplotlib and an older peft but not diffusers, kornia (training's augmentation) or av
+# (ComfyUI's comfy_api imports it): those travel as wheels (48 MB; with .comfyui and the repo
+# ~62 MB of the 64 MiB a call may carry — check `du` after adding anything).
 set -u
 cd "$(dirname "$0")/.."
 part="${1:-1}"
 OUT="${OUT:-bench/gpu_out}"
 mkdir -p "$OUT"
-WHEELS="diffusers==0.42.1 importlib_metadata==10.2.0 peft==0.21.2 av==19.0.2"
+WHEELS="diffusers==0.42.1 importlib_metadata==10.2.0 peft==0.21.2 av==19.0.2 kornia==0.9.0 kornia_rs==0.2.0"
 
 if [ "$part" = prepare ]; then
     set -e
