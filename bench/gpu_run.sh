@@ -18,7 +18,7 @@
 # Part 2: Medium under ComfyUI with 8 GB usable; Medium's weights x offload; the training recipe.
 #
 # The device image (Python 3.12, torch 2.11) has accelerate, transformers, safetensors,
-# matplotlib and an older peft but not diffusers, kornia (training's augmentation) or av
+# matplotlib and a peft of its own (ours is carried to match) but not diffusers, kornia (training's augmentation) or av
 # (ComfyUI's comfy_api imports it): those travel as wheels (48 MB; with .comfyui and the repo
 # ~62 MB of the 64 MiB a call may carry — check `du` after adding anything).
 set -u
