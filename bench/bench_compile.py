@@ -7,6 +7,11 @@ of the first compiled calls (compilation), the steady-state speedups, the number
 after all modes ran, and whether a second round added any (recompilation). Prints one JSON line.
 
     python bench/bench_compile.py [--size 64] [--repeats 3] [--threads 1] [--backend inductor]
+    python bench/bench_compile.py --device cuda --dtype bf16 --family sd3.5-large --layers 4 --size 128
+
+``--family`` takes SD3.5's real block dimensions (random weights, ``--layers`` of its blocks: every
+block is the same computation, so a few measure the per-block speedup); ``--size 128`` is 1024².
+On CUDA each timing is synchronised.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backend", default="inductor")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--family", default="mid", help="mid (bench/_common) or a family key, e.g. sd3.5-large")
+    p.add_argument("--layers", type=int, default=None, help="blocks of --family to keep (default: all)")
     args = p.parse_args()
     import torch
 
@@ -42,17 +51,40 @@ def main() -> None:
     from hairdiff_core.surgery import widen_input_channels
 
     torch.set_num_threads(args.threads)
-    model = widen_input_channels(build_mid_transformer())
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.family == "mid":
+        model = widen_input_channels(build_mid_transformer())
+    else:
+        from diffusers import SD3Transformer2DModel
+
+        from hairdiff_core.memory import family_config
+
+        config = family_config(args.family)
+        if args.layers:
+            config["num_layers"] = args.layers
+            config["dual_attention_layers"] = tuple(
+                i for i in config.get("dual_attention_layers") or () if i < args.layers
+            )
+        torch.manual_seed(0)
+        with dev:
+            model = SD3Transformer2DModel(**config)
+    model = model.to(dev, dtype).eval().requires_grad_(False)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
     n = args.size
     g = torch.Generator().manual_seed(0)
-    x0, noise, sketch = (torch.randn(1, 16, n, n, generator=g) for _ in range(3))
+    x0, noise, sketch = (torch.randn(1, 16, n, n, generator=g).to(dev, dtype) for _ in range(3))
     binary = torch.zeros(1, 1, 8 * n, 8 * n)
     binary[..., 2 * n : 6 * n, 2 * n : 6 * n] = 1
     token_mask = M.token_grid(M.soft_mask(binary))
-    text = torch.zeros(1, 77, model.config.joint_attention_dim)
-    pooled = torch.zeros(1, model.config.pooled_projection_dim)
+    text = torch.zeros(1, 77, model.config.joint_attention_dim, device=dev, dtype=dtype)
+    pooled = torch.zeros(1, model.config.pooled_projection_dim, device=dev, dtype=dtype)
     inp = torch.cat([0.5 * x0 + 0.5 * noise, sketch], 1)
-    t = timestep_from_sigma(0.5, 1)
+    t = timestep_from_sigma(0.5, 1).to(dev)
 
     def run(mode: str) -> float:
         with (
@@ -68,6 +100,7 @@ def main() -> None:
             ) as hook,
         ):
             kwargs = hook.step_kwargs(0.5, 0) or None  # the once pass runs here, outside the timing
+            sync()
             t0 = time.perf_counter()
             model(
                 hidden_states=inp,
@@ -77,6 +110,7 @@ def main() -> None:
                 joint_attention_kwargs=kwargs,
                 return_dict=False,
             )
+            sync()
             return time.perf_counter() - t0
 
     modes = ("off", "once")
@@ -105,6 +139,9 @@ def main() -> None:
             {
                 "bench": "compile",
                 "backend": args.backend,
+                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                "dtype": args.dtype,
+                "model": args.family if args.layers is None else f"{args.family} ({args.layers} blocks)",
                 "latent": n,
                 "tokens": (n // 2) ** 2,
                 "eager_s": {m: round(v, 4) for m, v in eager.items()},
