@@ -96,3 +96,34 @@ def synthetic_edit(size: int, comfy_layout: bool = False, seed: int = 1):
     if comfy_layout:
         return photo.movedim(1, -1), sketch.movedim(1, -1), matte[:, 0]
     return photo, sketch, matte
+
+
+class Meter:
+    """What the GPU checks measure around a call: synchronisation and peak memory on CUDA;
+    no-ops (and no figures) on a CPU dry run."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch, self.cuda = torch, device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def reset(self) -> int:
+        """Start a peak; returns the bytes already allocated (0 on the CPU)."""
+        if not self.cuda:
+            return 0
+        self.torch.cuda.synchronize()
+        self.torch.cuda.reset_peak_memory_stats()
+        return self.torch.cuda.memory_allocated()
+
+    def peak_bytes(self) -> int | None:
+        return self.torch.cuda.max_memory_allocated() if self.cuda else None
+
+    def peak_gb(self) -> float | None:
+        return round(self.torch.cuda.max_memory_allocated() / 2**30, 3) if self.cuda else None
+
+    def reserved_gb(self) -> float | None:
+        return round(self.torch.cuda.max_memory_reserved() / 2**30, 3) if self.cuda else None

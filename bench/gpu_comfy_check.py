@@ -49,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from _common import synthetic_edit  # noqa: E402
+from _common import Meter, synthetic_edit  # noqa: E402
 
 #: What bench/run_all.py passes (it skips without COMFYUI_DIR or CUDA).
 SHORT_ARGS = ["--steps", "8"]
@@ -135,13 +135,11 @@ def child(args) -> dict:
     from hairdiff_pack.hairdiff_core.memory import weights_of
 
     stamps: list[float] = []
+    meter = Meter(torch.device("cpu" if cpu else "cuda"))
 
     def hook(value, total, preview, node_id=None, **kw):
-        if cpu:
-            stamps.append(time.perf_counter())
-        else:
-            torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
+        meter.sync()
+        stamps.append(time.perf_counter())
 
     comfy.utils.set_progress_bar_global_hook(hook)
     weights, offload = args.variant.split(":")
@@ -163,8 +161,7 @@ def child(args) -> dict:
             return torch.zeros(latent.shape[0], latent.shape[2] * 8, latent.shape[3] * 8, 3)
 
     photo, sketch, matte = synthetic_edit(args.size, comfy_layout=True)
-    if not cpu:
-        torch.cuda.reset_peak_memory_stats()
+    meter.reset()
     t1 = time.perf_counter()
     out = nodes.HairDiffSampler.execute(
         model=model, photo=photo, sketch=sketch, matte=matte, steps=args.steps, seed=0, vae=RandomVAE()
@@ -187,8 +184,8 @@ def child(args) -> dict:
         "sample_s": round(sample_s, 1),
     }
     if not cpu:
-        row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        row["peak_with_context_gb"] = round((torch.cuda.max_memory_allocated() + ctx_bytes) / 2**30, 3)
+        row["peak_gb"] = meter.peak_gb()
+        row["peak_with_context_gb"] = round((meter.peak_bytes() + ctx_bytes) / 2**30, 3)
         row["fits"] = row["peak_with_context_gb"] <= args.usable_gb
     return row
 

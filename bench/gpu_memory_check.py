@@ -31,7 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import synthetic_edit  # noqa: E402
+from _common import Meter, synthetic_edit  # noqa: E402
 
 DEFAULT_VARIANTS = "bf16:none,fp8_e4m3fn:none,bf16:blocks,fp8_e4m3fn:blocks"
 TARGET_GB = {"sd3.5-large": 12.0, "sd3.5-medium": 8.0}
@@ -65,32 +65,6 @@ def random_transformer(family: str, device: str):
     return model.eval()
 
 
-class _Meter:
-    """Synchronisation and peak memory on CUDA; no-ops (and no figures) on the CPU dry run."""
-
-    def __init__(self, device):
-        import torch
-
-        self.torch, self.cuda = torch, device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            self.torch.cuda.synchronize()
-
-    def reset(self) -> int:
-        if not self.cuda:
-            return 0
-        self.torch.cuda.synchronize()
-        self.torch.cuda.reset_peak_memory_stats()
-        return self.torch.cuda.memory_allocated()
-
-    def peak_gb(self) -> float | None:
-        return round(self.torch.cuda.max_memory_allocated() / 2**30, 3) if self.cuda else None
-
-    def reserved_gb(self) -> float | None:
-        return round(self.torch.cuda.max_memory_reserved() / 2**30, 3) if self.cuda else None
-
-
 def child(family: str, weights: str, offload: str, size: int, steps: int, device: str = "cuda") -> dict:
     import torch
 
@@ -98,7 +72,7 @@ def child(family: str, weights: str, offload: str, size: int, steps: int, device
     from hairdiff_core.pipeline import HairDiffPipeline
 
     dev = torch.device(device)
-    meter = _Meter(dev)
+    meter = Meter(dev)
     # Blocks rest on the CPU; otherwise build on the GPU directly (fast, no 16 GB host copy).
     model = random_transformer(family, "cpu" if offload == "blocks" else device)
     apply_weights(model, weights, torch.bfloat16)

@@ -481,6 +481,10 @@ class ReferenceGating:
         # [uncond, cond] halves each line up with the reference batch.
         return bias.repeat(batch // bias.shape[0], 1, 1, 1)
 
+    def _batched_rows(self, rows: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B, n) per-item values lined up with a generation batch (``_batched`` for 2-D)."""
+        return self._batched(rows[:, None, None], batch)[:, 0, 0]
+
     def generation_bias(self, batch: int, text_tokens: int | None, dtype, device) -> torch.Tensor:
         """(B|1, 1, Lq, Lk + Lref) for joint attention (``text_tokens`` set) or attn2 (None)."""
         key = ("gen", batch, text_tokens, dtype, device)
@@ -548,9 +552,7 @@ class ReferenceGating:
         for i, r in enumerate(rows):
             q_extra[:, :, i] = r
         q_extra[:, :, 3] = 1.0
-        col = self._finite(self.col_kept)
-        if col.shape[0] not in (1, batch):
-            col = col.repeat(batch // col.shape[0], 1)  # [uncond, cond] halves, as _match_reference
+        col = self._batched_rows(self._finite(self.col_kept), batch)
         k_extra = torch.zeros(col.shape[0], L + Lt + R, _FOLD_DIMS)
         k_extra[:, :L, 0] = 1.0
         k_extra[:, L : L + Lt, 1] = 1.0
@@ -567,9 +569,7 @@ class ReferenceGating:
             return hit
         L, Lt = self.tokens, text_tokens or 0
         col = torch.where(self.all_excluded[:, None], torch.zeros_like(self.col_ref), self.col_ref)
-        col = self._finite(col)
-        if col.shape[0] not in (1, batch):
-            col = col.repeat(batch // col.shape[0], 1)
+        col = self._batched_rows(self._finite(col), batch)
         q_extra = torch.zeros(1, L + Lt, _FOLD_DIMS)
         q_extra[:, :, 0] = 1.0
         k_extra = torch.zeros(col.shape[0], L + Lt, _FOLD_DIMS)
@@ -591,9 +591,7 @@ class ReferenceGating:
         image = {"own": self.row_own, "text": self.row_text, "ref": self.row_ref}[name]
         text_fill = -math.inf if name == "ref" else 0.0
         rows = torch.cat([image, torch.full((image.shape[0], text_tokens or 0), text_fill)], dim=1)
-        if rows.shape[0] != batch and rows.shape[0] != 1:
-            rows = self._batched(rows[:, None, None], batch)[:, 0, 0]
-        rows = self._cache[key] = rows.to(device)
+        rows = self._cache[key] = self._batched_rows(rows, batch).to(device)
         return rows
 
     def generation_groups(self, key, value, ref_k, ref_v, text_tokens: int | None):
@@ -737,13 +735,15 @@ class ReferenceAttnProcessor:
                 state.cache[attn] = (img_key, img_value)
             if state.expected is not None and len(state.cache) >= state.expected:
                 raise _ReferenceComplete
-            if state.gating is not None and state.gating.use_folded():
-                if state.gating.reference_bias_needed():
-                    folded = state.gating.reference_extras(batch, text_tokens, query.device)
-            elif state.gating is not None and state.gating.use_grouped(query):
-                groups = state.gating.reference_groups(key, value, text_tokens)
-            if state.gating is not None and groups is None and folded is None and not state.gating.use_folded():
-                bias = state.gating.reference_bias(batch, text_tokens, query.dtype, query.device)
+            gating = state.gating
+            if gating is not None and gating.use_folded():
+                if gating.reference_bias_needed():
+                    folded = gating.reference_extras(batch, text_tokens, query.device)
+            elif gating is not None:
+                if gating.use_grouped(query):
+                    groups = gating.reference_groups(key, value, text_tokens)
+                if groups is None:
+                    bias = gating.reference_bias(batch, text_tokens, query.dtype, query.device)
         elif takes_part and isinstance(state, GenerationPassState):
             cached = state.cache.get(attn)
             if cached is not None:
@@ -755,16 +755,15 @@ class ReferenceAttnProcessor:
                 ref_k, ref_v = _match_reference(cached, batch)
                 if state.gating.use_folded():
                     folded = state.gating.generation_extras(batch, text_tokens, ref_k.shape[2], query.device)
-                    key = torch.cat([key, ref_k.to(key.dtype)], dim=2)
-                    value = torch.cat([value, ref_v.to(value.dtype)], dim=2)
                 elif state.gating.use_grouped(query):
                     groups = state.gating.generation_groups(
                         key, value, ref_k.to(key.dtype), ref_v.to(value.dtype), text_tokens
                     )
-                if groups is None and folded is None:
+                if groups is None:
                     key = torch.cat([key, ref_k.to(key.dtype)], dim=2)
                     value = torch.cat([value, ref_v.to(value.dtype)], dim=2)
-                    bias = state.gating.generation_bias(batch, text_tokens, query.dtype, query.device)
+                    if folded is None:
+                        bias = state.gating.generation_bias(batch, text_tokens, query.dtype, query.device)
         elif state is not None and not isinstance(state, (ReferencePassState, GenerationPassState)):
             raise InputError(f"{KWARG} must come from hairdiff_core.reference, got {type(state).__name__}")
 

@@ -29,7 +29,7 @@ def _short_named(cls: type) -> type:
 
 def node_error(node: str, input_name: str | None, problem: str | Exception, fix: str = "") -> InputError:
     """An error that names the node, the input that was wrong (when one is) and what to do."""
-    if isinstance(problem, HairDiffError) and str(problem).startswith(f"{node}:"):
+    if getattr(problem, "node", None) == node:
         return problem  # already this node's message (raised by a helper inside the same try)
     text = f"{node}: input '{input_name}': {problem}" if input_name else f"{node}: {problem}"
     if fix:
@@ -37,7 +37,9 @@ def node_error(node: str, input_name: str | None, problem: str | Exception, fix:
     base = type(problem) if isinstance(problem, HairDiffError) else InputError
     if base in _SHORT_CLASSES.values():
         base = base.__bases__[0]  # already a short-named copy: wrap its original
-    return _short_named(base)(text, input=input_name)
+    err = _short_named(base)(text, input=input_name)
+    err.node = node
+    return err
 
 
 def input_of(exc: HairDiffError, names: dict[str, str] | None = None, default: str | None = None) -> str | None:

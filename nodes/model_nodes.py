@@ -210,10 +210,9 @@ def _settle_memory(transformer: torch.nn.Module, family: str, weights: str, offl
     )
     # --reserve-vram (and ComfyUI's default few hundred MB) is not subtracted by get_free_memory;
     # load_models_gpu keeps it free beside every model, so auto must not plan with it.
-    reserved = mm.extra_reserved_memory() if hasattr(mm, "extra_reserved_memory") else 0
     chosen_weights, chosen_offload, est = choose_settings(
         known,
-        max(0, mm.get_free_memory(device) - reserved),
+        max(0, mm.get_free_memory(device) - mm.extra_reserved_memory()),
         weights=fixed,
         offload=offload,
         compute_dtype=transformer.pos_embed.proj.weight.dtype,

@@ -102,7 +102,8 @@ def test_the_feather_stops_at_the_protected_region():
     face = _face().bool()
     assert float(c.soft[face].abs().max()) == 0.0  # the feathered edge does not reach into the face
     assert float(c.soft[..., 24, 30]) > 0  # outside it the edge is soft as before
-    assert torch.equal(c.soft, soft_mask(c.binary, 3.0).where(~face, 0.0))  # and exactly as before outside it
+    # and as before outside it (a blur computed twice: equal up to float rounding, not bit for bit)
+    torch.testing.assert_close(c.soft, soft_mask(c.binary, 3.0).where(~face, 0.0), rtol=0, atol=1e-6)
 
 
 def test_a_protect_picture_reads_as_comfyuis_load_image_mask():
