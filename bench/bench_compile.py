@@ -8,6 +8,7 @@ after all modes ran, and whether a second round added any (recompilation). Print
 
     python bench/bench_compile.py [--size 64] [--repeats 3] [--threads 1] [--backend inductor]
     python bench/bench_compile.py --device cuda --dtype bf16 --family sd3.5-large --layers 4 --size 128
+    python bench/bench_compile.py --dtype bf16 --weights fp8_e4m3fn   # fp8 storage: see graph_breaks
 
 ``--family`` takes SD3.5's real block dimensions (random weights, ``--layers`` of its blocks: every
 block is the same computation, so a few measure the per-block speedup); ``--size 128`` is 1024².
@@ -41,6 +42,7 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--family", default="mid", help="mid (bench/_common) or a family key, e.g. sd3.5-large")
     p.add_argument("--layers", type=int, default=None, help="blocks of --family to keep (default: all)")
+    p.add_argument("--weights", default="auto", help="weight storage (memory.WEIGHTS, e.g. fp8_e4m3fn); auto = --dtype")
     args = p.parse_args()
     import torch
 
@@ -70,6 +72,10 @@ def main() -> None:
         with dev:
             model = SD3Transformer2DModel(**config)
     model = model.to(dev, dtype).eval().requires_grad_(False)
+    if args.weights != "auto":
+        from hairdiff_core.memory import apply_weights
+
+        apply_weights(model, args.weights)
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -141,6 +147,8 @@ def main() -> None:
                 "backend": args.backend,
                 "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                 "dtype": args.dtype,
+                "weights": args.weights,
+                "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
                 "model": args.family if args.layers is None else f"{args.family} ({args.layers} blocks)",
                 "latent": n,
                 "tokens": (n // 2) ** 2,

@@ -22,11 +22,49 @@ block): hooks that must run should be pre-forward hooks, as block streaming's ar
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+from collections.abc import Iterator
 
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
+
+#: ``torch.compile`` backends offered to users: inductor generates fused code (the speedup);
+#: eager only traces (checks that a model compiles, in seconds, with no speedup).
+COMPILE_BACKENDS = ("inductor", "eager")
+#: ``torch.compile`` modes that work with HairDiff (None = torch's default).
+COMPILE_MODES = (None, "max-autotune-no-cudagraphs")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileSettings:
+    """How to compile the transformer's blocks for sampling (``compiled_blocks``).
+
+    Args:
+        backend: one of ``COMPILE_BACKENDS``.
+        mode: one of ``COMPILE_MODES``; CUDA-graph modes (``"reduce-overhead"``) are refused:
+            they replay fixed memory while the reference K/V cache changes per call.
+    """
+
+    backend: str = "inductor"
+    mode: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and "reduce-overhead" in self.mode:
+            raise InputError(
+                f"compile mode {self.mode!r} uses CUDA graphs, which replay fixed memory while the reference "
+                f"K/V cache changes per call; use the default mode or 'max-autotune-no-cudagraphs'",
+                input="mode",
+            )
+        if self.backend not in COMPILE_BACKENDS:
+            raise InputError(
+                f"compile backend {self.backend!r} is not one of {', '.join(COMPILE_BACKENDS)}", input="backend"
+            )
+        if self.mode not in COMPILE_MODES:
+            allowed = ", ".join("default" if m is None else m for m in COMPILE_MODES)
+            raise InputError(f"compile mode {self.mode!r} is not one of {allowed}", input="mode")
 
 
 def compile_blocks(
@@ -43,17 +81,62 @@ def compile_blocks(
         dynamic: ``torch.compile``'s ``dynamic`` (None: recompile once if the token count
             changes, then generalise).
     """
-    blocks = getattr(transformer, "transformer_blocks", None)
-    if blocks is None:
-        raise InputError(
-            f"compile_blocks needs an SD3 transformer with transformer_blocks, got {type(transformer).__name__}"
-        )
+    blocks = _blocks_of(transformer)
     if mode is not None and "reduce-overhead" in mode:
-        raise InputError(
-            f"compile mode {mode!r} uses CUDA graphs, which replay fixed memory while the reference K/V "
-            f"cache changes per call; use the default mode or 'max-autotune-no-cudagraphs'"
-        )
+        CompileSettings(backend="eager", mode=mode)  # raises the CUDA-graph refusal
     for block in blocks:
         block.compile(backend=backend, mode=mode, dynamic=dynamic)
     logger.info("compiled %d transformer blocks (backend %s, mode %s)", len(blocks), backend, mode or "default")
     return len(blocks)
+
+
+def _blocks_of(transformer) -> list:
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if blocks is None:
+        raise InputError(
+            f"compiling blocks needs an SD3 transformer with transformer_blocks, got {type(transformer).__name__}"
+        )
+    return list(blocks)
+
+
+@contextlib.contextmanager
+def compiled_blocks(transformer, settings: CompileSettings | None) -> Iterator[int]:
+    """Run the transformer's blocks compiled inside the ``with``, as they were after it.
+
+    For a model that lives on (ComfyUI keeps loaded models between runs, and a graph without the
+    compile node must run the same model eagerly). Dynamo keeps compiled code per code object,
+    so entering again with the same settings reuses it: only the first entry compiles
+    (tests/test_compiling.py counts the graphs). Yields the number of blocks compiled (0 when
+    ``settings`` is None).
+
+    Args:
+        transformer: an ``SD3Transformer2DModel`` (processors and offload hooks may be installed).
+        settings: how to compile, or None for no change.
+    """
+    if settings is None:
+        yield 0
+        return
+    import torch
+
+    from .memory import current_storage_dtype, weights_name
+
+    blocks = _blocks_of(transformer)
+    storage = current_storage_dtype(transformer)
+    if storage is not None:
+        # diffusers' layerwise casting rebuilds each Linear's parameters in its hook, which dynamo
+        # cannot trace: every block breaks into pieces (bench_compile --weights: no speedup).
+        logger.warning(
+            "compiling blocks whose weights are stored as %s: the casting hooks split each block at every "
+            "linear layer, so compilation gains little; compile pays off with bf16/fp16 weights",
+            weights_name(storage),
+        )
+    before = [block.__dict__.get("_compiled_call_impl") for block in blocks]
+    try:
+        for block in blocks:
+            # What nn.Module.compile does; a fresh wrapper per entry, so a copied model never
+            # runs another copy's block.
+            block._compiled_call_impl = torch.compile(block._call_impl, backend=settings.backend, mode=settings.mode)
+        yield len(blocks)
+    finally:
+        for block, previous in zip(blocks, before):
+            block._compiled_call_impl = previous

@@ -9,7 +9,13 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .image_nodes import HairMatte, SketchPreprocess
-from .model_nodes import HairDiffLoRA, HairDiffReferenceAttention, LoadHairDiffModel, register_model_folder
+from .model_nodes import (
+    HairDiffCompile,
+    HairDiffLoRA,
+    HairDiffReferenceAttention,
+    LoadHairDiffModel,
+    register_model_folder,
+)
 from .sampler_node import HairDiffSampler
 from .template_inputs import install_template_inputs
 from .text_nodes import HairDiffPrompt
@@ -20,6 +26,7 @@ NODES: list[type[io.ComfyNode]] = [
     SketchPreprocess,
     HairMatte,
     HairDiffReferenceAttention,
+    HairDiffCompile,
     HairDiffSampler,
     HairDiffPrompt,
 ]

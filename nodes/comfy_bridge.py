@@ -126,6 +126,7 @@ def sampling_session(model, photo: torch.Tensor, cfg: float, steps: int, vae=Non
     import comfy.utils
     import latent_preview
 
+    from ..hairdiff_core.compiling import compiled_blocks
     from ..hairdiff_core.pipeline import HairDiffPipeline
 
     patcher = model.patcher
@@ -165,7 +166,8 @@ def sampling_session(model, photo: torch.Tensor, cfg: float, steps: int, vae=Non
             preview = previewer.decode_latent_to_preview_image("JPEG", latent) if previewer is not None else None
             pbar.update_absolute(step, total, preview)
 
-        yield Session(pipe, on_step, latent_format)
+        with compiled_blocks(transformer, model.compile):
+            yield Session(pipe, on_step, latent_format)
     finally:
         if own_vae is not None and next(own_vae.parameters()).device != own_vae_device:
             own_vae.to(own_vae_device)

@@ -57,6 +57,7 @@ class HairDiffModel:
     loras: tuple[tuple[str, float], ...] = ()
     offload: str = "none"  # none | model | blocks (resolved from "auto" when loaded)
     run_device: Any = None  # where sampling runs (with blocks offload the patcher lives on the CPU)
+    compile: Any | None = None  # hairdiff_core.compiling.CompileSettings: blocks compiled while sampling
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -522,6 +523,68 @@ class HairDiffLoRA(io.ComfyNode):
         added = patcher.add_patches(patches, float(strength))
         logger.info("HairDiff LoRA %s: %d weights patched at strength %s", lora_name, len(added), strength)
         return io.NodeOutput(model.replace(patcher=patcher, loras=model.loras + ((lora_name, float(strength)),)))
+
+
+class HairDiffCompile(io.ComfyNode):
+    """ComfyUI's TorchCompileModel for HAIRDIFF_MODEL: regional compilation, applied while sampling."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from ..hairdiff_core.compiling import COMPILE_BACKENDS, COMPILE_MODES
+
+        return io.Schema(
+            node_id="HairDiff_Compile",
+            display_name="HairDiff Compile",
+            category="HairDiff/sampling",
+            description=(
+                "Compiles the transformer's blocks with torch.compile while the HairDiff Sampler runs (one block "
+                "kind at a time, so the first run compiles once, in seconds to minutes, and later runs reuse it). "
+                "Returns a new model value; the incoming model runs uncompiled elsewhere. Pays off with bf16/fp16 "
+                "weights; with fp8 weights the blocks compile in pieces and gain little."
+            ),
+            inputs=[
+                HairDiffModelType.Input("model", tooltip="The HairDiff model to compile (it stays unchanged)."),
+                io.Combo.Input(
+                    "backend",
+                    options=list(COMPILE_BACKENDS),
+                    default="inductor",
+                    tooltip="inductor = generated fused code (the speedup; needs a C compiler on the CPU, Triton "
+                    "on CUDA); eager = trace only, a quick check that the model compiles (no speedup).",
+                ),
+                io.Combo.Input(
+                    "mode",
+                    options=["default" if m is None else m for m in COMPILE_MODES],
+                    default="default",
+                    optional=True,
+                    tooltip="torch.compile mode: max-autotune-no-cudagraphs searches faster kernels (a much longer "
+                    "first run). CUDA-graph modes are not offered: the reference cache changes per run.",
+                ),
+            ],
+            outputs=[
+                HairDiffModelType.Output(
+                    "compiled_model", display_name="model", tooltip="A new HairDiff model that samples compiled."
+                )
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, backend=None, mode=None) -> bool | str:
+        return check_combos(cls, {"backend": backend, "mode": mode})
+
+    @classmethod
+    def execute(cls, model, backend="inductor", mode="default") -> io.NodeOutput:
+        from ..hairdiff_core.compiling import CompileSettings
+
+        node = "HairDiff Compile"
+        if not isinstance(model, HairDiffModel):
+            raise node_error(
+                node, "model", f"expected a HAIRDIFF_MODEL, got {type(model).__name__}", "connect Load HairDiff Model"
+            )
+        try:
+            settings = CompileSettings(backend=backend, mode=None if mode == "default" else mode)
+        except HairDiffError as exc:
+            raise node_error(node, input_of(exc), exc) from exc
+        return io.NodeOutput(model.replace(compile=settings))
 
 
 class HairDiffReferenceAttention(io.ComfyNode):

@@ -37,7 +37,9 @@ HAIRDIFF_NODES = {
     "HairDiff_SketchPreprocess",
     "HairDiff_HairMatte",
     "HairDiff_ReferenceAttention",
+    "HairDiff_Compile",
     "HairDiff_Sampler",
+    "HairDiff_Prompt",
 }
 ASSETS = ROOT / "hairdiff_core" / "assets"
 TINY = "tiny (wiring check)"
@@ -374,6 +376,26 @@ def test_lora_graph_runs_and_changes_the_result(server, tmp_path):
     with_lora = _run(server, "", tmp_path / "a", graph=graph, sets=["Save Image.filename_prefix=lora"])
     plain = _run(server, "hairdiff_basic", tmp_path / "b", sets=["Save Image.filename_prefix=plain"])
     assert with_lora[0].read_bytes() != plain[0].read_bytes()
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_compile_node_runs_in_comfyui_and_draws_the_same(server, tmp_path, backend):
+    import numpy as np
+    from PIL import Image
+
+    from hairdiff_cli import comfy_client as C
+
+    graph = C.load_workflow(ROOT / "workflows" / "api" / "hairdiff_basic.json")
+    graph["51"] = {
+        "class_type": "HairDiff_Compile",
+        "inputs": {"model": ["5", 0], "backend": backend, "mode": "default"},
+        "_meta": {"title": "HairDiff Compile"},
+    }
+    graph["8"]["inputs"]["model"] = ["51", 0]
+    compiled = _run(server, "", tmp_path / "a", graph=graph, sets=[f"Save Image.filename_prefix=compiled_{backend}"])
+    plain = _run(server, "hairdiff_basic", tmp_path / "b", sets=[f"Save Image.filename_prefix=eager_{backend}"])
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (compiled[0], plain[0]))
+    assert np.abs(a - b).max() <= 2  # compiled kernels round differently; the picture is the same
 
 
 def test_colour_prompt_workflow_fails_only_on_missing_model_files(server):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hairdiff_core.compiling import compile_blocks
+from hairdiff_core.compiling import CompileSettings, compile_blocks, compiled_blocks
 from hairdiff_core.errors import InputError
 from hairdiff_core.flow import timestep_from_sigma
 from hairdiff_core.reference import ReferenceSettings, reference_attention
@@ -76,3 +76,65 @@ def test_compile_refusals_name_the_problem(tiny_transformer):
         compile_blocks(tiny_transformer, mode="reduce-overhead")
     with pytest.raises(InputError, match="transformer_blocks, got Linear"):
         compile_blocks(torch.nn.Linear(2, 2))
+
+
+@torch.no_grad()
+def test_compiled_blocks_compile_inside_the_with_only_and_reuse_the_code(tiny_transformer, fresh_dynamo):
+    model = widen_input_channels(tiny_transformer)
+    g = torch.Generator().manual_seed(0)
+    x, text, pooled = torch.randn(1, 32, 8, 8, generator=g), torch.randn(1, 7, 32, generator=g), torch.randn(1, 64)
+
+    def forward():
+        return model(
+            hidden_states=x,
+            encoder_hidden_states=text,
+            pooled_projections=pooled,
+            timestep=timestep_from_sigma(0.5, 1),
+            return_dict=False,
+        )[0]
+
+    stats = torch._dynamo.utils.counters["stats"]
+    eager = forward()
+    with compiled_blocks(model, CompileSettings(backend="eager")) as n:
+        assert n == len(model.transformer_blocks)
+        inside = forward()
+    graphs = stats["unique_graphs"]
+    assert graphs > 0  # dynamo traced the blocks inside the with
+    after = forward()
+    assert stats["unique_graphs"] == graphs  # ... and not after it: the blocks run eagerly again
+    assert all(block._compiled_call_impl is None for block in model.transformer_blocks)
+    with compiled_blocks(model, CompileSettings(backend="eager")):
+        again = forward()
+    assert stats["unique_graphs"] == graphs  # a second entry reuses the compiled code
+    torch.testing.assert_close(inside, eager, rtol=0, atol=1e-5)
+    torch.testing.assert_close(again, eager, rtol=0, atol=1e-5)
+    assert torch.equal(after, eager)  # same model, same eager path
+
+    compile_blocks(model, backend="eager")  # a model compiled for good stays compiled after a with
+    kept = [block._compiled_call_impl for block in model.transformer_blocks]
+    with compiled_blocks(model, CompileSettings(backend="eager")):
+        pass
+    assert [block._compiled_call_impl for block in model.transformer_blocks] == kept
+    with compiled_blocks(model, None) as n:
+        assert n == 0
+
+
+def test_compiled_blocks_restore_the_model_when_sampling_fails(tiny_transformer):
+    model = widen_input_channels(tiny_transformer)
+    with pytest.raises(RuntimeError, match="cancelled"), compiled_blocks(model, CompileSettings(backend="eager")):
+        raise RuntimeError("cancelled")
+    assert all(block._compiled_call_impl is None for block in model.transformer_blocks)
+
+
+def test_compile_settings_refuse_what_cannot_work():
+    with pytest.raises(InputError, match="CUDA graphs") as info:
+        CompileSettings(mode="reduce-overhead")
+    assert info.value.input == "mode"
+    with pytest.raises(InputError, match="backend 'cudagraphs' is not one of inductor, eager") as info:
+        CompileSettings(backend="cudagraphs")
+    assert info.value.input == "backend"
+    with pytest.raises(InputError, match="mode 'max-autotune' is not one of default, max-autotune-no-cudagraphs"):
+        CompileSettings(mode="max-autotune")
+    with pytest.raises(InputError, match="transformer_blocks, got Linear"):
+        with compiled_blocks(torch.nn.Linear(2, 2), CompileSettings()):
+            pass

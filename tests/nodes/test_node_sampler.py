@@ -154,6 +154,33 @@ def test_reference_node_reference_noise_reaches_the_sampler(comfy, tiny_model):
     assert not torch.equal(_sample(comfy, auto)[0], _sample(comfy, matched)[0])
 
 
+def test_compile_node_samples_compiled_and_leaves_the_model_eager(comfy, tiny_model):
+    torch._dynamo.reset()
+    stats = torch._dynamo.utils.counters["stats"]
+    graphs = stats["unique_graphs"]
+    compiled = comfy.nodes.HairDiffCompile.execute(model=tiny_model, backend="eager")[0]
+    assert tiny_model.compile is None and compiled.compile.backend == "eager" and compiled.compile.mode is None
+    assert compiled.patcher is tiny_model.patcher  # settings only: the weights are shared
+    ref = comfy.nodes.HairDiffReferenceAttention.execute(model=compiled, mode="once")[0]
+    assert ref.compile == compiled.compile  # the settings travel through the other model nodes
+    plain = _sample(comfy, tiny_model)[0]
+    out = _sample(comfy, compiled)[0]
+    assert stats["unique_graphs"] > graphs  # the blocks went through dynamo while sampling
+    torch.testing.assert_close(out, plain, rtol=0, atol=1e-5)
+    assert all(block._compiled_call_impl is None for block in tiny_model.transformer.transformer_blocks)
+    _sample(comfy, ref)
+    torch._dynamo.reset()
+
+
+def test_compile_node_names_the_bad_input(comfy, tiny_model):
+    node = comfy.nodes.HairDiffCompile
+    with pytest.raises(ValueError, match="HairDiff Compile: input 'backend': compile backend 'cudagraphs'"):
+        node.execute(model=tiny_model, backend="cudagraphs")
+    with pytest.raises(ValueError, match="HairDiff Compile: input 'model': expected a HAIRDIFF_MODEL"):
+        node.execute(model=object(), backend="eager")
+    assert "mode" in node.validate_inputs(backend="eager", mode="reduce-overhead")
+
+
 def _write_lora(path, transformer, rank=2, scale=0.5):
     from safetensors.torch import save_file
 
