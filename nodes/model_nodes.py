@@ -67,6 +67,15 @@ class HairDiffModel:
         return dataclasses.replace(self, **changes)
 
 
+def check_model(model: Any, node: str) -> HairDiffModel:
+    """``model`` when it is a HAIRDIFF_MODEL, else the node's error naming its ``model`` input."""
+    if not isinstance(model, HairDiffModel):
+        raise node_error(
+            node, "model", f"expected a HAIRDIFF_MODEL, got {type(model).__name__}", "connect Load HairDiff Model"
+        )
+    return model
+
+
 # --------------------------------------------------------------------------------------------
 # Model folders
 # --------------------------------------------------------------------------------------------
@@ -496,10 +505,7 @@ class HairDiffLoRA(io.ComfyNode):
         import comfy.lora
 
         node = "HairDiff LoRA"
-        if not isinstance(model, HairDiffModel):
-            raise node_error(
-                node, "model", f"expected a HAIRDIFF_MODEL, got {type(model).__name__}", "connect Load HairDiff Model"
-            )
+        check_model(model, node)
         path = resolve(lora_name, node, "lora_name")
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -576,10 +582,7 @@ class HairDiffCompile(io.ComfyNode):
         from ..hairdiff_core.compiling import CompileSettings
 
         node = "HairDiff Compile"
-        if not isinstance(model, HairDiffModel):
-            raise node_error(
-                node, "model", f"expected a HAIRDIFF_MODEL, got {type(model).__name__}", "connect Load HairDiff Model"
-            )
+        check_model(model, node)
         try:
             settings = CompileSettings(backend=backend, mode=None if mode == "default" else mode)
         except HairDiffError as exc:
@@ -705,10 +708,7 @@ class HairDiffReferenceAttention(io.ComfyNode):
         from ..hairdiff_core.reference import ReferenceSettings
 
         node = "HairDiff Reference Attention"
-        if not isinstance(model, HairDiffModel):
-            raise node_error(
-                node, "model", f"expected a HAIRDIFF_MODEL, got {type(model).__name__}", "connect Load HairDiff Model"
-            )
+        check_model(model, node)
         values = dict(
             mode=mode,
             weight_inside=weight_inside,

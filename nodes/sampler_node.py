@@ -25,7 +25,7 @@ from .convert import (
     nchw_to_image,
     node_error,
 )
-from .model_nodes import HairDiffModel, HairDiffModelType
+from .model_nodes import HairDiffModel, HairDiffModelType, check_model
 
 logger = logging.getLogger(__name__)
 
@@ -181,10 +181,7 @@ class HairDiffSampler(io.ComfyNode):
         from ..hairdiff_core.pipeline import HairDiffPipeline
 
         # 1. Convert in (ComfyUI layouts -> the core's), checked before anything loads.
-        if not isinstance(model, HairDiffModel):
-            raise node_error(
-                NODE, "model", f"expected a HAIRDIFF_MODEL, got {type(model).__name__}", "connect Load HairDiff Model"
-            )
+        check_model(model, NODE)
         photo_t = image_to_nchw(photo, NODE, "photo")
         sketch_t = image_to_nchw(sketch, NODE, "sketch")
         matte_t = mask_to_nchw(matte, NODE, "matte")
