@@ -34,7 +34,7 @@ ROOT = os.path.dirname(HERE)
 FALLBACK_SHORT_ARGS = {
     "bench_sampler": ["--steps", "4", "--repeats", "2"],
     "bench_reference": ["--steps", "8", "--repeats", "1", "--mem-steps", "1"],
-    "bench_node": ["--size", "256", "--steps", "4", "--repeats", "6"],
+    "bench_node": ["--size", "256", "--steps", "8", "--repeats", "6"],
     "bench_eval": ["--size", "512", "--repeats", "2"],
     "bench_train": ["--steps", "3"],
 }

@@ -118,18 +118,7 @@ def compiled_blocks(transformer, settings: CompileSettings | None) -> Iterator[i
         return
     import torch
 
-    from .memory import current_storage_dtype, weights_name
-
     blocks = _blocks_of(transformer)
-    storage = current_storage_dtype(transformer)
-    if storage is not None:
-        # diffusers' layerwise casting rebuilds each Linear's parameters in its hook, which dynamo
-        # cannot trace: every block breaks into pieces (bench_compile --weights: no speedup).
-        logger.warning(
-            "compiling blocks whose weights are stored as %s: the casting hooks split each block at every "
-            "linear layer, so compilation gains little; compile pays off with bf16/fp16 weights",
-            weights_name(storage),
-        )
     before = [block.__dict__.get("_compiled_call_impl") for block in blocks]
     try:
         for block in blocks:

@@ -4,8 +4,9 @@ Three knobs, one place:
 
 * ``weights`` (``auto``, ``bf16``, ``fp16``, ``fp8_e4m3fn``, ``fp8_e5m2``): the dtype the
   transformer's Linear weights are *stored* in. Computation stays in the compute dtype (bf16 on
-  GPUs): diffusers' layerwise casting upcasts one layer right before its forward and drops the
-  copy after it. The patch embedding (HairDiff's widened 32-channel input), the final
+  GPUs): diffusers' layerwise casting hooks, with Linears upcast inside their forward
+  (``_cast_in_forward_hook_class``: traceable by ``torch.compile``), so one layer's compute
+  copy exists at a time. The patch embedding (HairDiff's widened 32-channel input), the final
   projection and its modulation, every norm and every LoRA layer stay in the compute dtype.
   The blocks' adaLN modulation Linears are stored in fp8 too: they are a third of SD3.5's
   weights, and ComfyUI's own fp8 files store them so.
@@ -107,9 +108,64 @@ def storage_dtype(weights: str, compute_dtype: torch.dtype) -> torch.dtype:
 # Layerwise casting
 
 
+def _cast_in_forward_hook_class():
+    """``LayerwiseCastingHook`` for a plain Linear that casts its weights inside the forward.
+
+    diffusers' hook converts the module itself (``module.to``) before and after each forward:
+    that rebuilds its Parameters twice per call, which dynamo cannot trace (every Linear breaks a
+    compiled block into pieces: bench_compile --weights fp8_e4m3fn gave 43 graph breaks and no
+    speedup). Casting the stored weight into the matmul computes the same numbers, traces into
+    one graph per block, and leaves the module as it is. A subclass, so everything that reads the
+    hook (its storage dtype, ``current_storage_dtype``) sees the same thing.
+    """
+    from diffusers.hooks.layerwise_casting import LayerwiseCastingHook
+
+    class CastInForwardHook(LayerwiseCastingHook):
+        def pre_forward(self, module, *args, **kwargs):
+            return args, kwargs
+
+        def post_forward(self, module, output):
+            return output
+
+        def new_forward(self, module, input):
+            bias = module.bias.to(self.compute_dtype) if module.bias is not None else None
+            return torch.nn.functional.linear(input, module.weight.to(self.compute_dtype), bias)
+
+    return CastInForwardHook
+
+
+def _apply_casting(module: torch.nn.Module, storage: torch.dtype, compute: torch.dtype, prefix: str = "") -> None:
+    """diffusers' ``apply_layerwise_casting`` walk (same layers, same ``KEEP_IN_COMPUTE`` skips),
+    with plain Linears cast inside their forward (``_cast_in_forward_hook_class``)."""
+    import re
+
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.layerwise_casting import (
+        _GO_LC_SUPPORTED_PYTORCH_LAYERS,
+        _LAYERWISE_CASTING_HOOK,
+        apply_layerwise_casting_hook,
+    )
+
+    if any(re.search(pattern, prefix) for pattern in KEEP_IN_COMPUTE):
+        return
+    if type(module) is torch.nn.Linear:
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        registry.register_hook(_cast_in_forward_hook_class()(storage, compute, False), _LAYERWISE_CASTING_HOOK)
+        return
+    if isinstance(module, _GO_LC_SUPPORTED_PYTORCH_LAYERS):  # convolutions, quantised Linears
+        apply_layerwise_casting_hook(module, storage, compute, non_blocking=False)
+        return
+    for name, child in module.named_children():
+        _apply_casting(child, storage, compute, f"{prefix}.{name}" if prefix else name)
+
+
 def _casting_hook(module: torch.nn.Module):
     registry = getattr(module, "_diffusers_hook", None)
-    return registry.get_hook("layerwise_casting") if registry is not None else None
+    if registry is None:
+        return None
+    from diffusers.hooks.layerwise_casting import _LAYERWISE_CASTING_HOOK
+
+    return registry.get_hook(_LAYERWISE_CASTING_HOOK)
 
 
 def current_storage_dtype(transformer: torch.nn.Module) -> torch.dtype | None:
@@ -140,7 +196,7 @@ def apply_weights(transformer: torch.nn.Module, weights: str, compute_dtype: tor
     dtype is a no-op; another storage dtype on a model that already has one is refused (its
     weights were rounded: reload the model).
     """
-    from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks.layerwise_casting import _disable_peft_input_autocast
 
     compute_dtype = compute_dtype or compute_dtype_of(transformer)
     storage = storage_dtype(weights, compute_dtype)
@@ -156,9 +212,8 @@ def apply_weights(transformer: torch.nn.Module, weights: str, compute_dtype: tor
         return storage
     if compute_dtype in FLOAT8_DTYPES:
         raise InputError(f"fp8 cannot be the compute dtype; compute in bf16 and store in {weights}")
-    apply_layerwise_casting(
-        transformer, storage, compute_dtype, skip_modules_pattern=KEEP_IN_COMPUTE, non_blocking=False
-    )
+    _apply_casting(transformer, storage, compute_dtype)
+    _disable_peft_input_autocast(transformer)  # PEFT would cast a LoRA's input to fp8 otherwise
     n = sum(1 for m in transformer.modules() if _casting_hook(m) is not None)
     logger.info(
         "weights stored as %s (%d layers), computed in %s", weights_name(storage), n, weights_name(compute_dtype)

@@ -545,8 +545,7 @@ class HairDiffCompile(io.ComfyNode):
             description=(
                 "Compiles the transformer's blocks with torch.compile while the HairDiff Sampler runs (one block "
                 "kind at a time, so the first run compiles once, in seconds to minutes, and later runs reuse it). "
-                "Returns a new model value; the incoming model runs uncompiled elsewhere. Pays off with bf16/fp16 "
-                "weights; with fp8 weights the blocks compile in pieces and gain little."
+                "Returns a new model value; the incoming model runs uncompiled elsewhere."
             ),
             inputs=[
                 HairDiffModelType.Input("model", tooltip="The HairDiff model to compile (it stays unchanged)."),

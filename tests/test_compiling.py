@@ -6,6 +6,8 @@ checked is the tracing contract: graphs are built once and reused by reference o
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -138,3 +140,36 @@ def test_compile_settings_refuse_what_cannot_work():
     with pytest.raises(InputError, match="transformer_blocks, got Linear"):
         with compiled_blocks(torch.nn.Linear(2, 2), CompileSettings()):
             pass
+
+
+@torch.no_grad()
+def test_fp8_storage_compiles_into_whole_blocks(tiny_transformer, fresh_dynamo):
+    """Stored fp8 Linears upcast inside their forward, so a block is one graph (diffusers' own
+    casting hook rebuilds Parameters, which dynamo breaks the graph on at every Linear)."""
+    from hairdiff_core.memory import apply_weights
+
+    def forward(model):
+        g = torch.Generator().manual_seed(0)
+        return model(
+            hidden_states=torch.randn(1, 32, 8, 8, generator=g),
+            encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
+            pooled_projections=torch.randn(1, 64, generator=g),
+            timestep=timestep_from_sigma(0.5, 1),
+            return_dict=False,
+        )[0]
+
+    plain = widen_input_channels(tiny_transformer)
+    stored = widen_input_channels(copy.deepcopy(tiny_transformer))
+    apply_weights(stored, "fp8_e4m3fn")
+    counters = torch._dynamo.utils.counters
+    with compiled_blocks(plain, CompileSettings(backend="eager")):
+        forward(plain)
+    graphs_plain = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    counters.clear()
+    eager = forward(stored)
+    with compiled_blocks(stored, CompileSettings(backend="eager")):
+        compiled = forward(stored)
+    assert counters["stats"]["unique_graphs"] == graphs_plain  # as many graphs as without fp8
+    assert not counters["graph_break"]
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
