@@ -84,6 +84,20 @@ def test_q8_gguf_loads_and_generates_with_the_adapter(_tiny_transformer_master, 
     changed = gguf_pipe.generate(photo, sketch, matte, **kw).image
     assert not torch.allclose(changed, got, atol=1e-3)
 
+    # Compiled blocks (HairDiff Compile) trace the quantised Linears whole, LoRA included.
+    from hairdiff_core.compiling import CompileSettings, compiled_blocks
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        with compiled_blocks(gguf_pipe.transformer, CompileSettings(backend="eager")):
+            compiled = gguf_pipe.generate(photo, sketch, matte, **kw).image
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+        assert not torch._dynamo.utils.counters["graph_break"]
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, changed, rtol=0, atol=1e-5)
+
 
 def test_missing_gguf_package_names_the_extra(tmp_path, monkeypatch):
     path = tmp_path / "model.gguf"
