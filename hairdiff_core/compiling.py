@@ -1,20 +1,23 @@
-"""Regional compilation: ``torch.compile`` each transformer block, HairDiff's attention eager.
+"""Regional compilation: ``torch.compile`` each transformer block, HairDiff's attention core eager.
 
 SD3's blocks are one computation repeated, so compiling each block (instead of the whole model)
 compiles once per block *kind* (joint; Medium's dual-attention blocks are a second kind) and
 reuses the code for every layer: the time to first image stays small and recompiles stay rare.
+That holds only while nothing per-module sits in a block's path: a diffusers hook is a
+``forward`` object per module that dynamo guards on by identity (one graph per block), which is
+why fp8 storage is a Linear subclass (``memory.StoredLinear``) rather than such a hook.
 
-HairDiff's attention processor (``reference.ReferenceAttnProcessor``) is excluded from tracing
-(``torch.compiler.disable``): its per-call state (reference K/V cache, gating, a new state object
-every step) would otherwise be guarded on and recompile per step, and its kernels are already
-single fused calls (SDPA, or the grouped kernel on CUDA). The compiled regions are the norms,
-modulation, projections around the attention and the feed-forward; the block breaks its graph
-at the attention call. Result: reference off, ``once`` and ``per_step`` run the same compiled
+HairDiff's attention processor (``reference.ReferenceAttnProcessor``) keeps its attention core,
+``_attend``, out of tracing (``torch.compiler.disable``): its per-call state (reference K/V
+cache, gating, a new state object every step) would otherwise be guarded on and recompile per
+step, and its kernels are already single fused calls (SDPA, or the grouped kernel on CUDA).
+The block breaks its graph there; the norms, modulation, Q/K/V and output projections and the
+feed-forward compile. Result: reference off, ``once`` and ``per_step`` run the same compiled
 code, with no recompilation from step to step (tests/test_compiling.py counts the graphs).
 
 ``reference._ReferenceComplete``: the reference pass ends early by raising this exception from
 the processor once the last layer's K/V are stored (nothing after it is used). It propagates
-through compiled blocks like any exception (the processor runs eagerly), and
+through compiled blocks like any exception (``_attend`` runs eagerly), and
 ``reference.reference_pass`` catches it. Forward hooks of the modules it unwinds through do not
 run their post-forward part for that pass (e.g. an offload hook's "move back" of the last
 block): hooks that must run should be pre-forward hooks, as block streaming's are.

@@ -4,9 +4,9 @@ Three knobs, one place:
 
 * ``weights`` (``auto``, ``bf16``, ``fp16``, ``fp8_e4m3fn``, ``fp8_e5m2``): the dtype the
   transformer's Linear weights are *stored* in. Computation stays in the compute dtype (bf16 on
-  GPUs): diffusers' layerwise casting hooks, with Linears upcast inside their forward
-  (``_cast_in_forward_hook_class``: traceable by ``torch.compile``), so one layer's compute
-  copy exists at a time. The patch embedding (HairDiff's widened 32-channel input), the final
+  GPUs): each Linear becomes a ``StoredLinear`` that upcasts its weight inside its forward
+  (diffusers' layerwise casting, with the cast in the matmul so ``torch.compile`` traces it),
+  so one layer's compute copy exists at a time. The patch embedding (HairDiff's widened 32-channel input), the final
   projection and its modulation, every norm and every LoRA layer stay in the compute dtype.
   The blocks' adaLN modulation Linears are stored in fp8 too: they are a third of SD3.5's
   weights, and ComfyUI's own fp8 files store them so.
@@ -108,51 +108,43 @@ def storage_dtype(weights: str, compute_dtype: torch.dtype) -> torch.dtype:
 # Layerwise casting
 
 
-def _cast_in_forward_hook_class():
-    """``LayerwiseCastingHook`` for a plain Linear that casts its weights inside the forward.
+class StoredLinear(torch.nn.Linear):
+    """A Linear whose weights rest in ``storage_dtype`` and are upcast into its matmul.
 
-    diffusers' hook converts the module itself (``module.to``) before and after each forward:
-    that rebuilds its Parameters twice per call, which dynamo cannot trace (every Linear breaks a
-    compiled block into pieces: bench_compile --weights fp8_e4m3fn gave 43 graph breaks and no
-    speedup). Casting the stored weight into the matmul computes the same numbers, traces into
-    one graph per block, and leaves the module as it is. A subclass, so everything that reads the
-    hook (its storage dtype, ``current_storage_dtype``) sees the same thing.
+    ``apply_weights`` turns the transformer's Linears into this class in place (their weights
+    converted, nothing else changed). diffusers' layerwise-casting hook converts the module
+    itself before and after each forward instead: that rebuilds its Parameters twice per call,
+    which dynamo cannot trace (every Linear split a compiled block: 43 graph breaks and no
+    speedup in bench_compile --weights fp8_e4m3fn), and a hook is a per-module ``forward`` object
+    that compiled blocks guard on by identity (one recompilation per block, past dynamo's limit
+    of 8 on SD3.5's 24-38 blocks). Casting inside a class's own forward computes the same
+    numbers, and every block traces into the same graph.
     """
-    from diffusers.hooks.layerwise_casting import LayerwiseCastingHook
 
-    class CastInForwardHook(LayerwiseCastingHook):
-        def pre_forward(self, module, *args, **kwargs):
-            return args, kwargs
+    storage_dtype: torch.dtype
+    compute_dtype: torch.dtype
 
-        def post_forward(self, module, output):
-            return output
-
-        def new_forward(self, module, input):
-            bias = module.bias.to(self.compute_dtype) if module.bias is not None else None
-            return torch.nn.functional.linear(input, module.weight.to(self.compute_dtype), bias)
-
-    return CastInForwardHook
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
+        return torch.nn.functional.linear(input, self.weight.to(self.compute_dtype), bias)
 
 
 def _apply_casting(module: torch.nn.Module, storage: torch.dtype, compute: torch.dtype, prefix: str = "") -> None:
-    """diffusers' ``apply_layerwise_casting`` walk (same layers, same ``KEEP_IN_COMPUTE`` skips),
-    with plain Linears cast inside their forward (``_cast_in_forward_hook_class``)."""
+    """diffusers' ``apply_layerwise_casting`` walk (the same layers, ``KEEP_IN_COMPUTE`` skipped),
+    plain Linears made ``StoredLinear``s; other castable layers (convolutions, quantised
+    Linears: none in SD3's blocks) get diffusers' hook."""
     import re
 
-    from diffusers.hooks import HookRegistry
-    from diffusers.hooks.layerwise_casting import (
-        _GO_LC_SUPPORTED_PYTORCH_LAYERS,
-        _LAYERWISE_CASTING_HOOK,
-        apply_layerwise_casting_hook,
-    )
+    from diffusers.hooks.layerwise_casting import _GO_LC_SUPPORTED_PYTORCH_LAYERS, apply_layerwise_casting_hook
 
     if any(re.search(pattern, prefix) for pattern in KEEP_IN_COMPUTE):
         return
     if type(module) is torch.nn.Linear:
-        registry = HookRegistry.check_if_exists_or_initialize(module)
-        registry.register_hook(_cast_in_forward_hook_class()(storage, compute, False), _LAYERWISE_CASTING_HOOK)
+        module.__class__ = StoredLinear
+        module.storage_dtype, module.compute_dtype = storage, compute
+        module.to(dtype=storage)
         return
-    if isinstance(module, _GO_LC_SUPPORTED_PYTORCH_LAYERS):  # convolutions, quantised Linears
+    if isinstance(module, _GO_LC_SUPPORTED_PYTORCH_LAYERS):
         apply_layerwise_casting_hook(module, storage, compute, non_blocking=False)
         return
     for name, child in module.named_children():
@@ -160,6 +152,10 @@ def _apply_casting(module: torch.nn.Module, storage: torch.dtype, compute: torch
 
 
 def _casting_hook(module: torch.nn.Module):
+    """What stores ``module``'s weights apart (it has ``storage_dtype``): the module itself when it
+    is a ``StoredLinear``, diffusers' layerwise-casting hook when it has one, else None."""
+    if isinstance(module, StoredLinear):
+        return module
     registry = getattr(module, "_diffusers_hook", None)
     if registry is None:
         return None
@@ -196,8 +192,6 @@ def apply_weights(transformer: torch.nn.Module, weights: str, compute_dtype: tor
     dtype is a no-op; another storage dtype on a model that already has one is refused (its
     weights were rounded: reload the model).
     """
-    from diffusers.hooks.layerwise_casting import _disable_peft_input_autocast
-
     compute_dtype = compute_dtype or compute_dtype_of(transformer)
     storage = storage_dtype(weights, compute_dtype)
     current = current_storage_dtype(transformer)
@@ -212,8 +206,9 @@ def apply_weights(transformer: torch.nn.Module, weights: str, compute_dtype: tor
         return storage
     if compute_dtype in FLOAT8_DTYPES:
         raise InputError(f"fp8 cannot be the compute dtype; compute in bf16 and store in {weights}")
+    # LoRA layers stay in the compute dtype (KEEP_IN_COMPUTE), so PEFT's cast of a LoRA's input
+    # to its weights' dtype is a no-op: diffusers' hook that disables it is not needed.
     _apply_casting(transformer, storage, compute_dtype)
-    _disable_peft_input_autocast(transformer)  # PEFT would cast a LoRA's input to fp8 otherwise
     n = sum(1 for m in transformer.modules() if _casting_hook(m) is not None)
     logger.info(
         "weights stored as %s (%d layers), computed in %s", weights_name(storage), n, weights_name(compute_dtype)

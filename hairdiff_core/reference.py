@@ -681,10 +681,12 @@ class ReferenceAttnProcessor:
     """Drop-in for ``JointAttnProcessor2_0`` (joint blocks and attn2) with reference K/V.
 
     Without a ``hairdiff_reference`` kwarg it computes exactly what the stock processor does.
-    Never traced by ``torch.compile`` (see ``compiling.py``): its state changes every step.
+    Under ``torch.compile`` the projections before the attention and the output projections
+    after it are traced with the block; the attention itself (``_attend``: the reference cache,
+    its gating and the kernel choice, state that changes every step) never is (see
+    ``compiling.py``), so compiled blocks neither guard on nor recompile for that state.
     """
 
-    @torch.compiler.disable
     def __call__(
         self,
         attn,
@@ -706,12 +708,10 @@ class ReferenceAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        img_key, img_value = key, value
 
         joint = encoder_hidden_states is not None
-        text_tokens = None
+        tq = tk = tv = None
         if joint:
-            text_tokens = encoder_hidden_states.shape[1]
             tq = attn.add_q_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
             tk = attn.add_k_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
             tv = attn.add_v_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
@@ -719,6 +719,32 @@ class ReferenceAttnProcessor:
                 tq = attn.norm_added_q(tq)
             if attn.norm_added_k is not None:
                 tk = attn.norm_added_k(tk)
+
+        hidden_states = self._attend(attn, query, key, value, tq, tk, tv, hairdiff_reference)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+
+        if joint:
+            hidden_states, encoder_hidden_states = hidden_states[:, :residual_len], hidden_states[:, residual_len:]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if joint:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+    @staticmethod
+    @torch.compiler.disable
+    def _attend(attn, query, key, value, tq, tk, tv, state) -> torch.Tensor:
+        """Attention over the image tokens (``query``/``key``/``value``, (B, heads, N, d)), the
+        text tokens (``tq``/``tk``/``tv``, or None in attn2) and, as ``state`` says, the reference:
+        stores the image K/V in a reference pass, reads them in a generation pass."""
+        batch, residual_len = query.shape[0], query.shape[2]
+        img_key, img_value = key, value
+        joint = tq is not None
+        text_tokens = None
+        if joint:
+            text_tokens = tq.shape[2]
             query = torch.cat([query, tq], dim=2)
             key = torch.cat([key, tk], dim=2)
             value = torch.cat([value, tv], dim=2)
@@ -726,7 +752,6 @@ class ReferenceAttnProcessor:
         bias = None
         groups = None
         folded = None
-        state = hairdiff_reference
         takes_part = state is not None and (joint or state.include_attn2)
         if takes_part and isinstance(state, ReferencePassState):
             if state.gating is not None:
@@ -768,24 +793,10 @@ class ReferenceAttnProcessor:
             raise InputError(f"{KWARG} must come from hairdiff_core.reference, got {type(state).__name__}")
 
         if groups is not None:
-            hidden_states = grouped_attention(query, groups)
-        elif folded is not None:
-            hidden_states = folded_attention(query, key, value, *folded)
-        else:
-            hidden_states = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False
-            )
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-
-        if joint:
-            hidden_states, encoder_hidden_states = hidden_states[:, :residual_len], hidden_states[:, residual_len:]
-            if not attn.context_pre_only:
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if joint:
-            return hidden_states, encoder_hidden_states
-        return hidden_states
+            return grouped_attention(query, groups)
+        if folded is not None:
+            return folded_attention(query, key, value, *folded)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
 
 
 def _match_reference(cached, batch: int):

@@ -143,10 +143,22 @@ def test_compile_settings_refuse_what_cannot_work():
 
 
 @torch.no_grad()
-def test_fp8_storage_compiles_into_whole_blocks(tiny_transformer, fresh_dynamo):
-    """Stored fp8 Linears upcast inside their forward, so a block is one graph (diffusers' own
-    casting hook rebuilds Parameters, which dynamo breaks the graph on at every Linear)."""
+def test_fp8_storage_compiles_every_block_into_the_same_graphs(fresh_dynamo):
+    """Stored fp8 Linears upcast inside their own class's forward, so every block of a kind is
+    the same graph: diffusers' casting hook rebuilt Parameters (a graph break at every Linear),
+    and any per-module hook is a ``forward`` object dynamo guards on by identity (one
+    recompilation per block: past dynamo's limit of 8, the rest would run eagerly)."""
+    from diffusers import SD3Transformer2DModel
+
     from hairdiff_core.memory import apply_weights
+    from hairdiff_core.tiny import TINY_TRANSFORMER_CONFIG
+
+    torch.manual_seed(0)
+    # 6 blocks: 5 plain joint blocks (one graph) and the last, context-pre-only one (another).
+    config = dict(TINY_TRANSFORMER_CONFIG, num_layers=6, dual_attention_layers=())
+    plain = widen_input_channels(SD3Transformer2DModel(**config).eval())
+    stored = copy.deepcopy(plain)
+    apply_weights(stored, "fp8_e4m3fn")
 
     def forward(model):
         g = torch.Generator().manual_seed(0)
@@ -158,18 +170,15 @@ def test_fp8_storage_compiles_into_whole_blocks(tiny_transformer, fresh_dynamo):
             return_dict=False,
         )[0]
 
-    plain = widen_input_channels(tiny_transformer)
-    stored = widen_input_channels(copy.deepcopy(tiny_transformer))
-    apply_weights(stored, "fp8_e4m3fn")
     counters = torch._dynamo.utils.counters
     with compiled_blocks(plain, CompileSettings(backend="eager")):
         forward(plain)
-    graphs_plain = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == 2
     torch._dynamo.reset()
     counters.clear()
     eager = forward(stored)
     with compiled_blocks(stored, CompileSettings(backend="eager")):
         compiled = forward(stored)
-    assert counters["stats"]["unique_graphs"] == graphs_plain  # as many graphs as without fp8
+    assert counters["stats"]["unique_graphs"] == 2  # as without fp8: no graph per block
     assert not counters["graph_break"]
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
