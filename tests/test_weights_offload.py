@@ -213,5 +213,15 @@ def test_cli_weights_and_offload_flags(tmp_path):
 
     a, b = (np.asarray(Image.open(tmp_path / name)) for name in ("fp8.png", "fp8_blocks.png"))
     assert a.shape == (48, 48, 3) and (a == b).all()
+    # --compile: the blocks really go through dynamo, and the picture is the same.
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        assert run("fp8_compiled.png", "--weights", "fp8_e4m3fn", "--compile", "eager") == 0
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    finally:
+        torch._dynamo.reset()
+    c = np.asarray(Image.open(tmp_path / "fp8_compiled.png")).astype(int)
+    assert np.abs(c - a.astype(int)).max() <= 1
     with pytest.raises(SystemExit):  # argparse refuses an unknown choice
         run("x.png", "--weights", "int4")

@@ -40,6 +40,15 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="blocks = one transformer block on the GPU at a time (12 GB cards); model = transformer on "
         "the GPU only while sampling; auto = blocks when the model does not fit the free VRAM",
     )
+    from hairdiff_core.compiling import COMPILE_BACKENDS  # torch-free at import
+
+    g.add_argument(
+        "--compile",
+        choices=("off", *COMPILE_BACKENDS),
+        default="off",
+        help="torch.compile the transformer's blocks: inductor = faster steps after a first call that "
+        "compiles (worth it for many steps or images); eager = trace only, a check (default off)",
+    )
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -264,6 +273,11 @@ def build_pipeline(args):
         weights=getattr(args, "weights", "auto"),
         offload=getattr(args, "offload", "none"),
     )
+    backend = getattr(args, "compile", "off")
+    if backend != "off":
+        from hairdiff_core.compiling import compile_blocks
+
+        compile_blocks(pipe.transformer, backend=backend)  # for the life of this process
     return pipe
 
 
