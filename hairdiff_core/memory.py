@@ -6,8 +6,9 @@ Three knobs, one place:
   transformer's Linear weights are *stored* in. Computation stays in the compute dtype (bf16 on
   GPUs): each Linear becomes a ``StoredLinear`` that upcasts its weight inside its forward
   (diffusers' layerwise casting, with the cast in the matmul so ``torch.compile`` traces it),
-  so one layer's compute copy exists at a time. The patch embedding (HairDiff's widened 32-channel input), the final
-  projection and its modulation, every norm and every LoRA layer stay in the compute dtype.
+  so one layer's compute copy exists at a time. The patch embedding (HairDiff's widened
+  32-channel input), the final projection and its modulation, every norm and every LoRA layer
+  stay in the compute dtype.
   The blocks' adaLN modulation Linears are stored in fp8 too: they are a third of SD3.5's
   weights, and ComfyUI's own fp8 files store them so.
 * ``offload`` (``auto``, ``none``, ``model``, ``blocks``): ``blocks`` keeps the transformer
