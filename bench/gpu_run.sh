@@ -16,7 +16,8 @@
 # under ComfyUI with 12 GB usable (random fp8-scaled checkpoint, auto and fp8 + blocks); peak
 # VRAM and s/step of each weights x offload at 1024², 28 steps.
 # Part 2: Medium under ComfyUI with 8 GB usable; Medium's weights x offload; compiled blocks at
-# Large's dimensions (2 blocks, 1024², bf16); the training recipe.
+# Large's dimensions (2 blocks, 1024², bf16); the training recipe; last, the same blocks with fp8
+# weights (may be cut off by the call's 590 s: it loses only itself).
 #
 # The device image (Python 3.12, torch 2.11) has accelerate, transformers, safetensors,
 # matplotlib and a peft of its own (ours is carried to match) but not diffusers, kornia (training's augmentation) or av
@@ -91,6 +92,15 @@ case "$part" in
             --family sd3.5-large --layers 2 --size 128 --repeats 5
     fi
     check train_large 160 "$py" bench/gpu_train_check.py --steps 6 "${dry[@]}"
+    # Last, as it may not fit the call's 590 s (a cut-off check loses only itself): fp8 storage
+    # compiled, the 12 GB card's setting.
+    if [ -n "${DRY:-}" ]; then
+        check compile_large_fp8 100 python3 bench/bench_compile.py --family sd3.5-medium --layers 2 \
+            --size 16 --repeats 2 --dtype bf16 --weights fp8_e4m3fn
+    else
+        check compile_large_fp8 100 python3 bench/bench_compile.py --device cuda --dtype bf16 \
+            --weights fp8_e4m3fn --family sd3.5-large --layers 2 --size 128 --repeats 5
+    fi
     ;;
 *)
     echo "usage: bash bench/gpu_run.sh prepare|1|2" >&2
