@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import weakref
 from collections.abc import Iterator
 
 from .errors import InputError
@@ -93,6 +94,10 @@ def compile_blocks(
     return len(blocks)
 
 
+#: The settings each live transformer was already compiled with (for the first-run message).
+_COMPILED_BEFORE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _blocks_of(transformer) -> list:
     blocks = getattr(transformer, "transformer_blocks", None)
     if blocks is None:
@@ -122,6 +127,17 @@ def compiled_blocks(transformer, settings: CompileSettings | None) -> Iterator[i
     import torch
 
     blocks = _blocks_of(transformer)
+    seen = _COMPILED_BEFORE.setdefault(transformer, set())
+    if settings not in seen:
+        # The compiler runs inside the first step: say why that step is slow.
+        logger.info(
+            "compiling %d transformer blocks (torch.compile, backend %s, mode %s): the first step waits for "
+            "the compiler, later steps and runs reuse its code",
+            len(blocks),
+            settings.backend,
+            settings.mode or "default",
+        )
+        seen.add(settings)
     before = [block.__dict__.get("_compiled_call_impl") for block in blocks]
     try:
         for block in blocks:

@@ -81,7 +81,7 @@ def test_compile_refusals_name_the_problem(tiny_transformer):
 
 
 @torch.no_grad()
-def test_compiled_blocks_compile_inside_the_with_only_and_reuse_the_code(tiny_transformer, fresh_dynamo):
+def test_compiled_blocks_compile_inside_the_with_only_and_reuse_the_code(tiny_transformer, fresh_dynamo, caplog):
     model = widen_input_channels(tiny_transformer)
     g = torch.Generator().manual_seed(0)
     x, text, pooled = torch.randn(1, 32, 8, 8, generator=g), torch.randn(1, 7, 32, generator=g), torch.randn(1, 64)
@@ -97,17 +97,22 @@ def test_compiled_blocks_compile_inside_the_with_only_and_reuse_the_code(tiny_tr
 
     stats = torch._dynamo.utils.counters["stats"]
     eager = forward()
-    with compiled_blocks(model, CompileSettings(backend="eager")) as n:
-        assert n == len(model.transformer_blocks)
-        inside = forward()
+    with caplog.at_level("INFO", logger="hairdiff_core.compiling"):
+        with compiled_blocks(model, CompileSettings(backend="eager")) as n:
+            assert n == len(model.transformer_blocks)
+            inside = forward()
+    assert "the first step waits for the compiler" in caplog.text  # why the first step is slow
+    caplog.clear()
     graphs = stats["unique_graphs"]
     assert graphs > 0  # dynamo traced the blocks inside the with
     after = forward()
     assert stats["unique_graphs"] == graphs  # ... and not after it: the blocks run eagerly again
     assert all(block._compiled_call_impl is None for block in model.transformer_blocks)
-    with compiled_blocks(model, CompileSettings(backend="eager")):
-        again = forward()
+    with caplog.at_level("INFO", logger="hairdiff_core.compiling"):
+        with compiled_blocks(model, CompileSettings(backend="eager")):
+            again = forward()
     assert stats["unique_graphs"] == graphs  # a second entry reuses the compiled code
+    assert "first step" not in caplog.text  # ... and says nothing about compiling
     torch.testing.assert_close(inside, eager, rtol=0, atol=1e-5)
     torch.testing.assert_close(again, eager, rtol=0, atol=1e-5)
     assert torch.equal(after, eager)  # same model, same eager path
