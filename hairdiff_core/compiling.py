@@ -31,13 +31,15 @@ import logging
 import weakref
 from collections.abc import Iterator
 
-from .errors import InputError
+from .errors import CompileError, InputError
 
 logger = logging.getLogger(__name__)
 
 #: ``torch.compile`` backends offered to users: inductor generates fused code (the speedup);
 #: eager only traces (checks that a model compiles, in seconds, with no speedup).
 COMPILE_BACKENDS = ("inductor", "eager")
+#: What each backend name hands to ``torch.compile`` (the tests swap in a failing backend).
+_BACKENDS: dict = {"inductor": "inductor", "eager": "eager"}
 #: ``torch.compile`` modes that work with HairDiff (None = torch's default).
 COMPILE_MODES = (None, "max-autotune-no-cudagraphs")
 
@@ -139,12 +141,24 @@ def compiled_blocks(transformer, settings: CompileSettings | None) -> Iterator[i
         )
         seen.add(settings)
     before = [block.__dict__.get("_compiled_call_impl") for block in blocks]
+    backend = _BACKENDS[settings.backend]
     try:
         for block in blocks:
             # What nn.Module.compile does; a fresh wrapper per entry, so a copied model never
             # runs another copy's block.
-            block._compiled_call_impl = torch.compile(block._call_impl, backend=settings.backend, mode=settings.mode)
-        yield len(blocks)
+            block._compiled_call_impl = torch.compile(block._call_impl, backend=backend, mode=settings.mode)
+        try:
+            yield len(blocks)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            # Raised from the first step, many frames deep in dynamo: say what it means.
+            cause = str(getattr(exc, "inner_exception", None) or exc).strip().splitlines()
+            raise CompileError(
+                f"torch.compile (backend {settings.backend}) could not compile the transformer's blocks: "
+                f"{cause[0] if cause else type(exc).__name__}. inductor needs a C++ compiler on the CPU and "
+                f"Triton on CUDA: install them, or use backend 'eager' (a check, no speedup), or sample "
+                f"without compiling",
+                input="model",
+            ) from exc
     finally:
         for block, previous in zip(blocks, before):
             block._compiled_call_impl = previous

@@ -65,5 +65,9 @@ class SettingsError(InputError):
     """A numeric or named setting is out of range, not finite, or of the wrong type."""
 
 
+class CompileError(HairDiffError):
+    """``torch.compile`` could not compile the transformer's blocks (no C++ compiler, no Triton)."""
+
+
 class OutputPathError(HairDiffError):
     """An output path cannot be written (a folder, an input file, an unsupported suffix...)."""

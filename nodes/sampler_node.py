@@ -202,8 +202,9 @@ class HairDiffSampler(io.ComfyNode):
             )
 
         # 2. One core call, inside ComfyUI's memory management, progress bar and Cancel.
-        with sampling_session(model, photo_t, float(cfg), int(steps), vae=vae) as session:
-            try:
+        # The session's own errors (a compiler that fails, raised as the blocks leave it) count too.
+        try:
+            with sampling_session(model, photo_t, float(cfg), int(steps), vae=vae) as session:
                 result = session.pipe.generate(
                     photo_t,
                     sketch_t,
@@ -220,8 +221,8 @@ class HairDiffSampler(io.ComfyNode):
                     announce=False,
                     **text,
                 )
-            except HairDiffError as exc:
-                raise node_error(NODE, input_of(exc, CORE_TO_NODE_INPUT), exc) from exc
+        except HairDiffError as exc:
+            raise node_error(NODE, input_of(exc, CORE_TO_NODE_INPUT), exc) from exc
 
         # 3. Convert out.
         out_device = mm.intermediate_device()

@@ -187,3 +187,30 @@ def test_fp8_storage_compiles_every_block_into_the_same_graphs(fresh_dynamo):
     assert counters["stats"]["unique_graphs"] == 2  # as without fp8: no graph per block
     assert not counters["graph_break"]
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
+def test_a_compiler_that_fails_is_reported_plainly(tiny_transformer, fresh_dynamo, monkeypatch):
+    """A missing C++ compiler or Triton surfaces in the first step, deep inside dynamo: the error
+    says what failed and what to do, and the model is left eager."""
+    from hairdiff_core import compiling
+    from hairdiff_core.errors import CompileError
+
+    def no_compiler(graph_module, example_inputs):
+        raise RuntimeError("Compiler: cc not found\nmore detail")
+
+    monkeypatch.setitem(compiling._BACKENDS, "eager", no_compiler)
+    model = widen_input_channels(tiny_transformer)
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(
+        CompileError, match=r"backend eager\) could not compile .*cc not found\. inductor needs"
+    ) as info:
+        with torch.no_grad(), compiled_blocks(model, CompileSettings(backend="eager")):
+            model(
+                hidden_states=torch.randn(1, 32, 8, 8, generator=g),
+                encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
+                pooled_projections=torch.randn(1, 64, generator=g),
+                timestep=timestep_from_sigma(0.5, 1),
+                return_dict=False,
+            )
+    assert info.value.input == "model" and "more detail" not in str(info.value)
+    assert all(block._compiled_call_impl is None for block in model.transformer_blocks)

@@ -176,7 +176,7 @@ def test_offload_through_from_files_with_fp8(adapter_file, fp8_pipe):
         HairDiffPipeline.from_files(tiny=True, offload="disk")
 
 
-def test_cli_weights_and_offload_flags(tmp_path):
+def test_cli_weights_and_offload_flags(tmp_path, monkeypatch, capsys):
     from PIL import Image
 
     import hairdiff_cli
@@ -223,5 +223,20 @@ def test_cli_weights_and_offload_flags(tmp_path):
         torch._dynamo.reset()
     c = np.asarray(Image.open(tmp_path / "fp8_compiled.png")).astype(int)
     assert np.abs(c - a.astype(int)).max() <= 1
+    # A compiler that fails is the contract's one line and exit 2, not dynamo's traceback.
+    from hairdiff_core import compiling
+
+    def no_compiler(graph_module, example_inputs):
+        raise RuntimeError("Compiler: cc not found")
+
+    monkeypatch.setitem(compiling._BACKENDS, "eager", no_compiler)
+    capsys.readouterr()
+    try:
+        assert run("broken.png", "--compile", "eager") == 2
+    finally:
+        torch._dynamo.reset()
+    err = capsys.readouterr().err
+    assert "could not compile the transformer's blocks: Compiler: cc not found" in err and "Traceback" not in err
+    assert not (tmp_path / "broken.png").exists()
     with pytest.raises(SystemExit):  # argparse refuses an unknown choice
         run("x.png", "--weights", "int4")

@@ -160,7 +160,7 @@ def run(args) -> int:
 
     from hairdiff_core.evaluation import evaluate_samples, make_settings, merge_reports, scan_samples, shard_samples
 
-    from .generate import build_pipeline
+    from .generate import build_pipeline, compiled
     from .preflight import check_eval_args
 
     # Everything that can be checked without the model is checked first.
@@ -191,17 +191,18 @@ def run(args) -> int:
         bar.update(done - bar.n)
 
     try:
-        report = evaluate_samples(
-            pipe,
-            mine,
-            settings,
-            options,
-            out_dir=args.out,
-            write_report=world == 1,
-            save_results=not args.no_images,
-            contact_sheets=not args.no_sheets,
-            on_result=on_result,
-        )
+        with compiled(args, pipe):
+            report = evaluate_samples(
+                pipe,
+                mine,
+                settings,
+                options,
+                out_dir=args.out,
+                write_report=world == 1,
+                save_results=not args.no_images,
+                contact_sheets=not args.no_sheets,
+                on_result=on_result,
+            )
     finally:
         bar.close()
     if world > 1:

@@ -273,12 +273,16 @@ def build_pipeline(args):
         weights=getattr(args, "weights", "auto"),
         offload=getattr(args, "offload", "none"),
     )
-    backend = getattr(args, "compile", "off")
-    if backend != "off":
-        from hairdiff_core.compiling import compile_blocks
-
-        compile_blocks(pipe.transformer, backend=backend)  # for the life of this process
     return pipe
+
+
+def compiled(args, pipe):
+    """``--compile``: the context that runs ``pipe``'s blocks compiled (a failing compiler is a
+    one-line ``CompileError``, not dynamo's traceback)."""
+    from hairdiff_core.compiling import CompileSettings, compiled_blocks
+
+    backend = getattr(args, "compile", "off")
+    return compiled_blocks(pipe.transformer, None if backend == "off" else CompileSettings(backend=backend))
 
 
 def sampling_kwargs(args) -> dict:
@@ -357,7 +361,8 @@ def run(args) -> int:
     pipe = build_pipeline(args)
     bar, on_step = tqdm_callback(args.steps, "hairdiff")
     try:
-        result = pipe.generate(photo, sketch, matte, on_step=on_step, announce=False, **sampling_kwargs(args))
+        with compiled(args, pipe):
+            result = pipe.generate(photo, sketch, matte, on_step=on_step, announce=False, **sampling_kwargs(args))
     finally:
         bar.close()
     save_image(result.image, args.out)

@@ -172,6 +172,25 @@ def test_compile_node_samples_compiled_and_leaves_the_model_eager(comfy, tiny_mo
     torch._dynamo.reset()
 
 
+def test_a_compiler_that_fails_names_the_model_input(comfy, tiny_model, monkeypatch):
+    import importlib
+
+    compiling = importlib.import_module("hairdiff_pack.hairdiff_core.compiling")
+
+    def no_compiler(graph_module, example_inputs):
+        raise RuntimeError("Cannot find a working triton installation")
+
+    monkeypatch.setitem(compiling._BACKENDS, "eager", no_compiler)
+    compiled = comfy.nodes.HairDiffCompile.execute(model=tiny_model, backend="eager")[0]
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(ValueError, match=r"HairDiff Sampler: input 'model': torch.compile \(backend eager\)"):
+            _sample(comfy, compiled)
+    finally:
+        torch._dynamo.reset()
+    assert all(block._compiled_call_impl is None for block in tiny_model.transformer.transformer_blocks)
+
+
 def test_compile_node_names_the_bad_input(comfy, tiny_model):
     node = comfy.nodes.HairDiffCompile
     with pytest.raises(ValueError, match="HairDiff Compile: input 'backend': compile backend 'cudagraphs'"):
