@@ -44,6 +44,15 @@ _BACKENDS: dict = {"inductor": "inductor", "eager": "eager"}
 COMPILE_MODES = (None, "max-autotune-no-cudagraphs")
 
 
+def _refuse_cuda_graphs(mode: str | None) -> None:
+    if mode is not None and "reduce-overhead" in mode:
+        raise InputError(
+            f"compile mode {mode!r} uses CUDA graphs, which replay fixed memory while the reference "
+            f"K/V cache changes per call; use the default mode or 'max-autotune-no-cudagraphs'",
+            input="mode",
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileSettings:
     """How to compile the transformer's blocks for sampling (``compiled_blocks``).
@@ -58,12 +67,7 @@ class CompileSettings:
     mode: str | None = None
 
     def __post_init__(self) -> None:
-        if self.mode is not None and "reduce-overhead" in self.mode:
-            raise InputError(
-                f"compile mode {self.mode!r} uses CUDA graphs, which replay fixed memory while the reference "
-                f"K/V cache changes per call; use the default mode or 'max-autotune-no-cudagraphs'",
-                input="mode",
-            )
+        _refuse_cuda_graphs(self.mode)
         if self.backend not in COMPILE_BACKENDS:
             raise InputError(
                 f"compile backend {self.backend!r} is not one of {', '.join(COMPILE_BACKENDS)}", input="backend"
@@ -88,8 +92,7 @@ def compile_blocks(
             changes, then generalise).
     """
     blocks = _blocks_of(transformer)
-    if mode is not None and "reduce-overhead" in mode:
-        CompileSettings(backend="eager", mode=mode)  # raises the CUDA-graph refusal
+    _refuse_cuda_graphs(mode)
     for block in blocks:
         block.compile(backend=backend, mode=mode, dynamic=dynamic)
     logger.info("compiled %d transformer blocks (backend %s, mode %s)", len(blocks), backend, mode or "default")

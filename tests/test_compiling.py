@@ -80,20 +80,24 @@ def test_compile_refusals_name_the_problem(tiny_transformer):
         compile_blocks(torch.nn.Linear(2, 2))
 
 
+def _forward(model):
+    """One forward of a widened tiny-shaped transformer, on the same random inputs every call."""
+    g = torch.Generator().manual_seed(0)
+    return model(
+        hidden_states=torch.randn(1, 32, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
+        pooled_projections=torch.randn(1, 64, generator=g),
+        timestep=timestep_from_sigma(0.5, 1),
+        return_dict=False,
+    )[0]
+
+
 @torch.no_grad()
 def test_compiled_blocks_compile_inside_the_with_only_and_reuse_the_code(tiny_transformer, fresh_dynamo, caplog):
     model = widen_input_channels(tiny_transformer)
-    g = torch.Generator().manual_seed(0)
-    x, text, pooled = torch.randn(1, 32, 8, 8, generator=g), torch.randn(1, 7, 32, generator=g), torch.randn(1, 64)
 
     def forward():
-        return model(
-            hidden_states=x,
-            encoder_hidden_states=text,
-            pooled_projections=pooled,
-            timestep=timestep_from_sigma(0.5, 1),
-            return_dict=False,
-        )[0]
+        return _forward(model)
 
     stats = torch._dynamo.utils.counters["stats"]
     eager = forward()
@@ -165,25 +169,15 @@ def test_fp8_storage_compiles_every_block_into_the_same_graphs(fresh_dynamo):
     stored = copy.deepcopy(plain)
     apply_weights(stored, "fp8_e4m3fn")
 
-    def forward(model):
-        g = torch.Generator().manual_seed(0)
-        return model(
-            hidden_states=torch.randn(1, 32, 8, 8, generator=g),
-            encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
-            pooled_projections=torch.randn(1, 64, generator=g),
-            timestep=timestep_from_sigma(0.5, 1),
-            return_dict=False,
-        )[0]
-
     counters = torch._dynamo.utils.counters
     with compiled_blocks(plain, CompileSettings(backend="eager")):
-        forward(plain)
+        _forward(plain)
     assert counters["stats"]["unique_graphs"] == 2
     torch._dynamo.reset()
     counters.clear()
-    eager = forward(stored)
+    eager = _forward(stored)
     with compiled_blocks(stored, CompileSettings(backend="eager")):
-        compiled = forward(stored)
+        compiled = _forward(stored)
     assert counters["stats"]["unique_graphs"] == 2  # as without fp8: no graph per block
     assert not counters["graph_break"]
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
@@ -200,17 +194,10 @@ def test_a_compiler_that_fails_is_reported_plainly(tiny_transformer, fresh_dynam
 
     monkeypatch.setitem(compiling._BACKENDS, "eager", no_compiler)
     model = widen_input_channels(tiny_transformer)
-    g = torch.Generator().manual_seed(0)
     with pytest.raises(
         CompileError, match=r"backend eager\) could not compile .*cc not found\. inductor needs"
     ) as info:
         with torch.no_grad(), compiled_blocks(model, CompileSettings(backend="eager")):
-            model(
-                hidden_states=torch.randn(1, 32, 8, 8, generator=g),
-                encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
-                pooled_projections=torch.randn(1, 64, generator=g),
-                timestep=timestep_from_sigma(0.5, 1),
-                return_dict=False,
-            )
+            _forward(model)
     assert info.value.input == "model" and "more detail" not in str(info.value)
     assert all(block._compiled_call_impl is None for block in model.transformer_blocks)
