@@ -35,6 +35,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,12 @@ _KNOWN_FAMILIES = ("sd3.5-large", "sd3.5-medium", "sd3-medium", "tiny", "toy")
 
 def base_signature(transformer) -> dict[str, Any]:
     """The dims of ``transformer`` an adapter depends on (not in_channels, not the LoRA)."""
-    config = transformer.config
+    return signature_of_config(transformer.config)
+
+
+def signature_of_config(config) -> dict[str, Any]:
+    """``base_signature`` from a transformer config (a diffusers config or a plain mapping, e.g.
+    what ``loading.identify_transformer`` reads off another host's weights)."""
     sig: dict[str, Any] = {}
     for key in SIGNATURE_KEYS:
         value = config.get(key) if hasattr(config, "get") else getattr(config, key, None)
@@ -300,8 +306,12 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _check_base(transformer, meta: Mapping[str, Any], path: Path) -> None:
+    check_signature(base_signature(transformer), meta, path, "this transformer")
+
+
+def check_signature(ours: Mapping[str, Any], meta: Mapping[str, Any], path: Path, what: str = "this model") -> None:
+    """Refuse an adapter made for other dims than ``ours``, naming both sides and the fix."""
     theirs = meta["base"]["dims"]
-    ours = base_signature(transformer)
     differ = [k for k in SIGNATURE_KEYS if theirs.get(k) != ours.get(k)]
     if not differ:
         return
@@ -309,19 +319,36 @@ def _check_base(transformer, meta: Mapping[str, Any], path: Path) -> None:
     details = ", ".join(f"{k} {theirs.get(k)!r} vs {ours.get(k)!r}" for k in differ)
     raise AdapterMismatchError(
         f"{path.name} was made for {_describe(theirs, meta['base'].get('family'), meta['base'].get('hash', '?'))}, "
-        f"but this transformer is {_describe(ours, family_of(ours), digest)}; they differ in {details}. "
+        f"but {what} is {_describe(ours, family_of(ours), digest)}; they differ in {details}. "
         f"Load the base model the adapter was trained on ({_family_name(meta['base'].get('family'))}), or an "
         f"adapter trained for this one."
     )
 
 
+def _read_checked(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An adapter file's tensors and parsed header, refused when damaged or not float."""
+    tensors, header = read_safetensors(p, "adapter file")
+    meta = _parse_header(header, list(tensors), p)
+    not_float = sorted(k for k, t in tensors.items() if not t.is_floating_point())[:3]
+    if not_float:
+        raise AdapterFileError(
+            f"{p.name}: tensor(s) {not_float} are {tensors[not_float[0]].dtype}, not floating point; a HairDiff "
+            f"adapter stores float weights (fp32/bf16/fp16). Re-export it with save_adapter.",
+            input="adapter",
+        )
+    return tensors, meta
+
+
 def _patch_tensors(
-    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], transformer, path: Path
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+    base_shape: tuple[int, ...],
+    has_bias: bool,
+    path: Path,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     weight = tensors.get(PATCH_WEIGHT_KEY)
     bias = tensors.get(PATCH_BIAS_KEY)
-    proj = transformer.pos_embed.proj
-    inner, _, kh, kw = proj.weight.shape
+    inner, _, kh, kw = base_shape
     want = (inner, meta["in_channels"], kh, kw)
     if weight is None or tuple(weight.shape) != want:
         seen = "missing" if weight is None else f"shape {list(weight.shape)}"
@@ -329,7 +356,7 @@ def _patch_tensors(
             f"{path.name}: tensor '{PATCH_WEIGHT_KEY}' is {seen}, expected {list(want)}; "
             f"the file is damaged or incomplete. Re-export the adapter."
         )
-    if (proj.bias is None) != (bias is None) or (bias is not None and tuple(bias.shape) != (inner,)):
+    if (not has_bias) != (bias is None) or (bias is not None and tuple(bias.shape) != (inner,)):
         seen = "missing" if bias is None else f"shape {list(bias.shape)}"
         raise AdapterFileError(f"{path.name}: tensor '{PATCH_BIAS_KEY}' is {seen}, expected [{inner}]")
     if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
@@ -372,17 +399,10 @@ def load_adapter(transformer, path: str | os.PathLike, adapter_name: str = DEFAU
     was. File and model dtypes may differ (the weights are cast to the model's).
     """
     p = Path(path)
-    tensors, header = read_safetensors(p, "adapter file")
-    meta = _parse_header(header, list(tensors), p)
-    not_float = sorted(k for k, t in tensors.items() if not t.is_floating_point())[:3]
-    if not_float:
-        raise AdapterFileError(
-            f"{p.name}: tensor(s) {not_float} are {tensors[not_float[0]].dtype}, not floating point; a HairDiff "
-            f"adapter stores float weights (fp32/bf16/fp16). Re-export it with save_adapter.",
-            input="adapter",
-        )
+    tensors, meta = _read_checked(p)
     _check_base(transformer, meta, p)
-    weight, bias = _patch_tensors(tensors, meta, transformer, p)
+    proj = transformer.pos_embed.proj
+    weight, bias = _patch_tensors(tensors, meta, proj.weight.shape, proj.bias is not None, p)
     have, want = input_channels(transformer), meta["in_channels"]
     if have not in (BASE_CHANNELS, want):
         raise ChannelCountError(
@@ -405,11 +425,7 @@ def load_adapter(transformer, path: str | os.PathLike, adapter_name: str = DEFAU
         # Check the LoRA against this transformer before anything changes (the existing adapter of
         # that name is excluded from the expected layers only by name, so checking now is exact).
         check_lora_weights(transformer, own, rank=lora["rank"], targets=lora["targets"], source=p.name)
-        modules, _ = split_lora_state(own)
-        if not all(torch.isfinite(t).all() for pair in modules.values() for t in pair.values()):
-            raise AdapterFileError(
-                f"{p.name}: the LoRA holds NaN/inf values (a diverged training run?); use an earlier checkpoint."
-            )
+        _check_lora_finite(own, p)
 
     # -- from here on the model changes; nothing below depends on the file's validity --
     # An adapter trained with frozen image channels carries a copy of its base's channels 0-15
@@ -453,3 +469,93 @@ def load_adapter(transformer, path: str | os.PathLike, adapter_name: str = DEFAU
         "none" if lora is None else f"rank {lora['rank']} alpha {lora['alpha']}",
     )
     return meta
+
+
+def _check_lora_finite(own: Mapping[str, torch.Tensor], p: Path) -> None:
+    modules, _ = split_lora_state(own)
+    if not all(torch.isfinite(t).all() for pair in modules.values() for t in pair.values()):
+        raise AdapterFileError(
+            f"{p.name}: the LoRA holds NaN/inf values (a diverged training run?); use an earlier checkpoint."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Another host's model (ComfyUI's MMDiT): the file read and checked here, applied by the host
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """An adapter file read and checked against a base, for a host that applies it itself.
+
+    ``lora`` holds the LoRA tensors under their file keys (``transformer.<module>.lora_A.weight``,
+    ``.alpha``: diffusers' SD3 format), ``keep_base`` is True when training froze the image
+    channels (the base's own channels 0-15 and bias are then the right ones)."""
+
+    path: Path
+    meta: dict[str, Any]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora: dict[str, torch.Tensor]
+    keep_base: bool
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.meta["in_channels"])
+
+
+def read_adapter(
+    path: str | os.PathLike,
+    signature: Mapping[str, Any],
+    patch_shape: tuple[int, ...],
+    has_bias: bool = True,
+    what: str = "this model",
+) -> AdapterFile:
+    """Read an adapter file and check it against a base model given by its dims.
+
+    Args:
+        path: the adapter ``.safetensors``.
+        signature: the base's ``signature_of_config`` (its dims).
+        patch_shape: the base's patch-embedding weight shape (inner, 16, p, p).
+        has_bias: whether the base's patch embedding has a bias.
+        what: how messages name the base (e.g. "the connected MODEL").
+
+    Raises ``AdapterFileError`` for a damaged or foreign file and ``AdapterMismatchError`` for an
+    adapter made for other dims, naming both sides.
+    """
+    p = Path(path)
+    tensors, meta = _read_checked(p)
+    check_signature(signature, meta, p, what)
+    weight, bias = _patch_tensors(tensors, meta, tuple(patch_shape), has_bias, p)
+    lora = {k: v for k, v in tensors.items() if k.startswith(LORA_KEY_PREFIX)}
+    own = {k[len(LORA_KEY_PREFIX) :]: v for k, v in lora.items() if not k.endswith(".alpha")}
+    if meta.get("lora") is None and own:
+        raise AdapterFileError(f"{p.name} holds LoRA tensors but its header says it has no LoRA; the file is damaged.")
+    _check_lora_finite(own, p)
+    return AdapterFile(p, meta, weight, bias, lora, keep_base=meta.get("base_channels_trained") is False)
+
+
+def patch_embedding(
+    base_weight: torch.Tensor, base_bias: torch.Tensor | None, adapter: AdapterFile, strength: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The widened patch embedding (weight (inner, C, p, p), bias) for ``adapter`` on a base.
+
+    ``strength`` moves from the base (0: channels 0-15 and bias the base's, the sketch channels
+    zero: the base model's output exactly) to the adapter (1: the adapter's tensors exactly),
+    like a LoRA strength. Returned in the base's dtype and device.
+    """
+    n = base_weight.shape[1]
+    dtype, device = base_weight.dtype, base_weight.device
+    base_w = base_weight.detach().float()
+    theirs = adapter.weight.detach().float().to(device)
+    s = float(strength)
+    image = base_w if adapter.keep_base else torch.lerp(base_w, theirs[:, :n], s)
+    sketch = theirs[:, n:] * s if s != 1.0 else theirs[:, n:]
+    weight = torch.cat([image, sketch], dim=1).to(dtype)
+    if base_bias is None:
+        return weight, None
+    base_b = base_bias.detach().float()
+    if adapter.keep_base or adapter.bias is None:
+        bias = base_b
+    else:
+        bias = torch.lerp(base_b, adapter.bias.detach().float().to(device), s)
+    return weight, bias.to(base_bias.dtype)

@@ -68,3 +68,9 @@ def predict_x0(x_in: torch.Tensor, velocity: torch.Tensor, sigma) -> torch.Tenso
     if sigma.ndim == 1:
         sigma = sigma.view(-1, 1, 1, 1)
     return x_in - sigma * velocity
+
+
+def velocity_from_denoised(x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The velocity behind a host's x0 prediction (ComfyUI's samplers see ``denoised``, the
+    inverse of ``predict_x0``): v = (x - x0_hat) / sigma."""
+    return (x - denoised) / float(sigma)

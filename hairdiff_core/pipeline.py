@@ -238,6 +238,62 @@ def plan_crop(binary: torch.Tensor, work: int, sigma_at_work: float, context_mar
     return CropPlan(box, wh, ww, -wh % MULTIPLE, -ww % MULTIPLE)
 
 
+@dataclass(frozen=True)
+class WorkInputs:
+    """The inputs of one generation at the model's working size (``prepare_work``).
+
+    ``photo`` and ``sketch`` (normalised: white strokes on black) are (B, 3, h, w), ``binary`` and
+    ``soft`` (the feathered matte) (B, 1, h, w), all cropped to ``plan.box``, resized and padded to
+    multiples of 16; ``latent_mask`` is ``soft`` on the latent grid (h/8, w/8), the per-pixel
+    noise level of the soft-mask sampler."""
+
+    plan: CropPlan
+    sigma_at_work: float
+    photo: torch.Tensor
+    sketch: torch.Tensor
+    binary: torch.Tensor
+    soft: torch.Tensor
+    latent_mask: torch.Tensor
+
+
+def prepare_work(
+    photo: torch.Tensor,
+    sketch: torch.Tensor,
+    binary: torch.Tensor,
+    work_size: int,
+    feather_sigma: float | None = None,
+    context_margin: float = DEFAULTS.context_margin,
+) -> WorkInputs:
+    """Crop, resize and pad aligned inputs (``prepare_inputs``' output) to the working size, and
+    feather the matte: the method's geometry, shared by every host (the diffusers pipeline here,
+    ComfyUI's nodes on its own model).
+
+    Args:
+        photo: (B, 3, H, W) in [0, 1].
+        sketch: (B, C, H, W) in [0, 1], the photo's size.
+        binary: (B, 1, H, W) binary matte, the photo's size.
+        work_size: side of the working area in px (the model's native size: 1024 for SD3.5).
+        feather_sigma: soft-mask feather in px at 1024 px; None = the default.
+        context_margin: context box around the matte, as a fraction of its size.
+    """
+    sigma_at_work = M.DEFAULT_FEATHER_SIGMA if feather_sigma is None else float(feather_sigma)
+    plan = plan_crop(binary, int(work_size), sigma_at_work, context_margin)
+    binary_w = plan.to_work(binary, "nearest")
+    binary_w[..., plan.height :, :] = 0  # the replicate padding is not hair
+    binary_w[..., :, plan.width :] = 0
+    sketch_rgb, _ = M.normalize_sketch(plan.to_work(sketch, "bilinear"))
+    soft_w = M.soft_mask(binary_w, M.feather_sigma(plan.height, plan.width, sigma_at_work))
+    return WorkInputs(
+        plan=plan,
+        sigma_at_work=sigma_at_work,
+        photo=plan.to_work(photo, "bilinear"),
+        sketch=sketch_rgb,
+        binary=binary_w,
+        soft=soft_w,
+        latent_mask=M.latent_grid(soft_w),
+    )
+
+
 def composite(
     photo: torch.Tensor,
     binary: torch.Tensor,
@@ -620,23 +676,20 @@ class HairDiffPipeline:
             if negative_prompt is not None and cfg == 1.0:
                 logger.warning("the negative prompt has no effect at cfg 1; raise cfg (e.g. 4) to use it")
 
-        # 3. Plan the crop: the context box around the matte and its working size.
-        sigma_at_work = M.DEFAULT_FEATHER_SIGMA if feather_sigma is None else float(feather_sigma)
-        plan = plan_crop(binary, int(work_size or self.default_work_size), sigma_at_work, context_margin)
-        photo_w = plan.to_work(photo, "bilinear")
-        binary_w = plan.to_work(binary, "nearest")
-        binary_w[..., plan.height :, :] = 0  # the replicate padding is not hair
-        binary_w[..., :, plan.width :] = 0
-        sketch_rgb, _ = M.normalize_sketch(plan.to_work(sketch, "bilinear"))
-        soft_w = M.soft_mask(binary_w, M.feather_sigma(plan.height, plan.width, sigma_at_work))
+        # 3. Plan the crop: the context box around the matte, worked at the model's size.
+        work = prepare_work(
+            photo, sketch, binary, int(work_size or self.default_work_size), feather_sigma, context_margin
+        )
+        plan, sigma_at_work = work.plan, work.sigma_at_work
+        photo_w, binary_w, soft_w = work.photo, work.binary, work.soft
 
         # 4. Prepare latents: the photo, the sketch, the latent-grid soft mask and the noise.
         x0 = self.encode(photo_w).to(self.device)
         if method == "replace":
             sketch_latent = torch.zeros_like(x0)  # the baseline never sees the sketch
         else:
-            sketch_latent = self.encode(sketch_rgb).to(self.device)
-        mask_lat = M.latent_grid(soft_w).to(self.device)
+            sketch_latent = self.encode(work.sketch).to(self.device)
+        mask_lat = work.latent_mask.to(self.device)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(self.device)
 

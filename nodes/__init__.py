@@ -16,6 +16,7 @@ from .model_nodes import (
     LoadHairDiffModel,
     register_model_folder,
 )
+from .native_nodes import NATIVE_NODES
 from .sampler_node import HairDiffSampler
 from .template_inputs import install_template_inputs
 from .text_nodes import HairDiffPrompt
@@ -29,6 +30,7 @@ NODES: list[type[io.ComfyNode]] = [
     HairDiffCompile,
     HairDiffSampler,
     HairDiffPrompt,
+    *NATIVE_NODES,
 ]
 
 register_model_folder()
