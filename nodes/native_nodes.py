@@ -24,7 +24,12 @@ from .native_sampling import ADAPTER_NODE, CONDITIONING_NODE, PATCH_EMBED, WRAPP
 
 logger = logging.getLogger(__name__)
 
-CATEGORY = "HairDiff"
+MODEL_CAT, COND_CAT, SAMPLING_CAT, IMAGE_CAT = (
+    "HairDiff/model",
+    "HairDiff/conditioning",
+    "HairDiff/sampling",
+    "HairDiff/image",
+)
 BUILTIN_TOY = "toy (synthetic portraits)"
 BUILTIN_TINY = "tiny (wiring check)"
 BUILTIN_TOY_ADAPTER = "toy adapter (built-in)"
@@ -63,17 +68,26 @@ class HairDiffLoadBuiltin(io.ComfyNode):
         return io.Schema(
             node_id="HairDiff_LoadBuiltin",
             display_name="HairDiff Built-in Model",
-            category=CATEGORY,
+            category=MODEL_CAT,
             description=(
                 "ComfyUI's own SD3 MODEL and VAE for HairDiff's built-in models, with no downloads: the toy "
                 "(trained on synthetic portraits: draws striped synthetic hair, use it with 'toy adapter "
                 "(built-in)') or the tiny random model (a wiring check: draws noise). 'no prompt' is the zero "
                 "text these models were trained with. For real photos load SD3.5 with Load Diffusion Model."
             ),
-            inputs=[io.Combo.Input("model", options=[BUILTIN_TOY, BUILTIN_TINY], default=BUILTIN_TOY)],
+            inputs=[
+                io.Combo.Input(
+                    "model",
+                    options=[BUILTIN_TOY, BUILTIN_TINY],
+                    default=BUILTIN_TOY,
+                    tooltip="toy: draws synthetic striped hair from a sketch; tiny: random weights, a wiring check.",
+                )
+            ],
             outputs=[
-                io.Model.Output(display_name="MODEL"),
-                io.Vae.Output(display_name="VAE"),
+                io.Model.Output(
+                    display_name="MODEL", tooltip="ComfyUI's SD3 model holding the built-in weights (16 channels)."
+                ),
+                io.Vae.Output(display_name="VAE", tooltip="The built-in model's own autoencoder."),
                 io.Conditioning.Output(display_name="no prompt", tooltip="Zero text of this model's widths."),
             ],
         )
@@ -165,7 +179,7 @@ class HairDiffApplyAdapter(io.ComfyNode):
         return io.Schema(
             node_id="HairDiff_ApplyAdapter",
             display_name=ADAPTER_NODE,
-            category=CATEGORY,
+            category=MODEL_CAT,
             description=(
                 "Makes an SD3/SD3.5 MODEL (Load Checkpoint, Load Diffusion Model with any weight dtype, a GGUF "
                 "loader, HairDiff Built-in Model) a HairDiff model: a copy whose patch embedding takes 32 channels "
@@ -190,7 +204,9 @@ class HairDiffApplyAdapter(io.ComfyNode):
                     tooltip="0 = the base model exactly (sketch ignored), 1 = the adapter as trained.",
                 ),
             ],
-            outputs=[io.Model.Output(display_name="MODEL")],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="A HairDiff copy of the model (32-channel input, LoRA).")
+            ],
         )
 
     @classmethod
@@ -272,7 +288,7 @@ class HairDiffSketchConditioning(io.ComfyNode):
         return io.Schema(
             node_id="HairDiff_SketchConditioning",
             display_name=CONDITIONING_NODE,
-            category=CATEGORY,
+            category=COND_CAT,
             description=(
                 "Prepares a HairDiff edit for ComfyUI's samplers: the context box around the matte at the model's "
                 "size, the sketch (normalised, VAE-encoded) added to positive and negative as the adapter's "
@@ -280,8 +296,12 @@ class HairDiffSketchConditioning(io.ComfyNode):
                 "and a stitch for HairDiff Stitch. Positive and negative may be any CLIP Text Encode."
             ),
             inputs=[
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
+                io.Conditioning.Input(
+                    "positive", tooltip="The prompt (CLIP Text Encode, or the built-in model's 'no prompt')."
+                ),
+                io.Conditioning.Input(
+                    "negative", tooltip="The negative prompt (used when cfg > 1); the same as positive is fine."
+                ),
                 io.Vae.Input("vae", tooltip="The SD3 VAE (or the built-in model's)."),
                 io.Image.Input("photo", tooltip="The portrait to edit, any size."),
                 io.Image.Input("sketch", tooltip="The strokes, the photo's aspect ratio (any background)."),
@@ -297,8 +317,10 @@ class HairDiffSketchConditioning(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Conditioning.Output(display_name="positive"),
-                io.Conditioning.Output(display_name="negative"),
+                io.Conditioning.Output(
+                    display_name="positive", tooltip="The prompt with the sketch latent (noise_concat)."
+                ),
+                io.Conditioning.Output(display_name="negative", tooltip="The negative prompt with the sketch latent."),
                 io.Latent.Output(display_name="latent", tooltip="The photo's box, with the soft matte as noise_mask."),
                 StitchType.Output(display_name="stitch", tooltip="For HairDiff Stitch, after VAE Decode."),
             ],
@@ -349,7 +371,7 @@ class HairDiffStitch(io.ComfyNode):
         return io.Schema(
             node_id="HairDiff_Stitch",
             display_name="HairDiff Stitch",
-            category=CATEGORY,
+            category=IMAGE_CAT,
             description=(
                 "Pastes the decoded box back into the full photo with the feathered matte: pixels away from the "
                 "matte are the photo's, bit for bit."
@@ -359,7 +381,7 @@ class HairDiffStitch(io.ComfyNode):
                 io.Image.Input("image", tooltip="VAE Decode of the sampled latent."),
                 io.Boolean.Input("paste_back", default=True, tooltip="Off: return the generated box as is."),
             ],
-            outputs=[io.Image.Output(display_name="IMAGE")],
+            outputs=[io.Image.Output(display_name="IMAGE", tooltip="The full photo with the new hair.")],
         )
 
     @classmethod
@@ -397,14 +419,16 @@ class HairDiffSoftMaskSampler(io.ComfyNode):
         return io.Schema(
             node_id="HairDiff_SoftMaskSampler",
             display_name="HairDiff Soft-Mask Sampler",
-            category=CATEGORY,
+            category=SAMPLING_CAT,
             description=(
                 "HairDiff's sampler for SamplerCustomAdvanced: every latent pixel has its own noise level "
                 "(sigma x soft matte), so pixels outside the matte never change and the feathered edge moves part "
                 "way. Works with any sigmas (BasicScheduler, ModelSamplingSD3's shift, denoise as strength)."
             ),
             inputs=[],
-            outputs=[io.Sampler.Output(display_name="SAMPLER")],
+            outputs=[
+                io.Sampler.Output(display_name="SAMPLER", tooltip="For SamplerCustomAdvanced (or SamplerCustom).")
+            ],
         )
 
     @classmethod
@@ -430,15 +454,15 @@ class HairDiffScheduler(io.ComfyNode):
         return io.Schema(
             node_id="HairDiff_Scheduler",
             display_name="HairDiff Scheduler",
-            category=CATEGORY,
+            category=SAMPLING_CAT,
             description=(
                 "SD3's flow-match sigmas exactly as the HairDiff command line and training compute them (diffusers' "
                 "FlowMatchEulerDiscreteScheduler), at the model's shift (ModelSamplingSD3 sets it). BasicScheduler "
                 "works too; its 'simple' ladder differs slightly."
             ),
             inputs=[
-                io.Model.Input("model"),
-                io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=1000),
+                io.Model.Input("model", tooltip="The model whose shift (ModelSamplingSD3) sets the ladder."),
+                io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=1000, tooltip="Euler steps of the ladder."),
                 io.Float.Input(
                     "strength",
                     default=DEFAULTS.strength,
@@ -448,7 +472,7 @@ class HairDiffScheduler(io.ComfyNode):
                     tooltip="1 redraws the hair from noise; lower keeps more of the old hair.",
                 ),
             ],
-            outputs=[io.Sigmas.Output(display_name="SIGMAS")],
+            outputs=[io.Sigmas.Output(display_name="SIGMAS", tooltip="Descending sigmas ending at 0.")],
         )
 
     @classmethod
@@ -462,7 +486,7 @@ class HairDiffSample(io.ComfyNode):
         return io.Schema(
             node_id="HairDiff_Sample",
             display_name="HairDiff Sample",
-            category=CATEGORY,
+            category=SAMPLING_CAT,
             description=(
                 "One node for HairDiff's soft-mask sampling, for graphs without custom sampling: the same as "
                 "RandomNoise + CFGGuider + HairDiff Scheduler + HairDiff Soft-Mask Sampler + SamplerCustomAdvanced."
@@ -472,8 +496,15 @@ class HairDiffSample(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="From HairDiff Sketch Conditioning."),
                 io.Conditioning.Input("negative", tooltip="From HairDiff Sketch Conditioning."),
                 io.Latent.Input("latent", tooltip="From HairDiff Sketch Conditioning."),
-                io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=1000),
+                io.Int.Input(
+                    "seed",
+                    default=DEFAULTS.seed,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="Seed of the starting noise (ComfyUI's RandomNoise draws the same).",
+                ),
+                io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=1000, tooltip="Euler steps of the ladder."),
                 io.Float.Input(
                     "cfg",
                     default=DEFAULTS.cfg,
@@ -483,9 +514,18 @@ class HairDiffSample(io.ComfyNode):
                     round=0.01,
                     tooltip="1 = off (one model call per step).",
                 ),
-                io.Float.Input("strength", default=DEFAULTS.strength, min=0.0, max=1.0, step=0.01),
+                io.Float.Input(
+                    "strength",
+                    default=DEFAULTS.strength,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="1 redraws the hair from noise; lower keeps more of the old hair.",
+                ),
             ],
-            outputs=[io.Latent.Output(display_name="LATENT")],
+            outputs=[
+                io.Latent.Output(display_name="LATENT", tooltip="The sampled latent: VAE Decode, then HairDiff Stitch.")
+            ],
         )
 
     @classmethod

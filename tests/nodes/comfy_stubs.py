@@ -205,6 +205,8 @@ def _io_module() -> types.ModuleType:
         "Conditioning": "CONDITIONING",
         "Vae": "VAE",
         "Model": "MODEL",
+        "Sampler": "SAMPLER",
+        "Sigmas": "SIGMAS",
         "Clip": "CLIP",
         "Int": "INT",
         "Float": "FLOAT",

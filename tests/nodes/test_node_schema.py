@@ -16,7 +16,7 @@ def test_one_v3_entrypoint_lists_every_node(comfy):
     pack_root = importlib.import_module("hairdiff_pack.nodes")
     ext = asyncio.run(pack_root.comfy_entrypoint())
     nodes = asyncio.run(ext.get_node_list())
-    assert nodes == comfy.nodes.NODES and len(nodes) == 8
+    assert nodes == comfy.nodes.NODES and len(nodes) == 15
     root_src = (ROOT / "__init__.py").read_text()
     assert "NODE_CLASS_MAPPINGS" not in root_src  # a V1 export would hide the V3 entry point
 
