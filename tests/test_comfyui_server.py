@@ -77,7 +77,23 @@ def _get(url: str):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_base")
+    yield from _serve(tmp_path_factory.mktemp("comfy_base"))
+
+
+@pytest.fixture(scope="module")
+def lowvram_server(tmp_path_factory):
+    """ComfyUI with its own low-VRAM streaming: the native route has no memory code of its own.
+    (ComfyUI refuses --lowvram beside --cpu; without a GPU it runs on the CPU with the setting.)"""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    probe = subprocess.run(
+        [python, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True, text=True
+    )
+    if probe.stdout.strip() != "True":
+        pytest.skip("--lowvram needs a CUDA GPU (ComfyUI refuses it beside --cpu); bench/gpu_run.sh runs it")
+    yield from _serve(tmp_path_factory.mktemp("comfy_lowvram"), "--lowvram")
+
+
+def _serve(base: Path, memory: str = "--cpu"):
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "hairdiff").symlink_to(ROOT, target_is_directory=True)
     for sub in ("models/loras", "input", "output", "temp", "user"):
@@ -87,7 +103,7 @@ def server(tmp_path_factory):
     cmd = [
         os.environ.get("COMFYUI_PYTHON", sys.executable),
         "main.py",
-        "--cpu",
+        memory,
         "--listen",
         "127.0.0.1",
         "--port",
@@ -699,3 +715,131 @@ def test_gpu_comfy_check_dry_run_drives_comfyuis_own_memory_management():
     assert rows["fp8_e4m3fn:blocks"]["chosen_offload"] == "blocks"
     assert rows["auto:auto"]["chosen_weights"] == "fp8_e4m3fn"  # an fp8 file under auto stays fp8
     assert all(r["s_per_step"] > 0 for r in rows.values())
+
+
+# --------------------------------------------------------------------------------------------
+# The native route: ComfyUI's own MODEL, SAMPLER and samplers
+
+
+def native_graph(steps: int = 8, seed: int = 5, one_node: bool = False) -> dict:
+    """HairDiff Built-in Model (toy) -> HairDiff Apply Adapter -> SamplerCustomAdvanced with
+    HairDiff's sampler, scheduler and sketch conditioning -> VAE Decode -> HairDiff Stitch
+    (``one_node``: HairDiff Sample in place of the custom-sampling nodes)."""
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "hairdiff_photo.png"}, "_meta": {"title": "Photo"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "hairdiff_sketch.png"}, "_meta": {"title": "Sketch"}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "hairdiff_matte.png"}, "_meta": {"title": "Matte"}},
+        "4": {"class_type": "ImageToMask", "inputs": {"image": ["3", 0], "channel": "red"}},
+        "5": {"class_type": "HairDiff_LoadBuiltin", "inputs": {"model": "toy (synthetic portraits)"}},
+        "6": {
+            "class_type": "HairDiff_ApplyAdapter",
+            "inputs": {"model": ["5", 0], "adapter": "toy adapter (built-in)", "strength": 1.0},
+        },
+        "7": {
+            "class_type": "HairDiff_SketchConditioning",
+            "inputs": {
+                "positive": ["5", 2],
+                "negative": ["5", 2],
+                "vae": ["5", 1],
+                "photo": ["1", 0],
+                "sketch": ["2", 0],
+                "matte": ["4", 0],
+                "work_size": 128,
+                "feather": 10.0,
+            },
+        },
+        "8": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        "9": {
+            "class_type": "CFGGuider",
+            "inputs": {"model": ["6", 0], "positive": ["7", 0], "negative": ["7", 1], "cfg": 1.0},
+        },
+        "10": {"class_type": "HairDiff_SoftMaskSampler", "inputs": {}},
+        "11": {"class_type": "HairDiff_Scheduler", "inputs": {"model": ["6", 0], "steps": steps, "strength": 1.0}},
+        "12": {
+            "class_type": "SamplerCustomAdvanced",
+            "inputs": {
+                "noise": ["8", 0],
+                "guider": ["9", 0],
+                "sampler": ["10", 0],
+                "sigmas": ["11", 0],
+                "latent_image": ["7", 2],
+            },
+        },
+        "13": {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["5", 1]}},
+        "14": {"class_type": "HairDiff_Stitch", "inputs": {"stitch": ["7", 3], "image": ["13", 0], "paste_back": True}},
+        "15": {"class_type": "SaveImage", "inputs": {"images": ["14", 0], "filename_prefix": "hairdiff_native"}},
+    }
+    if one_node:
+        for nid in ("8", "9", "10", "11"):
+            del graph[nid]
+        graph["12"] = {
+            "class_type": "HairDiff_Sample",
+            "inputs": {
+                "model": ["6", 0],
+                "positive": ["7", 0],
+                "negative": ["7", 1],
+                "latent": ["7", 2],
+                "seed": seed,
+                "steps": steps,
+                "cfg": 1.0,
+                "strength": 1.0,
+            },
+        }
+    return graph
+
+
+def _check_native_result(path: Path) -> None:
+    """Same size as the photo; pixels well away from the matte the photo's, bit for bit; hair drawn."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im, Image.open(ASSETS / "sample_photo.png") as photo:
+        got = np.asarray(im.convert("RGB")).astype(int)
+        src = np.asarray(photo.convert("RGB")).astype(int)
+    with Image.open(ASSETS / "sample_matte.png") as m:
+        hair = np.asarray(m.convert("L").resize(im.size)) > 127
+    ys, xs = np.nonzero(hair)
+    far = np.ones_like(hair)
+    pad = max(hair.shape) // 8  # the feather reaches a few sigmas past the matte
+    far[max(0, ys.min() - pad) : ys.max() + pad, max(0, xs.min() - pad) : xs.max() + pad] = False
+    assert got.shape == src.shape
+    assert (got[far] == src[far]).all()
+    assert np.abs(got[hair] - src[hair]).mean() > 2
+
+
+def _pixels(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.mark.parametrize("which", ["server", "lowvram_server"])
+def test_native_graph_runs_and_keeps_the_photo(request, which, tmp_path):
+    srv = request.getfixturevalue(which)
+    saved = _submit(srv, native_graph(), tmp_path)
+    assert len(saved) == 1
+    _check_native_result(saved[0])
+    info = _get(srv["url"] + "/object_info/SamplerCustomAdvanced")
+    assert "SamplerCustomAdvanced" in info
+
+
+def test_native_cancel_mid_run_then_the_same_run_gives_the_same_image(server, tmp_path):
+    """Cancel a run mid-way, run it again to the end: the image of an uncancelled run (HairDiff
+    Sample draws bit for bit what the custom-sampling graph draws, and is not in ComfyUI's cache)."""
+    from hairdiff_cli import comfy_client as C
+
+    steps = 400  # the toy takes ~20 ms a step here: long enough to cancel at 3 s
+    reference = _pixels(_submit(server, native_graph(steps, 11, one_node=True), tmp_path / "ref")[0])
+    client = C.ComfyClient(server["url"])
+    pid = client.submit(native_graph(steps, 11))
+    time.sleep(3)
+    urllib.request.urlopen(urllib.request.Request(server["url"] + "/interrupt", data=b"", method="POST"), timeout=30)
+    deadline = time.monotonic() + 120
+    while pid not in _get(server["url"] + f"/history/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    status = _get(server["url"] + f"/history/{pid}")[pid]["status"]
+    assert any(m[0] == "execution_interrupted" for m in status.get("messages", [])), status
+    again = _pixels(_submit(server, native_graph(steps, 11), tmp_path / "again")[0])
+    assert (again == reference).all()  # pixels: the PNG's text chunks carry each graph
