@@ -556,6 +556,9 @@ _NAMES = (
     "comfy.lora",
     "comfy.weight_adapter",
     "comfy.latent_formats",
+    "comfy.model_base",
+    "comfy.patcher_extension",
+    "node_helpers",
     "comfy_api",
     "comfy_api.latest",
     "folder_paths",
@@ -580,7 +583,19 @@ def install(models_dir: str) -> types.SimpleNamespace:
     weight_adapter.LoRAAdapter = LoRAAdapter
     latent_formats = types.ModuleType("comfy.latent_formats")
     latent_formats.SD3 = SD3LatentFormat
+    model_base = types.ModuleType("comfy.model_base")
+    model_base.SD3 = type("SD3", (torch.nn.Module,), {})  # ComfyUI's SD3 model class (isinstance checks)
+    patcher_extension = types.ModuleType("comfy.patcher_extension")
+    patcher_extension.WrappersMP = types.SimpleNamespace(APPLY_MODEL="apply_model")
+    node_helpers = types.ModuleType("node_helpers")
+
+    def conditioning_set_values(conditioning, values=None):
+        return [[t[0], {**t[1], **(values or {})}] for t in conditioning]
+
+    node_helpers.conditioning_set_values = conditioning_set_values
     for name, mod in (
+        ("model_base", model_base),
+        ("patcher_extension", patcher_extension),
         ("model_management", mm),
         ("model_patcher", patcher_mod),
         ("utils", utils),
@@ -616,6 +631,9 @@ def install(models_dir: str) -> types.SimpleNamespace:
         "comfy.lora": lora,
         "comfy.weight_adapter": weight_adapter,
         "comfy.latent_formats": latent_formats,
+        "comfy.model_base": model_base,
+        "comfy.patcher_extension": patcher_extension,
+        "node_helpers": node_helpers,
         "comfy_api": comfy_api,
         "comfy_api.latest": latest,
         "folder_paths": fp,
