@@ -123,6 +123,21 @@ def check_toy(out: dict) -> None:
     basic = finish(_sample_advanced(model, pos, neg, latent, seed, simple)).movedim(-1, 1)
     out["toy_basic_scheduler_mean_diff"] = float((basic - ref.image).abs().mean())
 
+    # KSampler's way: euler + DifferentialDiffusion on the same conditioning and latent (the
+    # latent's noise_mask as ComfyUI's denoise mask: the outside re-noised to sigma, not sigma*m).
+    import comfy.samplers
+    from comfy_extras.nodes_differential_diffusion import DifferentialDiffusion
+
+    dd_model = DifferentialDiffusion.execute(model, 1.0).result[0]
+    dd = finish(
+        _sample_advanced(dd_model, pos, neg, latent, seed, sigmas, sampler=comfy.samplers.sampler_object("euler"))
+    )
+    dd = dd.movedim(-1, 1)
+    soft = ref.mask.expand_as(native) > 0
+    out["dd_inside_mean_diff"] = float((dd - native)[soft].abs().mean())
+    out["dd_inside_max_diff"] = float((dd - native)[soft].abs().max())
+    out["dd_outside_exact"] = bool(torch.equal(dd[outside], native[outside]))
+
     # Cancel at step 3 (ComfyUI's interrupt flag, raised from the progress hook), then the same run.
     calls = {"n": 0}
 
