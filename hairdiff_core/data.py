@@ -289,6 +289,27 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda hw: (abs(math.log(hw[0] / hw[1]) - target), -hw[0] * hw[1]))
 
 
+def check_resolution_fits(resolution: int, max_side: int | None, crop: str = "bucket") -> int:
+    """Refuse a training ``resolution`` whose largest bucket (or square, for ``crop="center"``)
+    has a side longer than the transformer's positions (``max_side`` px, see
+    ``pipeline.max_work_side``); the message gives the largest resolution that fits."""
+
+    def longest(r: int) -> int:
+        return max(max(b) for b in aspect_buckets(r)) if crop == "bucket" else r
+
+    if max_side is None or longest(resolution) <= max_side:
+        return resolution
+    fits = resolution
+    while fits > RESOLUTION_MULTIPLE and longest(fits) > max_side:
+        fits -= RESOLUTION_MULTIPLE
+    raise InputError(
+        f"--resolution {resolution}: its {crop} crops reach {longest(resolution)} px a side, more than this "
+        f"model's position embeddings cover ({max_side} px = pos_embed_max_size x 16); use --resolution {fits} "
+        f"or less",
+        input="resolution",
+    )
+
+
 def sample_bucket(size: tuple[int, int], resolution: int, crop: str = "bucket") -> tuple[int, int]:
     """(height, width) a sample of stored ``size`` = (width, height) is loaded at."""
     if check_crop(crop) == "center":

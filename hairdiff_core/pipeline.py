@@ -213,28 +213,78 @@ class CropPlan:
         return x
 
 
-def plan_crop(binary: torch.Tensor, work: int, sigma_at_work: float, context_margin: float) -> CropPlan:
+def max_work_side(transformer) -> int | None:
+    """The longest side in pixels the transformer takes: its ``pos_embed_max_size`` (tokens)
+    x patch size x the VAE's 8 (3072 px for SD3.5 Large and SD3 Medium, 6144 for SD3.5 Medium,
+    1536 tiny, 512 toy); None when the config sets no limit."""
+    cfg = transformer.config
+    tokens = getattr(cfg, "pos_embed_max_size", None)
+    if not tokens:
+        return None
+    return int(tokens) * int(getattr(cfg, "patch_size", 2) or 2) * M.LATENT_FACTOR
+
+
+def widen_box(box: CropBox, height: int, width: int, max_aspect: float) -> CropBox:
+    """``box`` grown along its short side, centred and kept inside the ``height`` x ``width``
+    photo, until its long side is at most ``max_aspect`` x its short side (or it spans the photo)."""
+    bh, bw = box.height, box.width
+    if bh > bw * max_aspect:
+        need = min(width, math.ceil(bh / max_aspect))
+        left = min(max(0, box.left - (need - bw) // 2), width - need)
+        return CropBox(box.top, left, bh, need)
+    if bw > bh * max_aspect:
+        need = min(height, math.ceil(bw / max_aspect))
+        top = min(max(0, box.top - (need - bh) // 2), height - need)
+        return CropBox(top, box.left, need, bw)
+    return box
+
+
+def plan_crop(
+    binary: torch.Tensor, work: int, sigma_at_work: float, context_margin: float, max_side: int | None = None
+) -> CropPlan:
     """The context box and working size for a binary matte (B, 1, H, W).
 
     A photo within ``work``² pixels is worked whole at its size. A larger one is cut to the
     matte's bounding box grown by ``context_margin``, padded so that the feathered mask is zero
     at the box's border (pixels outside the box then stay the photo's, bit for bit), and scaled
     to about ``work``² pixels.
+
+    ``max_side`` (``max_work_side(transformer)``) bounds each working side: the transformer has
+    position embeddings for that many pixels only. A thin box (a braid, a strand) is first
+    widened with more of the photo around it, so that the model still works at its native
+    pixel count and sees real context; only where the photo itself is too thin (a 100x2000
+    photo) is the working area scaled down until its long side fits, the short side then being
+    replicate-padded to the multiple of 16. None (the default): no bound.
     """
     H, W = binary.shape[-2:]
     work_area = work * work
+
+    def fitted(scale: float, box: CropBox) -> float:
+        if max_side is None:
+            return scale
+        return min(scale, max_side / box.height, max_side / box.width)
+
+    def widened(box: CropBox) -> CropBox:
+        # At the full work area a box of aspect a has a long side of sqrt(area * a) pixels.
+        if max_side is None:
+            return box
+        return widen_box(box, H, W, max(1.0, max_side * max_side / work_area))
+
     if H * W <= work_area:
-        box, scale = CropBox(0, 0, H, W), 1.0
+        box = CropBox(0, 0, H, W)
+        scale = fitted(1.0, box)
     else:
-        provisional = context_box(binary, context_margin, 0)
-        scale = min(1.0, math.sqrt(work_area / (provisional.height * provisional.width)))
+        provisional = widened(context_box(binary, context_margin, 0))
+        scale = fitted(min(1.0, math.sqrt(work_area / (provisional.height * provisional.width))), provisional)
         sigma_full = M.feather_sigma(work, work, sigma_at_work) / max(scale, 1e-6)
-        box = context_box(binary, context_margin, M.blur_radius(sigma_full) + MULTIPLE)
-        scale = math.sqrt(work_area / (box.height * box.width))
+        box = widened(context_box(binary, context_margin, M.blur_radius(sigma_full) + MULTIPLE))
+        scale = fitted(math.sqrt(work_area / (box.height * box.width)), box)
     if scale == 1.0:
         wh, ww = box.height, box.width
     else:
         wh, ww = _round_to(box.height * scale, 1), _round_to(box.width * scale, 1)
+        if max_side is not None:
+            wh, ww = min(wh, max_side), min(ww, max_side)
     return CropPlan(box, wh, ww, -wh % MULTIPLE, -ww % MULTIPLE)
 
 
@@ -622,7 +672,13 @@ class HairDiffPipeline:
 
         # 3. Plan the crop: the context box around the matte and its working size.
         sigma_at_work = M.DEFAULT_FEATHER_SIGMA if feather_sigma is None else float(feather_sigma)
-        plan = plan_crop(binary, int(work_size or self.default_work_size), sigma_at_work, context_margin)
+        plan = plan_crop(
+            binary,
+            int(work_size or self.default_work_size),
+            sigma_at_work,
+            context_margin,
+            max_work_side(self.transformer),
+        )
         photo_w = plan.to_work(photo, "bilinear")
         binary_w = plan.to_work(binary, "nearest")
         binary_w[..., plan.height :, :] = 0  # the replicate padding is not hair

@@ -37,7 +37,7 @@ import torch
 from hairdiff_core import mask as M
 from hairdiff_core.augment import AugmentSettings, MatteGrowth, augment_batch, grow_matte
 from hairdiff_core.checks import parse_dtype
-from hairdiff_core.data import HairDataset, file_digest, scan_dataset
+from hairdiff_core.data import HairDataset, check_resolution_fits, file_digest, scan_dataset
 from hairdiff_core.errors import HairDiffError, NonFiniteError
 from hairdiff_core.fileio import atomic_write
 from hairdiff_core.flow import soft_noise, timestep_from_sigma
@@ -346,7 +346,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(seed * 7919 + acc.process_index)
 
         from hairdiff_core.loading import load_models
-        from hairdiff_core.pipeline import HairDiffPipeline
+        from hairdiff_core.pipeline import HairDiffPipeline, max_work_side
 
         weight_dtype = self._weight_dtype()
         # The SD3 VAE runs in float32 (force_upcast): load it so, without a bf16 round trip.
@@ -365,6 +365,7 @@ class Trainer:
         pipe = HairDiffPipeline(loaded.transformer, loaded.vae, device=acc.device, dtype=weight_dtype)
         transformer = pipe.transformer
         resolution = int(cfg.resolution or pipe.default_work_size)
+        check_resolution_fits(resolution, max_work_side(transformer), cfg.crop)
         groups = setup_trainable(transformer, cfg)
         transformer.train()
         base_channels = transformer.pos_embed.proj.weight.detach()[:, :BASE_CHANNELS].clone()
