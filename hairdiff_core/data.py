@@ -117,11 +117,14 @@ def _read_size(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     """Fully decode ``path``; return ((width, height), None) or (None, what is wrong)."""
     from PIL import Image, UnidentifiedImageError
 
+    from .fileio import check_input_path
+
     try:
+        check_input_path(path, f"{path.parent.name} file")
         with Image.open(path) as im:
             im.load()  # decodes every byte: catches truncated files that Image.open accepts
             return im.size, None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:  # InputError is a ValueError
         return None, f"unreadable {path.parent.name} file {path.name} ({exc})"
 
 
@@ -153,9 +156,9 @@ def scan_dataset(root, skip_bad: bool = False) -> DatasetScan:
     bad samples are left out of ``.samples`` and listed in ``.problems``. A dataset with no good
     sample is refused either way. A missing root or sub-folder raises ``FileNotFoundError``.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(2, "dataset folder not found", str(root))
+    from .fileio import check_input_path
+
+    root = check_input_path(root, "dataset", kind="folder", input="data")
     missing_dirs = [k for k in KINDS if not (root / k).is_dir()]
     if missing_dirs:
         raise DatasetError(

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, OutputPathError
-from .fileio import atomic_write, check_writable_file
+from .fileio import atomic_write, check_input_path, check_writable_file
 from .imageops import to_rgb
 
 logger = logging.getLogger(__name__)
@@ -106,11 +106,7 @@ def load_image(path, mode: str | None = None) -> torch.Tensor:
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(2, "No such file", str(path))
-    if path.is_dir():
-        raise InputError(f"{path} is a folder, not an image file")
+    path = check_input_path(path, "image")
     try:
         with Image.open(path) as im:
             im.load()

@@ -26,6 +26,7 @@ from . import mask as M
 from .checks import GENERATE_BOUNDS, check_device, check_generate_settings, check_number, parse_dtype
 from .defaults import DEFAULTS
 from .errors import InputError
+from .fileio import check_input_path
 from .flow import sampling_sigmas
 from .imageops import resize_same_aspect, to_rgb
 from .sampler import SAMPLERS, OnStep, TransformerDenoiser
@@ -160,6 +161,8 @@ def check_model_files(model=None, vae=None, adapter=None, tiny: bool = False, to
     for value, what in ((model, "model"), (vae, "vae"), (adapter, "adapter")):
         if value is not None and not os.path.exists(os.path.expanduser(str(value))):
             raise ModelLoadError(f"{what} not found: {value}", input=what)
+        if value is not None:
+            check_input_path(value, what, kind="file" if what == "adapter" else "any", input=what)
     if adapter is not None:
         from .adapter import read_adapter_metadata
         from .errors import HairDiffError

@@ -136,7 +136,10 @@ def _read_upright_size(path: Path) -> tuple[tuple[int, int] | None, bool, str | 
     """Decode ``path`` fully; ((width, height) after EXIF rotation, rotated?, None) or the problem."""
     from PIL import Image, UnidentifiedImageError
 
+    from .fileio import check_input_path
+
     try:
+        check_input_path(path, f"{path.parent.name} file")
         with Image.open(path) as im:
             im.load()
             orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
@@ -166,9 +169,10 @@ def _braid_stems(options: PrepareOptions, extensions: set[str]) -> list[str]:
 def scan_inputs(images, mattes, options: PrepareOptions) -> tuple[list[Pair], list[Problem]]:
     """Match photos and mattes by stem and check every pair (decoding each file once)."""
     images, mattes = Path(images), Path(mattes)
+    from .fileio import check_input_path
+
     for folder, what in ((images, "--images"), (mattes, "--mattes")):
-        if not folder.is_dir():
-            raise FileNotFoundError(2, f"{what} folder not found", str(folder))
+        check_input_path(folder, what, kind="folder", input=what.strip("-"))
     extensions = _image_extensions()
     photos, problems = _index(images, extensions)
     matte_files, matte_problems = _index(mattes, extensions)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -329,3 +330,84 @@ def test_every_numeric_option_refuses_nan_and_absurd_values(inputs, capsys, comm
         for value in ("nan", "-99999999999"):
             names = "|".join(re.escape(n) for n in (option, option[2:].replace("-", " "), "invalid"))
             _check_refused(base + [option, value], names, capsys, inputs)
+
+
+@pytest.fixture
+def no_hang():
+    """Opening a FIFO blocks until a writer comes: fail after 30 s instead of hanging the suite."""
+    import signal
+
+    def hung(*_):
+        raise TimeoutError("blocked on a special file")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+FIFO_CASES = [
+    ("generate", "--image"),
+    ("generate", "--sketch"),
+    ("generate", "--matte"),
+    ("generate", "--exclude"),
+    ("generate", "--prompt-embeds"),
+    ("generate", "--adapter"),
+    ("train", "--data"),
+    ("train", "--config"),
+    ("prepare", "--images"),
+    ("prepare", "--mattes"),
+]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+@pytest.mark.parametrize("command,flag", FIFO_CASES, ids=[" ".join(c) for c in FIFO_CASES])
+def test_special_files_are_refused_before_they_are_opened(inputs, capsys, no_hang, command, flag):
+    fifo = inputs / "pipe.png"
+    os.mkfifo(fifo)
+    i = inputs / "in"
+    if command == "generate":
+        argv = ["generate", "--tiny", "--image", str(i / "photo.png"), "--sketch", str(i / "sketch.png")]
+        argv += ["--matte", str(i / "matte.png"), "--out", str(inputs / "out" / "r.png")]
+        if flag in ("--image", "--sketch"):
+            argv[argv.index(flag) + 1] = str(fifo)
+        else:
+            argv += [flag, str(fifo)]
+    elif command == "train":
+        from training.synthetic import make_synthetic_dataset
+
+        data = make_synthetic_dataset(inputs / "ds", n=1, size=32, braid=0)
+        argv = ["train", "--tiny", "--data", str(data), "--output", str(inputs / "new_out"), "--max-steps", "1"]
+        if flag == "--data":
+            argv[argv.index(flag) + 1] = str(fifo)
+        else:
+            argv += [flag, str(fifo)]
+    else:
+        argv = ["prepare", "--images", str(i), "--mattes", str(i), "--out", str(inputs / "new_out")]
+        argv[argv.index(flag) + 1] = str(fifo)
+    _check_refused(argv, r"pipe\.png is a named pipe \(FIFO\), not a regular file", capsys, inputs)
+
+
+def test_long_output_names_fit_or_are_refused_before_any_work(inputs, capsys, monkeypatch):
+    """A name at the filesystem's limit is written (its temporary name is shortened to fit); one
+    byte more, in ASCII or in 2-byte letters, is refused before the model loads."""
+    from hairdiff_core.fileio import atomic_write_text, name_max
+
+    limit = name_max(inputs / "out")
+    i = inputs / "in"
+    base = ["generate", "--tiny", "--image", str(i / "photo.png"), "--sketch", str(i / "sketch.png")]
+    base += ["--matte", str(i / "matte.png"), "--steps", "1", "--out"]
+    for name in ("r" * (limit - 3) + ".png", "é" * ((limit - 3) // 2) + ".png", "x" * (limit + 50) + ".png"):
+        if len(os.fsencode(name)) <= limit:
+            continue
+        _check_refused(base + [str(inputs / "out" / name)], r"bytes long, more than the \d+ bytes", capsys, inputs)
+    _check_refused(base + [str(inputs / "out" / ("d" * (limit + 1)) / "r.png")], r"bytes long", capsys, inputs)
+
+    monkeypatch.undo()  # this one loads the tiny model
+    fits = inputs / "out" / ("r" * (limit - 4) + ".png")
+    rc, lines = _run(base + [str(fits)], capsys)
+    assert rc == 0, lines
+    assert [p.name for p in (inputs / "out").iterdir()] == [fits.name]
+    atomic_write_text(inputs / "out" / ("t" * limit), "ok")  # the Python API's writer too
+    assert sorted(p.name for p in (inputs / "out").iterdir()) == sorted([fits.name, "t" * limit])
