@@ -15,6 +15,7 @@ longer runs) is removed the next time the same target is written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -23,7 +24,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import InputError, OutputPathError
+from .errors import DiskFullError, InputError, OutputPathError
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +224,44 @@ def _check_parent(p: Path, what: str) -> None:
         raise OutputPathError(f"cannot write the {what} {p}: the folder {parent} is not writable", input=what)
 
 
+#: errno values that mean "the disk or the quota is full".
+DISK_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG) if e is not None)
+# Libraries that wrap the OSError in their own exception (safetensors' Rust writer) keep its text.
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull", "File too large")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a full disk or quota."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if isinstance(exc, DiskFullError) or any(t in str(exc) for t in _DISK_FULL_TEXTS):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def disk_full_error(
+    path: str | os.PathLike,
+    done: str = "",
+    what: str = "output",
+    fix: str = "free some space (or write to another disk) and run again",
+) -> DiskFullError:
+    """The one message of a full disk: where, how much is free, what was done, and the fix."""
+    import shutil
+
+    where = _existing_ancestor(Path(path).expanduser())
+    try:
+        free = f"{shutil.disk_usage(where).free / 2**20:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(
+        f"no space left on the disk holding {path} ({free}){'; ' + done if done else ''}: {fix}",
+        input=what,
+    )
+
+
 def apply_umask(path: str | os.PathLike) -> None:
     """Give ``path`` the permissions ``open()`` would (0666 minus the umask): writers such as
     ``mkstemp`` and safetensors' ``save_file`` create files 0600."""
@@ -252,7 +291,12 @@ def atomic_write(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path)
     prefix = _temp_prefix(path.name, name_max(path.parent))
-    fd, name = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".tmp", dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path, f"{path.name} was not written") from exc
+        raise
     os.close(fd)
     tmp = Path(name)
     try:
@@ -262,6 +306,10 @@ def atomic_write(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Pat
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as exc:
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise disk_full_error(path, f"{path.name} was not written, any earlier one is kept") from exc
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
