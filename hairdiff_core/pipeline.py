@@ -83,9 +83,10 @@ def _check_range(x: torch.Tensor, what: str) -> None:
             f"the {what} is a {x.dtype} tensor; HairDiff takes float images in [0, 1] (divide 8-bit images by 255)",
             input=what,
         )
-    if not bool(torch.isfinite(x).all()):
+    # min and max propagate NaN and show inf: no full-size boolean copy of a large photo.
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise InputError(f"the {what} holds NaN or inf values; give a finite image in [0, 1]", input=what)
-    lo, hi = float(x.min()), float(x.max())
     if hi > 1.0 + 1e-3 or lo < -1e-3:
         fix = "divide it by 255" if hi > 1.5 else "clamp it to [0, 1]"
         raise InputError(
@@ -547,7 +548,9 @@ class HairDiffPipeline:
         matte_threshold = check_number(matte_threshold, GENERATE_BOUNDS["matte_threshold"], "matte_threshold")
         photo = _as_rgb(image, "photo")
         _check_range(photo, "photo")
-        photo = photo.clamp(0, 1)
+        lo, hi = torch.aminmax(photo)
+        if lo < 0 or hi > 1:  # within the tolerance _check_range allows: no copy of an exact photo
+            photo = photo.clamp(0, 1)
         B, _, H, W = photo.shape
         for t, what in ((sketch, "sketch"), (matte, "matte")):
             if not isinstance(t, torch.Tensor) or t.ndim != 4:
@@ -557,8 +560,13 @@ class HairDiffPipeline:
         matte = _broadcast_batch(_match_size(matte.float(), (H, W), "matte", "nearest", announce), B, "matte")
         binary = M.binarize_matte(matte, matte_threshold)
         if announce:
-            _, strokes = M.normalize_sketch(sketch)
-            empty = [i for i in range(B) if not bool((strokes[i] * binary[i]).any())]
+            # Only the strokes inside the matte matter: look at its bounding box, with the
+            # background colour read from the whole sketch's border (as normalize_sketch does).
+            box = context_box(binary, 0.0, 0)
+            bg = M.sketch_background(sketch)
+            _, strokes = M.normalize_sketch(sketch[..., box.slices[0], box.slices[1]], background=bg)
+            inside = binary[..., box.slices[0], box.slices[1]]
+            empty = [i for i in range(B) if not bool((strokes[i] * inside[i]).any())]
             if empty:
                 logger.warning(
                     "the sketch has no strokes inside the matte (batch item(s) %s): the result follows the "

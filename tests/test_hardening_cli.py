@@ -173,7 +173,7 @@ def test_generate_refuses_bad_image_files(inputs, capsys, kind):
     i = inputs / "in"
     bad = inputs / "bad.png"
     pattern = {
-        "bomb": r"larger than PIL's safety limit",
+        "bomb": r"is 20000x20000 px = 400.0 MP, more than the limit of 120 MP \(--max-megapixels",
         "not_an_image": r"cannot read image",
         "missing": r"file not found: .*bad.png",
         "folder": r"is a folder",
@@ -411,3 +411,32 @@ def test_long_output_names_fit_or_are_refused_before_any_work(inputs, capsys, mo
     assert [p.name for p in (inputs / "out").iterdir()] == [fits.name]
     atomic_write_text(inputs / "out" / ("t" * limit), "ok")  # the Python API's writer too
     assert sorted(p.name for p in (inputs / "out").iterdir()) == sorted([fits.name, "t" * limit])
+
+
+@pytest.mark.parametrize(
+    "side,extra,pattern",
+    [
+        (12000, [], r"12000x12000 px = 144.0 MP, more than the limit of 120 MP"),  # PIL only warns at 144 MP
+        (9500, [], r"90.2 MP, more than the limit of 120 MP|cannot read image"),  # below the limit: decoded
+        (600, ["--max-megapixels", "0.1"], r"600x600 px = 0.4 MP, more than the limit of 0.1 MP"),
+        (600, ["--max-megapixels", "0"], r"--max-megapixels must be a number above 0"),
+        (600, ["--max-megapixels", "nan"], r"--max-megapixels .*got nan"),
+    ],
+    ids=["144MP", "90MP", "lowered", "zero", "nan"],
+)
+def test_huge_photos_are_refused_from_the_header(inputs, capsys, side, extra, pattern):
+    import warnings
+
+    i = inputs / "in"
+    bad = inputs / "huge.png"
+    _bomb_png(bad, side)
+    argv = ["generate", "--tiny", "--image", str(bad), "--sketch", str(i / "sketch.png")]
+    argv += ["--matte", str(i / "matte.png"), "--out", str(inputs / "out" / "r.png"), *extra]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's own bomb warning must not be what the user sees
+        if side == 9500:
+            # 90 MP is within the limit: it is decoded (and this fake one is truncated), no PIL warning.
+            rc, lines = _run(argv, capsys)
+            assert rc == 2 and len(lines) == 1 and "cannot read image" in lines[0], lines
+            return
+        _check_refused(argv, pattern, capsys, inputs)

@@ -14,6 +14,9 @@ from hairdiff_core.checks import Bound, check_device, check_generate_settings, c
 from hairdiff_core.errors import InputError, SettingsError
 from hairdiff_core.fileio import check_input_path, check_writable_folder
 
+#: PIL decodes at most 2^31 pixels per image; the RAM is the real bound.
+MAX_MEGAPIXELS = Bound("--max-megapixels", lo=0.0, lo_open=True, hi=2000.0, hint="largest image read, in MP")
+
 
 def _sampling(args) -> None:
     check_generate_settings(
@@ -100,6 +103,7 @@ def check_generate_args(args) -> None:
             "--reference is part of the joint method; drop --method replace or use --reference off", input="reference"
         )
     _reference_flags(args, [args.reference], [args.method])
+    check_number(args.max_megapixels, MAX_MEGAPIXELS, "max_megapixels")
     mattes, excludes = list(args.matte or []), list(getattr(args, "exclude", None) or [])
     _input_files(
         {
