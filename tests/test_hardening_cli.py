@@ -88,6 +88,13 @@ GENERATE_CASES = [
     (["--shift", "-2"], r"shift must be a number above 0"),
     (["--shift", "0"], r"shift .*got 0"),
     (["--shift", "nan"], r"shift .*got nan"),
+    (["--shift", "1e-300"], r"shift must be a number above 0.01 up to 100, got 1e-300"),
+    (
+        ["--reference", "once", "--ref-weight-outside", "1e308"],
+        r"--ref-weight-outside: weight_outside must be from 0 to 100",
+    ),
+    (["--reference", "once", "--ref-weight-inside", "101"], r"weight_inside must be from 0 to 100.*got 101"),
+    (["--max-megapixels", "1e9"], r"--max-megapixels must be a number above 0 up to 2000"),
     (["--margin", "-5", "--work-size", "64"], r"margin .*got -5"),
     (["--margin", "1e12"], r"margin .*got 1000000000000"),
     (["--work-size", "-64"], r"work size .*got -64"),
