@@ -165,7 +165,7 @@ def load_image(path, mode: str | None = None, max_megapixels: float | None = DEF
         arr = arr[..., None]
     # One (1, C, H, W) float tensor filled from the pixels: no float HWC copy to transpose.
     out = torch.empty((1, arr.shape[2], arr.shape[0], arr.shape[1]), dtype=torch.float32)
-    out[0].copy_(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1))
+    out[0].copy_(torch.from_numpy(np.require(arr, requirements=["C", "W"])).permute(2, 0, 1))
     if arr.dtype == np.uint8:
         out.div_(255.0)
     return out

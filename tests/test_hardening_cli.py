@@ -447,3 +447,16 @@ def test_huge_photos_are_refused_from_the_header(inputs, capsys, side, extra, pa
             assert rc == 2 and len(lines) == 1 and "cannot read image" in lines[0], lines
             return
         _check_refused(argv, pattern, capsys, inputs)
+
+
+@pytest.mark.parametrize(
+    "extra,pattern",
+    [
+        (["--tiny", "--out", "{root}/out/x.png"], r"--out x.png: prompt embeddings are a .safetensors file"),
+        (["--model", "{root}/nope", "--out", "{root}/out/x.safetensors"], r"model not found: .*nope"),
+    ],
+    ids=["png-name", "missing-model"],
+)
+def test_encode_prompt_refuses_misleading_outputs_and_models(inputs, capsys, extra, pattern):
+    argv = ["encode-prompt", "--prompt", "red hair"] + [x.format(root=inputs) for x in extra]
+    _check_refused(argv, pattern, capsys, inputs)
