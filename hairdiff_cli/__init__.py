@@ -93,3 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hairdiff {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        # A full disk outside the atomic writer (a library writing a cache, a log) is still
+        # the user's to fix, not a bug: one line too.
+        from hairdiff_core.fileio import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        where = getattr(exc, "filename", None) or "the output"
+        print(
+            f"hairdiff {args.command}: error: no space left on the disk while writing {where}: free some space "
+            f"(or write to another disk) and run again",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR

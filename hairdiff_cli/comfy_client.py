@@ -49,7 +49,9 @@ class ComfyServerError(HairDiffError):
 
 
 def load_workflow(path: str | os.PathLike) -> dict[str, Any]:
-    p = Path(path)
+    from hairdiff_core.fileio import check_input_path
+
+    p = check_input_path(path, "workflow")
     try:
         graph = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -203,9 +205,9 @@ class ComfyClient:
             return status, {"error": {"message": body[:500].decode(errors="replace")}}
 
     def upload_image(self, path: str | os.PathLike, subfolder: str = UPLOAD_SUBFOLDER) -> str:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(2, "no such file", str(p))
+        from hairdiff_core.fileio import check_input_path
+
+        p = check_input_path(path, "image")
         boundary = uuid.uuid4().hex
         ctype = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
         parts = []

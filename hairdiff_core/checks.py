@@ -66,7 +66,9 @@ GENERATE_BOUNDS: dict[str, Bound] = {
     "seed": Bound("seed", integer=True, lo=0, hi=MAX_SEED),
     "strength": Bound("strength", lo=0.0, hi=1.0, hint="denoise strength"),
     "cfg": Bound("cfg", lo=0.0, hi=100.0, hint="guidance scale, 1 = off"),
-    "shift": Bound("shift", lo=0.0, hi=100.0, lo_open=True, hint="flow-match schedule shift, SD3: 3"),
+    # Below 0.01 the schedule's sigmas underflow (1e-300 ends in NaN), which the NaN check
+    # would otherwise blame on the weights.
+    "shift": Bound("shift", lo=0.01, hi=100.0, lo_open=True, hint="flow-match schedule shift, SD3: 3"),
     "feather_sigma": Bound("feather", lo=0.0, hi=1024.0, hint="feather sigma in px at 1024 px, default 10"),
     "context_margin": Bound("margin", lo=0.0, hi=16.0, hint="context around the matte, a fraction of its size"),
     "matte_threshold": Bound("matte threshold", lo=0.0, hi=0.999, hint="matte values above it are hair"),

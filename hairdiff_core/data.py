@@ -117,11 +117,14 @@ def _read_size(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     """Fully decode ``path``; return ((width, height), None) or (None, what is wrong)."""
     from PIL import Image, UnidentifiedImageError
 
+    from .fileio import check_input_path
+
     try:
+        check_input_path(path, f"{path.parent.name} file")
         with Image.open(path) as im:
             im.load()  # decodes every byte: catches truncated files that Image.open accepts
             return im.size, None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:  # InputError is a ValueError
         return None, f"unreadable {path.parent.name} file {path.name} ({exc})"
 
 
@@ -153,9 +156,9 @@ def scan_dataset(root, skip_bad: bool = False) -> DatasetScan:
     bad samples are left out of ``.samples`` and listed in ``.problems``. A dataset with no good
     sample is refused either way. A missing root or sub-folder raises ``FileNotFoundError``.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(2, "dataset folder not found", str(root))
+    from .fileio import check_input_path
+
+    root = check_input_path(root, "dataset", kind="folder", input="data")
     missing_dirs = [k for k in KINDS if not (root / k).is_dir()]
     if missing_dirs:
         raise DatasetError(
@@ -287,6 +290,27 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
     """The bucket whose aspect ratio is nearest (in log ratio) to height / width."""
     target = math.log(height / width)
     return min(buckets, key=lambda hw: (abs(math.log(hw[0] / hw[1]) - target), -hw[0] * hw[1]))
+
+
+def check_resolution_fits(resolution: int, max_side: int | None, crop: str = "bucket") -> int:
+    """Refuse a training ``resolution`` whose largest bucket (or square, for ``crop="center"``)
+    has a side longer than the transformer's positions (``max_side`` px, see
+    ``pipeline.max_work_side``); the message gives the largest resolution that fits."""
+
+    def longest(r: int) -> int:
+        return max(max(b) for b in aspect_buckets(r)) if crop == "bucket" else r
+
+    if max_side is None or longest(resolution) <= max_side:
+        return resolution
+    fits = resolution
+    while fits > RESOLUTION_MULTIPLE and longest(fits) > max_side:
+        fits -= RESOLUTION_MULTIPLE
+    raise InputError(
+        f"--resolution {resolution}: its {crop} crops reach {longest(resolution)} px a side, more than this "
+        f"model's position embeddings cover ({max_side} px = pos_embed_max_size x 16); use --resolution {fits} "
+        f"or less",
+        input="resolution",
+    )
 
 
 def sample_bucket(size: tuple[int, int], resolution: int, crop: str = "bucket") -> tuple[int, int]:

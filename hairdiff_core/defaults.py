@@ -27,6 +27,10 @@ class SamplingDefaults:
     matte_threshold: float = 0.5
     #: Context box margin around the matte, as a fraction of the matte's size.
     context_margin: float = 0.25
+    #: The largest photo (or sketch, matte) read, in megapixels, checked from the file's header
+    #: before decoding. 120 MP takes 100-108 MP camera and phone sensors; each 100 MP costs
+    #: about 4 GB of RAM in a run (float pixels, result and masks at full size).
+    max_megapixels: float = 120.0
 
 
 DEFAULTS = SamplingDefaults()

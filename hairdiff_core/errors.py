@@ -71,3 +71,7 @@ class CompileError(HairDiffError):
 
 class OutputPathError(HairDiffError):
     """An output path cannot be written (a folder, an input file, an unsupported suffix...)."""
+
+
+class DiskFullError(OutputPathError):
+    """The disk (or quota) ran out while writing; nothing half-written is left."""

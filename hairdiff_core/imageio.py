@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .defaults import DEFAULTS
 from .errors import InputError, OutputPathError
-from .fileio import atomic_write, check_writable_file
+from .fileio import atomic_write, check_input_path, check_writable_file
 from .imageops import to_rgb
 
 logger = logging.getLogger(__name__)
@@ -36,7 +38,8 @@ _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I;16S")
 
 
 def _read_pixels(im) -> np.ndarray:
-    """A PIL image in any mode -> float32 (H, W[, C]) at its real range ([0, 1]).
+    """A PIL image in any mode -> float32 (H, W[, C]) at its real range ([0, 1]), or uint8 for
+    8-bit modes (to be divided by 255).
 
     8-bit modes are divided by 255 and 16-bit modes by 65535 (never by the image's own maximum,
     which would brighten a dark photo, background included); float images ("F") are taken as
@@ -79,7 +82,8 @@ def _read_pixels(im) -> np.ndarray:
         im = im.convert("RGBA")
     elif mode not in ("L", "RGB", "RGBA"):
         im = im.convert("RGB")
-    return np.asarray(im, dtype=np.float32) / 255.0
+    # 8 bits stay 8 bits here: load_image scales them into its one float tensor.
+    return np.asarray(im)
 
 
 def _force_mode(arr: np.ndarray, mode: str) -> np.ndarray:
@@ -90,29 +94,61 @@ def _force_mode(arr: np.ndarray, mode: str) -> np.ndarray:
     if mode == "L":
         if arr.shape[-1] == 1:
             return arr
-        return (arr[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
+        scale = np.float32(1 / 255.0) if arr.dtype == np.uint8 else np.float32(1.0)
+        return (arr[..., :3] @ (np.array([0.299, 0.587, 0.114], dtype=np.float32) * scale))[..., None]
     raise InputError(f"load_image mode {mode!r}: use None, 'RGB' or 'L'")
 
 
-def load_image(path, mode: str | None = None) -> torch.Tensor:
+def check_megapixels(size: tuple[int, int], path, max_megapixels: float | None) -> None:
+    """Refuse an image of ``size`` (width, height) above ``max_megapixels`` (None: no limit)."""
+    w, h = size
+    if max_megapixels is not None and w * h > max_megapixels * 1e6:
+        raise InputError(
+            f"the image {path} is {w}x{h} px = {w * h / 1e6:.1f} MP, more than the limit of {max_megapixels:g} MP "
+            f"(--max-megapixels, max_megapixels=); downscale it, or raise the limit if this machine has the RAM "
+            f"(about 4 GB per 100 MP)",
+            input="max_megapixels",
+        )
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _open(path, max_megapixels: float | None):
+    """``Image.open`` (header only), with HairDiff's limit in place of PIL's bomb check when set."""
+    from PIL import Image
+
+    if max_megapixels is None:
+        return Image.open(path)
+    # Our limit, checked from the header by the caller, is the one enforced: PIL's warning
+    # (above 89.5 MP) and error (above 179 MP) would contradict it. Image.open reads only the
+    # header, so the lock around PIL's global is held briefly.
+    with _PIL_LIMIT_LOCK:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+
+
+def load_image(path, mode: str | None = None, max_megapixels: float | None = DEFAULTS.max_megapixels) -> torch.Tensor:
     """Load an image file as (1, C, H, W) float in [0, 1] at its real range and orientation.
 
     Args:
         path: the image file (any format PIL reads).
         mode: None keeps grey (C=1), RGB (3) or RGBA (4) as stored; "RGB" or "L" force one.
+        max_megapixels: refuse, from the header and before decoding, an image of more pixels
+            (``InputError``); None leaves only PIL's decompression-bomb limit.
 
-    Camera orientation (EXIF) is applied, so the tensor is the image as viewers show it. A file
-    larger than PIL's decompression-bomb limit is refused with ``InputError``.
+    Camera orientation (EXIF) is applied, so the tensor is the image as viewers show it.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(2, "No such file", str(path))
-    if path.is_dir():
-        raise InputError(f"{path} is a folder, not an image file")
+    path = check_input_path(path, "image")
     try:
-        with Image.open(path) as im:
+        with _open(path, max_megapixels) as im:
+            check_megapixels(im.size, path, max_megapixels)
             im.load()
             im = ImageOps.exif_transpose(im) or im
             arr = _read_pixels(im)
@@ -127,7 +163,12 @@ def load_image(path, mode: str | None = None) -> torch.Tensor:
         raise InputError(f"cannot read image {path}: {exc}") from exc
     if arr.ndim == 2:
         arr = arr[..., None]
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))[None]
+    # One (1, C, H, W) float tensor filled from the pixels: no float HWC copy to transpose.
+    out = torch.empty((1, arr.shape[2], arr.shape[0], arr.shape[1]), dtype=torch.float32)
+    out[0].copy_(torch.from_numpy(np.require(arr, requirements=["C", "W"])).permute(2, 0, 1))
+    if arr.dtype == np.uint8:
+        out.div_(255.0)
+    return out
 
 
 def to_pil(image: torch.Tensor):
@@ -136,7 +177,14 @@ def to_pil(image: torch.Tensor):
 
     if image.ndim == 4:
         image = image[0]
-    arr = (image.detach().float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0) * 255.0).round().astype(np.uint8)
+    image = image.detach().cpu()
+    C, H, W = image.shape
+    arr = np.empty((H, W, C), dtype=np.uint8)
+    # In bands of rows: the float temporaries of a 100 MP photo stay a few MB, not 1.2 GB.
+    band = max(1, (1 << 22) // max(1, C * W))
+    for top in range(0, H, band):
+        rows = image[:, top : top + band].float().clamp(0, 1).mul_(255.0).round_().to(torch.uint8)
+        arr[top : top + band] = rows.permute(1, 2, 0).numpy()
     if arr.shape[2] == 1:
         return Image.fromarray(arr[..., 0], mode="L")
     return Image.fromarray(arr)

@@ -407,9 +407,12 @@ def identify_vae(state_dict_or_shapes: Mapping[str, Any], *, source: str | None 
 
 
 def _check_path(path: str | os.PathLike, what: str) -> Path:
+    from .fileio import check_input_path
+
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"{what} not found: {p}")
+    check_input_path(p, what, kind="any", input=what)
     if p.is_file():
         suffix = p.suffix.lower()
         if suffix in _PICKLE_SUFFIXES:

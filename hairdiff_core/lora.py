@@ -516,6 +516,9 @@ def _checked_path(path: str | os.PathLike, what: str) -> Path:
         raise FileNotFoundError(f"{what} not found: {p}")
     if p.is_dir():
         raise AdapterFileError(f"{what} must be a .safetensors file, got the folder {p}")
+    from .fileio import check_input_path
+
+    check_input_path(p, what)
     if p.suffix.lower() != ".safetensors":
         raise AdapterFileError(
             f"{what} {p.name} is not a .safetensors file; HairDiff reads only safetensors (pickled "

@@ -141,12 +141,25 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return -F.max_pool2d(-mask, k, stride=1, padding=abs(radius))
 
 
-def normalize_sketch(sketch: torch.Tensor, threshold: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+def sketch_background(sketch: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 1, 1): the median colour of the border of an opaque (B, 1|3, H, W) sketch."""
+    rgb = sketch[:, :3].float()
+    if rgb.shape[1] == 1:
+        rgb = rgb.expand(-1, 3, -1, -1)
+    border = torch.cat([rgb[:, :, 0, :], rgb[:, :, -1, :], rgb[:, :, :, 0], rgb[:, :, :, -1]], dim=-1)
+    return border.clamp(0, 1).median(dim=-1).values.view(-1, 3, 1, 1)
+
+
+def normalize_sketch(
+    sketch: torch.Tensor, threshold: float = 0.2, background: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Any sketch image -> (canonical RGB sketch, stroke alpha); see the module docstring.
 
     Accepts 1 (L), 3 (RGB) or 4 (RGBA, transparent background) channels, strokes on a white or a
     black background (detected from the median colour of the border). ``threshold`` is the
-    colour distance from the background above which a pixel is a stroke.
+    colour distance from the background above which a pixel is a stroke. ``background``
+    ((B, 3, 1, 1), ``sketch_background`` of the whole sketch) lets a crop of a sketch be read
+    against the whole sketch's background; None: this sketch's border.
     """
     _check_nchw(sketch, "sketch")
     sketch = sketch.float().clamp(0, 1)
@@ -169,8 +182,7 @@ def normalize_sketch(sketch: torch.Tensor, threshold: float = 0.2) -> tuple[torc
         # white, as on a white background (black on the black canvas would be invisible).
         light_bg = torch.ones(rgb.shape[0], dtype=torch.bool, device=rgb.device)
     else:
-        border = torch.cat([rgb[:, :, 0, :], rgb[:, :, -1, :], rgb[:, :, :, 0], rgb[:, :, :, -1]], dim=-1)
-        bg = border.median(dim=-1).values.view(-1, 3, 1, 1)
+        bg = sketch_background(rgb) if background is None else background.to(rgb)
         dist = (rgb - bg).abs().amax(dim=1, keepdim=True)
         stroke = (dist > threshold).float()
         colour = rgb

@@ -26,6 +26,7 @@ from . import mask as M
 from .checks import GENERATE_BOUNDS, check_device, check_generate_settings, check_number, parse_dtype
 from .defaults import DEFAULTS
 from .errors import InputError
+from .fileio import check_input_path
 from .flow import sampling_sigmas
 from .imageops import resize_same_aspect, to_rgb
 from .sampler import SAMPLERS, OnStep, TransformerDenoiser
@@ -82,9 +83,10 @@ def _check_range(x: torch.Tensor, what: str) -> None:
             f"the {what} is a {x.dtype} tensor; HairDiff takes float images in [0, 1] (divide 8-bit images by 255)",
             input=what,
         )
-    if not bool(torch.isfinite(x).all()):
+    # min and max propagate NaN and show inf: no full-size boolean copy of a large photo.
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise InputError(f"the {what} holds NaN or inf values; give a finite image in [0, 1]", input=what)
-    lo, hi = float(x.min()), float(x.max())
     if hi > 1.0 + 1e-3 or lo < -1e-3:
         fix = "divide it by 255" if hi > 1.5 else "clamp it to [0, 1]"
         raise InputError(
@@ -160,6 +162,8 @@ def check_model_files(model=None, vae=None, adapter=None, tiny: bool = False, to
     for value, what in ((model, "model"), (vae, "vae"), (adapter, "adapter")):
         if value is not None and not os.path.exists(os.path.expanduser(str(value))):
             raise ModelLoadError(f"{what} not found: {value}", input=what)
+        if value is not None:
+            check_input_path(value, what, kind="file" if what == "adapter" else "any", input=what)
     if adapter is not None:
         from .adapter import read_adapter_metadata
         from .errors import HairDiffError
@@ -213,28 +217,78 @@ class CropPlan:
         return x
 
 
-def plan_crop(binary: torch.Tensor, work: int, sigma_at_work: float, context_margin: float) -> CropPlan:
+def max_work_side(transformer) -> int | None:
+    """The longest side in pixels the transformer takes: its ``pos_embed_max_size`` (tokens)
+    x patch size x the VAE's 8 (3072 px for SD3.5 Large and SD3 Medium, 6144 for SD3.5 Medium,
+    1536 tiny, 512 toy); None when the config sets no limit."""
+    cfg = transformer.config
+    tokens = getattr(cfg, "pos_embed_max_size", None)
+    if not tokens:
+        return None
+    return int(tokens) * int(getattr(cfg, "patch_size", 2) or 2) * M.LATENT_FACTOR
+
+
+def widen_box(box: CropBox, height: int, width: int, max_aspect: float) -> CropBox:
+    """``box`` grown along its short side, centred and kept inside the ``height`` x ``width``
+    photo, until its long side is at most ``max_aspect`` x its short side (or it spans the photo)."""
+    bh, bw = box.height, box.width
+    if bh > bw * max_aspect:
+        need = min(width, math.ceil(bh / max_aspect))
+        left = min(max(0, box.left - (need - bw) // 2), width - need)
+        return CropBox(box.top, left, bh, need)
+    if bw > bh * max_aspect:
+        need = min(height, math.ceil(bw / max_aspect))
+        top = min(max(0, box.top - (need - bh) // 2), height - need)
+        return CropBox(top, box.left, need, bw)
+    return box
+
+
+def plan_crop(
+    binary: torch.Tensor, work: int, sigma_at_work: float, context_margin: float, max_side: int | None = None
+) -> CropPlan:
     """The context box and working size for a binary matte (B, 1, H, W).
 
     A photo within ``work``² pixels is worked whole at its size. A larger one is cut to the
     matte's bounding box grown by ``context_margin``, padded so that the feathered mask is zero
     at the box's border (pixels outside the box then stay the photo's, bit for bit), and scaled
     to about ``work``² pixels.
+
+    ``max_side`` (``max_work_side(transformer)``) bounds each working side: the transformer has
+    position embeddings for that many pixels only. A thin box (a braid, a strand) is first
+    widened with more of the photo around it, so that the model still works at its native
+    pixel count and sees real context; only where the photo itself is too thin (a 100x2000
+    photo) is the working area scaled down until its long side fits, the short side then being
+    replicate-padded to the multiple of 16. None (the default): no bound.
     """
     H, W = binary.shape[-2:]
     work_area = work * work
+
+    def fitted(scale: float, box: CropBox) -> float:
+        if max_side is None:
+            return scale
+        return min(scale, max_side / box.height, max_side / box.width)
+
+    def widened(box: CropBox) -> CropBox:
+        # At the full work area a box of aspect a has a long side of sqrt(area * a) pixels.
+        if max_side is None:
+            return box
+        return widen_box(box, H, W, max(1.0, max_side * max_side / work_area))
+
     if H * W <= work_area:
-        box, scale = CropBox(0, 0, H, W), 1.0
+        box = CropBox(0, 0, H, W)
+        scale = fitted(1.0, box)
     else:
-        provisional = context_box(binary, context_margin, 0)
-        scale = min(1.0, math.sqrt(work_area / (provisional.height * provisional.width)))
+        provisional = widened(context_box(binary, context_margin, 0))
+        scale = fitted(min(1.0, math.sqrt(work_area / (provisional.height * provisional.width))), provisional)
         sigma_full = M.feather_sigma(work, work, sigma_at_work) / max(scale, 1e-6)
-        box = context_box(binary, context_margin, M.blur_radius(sigma_full) + MULTIPLE)
-        scale = math.sqrt(work_area / (box.height * box.width))
+        box = widened(context_box(binary, context_margin, M.blur_radius(sigma_full) + MULTIPLE))
+        scale = fitted(math.sqrt(work_area / (box.height * box.width)), box)
     if scale == 1.0:
         wh, ww = box.height, box.width
     else:
         wh, ww = _round_to(box.height * scale, 1), _round_to(box.width * scale, 1)
+        if max_side is not None:
+            wh, ww = min(wh, max_side), min(ww, max_side)
     return CropPlan(box, wh, ww, -wh % MULTIPLE, -ww % MULTIPLE)
 
 
@@ -263,6 +317,7 @@ def prepare_work(
     work_size: int,
     feather_sigma: float | None = None,
     context_margin: float = DEFAULTS.context_margin,
+    max_side: int | None = None,
 ) -> WorkInputs:
     """Crop, resize and pad aligned inputs (``prepare_inputs``' output) to the working size, and
     feather the matte: the method's geometry, shared by every host (the diffusers pipeline here,
@@ -275,9 +330,10 @@ def prepare_work(
         work_size: side of the working area in px (the model's native size: 1024 for SD3.5).
         feather_sigma: soft-mask feather in px at 1024 px; None = the default.
         context_margin: context box around the matte, as a fraction of its size.
+        max_side: the longest side the model takes (``max_work_side``); thinner boxes are widened.
     """
     sigma_at_work = M.DEFAULT_FEATHER_SIGMA if feather_sigma is None else float(feather_sigma)
-    plan = plan_crop(binary, int(work_size), sigma_at_work, context_margin)
+    plan = plan_crop(binary, int(work_size), sigma_at_work, context_margin, max_side)
     binary_w = plan.to_work(binary, "nearest")
     binary_w[..., plan.height :, :] = 0  # the replicate padding is not hair
     binary_w[..., :, plan.width :] = 0
@@ -550,7 +606,9 @@ class HairDiffPipeline:
         matte_threshold = check_number(matte_threshold, GENERATE_BOUNDS["matte_threshold"], "matte_threshold")
         photo = _as_rgb(image, "photo")
         _check_range(photo, "photo")
-        photo = photo.clamp(0, 1)
+        lo, hi = torch.aminmax(photo)
+        if lo < 0 or hi > 1:  # within the tolerance _check_range allows: no copy of an exact photo
+            photo = photo.clamp(0, 1)
         B, _, H, W = photo.shape
         for t, what in ((sketch, "sketch"), (matte, "matte")):
             if not isinstance(t, torch.Tensor) or t.ndim != 4:
@@ -560,8 +618,13 @@ class HairDiffPipeline:
         matte = _broadcast_batch(_match_size(matte.float(), (H, W), "matte", "nearest", announce), B, "matte")
         binary = M.binarize_matte(matte, matte_threshold)
         if announce:
-            _, strokes = M.normalize_sketch(sketch)
-            empty = [i for i in range(B) if not bool((strokes[i] * binary[i]).any())]
+            # Only the strokes inside the matte matter: look at its bounding box, with the
+            # background colour read from the whole sketch's border (as normalize_sketch does).
+            box = context_box(binary, 0.0, 0)
+            bg = M.sketch_background(sketch)
+            _, strokes = M.normalize_sketch(sketch[..., box.slices[0], box.slices[1]], background=bg)
+            inside = binary[..., box.slices[0], box.slices[1]]
+            empty = [i for i in range(B) if not bool((strokes[i] * inside[i]).any())]
             if empty:
                 logger.warning(
                     "the sketch has no strokes inside the matte (batch item(s) %s): the result follows the "
@@ -678,7 +741,13 @@ class HairDiffPipeline:
 
         # 3. Plan the crop: the context box around the matte, worked at the model's size.
         work = prepare_work(
-            photo, sketch, binary, int(work_size or self.default_work_size), feather_sigma, context_margin
+            photo,
+            sketch,
+            binary,
+            int(work_size or self.default_work_size),
+            feather_sigma,
+            context_margin,
+            max_work_side(self.transformer),
         )
         plan, sigma_at_work = work.plan, work.sigma_at_work
         photo_w, binary_w, soft_w = work.photo, work.binary, work.soft

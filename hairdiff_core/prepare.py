@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from . import mask as M
 from .data import BRAID_FILE, DatasetError, Problem
 from .errors import InputError
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_write, atomic_write_text, disk_full_error, is_disk_full
 from .imageio import load_image, save_image
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,10 @@ def _read_upright_size(path: Path) -> tuple[tuple[int, int] | None, bool, str | 
     """Decode ``path`` fully; ((width, height) after EXIF rotation, rotated?, None) or the problem."""
     from PIL import Image, UnidentifiedImageError
 
+    from .fileio import check_input_path
+
     try:
+        check_input_path(path, f"{path.parent.name} file")
         with Image.open(path) as im:
             im.load()
             orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
@@ -166,9 +169,10 @@ def _braid_stems(options: PrepareOptions, extensions: set[str]) -> list[str]:
 def scan_inputs(images, mattes, options: PrepareOptions) -> tuple[list[Pair], list[Problem]]:
     """Match photos and mattes by stem and check every pair (decoding each file once)."""
     images, mattes = Path(images), Path(mattes)
+    from .fileio import check_input_path
+
     for folder, what in ((images, "--images"), (mattes, "--mattes")):
-        if not folder.is_dir():
-            raise FileNotFoundError(2, f"{what} folder not found", str(folder))
+        check_input_path(folder, what, kind="folder", input=what.strip("-"))
     extensions = _image_extensions()
     photos, problems = _index(images, extensions)
     matte_files, matte_problems = _index(mattes, extensions)
@@ -395,19 +399,25 @@ def prepare_dataset(
     if problems:
         logger.warning("skipping %d bad sample(s):\n%s", len(problems), "\n".join(f"  {p}" for p in problems))
     _check_out(out, options.overwrite)
+    created = [d for d in (out, *(out / k for k in ("img", "matte", "sketch"))) if not d.exists()]
     for kind in ("img", "matte", "sketch"):
         (out / kind).mkdir(parents=True, exist_ok=True)
 
     report = PrepareReport(out=out, problems=problems)
     if on_sample is not None:
         on_sample(0, len(good))
-    for i, pair in enumerate(good):
-        report.samples.append(prepare_sample(pair, out, options))
-        if on_sample is not None:
-            on_sample(i + 1, len(good))
-    braid_stems = [v["stem"] for s in report.samples if s["braid"] for v in s["variants"]]
-    if braid_stems:
-        atomic_write_text(out / BRAID_FILE, "\n".join(braid_stems) + "\n")
+    try:
+        for i, pair in enumerate(good):
+            report.samples.append(prepare_sample(pair, out, options))
+            if on_sample is not None:
+                on_sample(i + 1, len(good))
+        braid_stems = [v["stem"] for s in report.samples if s["braid"] for v in s["variants"]]
+        if braid_stems:
+            atomic_write_text(out / BRAID_FILE, "\n".join(braid_stems) + "\n")
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise _disk_full_midway(out, report, good, created) from exc
     settings = asdict(options)
     settings.pop("overwrite")
     record = {
@@ -425,5 +435,32 @@ def prepare_dataset(
             "seconds": round(time.time() - started, 2),
         },
     }
-    atomic_write_text(out / PREPARE_FILE, json.dumps(record, indent=1) + "\n")
+    try:
+        atomic_write_text(out / PREPARE_FILE, json.dumps(record, indent=1) + "\n")
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise _disk_full_midway(out, report, good, created) from exc
     return report
+
+
+def _disk_full_midway(out: Path, report: PrepareReport, good: list, created: list[Path]):
+    """A full disk during the writing: the photo being written loses its partial files, the
+    folders this run created and left empty go, and the message says how far it got."""
+    done = {v["stem"] for s in report.samples for v in s["variants"]}
+    for kind in ("img", "matte", "sketch"):
+        folder = out / kind
+        for f in folder.glob("*.png") if folder.is_dir() else ():
+            if f.stem not in done and any(f.stem == p.stem or f.stem.startswith(f"{p.stem}_v") for p in good):
+                f.unlink(missing_ok=True)
+    for folder in sorted(created, key=lambda d: len(d.parts), reverse=True):
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            pass
+    kept = f"{len(report.samples)} of {len(good)} photo(s) ({len(done)} sample(s)) are complete in {out}"
+    if not report.samples:
+        kept = f"no sample was complete, {out} is left as it was"
+    return disk_full_error(
+        out, f"{kept}, without {PREPARE_FILE}", "out", "free some space and run again with --overwrite"
+    )

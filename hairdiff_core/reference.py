@@ -57,6 +57,8 @@ from .surgery import BASE_CHANNELS, input_channels
 logger = logging.getLogger(__name__)
 
 MODES = ("off", "once", "per_step")
+#: The largest reference weight (inside or outside the matte).
+REFERENCE_WEIGHT_MAX = 100.0
 REFERENCE_INPUTS = ("photo", "filled")
 #: What the reference pass sees: ``clean`` = the photo latent as is, with the step's timestep (the
 #: published dual pass); ``matched`` = the photo re-noised to the step's sigma with the
@@ -147,8 +149,14 @@ class ReferenceSettings:
             raise InputError(f"reference mode {self.mode!r} is not one of {list(MODES)}", input="mode")
         for name in ("weight_inside", "weight_outside"):
             v = _as_float(getattr(self, name), name)
-            if v < 0:
-                raise InputError(f"{name} must be >= 0 (0 = the reference is not seen), got {v}", input=name)
+            # The weight enters the attention logits as log(weight): above 100 the reference
+            # drowns the image's own keys (1e308 overflows to inf and NaN).
+            if not 0.0 <= v <= REFERENCE_WEIGHT_MAX:
+                raise InputError(
+                    f"{name} must be from 0 to {REFERENCE_WEIGHT_MAX:g} (0 = the reference is not seen, 1 = as strong "
+                    f"as the image's own keys), got {v:g}",
+                    input=name,
+                )
             setattr(self, name, v)
         for name in ("suppress_self_outside", "key_weight_inside"):
             v = _as_float(getattr(self, name), name)

@@ -30,19 +30,21 @@ class AttentionHook(Protocol):
 
 def _check_finite(v: torch.Tensor, step: int, total: int, dtype: torch.dtype | None = None) -> None:
     if not bool(torch.isfinite(v).all()):
+        # Every setting is range-checked up front, but extreme values within range (a large cfg,
+        # reference weights, a tiny shift) can still overflow: name them before the weights.
+        settings = "settings near their limits (--cfg, --shift, --ref-weight-inside/-outside, --strength)"
         if dtype == torch.float16:
             why = "fp16 overflows on SD3.5: use bf16 or fp32 (--dtype bf16 / fp32)"
         elif dtype is None:
             why = (
-                "in fp16, SD3.5 overflows: use bf16 or fp32; in bf16/fp32 the weights are the likely cause "
+                f"in fp16, SD3.5 overflows: use bf16 or fp32; otherwise {settings}, or the weights "
                 "(an adapter or model file holding NaN/inf)"
             )
         else:
-            # Settings and inputs are checked up front, so in bf16/fp32 the weights are the suspect.
             why = (
-                f"the model runs in {str(dtype).replace('torch.', '') if dtype else 'its dtype'}, so the weights "
-                f"are the likely cause: an adapter or model file holding NaN/inf or from a diverged training "
-                f"run; try another adapter or the base model alone"
+                f"the model runs in {str(dtype).replace('torch.', '')}: first try the defaults of {settings}; if "
+                f"NaN stays, the weights are the cause (an adapter or model file holding NaN/inf or from a "
+                f"diverged training run): try another adapter or the base model alone"
             )
         raise NonFiniteError(f"the model produced NaN/inf at step {step + 1} of {total}; {why}")
 

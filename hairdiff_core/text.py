@@ -57,6 +57,9 @@ def load_prompt_embeds(path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .fileio import check_input_path
+
+    check_input_path(path, "prompt embeddings file", input="prompt_embeds")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:

@@ -81,7 +81,7 @@ def test_no_model_given(files, capsys):
     "dtype,advice",
     [
         ("fp16", "fp16 overflows on SD3.5: use bf16 or fp32"),
-        ("fp32", "the model runs in float32, so the weights are the likely cause"),
+        ("fp32", "the model runs in float32: first try the defaults of settings near their limits (--cfg, --shift"),
     ],
 )
 def test_nan_during_sampling_advice_fits_the_dtype(files, capsys, monkeypatch, dtype, advice):

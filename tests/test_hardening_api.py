@@ -171,3 +171,59 @@ def test_dilation_radius_is_capped_by_the_image():
     m[..., 5, 7] = 1
     assert torch.equal(M.dilate(m, 10**9), torch.ones_like(m))
     assert torch.equal(M.dilate(M.dilate(m, 3), -(10**9)), torch.zeros_like(m))
+
+
+@pytest.mark.parametrize(
+    "shape,rows,cols",
+    [
+        ((40, 1600), slice(None), slice(500, 800)),  # a whole photo longer than the model's positions
+        ((2000, 600), slice(50, 1950), slice(300, 304)),  # a braid-like 4 px matte
+        ((3, 50000), slice(None), slice(20000, 25000)),  # a 3-px-high strip
+    ],
+    ids=["tall-photo", "braid", "strip"],
+)
+def test_thin_regions_and_photos_fit_the_position_embeddings(pipe, shape, rows, cols):
+    """The tiny model has positions for 96 tokens (1536 px) a side: before, each of these ended in
+    diffusers' 'cannot be greater than pos_embed_max_size' after the model had loaded."""
+    from hairdiff_core.pipeline import max_work_side
+
+    photo = torch.rand(1, 3, *shape)
+    matte = torch.zeros(1, 1, *shape)
+    matte[..., rows, cols] = 1
+    out = pipe.generate(photo, photo, matte, steps=1)
+    side = max_work_side(pipe.transformer)
+    assert side == 1536 and max(out.work_size) <= side
+    assert torch.equal(out.image[out.mask.expand_as(photo) == 0], photo[out.mask.expand_as(photo) == 0])
+
+
+def test_every_box_shape_plans_within_each_familys_limit():
+    """The class: any matte on any photo gives a working size (padding included) within the
+    transformer's positions, for the limits of every shipped config."""
+    import json
+
+    from hairdiff_core import configs, toy
+    from hairdiff_core.pipeline import plan_crop, widen_box
+    from hairdiff_core.tiny import TINY_TRANSFORMER_CONFIG
+
+    folder = Path(configs.__file__).parent
+    families = [json.loads(p.read_text()) for p in sorted(folder.glob("*-transformer.json"))]
+    families += [TINY_TRANSFORMER_CONFIG, toy.TOY_TRANSFORMER_CONFIG]
+    gen = torch.Generator().manual_seed(0)
+    for cfg in families:
+        side = cfg["pos_embed_max_size"] * cfg["patch_size"] * 8
+        work = cfg["sample_size"] * 8
+        for H, W in ((2048, 2048), (100, 2000), (3, 50000), (6000, 90), (work, work), (17, 17)):
+            binary = torch.zeros(1, 1, H, W)
+            t = int(torch.randint(0, H, (1,), generator=gen))
+            l = int(torch.randint(0, W, (1,), generator=gen))
+            binary[..., t : t + max(1, H // 2), l : l + 11] = 1  # thin and tall, or a dot
+            for ws in (work, 4096):
+                plan = plan_crop(binary, ws, 10.0, 0.25, side)
+                assert plan.height + plan.pad_h <= side and plan.width + plan.pad_w <= side, (cfg, H, W, ws, plan)
+                assert plan.box.top >= 0 and plan.box.top + plan.box.height <= H
+                assert plan.box.left >= 0 and plan.box.left + plan.box.width <= W
+    # widening stays inside the photo and keeps the box
+    from hairdiff_core.pipeline import CropBox
+
+    assert widen_box(CropBox(0, 0, 1000, 10), 1000, 40, 9.0) == CropBox(0, 0, 1000, 40)
+    assert widen_box(CropBox(0, 95, 900, 5), 1000, 100, 9.0) == CropBox(0, 0, 900, 100)

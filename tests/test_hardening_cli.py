@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -87,6 +88,13 @@ GENERATE_CASES = [
     (["--shift", "-2"], r"shift must be a number above 0"),
     (["--shift", "0"], r"shift .*got 0"),
     (["--shift", "nan"], r"shift .*got nan"),
+    (["--shift", "1e-300"], r"shift must be a number above 0.01 up to 100, got 1e-300"),
+    (
+        ["--reference", "once", "--ref-weight-outside", "1e308"],
+        r"--ref-weight-outside: weight_outside must be from 0 to 100",
+    ),
+    (["--reference", "once", "--ref-weight-inside", "101"], r"weight_inside must be from 0 to 100.*got 101"),
+    (["--max-megapixels", "1e9"], r"--max-megapixels must be a number above 0 up to 2000"),
     (["--margin", "-5", "--work-size", "64"], r"margin .*got -5"),
     (["--margin", "1e12"], r"margin .*got 1000000000000"),
     (["--work-size", "-64"], r"work size .*got -64"),
@@ -172,7 +180,7 @@ def test_generate_refuses_bad_image_files(inputs, capsys, kind):
     i = inputs / "in"
     bad = inputs / "bad.png"
     pattern = {
-        "bomb": r"larger than PIL's safety limit",
+        "bomb": r"is 20000x20000 px = 400.0 MP, more than the limit of 120 MP \(--max-megapixels",
         "not_an_image": r"cannot read image",
         "missing": r"file not found: .*bad.png",
         "folder": r"is a folder",
@@ -329,3 +337,126 @@ def test_every_numeric_option_refuses_nan_and_absurd_values(inputs, capsys, comm
         for value in ("nan", "-99999999999"):
             names = "|".join(re.escape(n) for n in (option, option[2:].replace("-", " "), "invalid"))
             _check_refused(base + [option, value], names, capsys, inputs)
+
+
+@pytest.fixture
+def no_hang():
+    """Opening a FIFO blocks until a writer comes: fail after 30 s instead of hanging the suite."""
+    import signal
+
+    def hung(*_):
+        raise TimeoutError("blocked on a special file")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+FIFO_CASES = [
+    ("generate", "--image"),
+    ("generate", "--sketch"),
+    ("generate", "--matte"),
+    ("generate", "--exclude"),
+    ("generate", "--prompt-embeds"),
+    ("generate", "--adapter"),
+    ("train", "--data"),
+    ("train", "--config"),
+    ("prepare", "--images"),
+    ("prepare", "--mattes"),
+]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+@pytest.mark.parametrize("command,flag", FIFO_CASES, ids=[" ".join(c) for c in FIFO_CASES])
+def test_special_files_are_refused_before_they_are_opened(inputs, capsys, no_hang, command, flag):
+    fifo = inputs / "pipe.png"
+    os.mkfifo(fifo)
+    i = inputs / "in"
+    if command == "generate":
+        argv = ["generate", "--tiny", "--image", str(i / "photo.png"), "--sketch", str(i / "sketch.png")]
+        argv += ["--matte", str(i / "matte.png"), "--out", str(inputs / "out" / "r.png")]
+        if flag in ("--image", "--sketch"):
+            argv[argv.index(flag) + 1] = str(fifo)
+        else:
+            argv += [flag, str(fifo)]
+    elif command == "train":
+        from training.synthetic import make_synthetic_dataset
+
+        data = make_synthetic_dataset(inputs / "ds", n=1, size=32, braid=0)
+        argv = ["train", "--tiny", "--data", str(data), "--output", str(inputs / "new_out"), "--max-steps", "1"]
+        if flag == "--data":
+            argv[argv.index(flag) + 1] = str(fifo)
+        else:
+            argv += [flag, str(fifo)]
+    else:
+        argv = ["prepare", "--images", str(i), "--mattes", str(i), "--out", str(inputs / "new_out")]
+        argv[argv.index(flag) + 1] = str(fifo)
+    _check_refused(argv, r"pipe\.png is a named pipe \(FIFO\), not a regular file", capsys, inputs)
+
+
+def test_long_output_names_fit_or_are_refused_before_any_work(inputs, capsys, monkeypatch):
+    """A name at the filesystem's limit is written (its temporary name is shortened to fit); one
+    byte more, in ASCII or in 2-byte letters, is refused before the model loads."""
+    from hairdiff_core.fileio import atomic_write_text, name_max
+
+    limit = name_max(inputs / "out")
+    i = inputs / "in"
+    base = ["generate", "--tiny", "--image", str(i / "photo.png"), "--sketch", str(i / "sketch.png")]
+    base += ["--matte", str(i / "matte.png"), "--steps", "1", "--out"]
+    for name in ("r" * (limit - 3) + ".png", "é" * ((limit - 3) // 2) + ".png", "x" * (limit + 50) + ".png"):
+        if len(os.fsencode(name)) <= limit:
+            continue
+        _check_refused(base + [str(inputs / "out" / name)], r"bytes long, more than the \d+ bytes", capsys, inputs)
+    _check_refused(base + [str(inputs / "out" / ("d" * (limit + 1)) / "r.png")], r"bytes long", capsys, inputs)
+
+    monkeypatch.undo()  # this one loads the tiny model
+    fits = inputs / "out" / ("r" * (limit - 4) + ".png")
+    rc, lines = _run(base + [str(fits)], capsys)
+    assert rc == 0, lines
+    assert [p.name for p in (inputs / "out").iterdir()] == [fits.name]
+    atomic_write_text(inputs / "out" / ("t" * limit), "ok")  # the Python API's writer too
+    assert sorted(p.name for p in (inputs / "out").iterdir()) == sorted([fits.name, "t" * limit])
+
+
+@pytest.mark.parametrize(
+    "side,extra,pattern",
+    [
+        (12000, [], r"12000x12000 px = 144.0 MP, more than the limit of 120 MP"),  # PIL only warns at 144 MP
+        (9500, [], r"90.2 MP, more than the limit of 120 MP|cannot read image"),  # below the limit: decoded
+        (600, ["--max-megapixels", "0.1"], r"600x600 px = 0.4 MP, more than the limit of 0.1 MP"),
+        (600, ["--max-megapixels", "0"], r"--max-megapixels must be a number above 0"),
+        (600, ["--max-megapixels", "nan"], r"--max-megapixels .*got nan"),
+    ],
+    ids=["144MP", "90MP", "lowered", "zero", "nan"],
+)
+def test_huge_photos_are_refused_from_the_header(inputs, capsys, side, extra, pattern):
+    import warnings
+
+    i = inputs / "in"
+    bad = inputs / "huge.png"
+    _bomb_png(bad, side)
+    argv = ["generate", "--tiny", "--image", str(bad), "--sketch", str(i / "sketch.png")]
+    argv += ["--matte", str(i / "matte.png"), "--out", str(inputs / "out" / "r.png"), *extra]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's own bomb warning must not be what the user sees
+        if side == 9500:
+            # 90 MP is within the limit: it is decoded (and this fake one is truncated), no PIL warning.
+            rc, lines = _run(argv, capsys)
+            assert rc == 2 and len(lines) == 1 and "cannot read image" in lines[0], lines
+            return
+        _check_refused(argv, pattern, capsys, inputs)
+
+
+@pytest.mark.parametrize(
+    "extra,pattern",
+    [
+        (["--tiny", "--out", "{root}/out/x.png"], r"--out x.png: prompt embeddings are a .safetensors file"),
+        (["--model", "{root}/nope", "--out", "{root}/out/x.safetensors"], r"model not found: .*nope"),
+    ],
+    ids=["png-name", "missing-model"],
+)
+def test_encode_prompt_refuses_misleading_outputs_and_models(inputs, capsys, extra, pattern):
+    argv = ["encode-prompt", "--prompt", "red hair"] + [x.format(root=inputs) for x in extra]
+    _check_refused(argv, pattern, capsys, inputs)

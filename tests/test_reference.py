@@ -450,7 +450,7 @@ def test_training_api_with_gradient_checkpointing(tiny_transformer):
 def test_settings_validation_messages():
     with pytest.raises(InputError, match="reference mode 'always'"):
         ReferenceSettings(mode="always")
-    with pytest.raises(InputError, match="weight_inside must be >= 0"):
+    with pytest.raises(InputError, match="weight_inside must be from 0 to 100"):
         ReferenceSettings(mode="once", weight_inside=-0.1)
     with pytest.raises(InputError, match=r"key_weight_inside must be in \[0, 1\]"):
         ReferenceSettings(key_weight_inside=2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -561,3 +562,16 @@ def test_new_settings_are_checked(tmp_path):
     with pytest.raises(InputError, match="--oversample-from-epoch must be a whole number from 0 to"):
         resolve_config(dict(base, oversample_from_epoch=-1))
     assert resolve_config(dict(base, oversample_from_epoch=0)).oversample_from_epoch == 0
+
+
+def test_resolution_beyond_the_position_embeddings_is_refused(dataset, tmp_path, capsys):
+    """The tiny model covers 1536 px a side; 1216's buckets reach 1520 and 1232's 1728."""
+    from hairdiff_cli import main
+
+    rc = main(["train", "--data", str(dataset), "--output", str(tmp_path / "o"), "--tiny", "--resolution", "2048"])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert rc == 2 and len(lines) == 1, lines
+    assert re.search(
+        r"--resolution 2048: its bucket crops reach \d+ px .*1536 px.*use --resolution \d+ or less", lines[0]
+    )
+    assert not (tmp_path / "o" / "checkpoints").exists() or not any((tmp_path / "o" / "checkpoints").iterdir())

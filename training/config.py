@@ -17,6 +17,7 @@ from typing import Any
 
 from hairdiff_core.defaults import DEFAULTS
 from hairdiff_core.errors import InputError
+from hairdiff_core.fileio import check_input_path
 
 logger = logging.getLogger(__name__)
 
@@ -256,8 +257,9 @@ FIELD_NAMES = {f.name for f in dataclasses.fields(TrainConfig)}
 def read_config_file(path) -> dict[str, Any]:
     """Read a JSON (.json) or TOML (.toml) file of TrainConfig fields (dashes or underscores)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(2, "config file not found", str(path))
+    check_input_path(path, "config file")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() == ".toml":

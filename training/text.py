@@ -24,6 +24,7 @@ import torch
 
 from hairdiff_core.checks import parse_dtype
 from hairdiff_core.errors import InputError
+from hairdiff_core.fileio import check_input_path
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,9 @@ class TextEmbeddings:
 
 def read_captions(path) -> dict[str, str]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(2, "captions file not found", str(path))
+    check_input_path(path, "captions file")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
         try:

@@ -37,9 +37,9 @@ import torch
 from hairdiff_core import mask as M
 from hairdiff_core.augment import AugmentSettings, MatteGrowth, augment_batch, grow_matte
 from hairdiff_core.checks import parse_dtype
-from hairdiff_core.data import HairDataset, file_digest, scan_dataset
+from hairdiff_core.data import HairDataset, check_resolution_fits, file_digest, scan_dataset
 from hairdiff_core.errors import HairDiffError, NonFiniteError
-from hairdiff_core.fileio import atomic_write
+from hairdiff_core.fileio import atomic_write, disk_full_error, is_disk_full
 from hairdiff_core.flow import soft_noise, timestep_from_sigma
 from hairdiff_core.imageio import save_pil
 from hairdiff_core.losses import hairdiff_loss, sample_sigmas
@@ -346,7 +346,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(seed * 7919 + acc.process_index)
 
         from hairdiff_core.loading import load_models
-        from hairdiff_core.pipeline import HairDiffPipeline
+        from hairdiff_core.pipeline import HairDiffPipeline, max_work_side
 
         weight_dtype = self._weight_dtype()
         # The SD3 VAE runs in float32 (force_upcast): load it so, without a bf16 round trip.
@@ -365,6 +365,7 @@ class Trainer:
         pipe = HairDiffPipeline(loaded.transformer, loaded.vae, device=acc.device, dtype=weight_dtype)
         transformer = pipe.transformer
         resolution = int(cfg.resolution or pipe.default_work_size)
+        check_resolution_fits(resolution, max_work_side(transformer), cfg.crop)
         groups = setup_trainable(transformer, cfg)
         transformer.train()
         base_channels = transformer.pos_embed.proj.weight.detach()[:, :BASE_CHANNELS].clone()
@@ -483,16 +484,29 @@ class Trainer:
         except Exception as exc:
             if _is_oom(exc):
                 raise TrainingOutOfMemoryError(self._oom_message()) from exc
+            if is_disk_full(exc):
+                raise self._disk_full() from exc
             raise
         finally:
             if s.logs is not None:
-                s.logs.plot()
-                s.logs.close()
+                try:
+                    s.logs.plot()
+                    s.logs.close()
+                except Exception as exc:
+                    # The loss plot must not hide why the run stopped (a full disk fails it too).
+                    if not is_disk_full(exc):
+                        raise
+                    logger.warning("could not write the loss plot: the disk is full")
 
         main = s.acc.is_main_process
         adapter = None
         if main:
-            adapter = self._save_adapter()
+            try:
+                adapter = self._save_adapter()
+            except Exception as exc:
+                if is_disk_full(exc):
+                    raise self._disk_full("the adapter was not written") from exc
+                raise
         s.acc.wait_for_everyone()
         return TrainResult(
             s.out, adapter, s.max_steps, last, list(s.logs.epoch_rows) if s.logs else [], s.skipped, main
@@ -508,6 +522,21 @@ class Trainer:
                 raise HairDiffError("--adam-8bit needs bitsandbytes: pip install bitsandbytes (CUDA only)") from exc
             return bnb.optim.AdamW8bit(param_groups, **kwargs)
         return torch.optim.AdamW(param_groups, **kwargs)
+
+    def _disk_full(self, what: str = "training stopped") -> HairDiffError:
+        """A full disk: no temporary checkpoint is left, the last complete one is named."""
+        import shutil
+
+        s = self.state
+        for stale in s.ckdir.glob(".tmp-checkpoint-*") if s.ckdir.is_dir() else ():
+            shutil.rmtree(stale, ignore_errors=True)
+        found = ckpt.list_checkpoints(s.ckdir)
+        if found:
+            last = f"the last good checkpoint {found[-1][1]} (step {found[-1][0]}) is intact"
+            fix = "free some space and continue with --resume latest"
+        else:
+            last, fix = "no checkpoint was written yet", "free some space and run again"
+        return disk_full_error(s.out, f"{what}; {last}", "output", fix)
 
     def _oom_message(self) -> str:
         cfg, s = self.config, self.state

@@ -33,11 +33,21 @@ def run(args) -> int:
     from pathlib import Path
 
     from hairdiff_core.errors import InputError
+    from hairdiff_core.fileio import check_writable_file
     from hairdiff_core.text import PromptCache, save_prompt_embeds
     from hairdiff_core.text_encoders import TextEncoderSource, load_text_encoders
 
     from .generate import text_source
 
+    # Checked before the encoders load: a .png name would hold a safetensors file.
+    out = check_writable_file(args.out, "--out")
+    if out.suffix.lower() != ".safetensors":
+        raise InputError(
+            f"--out {out.name}: prompt embeddings are a .safetensors file; name it e.g. {out.stem}.safetensors",
+            input="out",
+        )
+    if args.model and not Path(args.model).expanduser().exists():
+        raise FileNotFoundError(2, "model not found", str(args.model))
     source = text_source(args)
     if source is None and args.tiny:
         source = TextEncoderSource(tiny=True)

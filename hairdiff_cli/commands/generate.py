@@ -233,6 +233,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "transparent, as ComfyUI's Protect reads it (hairdiff_face_protect.png); repeatable",
     )
     p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=DEFAULTS.max_megapixels,
+        help=f"refuse a photo, sketch or matte of more megapixels, from its header before decoding "
+        f"(default {DEFAULTS.max_megapixels:g}; about 4 GB of RAM per 100 MP)",
+    )
     add_model_arguments(p)
     add_sampling_arguments(p)
 
@@ -327,12 +334,15 @@ def compose_matte_from_args(args, photo, sketch):
     from hairdiff_core.imageio import load_image
     from hairdiff_core.mask import compose_matte, protect_mask
 
-    mattes = [load_image(p) for p in args.matte or ()]
+    mp = getattr(args, "max_megapixels", DEFAULTS.max_megapixels)
+    mattes = [load_image(p, max_megapixels=mp) for p in args.matte or ()]
     if not mattes and not args.matte_add_sketch:
         raise InputError(
             "no matte: pass --matte FILE (white = hair), or --matte-add-sketch to use the region the sketch outlines"
         )
-    excludes = [protect_mask(load_image(p)) for p in args.exclude or ()]  # transparent or white = protected
+    excludes = [
+        protect_mask(load_image(p, max_megapixels=mp)) for p in args.exclude or ()
+    ]  # transparent or white = protected
     composed = compose_matte(
         mattes or None,
         sketch if args.matte_add_sketch else None,
@@ -351,8 +361,8 @@ def run(args) -> int:
     from .preflight import check_generate_args
 
     check_generate_args(args)
-    photo = load_image(args.image)
-    sketch = load_image(args.sketch)
+    photo = load_image(args.image, max_megapixels=args.max_megapixels)
+    sketch = load_image(args.sketch, max_megapixels=args.max_megapixels)
     matte = compose_matte_from_args(args, photo, sketch)
     from hairdiff_core.pipeline import HairDiffPipeline
 

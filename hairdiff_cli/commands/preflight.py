@@ -12,7 +12,10 @@ from pathlib import Path
 
 from hairdiff_core.checks import Bound, check_device, check_generate_settings, check_number, parse_dtype
 from hairdiff_core.errors import InputError, SettingsError
-from hairdiff_core.fileio import check_writable_folder
+from hairdiff_core.fileio import check_input_path, check_writable_folder
+
+#: PIL decodes at most 2^31 pixels per image; the RAM is the real bound.
+MAX_MEGAPIXELS = Bound("--max-megapixels", lo=0.0, lo_open=True, hi=2000.0, hint="largest image read, in MP")
 
 
 def _sampling(args) -> None:
@@ -87,11 +90,7 @@ def _input_files(paths: dict[str, str | list[str] | None]) -> None:
         for value in values if isinstance(values, (list, tuple)) else [values]:
             if value is None:
                 continue
-            p = Path(value)
-            if not p.exists():
-                raise FileNotFoundError(2, "No such file", str(p))
-            if p.is_dir():
-                raise InputError(f"--{flag} {p} is a folder; give an image file", input=flag)
+            check_input_path(value, f"--{flag}", input=flag)
 
 
 def check_generate_args(args) -> None:
@@ -104,6 +103,7 @@ def check_generate_args(args) -> None:
             "--reference is part of the joint method; drop --method replace or use --reference off", input="reference"
         )
     _reference_flags(args, [args.reference], [args.method])
+    check_number(args.max_megapixels, MAX_MEGAPIXELS, "max_megapixels")
     mattes, excludes = list(args.matte or []), list(getattr(args, "exclude", None) or [])
     _input_files(
         {
@@ -131,8 +131,9 @@ def check_eval_args(args) -> None:
     if args.edge_threshold is not None:
         check_number(args.edge_threshold, Bound("--edge-threshold", lo=0.0, hi=10.0), "edge_threshold")
     _reference_flags(args, list(args.reference), list(args.method))
-    if not Path(args.data).is_dir():
+    if not Path(args.data).exists():
         raise InputError(f"--data {args.data}: not a folder (expected img/, matte/ and sketch/ inside)", input="data")
+    check_input_path(args.data, "--data", kind="folder", input="data")
     if getattr(args, "prompt_embeds", None):
         _input_files({"prompt-embeds": args.prompt_embeds})
     out = check_writable_folder(args.out, "eval output")
