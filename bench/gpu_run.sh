@@ -102,8 +102,15 @@ case "$part" in
             --weights fp8_e4m3fn --family sd3.5-large --layers 2 --size 128 --repeats 5
     fi
     ;;
+3)
+    # The native ComfyUI route against the HAIRDIFF_MODEL route (issue 22's targets), and the
+    # native graph through a --lowvram server (ComfyUI refuses --lowvram on a CPU).
+    COMFYUI_DIR="$comfy" check native_route 300 "$py" bench/bench_native.py --repeats 3
+    COMFYUI_DIR="$comfy" COMFYUI_PYTHON="$py" check native_lowvram 240 "$py" -m pytest -q -x \
+        tests/test_comfyui_server.py -k "native_graph"
+    ;;
 *)
-    echo "usage: bash bench/gpu_run.sh prepare|1|2" >&2
+    echo "usage: bash bench/gpu_run.sh prepare|1|2|3" >&2
     exit 2
     ;;
 esac
