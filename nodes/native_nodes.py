@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ MODEL_CAT, COND_CAT, SAMPLING_CAT, IMAGE_CAT = (
 BUILTIN_TOY = "toy (synthetic portraits)"
 BUILTIN_TINY = "tiny (wiring check)"
 BUILTIN_TOY_ADAPTER = "toy adapter (built-in)"
+BUILTIN_TINY_ADAPTER = "tiny adapter (built-in: zero sketch channels)"
 StitchType = io.Custom("HAIRDIFF_STITCH")
 
 #: The models' native working sides (px): SD3.5's 1024, the toy's 128, the tiny model's 256.
@@ -114,7 +116,7 @@ class HairDiffLoadBuiltin(io.ComfyNode):
 def adapter_choices() -> list[str]:
     from .model_nodes import _safetensors
 
-    return [BUILTIN_TOY_ADAPTER] + _safetensors("hairdiff") + _safetensors("loras")
+    return [BUILTIN_TOY_ADAPTER, BUILTIN_TINY_ADAPTER] + _safetensors("hairdiff") + _safetensors("loras")
 
 
 def _adapter_path(choice: str) -> str:
@@ -122,9 +124,27 @@ def _adapter_path(choice: str) -> str:
         from ..hairdiff_core import toy
 
         return str(toy.adapter_path())
+    if choice == BUILTIN_TINY_ADAPTER:
+        return str(_tiny_adapter())
     from .model_nodes import resolve
 
     return resolve(choice, ADAPTER_NODE, "adapter")
+
+
+def _tiny_adapter():
+    """The tiny model's adapter: zero sketch channels, no LoRA (the tiny model is random: a wiring
+    check, which samples exactly like the plain tiny model). Written once into ComfyUI's temp folder."""
+    import folder_paths
+
+    from ..hairdiff_core import tiny
+    from ..hairdiff_core.adapter import save_adapter
+    from ..hairdiff_core.surgery import widen_input_channels
+
+    path = Path(folder_paths.get_temp_directory()) / "hairdiff_tiny_adapter.safetensors"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_adapter(widen_input_channels(tiny.build_tiny_transformer()), path)
+    return path
 
 
 def model_signature(model) -> tuple[str, dict]:

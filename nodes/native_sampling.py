@@ -32,6 +32,16 @@ def _has_concat(guider) -> bool:
     return any("c_concat" in c.get("model_conds", {}) for group in conds.values() for c in group)
 
 
+def _text_width(guider) -> int | None:
+    conds = getattr(guider, "conds", None) or {}
+    for group in conds.values():
+        for c in group:
+            cross = c.get("model_conds", {}).get("c_crossattn")
+            if cross is not None and hasattr(cross, "cond"):
+                return int(cross.cond.shape[-1])
+    return None
+
+
 def check_wiring(guider, denoise_mask, node: str = SAMPLER_NODE) -> None:
     """The model, the conditioning and the latent must all be HairDiff's, before any step."""
     patcher = getattr(guider, "model_patcher", None)
@@ -49,6 +59,17 @@ def check_wiring(guider, denoise_mask, node: str = SAMPLER_NODE) -> None:
             "the conditioning carries no sketch",
             f"connect positive and negative through {CONDITIONING_NODE}",
         )
+    width = _text_width(guider)
+    if patcher is not None and width is not None:
+        want = patcher.get_model_object("diffusion_model.context_embedder").weight.shape[1]
+        if width != want:
+            raise node_error(
+                node,
+                "positive",
+                f"the prompt is {width} wide but this model's text input takes {want}",
+                "use the text encoders of this model (SD3's for SD3.5; the built-in model's 'no prompt', or "
+                "HairDiff Prompt's tiny encoders for the tiny model)",
+            )
     if denoise_mask is None:
         raise node_error(
             node,

@@ -311,6 +311,9 @@ def check_errors(out: dict) -> None:
     out["error_no_mask"] = error_of(
         lambda: _sample_advanced(model, pos, neg, {"samples": latent["samples"]}, 0, sigmas)
     )
+    wide = [[torch.zeros(1, 77, 4096), {"pooled_output": torch.zeros(1, 2048)}]]
+    wrong = N.HairDiffSketchConditioning.execute(wide, wide, vae, photo, sketch, matte, 128, 10.0).result
+    out["error_text_width"] = error_of(lambda: _sample_advanced(model, wrong[0], wrong[1], wrong[2], 0, sigmas))
     out["error_twice"] = error_of(lambda: N.HairDiffApplyAdapter.execute(model, N.BUILTIN_TOY_ADAPTER, 1.0))
 
 

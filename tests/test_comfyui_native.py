@@ -95,6 +95,7 @@ def test_an_adapter_of_another_family_names_both_sides(probe):
         ("error_no_sketch_euler", ("HairDiff Apply Adapter", "HairDiff Sketch Conditioning")),
         ("error_no_mask", ("input 'latent_image'", "HairDiff Sketch Conditioning")),
         ("error_twice", ("already has a HairDiff adapter",)),
+        ("error_text_width", ("input 'positive'", "4096 wide", "takes 32")),
     ],
 )
 def test_miswired_graphs_are_node_errors(probe, key, words):

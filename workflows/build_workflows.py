@@ -25,14 +25,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+TOY = "toy (synthetic portraits)"
 TINY = "tiny (wiring check)"
-TOY = "toy (synthetic portraits + its adapter)"
-#: The built-in models (no files needed): a template loading another one needs model files.
-BUILT_IN = (TINY, TOY)
+#: The built-in models (no files needed) and their built-in adapters; their working sizes (px).
+BUILT_IN = {TOY: "toy adapter (built-in)", TINY: "tiny adapter (built-in: zero sketch channels)"}
+WORK_SIZE = {TOY: 128, TINY: 256}
 #: The model every hair-drawing template loads: the ONE place to switch them all. The toy model
-#: (trained on synthetic striped portraits, 128 px) brings its shipped adapter itself when the
-#: adapter is 'none', so no HairDiff LoRA node is needed after it. Templates that need real files
-#: (colour prompt with SD3.5) say so in their note.
+#: (trained on synthetic striped portraits, 128 px) with its shipped adapter. Templates that need
+#: real files (colour prompt with SD3.5) say so in their note.
 MODEL = TOY
 #: The colour-prompt try-out's model: HairDiff Prompt's built-in 'tiny' text encoders make
 #: conditioning for the tiny model only (pooled width 64; the toy model takes 32 and was trained
@@ -86,18 +86,49 @@ def loaders(photo=True, matte=True, photo_title="Photo"):
     return nodes
 
 
-def model(base=None, adapter="none"):
+def model(base=None):
+    """HairDiff Built-in Model (5) -> HairDiff Apply Adapter (14) with the model's own adapter."""
+    base = base or MODEL
+    return [
+        dict(id=5, type="HairDiff_LoadBuiltin", title="HairDiff Built-in Model", widgets={"model": base}),
+        dict(
+            id=14,
+            type="HairDiff_ApplyAdapter",
+            title="HairDiff Apply Adapter",
+            widgets={"adapter": BUILT_IN[base], "strength": 1.0},
+            links={"model": (5, 0)},
+        ),
+    ]
+
+
+def sd35_model(checkpoint, adapter):
+    """Load Checkpoint (5: MODEL, CLIP, VAE) -> HairDiff Apply Adapter (14)."""
+    return [
+        dict(id=5, type="CheckpointLoaderSimple", title="Load Checkpoint", widgets={"ckpt_name": checkpoint}),
+        dict(
+            id=14,
+            type="HairDiff_ApplyAdapter",
+            title="HairDiff Apply Adapter",
+            widgets={"adapter": adapter, "strength": 1.0},
+            links={"model": (5, 0)},
+        ),
+    ]
+
+
+def conditioning(positive=(5, 2), negative=(5, 2), vae=(5, 1), photo_from=(1, 0), matte_from=(7, 0), work=None):
+    """HairDiff Sketch Conditioning (15): the sketch into positive/negative, the photo's latent, the stitch."""
     return dict(
-        id=5,
-        type="HairDiff_LoadModel",
-        title="Load HairDiff Model",
-        widgets={
-            "base_model": base or MODEL,
-            "adapter": adapter,
-            "dtype": "auto",
-            "device": "auto",
-            "weights": "auto",
-            "offload": "auto",
+        id=15,
+        type="HairDiff_SketchConditioning",
+        title="HairDiff Sketch Conditioning",
+        widgets={"work_size": work or WORK_SIZE[MODEL], "feather": 10.0},
+        links={
+            "positive": positive,
+            "negative": negative,
+            "vae": vae,
+            "photo": photo_from,
+            "sketch": (6, 0),
+            "matte": matte_from,
         },
     )
 
@@ -112,29 +143,47 @@ def sketch_node():
     )
 
 
-def sampler(model_from=5, matte_from=(7, 0), steps=20, cfg=1.0, extra_links=None, photo_from=(1, 0)):
-    links = {"model": (model_from, 0), "photo": photo_from, "sketch": (6, 0), "matte": matte_from}
-    links.update(extra_links or {})
-    return dict(
-        id=8,
-        type="HairDiff_Sampler",
-        title="HairDiff Sampler",
-        widgets={
-            "seed": 42,
-            "steps": steps,
-            "cfg": cfg,
-            "shift": 3.0,
-            "strength": 1.0,
-            "paste_back": True,
-            "feather": 10.0,
-        },
-        links=links,
-    )
+def sampler(model_from=14, steps=20, cfg=1.0, vae=(5, 1)):
+    """RandomNoise + CFGGuider + HairDiff Soft-Mask Sampler + HairDiff Scheduler -> SamplerCustomAdvanced
+    (8) -> VAE Decode (16) -> HairDiff Stitch (17): ComfyUI's own custom sampling with HairDiff's parts."""
+    return [
+        dict(id=18, type="RandomNoise", title="Random Noise", widgets={"noise_seed": 42}),
+        dict(
+            id=19,
+            type="CFGGuider",
+            title="CFG Guider",
+            widgets={"cfg": cfg},
+            links={"model": (model_from, 0), "positive": (15, 0), "negative": (15, 1)},
+        ),
+        dict(id=20, type="HairDiff_SoftMaskSampler", title="HairDiff Soft-Mask Sampler", widgets={}),
+        dict(
+            id=21,
+            type="HairDiff_Scheduler",
+            title="HairDiff Scheduler",
+            widgets={"steps": steps, "strength": 1.0},
+            links={"model": (model_from, 0)},
+        ),
+        dict(
+            id=8,
+            type="SamplerCustomAdvanced",
+            title="Sampler Custom Advanced",
+            widgets={},
+            links={"noise": (18, 0), "guider": (19, 0), "sampler": (20, 0), "sigmas": (21, 0), "latent_image": (15, 2)},
+        ),
+        dict(id=16, type="VAEDecode", title="VAE Decode", widgets={}, links={"samples": (8, 0), "vae": vae}),
+        dict(
+            id=17,
+            type="HairDiff_Stitch",
+            title="HairDiff Stitch",
+            widgets={"paste_back": True},
+            links={"stitch": (15, 3), "image": (16, 0)},
+        ),
+    ]
 
 
 def save(prefix):
     return dict(
-        id=9, type="SaveImage", title="Save Image", widgets={"filename_prefix": prefix}, links={"images": (8, 0)}
+        id=9, type="SaveImage", title="Save Image", widgets={"filename_prefix": prefix}, links={"images": (17, 0)}
     )
 
 
@@ -145,7 +194,7 @@ def matte_node(from_sketch=False, links=None, grow_px=0, dilate=16, mode="union"
             type="HairDiff_HairMatte",
             title="HairDiff Hair Matte",
             widgets={"grow_px": 8, "feather_sigma": 4.0, "threshold": 0.5, "sketch_dilate_px": 24, "mode": "sketch"},
-            links={"sketch": (2, 0), "photo": (1, 0)},
+            links=links or {"sketch": (2, 0), "photo": (1, 0)},
         )
     return dict(
         id=7,
@@ -168,8 +217,10 @@ TOY_NOTE = (
     "This template runs a small **toy model** trained on synthetic striped hair, so you can see the sketch "
     "steer the strands without downloading anything. It draws stripes, not real hair, and works on a small "
     "picture (about 128 px around the region, scaled back to your photo).\n\n"
-    "**For real hair:** in Load HairDiff Model pick an SD3.5 model (models/checkpoints, "
-    "models/diffusion_models or models/diffusers) and your HairDiff adapter (models/hairdiff), then load your "
+    "**For real hair:** replace HairDiff Built-in Model with ComfyUI's Load Diffusion Model (an SD3.5 file in "
+    "models/diffusion_models; any weight dtype) or Load Checkpoint, pick your HairDiff adapter (models/hairdiff) "
+    "in HairDiff Apply Adapter, connect the SD3.5 VAE and CLIP Text Encode prompts to HairDiff Sketch "
+    "Conditioning, set its work_size to 1024, and load your "
     "own pictures.\n\n" + HEADLESS
 )
 #: The note of a template that runs the tiny model (PROMPT_MODEL).
@@ -178,8 +229,8 @@ TINY_NOTE = (
     "files needed, and the 'hair' it draws is noise. It only shows that everything is connected. (The toy "
     "model, which draws striped hair in the other templates, never learned words, so it cannot take a "
     "prompt.)\n\n"
-    "**For real results:** in Load HairDiff Model pick an SD3.5 model (models/checkpoints, "
-    "models/diffusion_models or models/diffusers) and a HairDiff adapter (models/hairdiff), then load your "
+    "**For real results:** load SD3.5 with Load Diffusion Model or Load Checkpoint in place of HairDiff "
+    "Built-in Model, pick a HairDiff adapter (models/hairdiff) in HairDiff Apply Adapter, and load your "
     "own pictures.\n\n" + HEADLESS
 )
 
@@ -188,7 +239,11 @@ WORKFLOWS = {
         title="Redraw hair from a sketch",
         note="Load a portrait, a sketch of the new hair and a matte (white where the hair may change). HairDiff "
         "redraws the hair inside the matte so it follows your strokes; everything outside stays as it was.",
-        nodes=loaders() + [model(), sketch_node(), matte_node(), sampler(), save("hairdiff/basic")],
+        nodes=loaders()
+        + model()
+        + [sketch_node(), matte_node(), conditioning()]
+        + sampler()
+        + [save("hairdiff/basic")],
     ),
     "hairdiff_reference_attention": dict(
         title="Hair lit like the photo",
@@ -196,10 +251,11 @@ WORKFLOWS = {
         "keeps looking at the original photo, so it picks up its light and colour. 'once' is quick; "
         "'per_step' looks at every step (about twice the time) and is the published method.",
         nodes=loaders()
+        + model()
         + [
-            model(),
             sketch_node(),
             matte_node(),
+            conditioning(),
             dict(
                 id=10,
                 type="HairDiff_ReferenceAttention",
@@ -215,11 +271,11 @@ WORKFLOWS = {
                     "key_pool": "1",
                     "key_ring": 0,
                 },
-                links={"model": (5, 0)},
+                links={"model": (14, 0)},
             ),
-            sampler(model_from=10),
-            save("hairdiff/reference"),
-        ],
+        ]
+        + sampler(model_from=10)
+        + [save("hairdiff/reference")],
     ),
     "hairdiff_colour_prompt": dict(
         title="Hair colour from a prompt (SD3.5 files)",
@@ -233,8 +289,8 @@ WORKFLOWS = {
         "Prompt.text=copper red hair' --out DIR`.",
         runnable=False,
         nodes=loaders()
+        + sd35_model("sd3.5_medium.safetensors", "hairdiff/hairdiff_sd3.5_medium.safetensors")
         + [
-            model(base="checkpoints/sd3.5_medium.safetensors", adapter="hairdiff/hairdiff_sd3.5_medium.safetensors"),
             sketch_node(),
             matte_node(),
             dict(
@@ -255,9 +311,10 @@ WORKFLOWS = {
                 links={"clip": (11, 0)},
             ),
             dict(id=13, type="CLIPTextEncode", title="Negative Prompt", widgets={"text": ""}, links={"clip": (11, 0)}),
-            sampler(steps=28, cfg=4.0, extra_links={"positive": (12, 0), "negative": (13, 0)}),
-            save("hairdiff/colour"),
-        ],
+            conditioning(positive=(12, 0), negative=(13, 0), vae=(5, 2), work=1024),
+        ]
+        + sampler(steps=28, cfg=4.0, vae=(5, 2))
+        + [save("hairdiff/colour")],
     ),
     "hairdiff_colour_prompt_tiny": dict(
         title="Hair colour from a prompt (try-out)",
@@ -267,24 +324,33 @@ WORKFLOWS = {
         "encoders to 'sd3 files' (clip_l, clip_g, t5xxl in models/text_encoders) or use ComfyUI's Triple CLIP "
         "Loader + CLIP Text Encode as in *hairdiff_colour_prompt*, and pick an SD3.5 model and adapter.",
         nodes=loaders()
+        + model(PROMPT_MODEL)
         + [
-            model(base=PROMPT_MODEL),
             sketch_node(),
             matte_node(),
             prompt_node(11, "Hair Colour Prompt", "copper red hair"),
             prompt_node(12, "Negative Prompt", "blurry, dull"),
-            sampler(cfg=2.0, extra_links={"positive": (11, 0), "negative": (12, 0)}),
-            save("hairdiff/colour_tiny"),
-        ],
+            conditioning(positive=(11, 0), negative=(12, 0), work=WORK_SIZE[PROMPT_MODEL]),
+        ]
+        + sampler(cfg=2.0)
+        + [save("hairdiff/colour_tiny")],
     ),
     "hairdiff_matte_from_sketch": dict(
         title="Longer hair: the sketch sets the region",
         note="No matte needed: draw the outline of the new hair and HairDiff Hair Matte (mode 'sketch') takes the "
         "strokes plus everything they enclose as the region to redraw. Good for longer hair: the sketch says "
-        "how far it reaches. Raise 'sketch_dilate_px' if your outline has gaps.",
+        "how far it reaches. Raise 'sketch_dilate_px' if your outline has gaps.\n\n" + PROTECT_NOTE,
         note_drop=" --matte M",
         nodes=loaders(matte=False)
-        + [model(), sketch_node(), matte_node(from_sketch=True), sampler(), save("hairdiff/matte_from_sketch")],
+        + protect_nodes()
+        + model()
+        + [
+            sketch_node(),
+            matte_node(from_sketch=True, links={"sketch": (2, 0), "exclude": PROTECT, "photo": (1, 0)}),
+            conditioning(),
+        ]
+        + sampler()
+        + [save("hairdiff/matte_from_sketch")],
     ),
     "hairdiff_shorter_hair": dict(
         title="Shorter hair: old hair + sketch",
@@ -294,13 +360,14 @@ WORKFLOWS = {
         "final region over the photo.",
         nodes=loaders()
         + protect_nodes()
+        + model()
         + [
-            model(),
             sketch_node(),
             matte_node(links={"mask": (4, 0), "sketch": (2, 0), "exclude": PROTECT, "photo": (1, 0)}, grow_px=4),
-            sampler(),
-            save("hairdiff/shorter"),
-        ],
+            conditioning(),
+        ]
+        + sampler()
+        + [save("hairdiff/shorter")],
     ),
     "hairdiff_draw_in_comfyui": dict(
         title="Paint the matte in ComfyUI",
@@ -313,13 +380,14 @@ WORKFLOWS = {
         note_drop=" --matte M",
         nodes=loaders(matte=False, photo_title="Photo (paint the hair in the mask editor)")
         + protect_nodes()
+        + model()
         + [
-            model(),
             sketch_node(),
             matte_node(links={"mask": (1, 1), "sketch": (2, 0), "exclude": PROTECT, "photo": (1, 0)}, dilate=24),
-            sampler(),
-            save("hairdiff/painted"),
-        ],
+            conditioning(),
+        ]
+        + sampler()
+        + [save("hairdiff/painted")],
     ),
     "hairdiff_batch": dict(
         title="Several photos at once",
@@ -336,12 +404,13 @@ WORKFLOWS = {
             dict(
                 id=11, type="ImageBatch", title="Image Batch", widgets={}, links={"image1": (1, 0), "image2": (10, 0)}
             ),
-            model(),
             sketch_node(),
             matte_node(),
-            sampler(photo_from=(11, 0)),
-            save("hairdiff/batch"),
-        ],
+            conditioning(photo_from=(11, 0)),
+        ]
+        + model()
+        + sampler()
+        + [save("hairdiff/batch")],
     ),
 }
 
@@ -349,7 +418,7 @@ WORKFLOWS = {
 def note_text(name: str, wf: dict) -> str:
     text = f"## {wf['title']}\n{wf['note']}\n\n"
     if wf.get("runnable", True):
-        base = next(n["widgets"]["base_model"] for n in wf["nodes"] if n["type"] == "HairDiff_LoadModel")
+        base = next(n["widgets"]["model"] for n in wf["nodes"] if n["type"] == "HairDiff_LoadBuiltin")
         text += (TOY_NOTE if base == TOY else TINY_NOTE).replace(
             " --matte M", "" if wf.get("note_drop") else " --matte M"
         )

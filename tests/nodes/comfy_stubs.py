@@ -14,6 +14,7 @@ exactly what ``install()`` added, so the stand-ins never outlive the tests that 
 from __future__ import annotations
 
 import enum
+import os
 import sys
 import types
 from collections import Counter
@@ -483,7 +484,6 @@ class SD3LatentFormat:
 
 
 def _folder_paths(models_dir: str) -> types.ModuleType:
-    import os
 
     fp = types.ModuleType("folder_paths")
     fp.models_dir = models_dir
@@ -532,6 +532,7 @@ def _folder_paths(models_dir: str) -> types.ModuleType:
     fp.get_filename_list = get_filename_list
     fp.get_full_path = get_full_path
     fp.get_full_path_or_raise = get_full_path_or_raise
+    fp.get_temp_directory = lambda: os.path.join(models_dir, "..", "temp")
     return fp
 
 

@@ -34,8 +34,10 @@ DRAWING = {
     "hairdiff_batch",
 }
 TINY = "tiny (wiring check)"
-TOY = "toy (synthetic portraits + its adapter)"
+TOY = "toy (synthetic portraits)"
 BUILT_IN = (TINY, TOY)
+#: Loaders of model files (a template with one needs files and says which).
+FILE_LOADERS = ("CheckpointLoaderSimple", "UNETLoader")
 #: Method words that belong in tooltips, not in a template's note for artists.
 JARGON = ("K/V", "soft-mask", "soft mask", "latent", "sigma", "attention processor")
 
@@ -151,12 +153,21 @@ def test_ui_workflow_matches_the_schemas_and_its_api_twin(specs, path):
     assert data["last_link_id"] == max(links, default=0) and data["last_node_id"] == max(nodes)
 
 
+def _models(graph: dict) -> list[str]:
+    """What a graph loads: the built-in model's name, or the file loader's node type."""
+    return [
+        n["inputs"]["model"] if n["class_type"] == "HairDiff_LoadBuiltin" else n["class_type"]
+        for n in graph.values()
+        if n["class_type"] in ("HairDiff_LoadBuiltin", *FILE_LOADERS)
+    ]
+
+
 def test_a_built_in_model_by_default_or_says_which_files(specs):
     for path in API_FILES:
         graph = json.loads(path.read_text())
-        loaders = [n for n in graph.values() if n["class_type"] == "HairDiff_LoadModel"]
-        assert len(loaders) == 1
-        if loaders[0]["inputs"]["base_model"] not in BUILT_IN:
+        models = _models(graph)
+        assert len(models) == 1, path.name
+        if models[0] not in BUILT_IN:
             note = next(n for n in json.loads((WF / path.name).read_text())["nodes"] if n["type"] == "MarkdownNote")
             text = note["widgets_values"][0]
             assert "Needs model files" in text
@@ -167,6 +178,28 @@ def test_a_built_in_model_by_default_or_says_which_files(specs):
                 if isinstance(v, str) and v.endswith(".safetensors")
             ]
             assert files and all(Path(f).name in text for f in files), files
+
+
+def test_every_template_samples_natively_with_hairdiffs_parts(specs):
+    """One way in ComfyUI: ComfyUI's MODEL through HairDiff Apply Adapter, SamplerCustomAdvanced with
+    HairDiff's sampler, scheduler and sketch conditioning, VAE Decode, HairDiff Stitch; no HAIRDIFF_MODEL."""
+    for path in API_FILES:
+        graph = json.loads(path.read_text())
+        kinds = [n["class_type"] for n in graph.values()]
+        for kind in (
+            "HairDiff_ApplyAdapter",
+            "HairDiff_SketchConditioning",
+            "SamplerCustomAdvanced",
+            "HairDiff_SoftMaskSampler",
+            "HairDiff_Scheduler",
+            "VAEDecode",
+            "HairDiff_Stitch",
+        ):
+            assert kinds.count(kind) == 1, (path.name, kind)
+        assert not [k for k in kinds if "HAIRDIFF_MODEL" in specs[k]["outputs"]], path.name
+        sca = next(n for n in graph.values() if n["class_type"] == "SamplerCustomAdvanced")
+        assert graph[sca["inputs"]["sampler"][0]]["class_type"] == "HairDiff_SoftMaskSampler"
+        assert graph[sca["inputs"]["latent_image"][0]]["class_type"] == "HairDiff_SketchConditioning"
 
 
 def test_comfy_run_roles_are_titled(specs):
@@ -205,31 +238,35 @@ def test_runnable_templates_use_the_one_model_constant_and_the_bundled_samples()
     assert set(b.WORKFLOWS) == {p.stem for p in UI_FILES}  # every template comes from the builder
     for name, wf in b.WORKFLOWS.items():
         graph = json.loads((WF / "api" / f"{name}.json").read_text())
-        models = [n["inputs"]["base_model"] for n in graph.values() if n["class_type"] == "HairDiff_LoadModel"]
         if wf.get("runnable", True):
-            assert models == [b.MODEL if name in DRAWING else b.PROMPT_MODEL], name
+            assert _models(graph) == [b.MODEL if name in DRAWING else b.PROMPT_MODEL], name
             images = {n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"}
             assert images <= set(b.SAMPLES.values()), (name, images)
-            assert not [n for n in graph.values() if n["class_type"] in ("TripleCLIPLoader", "CheckpointLoaderSimple")]
+            assert not [n for n in graph.values() if n["class_type"] in ("TripleCLIPLoader", *FILE_LOADERS)]
+            (cond,) = [n for n in graph.values() if n["class_type"] == "HairDiff_SketchConditioning"]
+            assert cond["inputs"]["work_size"] == b.WORK_SIZE[_models(graph)[0]], name
 
 
 def test_every_drawing_template_loads_the_toy_model_with_its_shipped_adapter(comfy):
-    """The hair-drawing templates show the sketch steering the strands without any files: the toy model,
-    adapter 'none' (Load HairDiff Model then adds the toy's shipped adapter), no extra LoRA on top; their
-    notes say so and where to pick SD3.5 for real hair. The prompt try-out stays on the tiny model."""
+    """The hair-drawing templates show the sketch steering the strands without any files: the toy model
+    and its built-in adapter, no extra LoRA on top; their notes say so and where to pick SD3.5 for real
+    hair. The prompt try-out stays on the tiny model (its zero-sketch adapter)."""
     b = _builder()
-    assert b.MODEL == TOY == comfy.nodes.model_nodes.TOY and b.PROMPT_MODEL == TINY
+    native = comfy.nodes.native_nodes
+    assert b.MODEL == TOY == native.BUILTIN_TOY and b.PROMPT_MODEL == TINY == native.BUILTIN_TINY
+    assert b.BUILT_IN == {TOY: native.BUILTIN_TOY_ADAPTER, TINY: native.BUILTIN_TINY_ADAPTER}
     assert DRAWING == {p.stem for p in API_FILES} - {"hairdiff_colour_prompt", "hairdiff_colour_prompt_tiny"}
     for name in sorted(DRAWING):
         graph = json.loads((WF / "api" / f"{name}.json").read_text())
-        (loader,) = [n for n in graph.values() if n["class_type"] == "HairDiff_LoadModel"]
-        assert loader["inputs"]["base_model"] == TOY and loader["inputs"]["adapter"] == "none", name
-        assert not [n for n in graph.values() if n["class_type"] == "HairDiff_LoRA"], name
+        assert _models(graph) == [TOY], name
+        (adapter,) = [n for n in graph.values() if n["class_type"] == "HairDiff_ApplyAdapter"]
+        assert adapter["inputs"]["adapter"] == native.BUILTIN_TOY_ADAPTER, name
+        assert not [n for n in graph.values() if n["class_type"] == "LoraLoader"], name
         note = next(n for n in json.loads((WF / f"{name}.json").read_text())["nodes"] if n["type"] == "MarkdownNote")
         text = note["widgets_values"][0]
         assert "toy model" in text and "synthetic striped hair" in text and "SD3.5" in text, name
     graph = json.loads((WF / "api" / "hairdiff_colour_prompt_tiny.json").read_text())
-    assert [n["inputs"]["base_model"] for n in graph.values() if n["class_type"] == "HairDiff_LoadModel"] == [TINY]
+    assert _models(graph) == [TINY]
 
 
 class _CoreNodes:
@@ -265,10 +302,51 @@ class _CoreNodes:
         self.saved.append((filename_prefix, images))
         return ()
 
+    # The model side needs ComfyUI itself (tests/test_comfyui_server.py runs every template on it):
+    # here the built-in model brings a pooling VAE, and sampling returns the photo's latent with its
+    # box decoded to black, so what the graph does around the model can be checked.
+    def HairDiff_LoadBuiltin(self, model):
+        text = [[torch.zeros(1, 77, 32), {"pooled_output": torch.zeros(1, 64 if model == TINY else 32)}]]
+        return ("MODEL", _PoolVAE(), text)
+
+    def HairDiff_ApplyAdapter(self, model, adapter, strength):
+        return (model,)
+
+    def RandomNoise(self, noise_seed):
+        return ("NOISE",)
+
+    def CFGGuider(self, model, positive, negative, cfg):
+        assert "noise_concat" in positive[0][1] and "noise_concat" in negative[0][1]
+        return ("GUIDER",)
+
+    def HairDiff_SoftMaskSampler(self):
+        return ("SAMPLER",)
+
+    def HairDiff_Scheduler(self, model, steps, strength):
+        return (torch.linspace(1, 0, steps + 1),)
+
+    def SamplerCustomAdvanced(self, noise, guider, sampler, sigmas, latent_image):
+        assert latent_image["noise_mask"].shape[-2:] == latent_image["samples"].shape[-2:]
+        return (latent_image, latent_image)
+
+    def VAEDecode(self, samples, vae):
+        return (vae.decode(samples["samples"]),)
+
+
+class _PoolVAE:
+    """ComfyUI's VAE interface with no weights: 8x average pooling in, black pictures out."""
+
+    def encode(self, pixels):
+        return torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1), 8).repeat(1, 6, 1, 1)[:, :16]
+
+    def decode(self, latent):
+        B, _, h, w = latent.shape
+        return torch.zeros(B, h * 8, w * 8, 3)
+
 
 def _run_graph(comfy, graph, only=None):
-    """Run an API graph on the stand-ins (1 sampler step): (outputs by node id, the core nodes).
-    ``only``: run just that node and what it needs."""
+    """Run an API graph on the stand-ins (the model side stood in, see _CoreNodes): (outputs by node
+    id, the core nodes). ``only``: run just that node and what it needs."""
     ours = {node.GET_SCHEMA().node_id: node for node in comfy.nodes.NODES}
     core = _CoreNodes()
     outputs = {}
@@ -279,9 +357,8 @@ def _run_graph(comfy, graph, only=None):
         node = graph[nid]
         kwargs = {k: (run(v[0])[v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()}
         kind = node["class_type"]
-        if kind == "HairDiff_Sampler":
-            kwargs["steps"] = 1
-        outputs[nid] = ours[kind].execute(**kwargs) if kind in ours else getattr(core, kind)(**kwargs)
+        stand_in = getattr(core, kind, None)
+        outputs[nid] = stand_in(**kwargs) if stand_in is not None else ours[kind].execute(**kwargs)
         return outputs[nid]
 
     for nid in [only] if only else graph:
@@ -291,11 +368,9 @@ def _run_graph(comfy, graph, only=None):
 
 @pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.stem)
 def test_runnable_templates_run_as_shipped_on_the_stand_ins(comfy, path):
-    """Each template that needs no model files runs end to end (1 sampler step instead of 20)."""
+    """Each template that needs no model files runs end to end around the stood-in model."""
     graph = json.loads(path.read_text())
-    if any(
-        n["class_type"] == "HairDiff_LoadModel" and n["inputs"]["base_model"] not in BUILT_IN for n in graph.values()
-    ):
+    if [m for m in _models(graph) if m not in BUILT_IN]:
         pytest.skip("needs model files (its note says which)")
     _outputs, core = _run_graph(comfy, graph)
     assert len(core.saved) == 1
@@ -304,38 +379,27 @@ def test_runnable_templates_run_as_shipped_on_the_stand_ins(comfy, path):
     assert images.shape == (batch, 186, 150, 3) and torch.isfinite(images).all()
 
 
-def test_the_basic_template_on_the_toy_model_redraws_inside_the_matte_only(comfy):
-    """As shipped (the toy model and its adapter, the sample pictures at the stand-in's half size, 1 step):
-    the photo is worked at the toy's size (about 128 px around the region) and the saved picture differs
-    from the photo inside the matte, and is the photo's bit for bit away from it."""
+def test_the_basic_template_redraws_inside_the_matte_only(comfy):
+    """As shipped (the sample pictures at the stand-in's half size): the photo is worked at the toy's
+    size, and what the sampler's box holds (black, here) lands inside the matte and nowhere away from
+    it: the saved picture is the photo's bit for bit there."""
     from hairdiff_core.mask import dilate
 
     graph = json.loads((WF / "api" / "hairdiff_basic.json").read_text())
-    assert graph["5"]["inputs"]["base_model"] == TOY
+    assert _models(graph) == [TOY]
     outputs, core = _run_graph(comfy, graph)
-    assert outputs["5"][0].family == "toy" and "adapter toy (shipped)" in outputs["5"][0].source
     photo = outputs["1"][0][0]  # (H, W, 3)
     matte = outputs["7"][0][0]  # Hair Matte's output (H, W)
+    latent = outputs["15"][2]
+    assert max(latent["samples"].shape[-2:]) * 8 <= 2 * 128  # the toy's work area, not the photo's
     ((_prefix, images),) = core.saved
     assert images.shape == (1, *photo.shape) and torch.isfinite(images).all()
     diff = (images[0] - photo).abs().amax(-1)
     inside = matte > 0.9
-    outside = dilate((matte > 0)[None, None].float(), 12)[0, 0] == 0  # past the sampler's feathered seam
+    outside = dilate((matte > 0)[None, None].float(), 12)[0, 0] == 0  # past the stitch's feathered seam
     assert inside.sum() > 1000 and outside.sum() > 5000, (int(inside.sum()), int(outside.sum()))
-    # Loose bounds: the toy weights may be retrained (measured 0.31 mean, 100% changed with the first ones).
-    assert float(diff[inside].mean()) > 0.02 and float((diff[inside] > 2 / 255).float().mean()) > 0.5
+    assert float((diff[inside] > 2 / 255).float().mean()) > 0.5
     assert float(diff[outside].max()) == 0.0
-
-
-def test_the_toy_model_takes_no_prompt_so_the_prompt_try_out_stays_tiny(comfy):
-    """HairDiff Prompt's tiny encoders make conditioning for the tiny model only: with the toy model the
-    sampler refuses it, naming the input (why hairdiff_colour_prompt_tiny keeps the tiny model)."""
-    graph = json.loads((WF / "api" / "hairdiff_colour_prompt_tiny.json").read_text())
-    (loader,) = [k for k, n in graph.items() if n["class_type"] == "HairDiff_LoadModel"]
-    graph[loader]["inputs"]["base_model"] = TOY
-    with pytest.raises(Exception, match="positive") as info:
-        _run_graph(comfy, graph)
-    assert "conditioning" in str(info.value)
 
 
 def test_every_image_a_template_loads_is_copied_into_comfyuis_input_folder(comfy):
