@@ -32,18 +32,23 @@ pytestmark = pytest.mark.skipif(
     reason="set COMFYUI_DIR to a ComfyUI checkout to run the server integration test",
 )
 HAIRDIFF_NODES = {
-    "HairDiff_LoadModel",
-    "HairDiff_LoRA",
     "HairDiff_SketchPreprocess",
     "HairDiff_HairMatte",
-    "HairDiff_ReferenceAttention",
-    "HairDiff_Compile",
-    "HairDiff_Sampler",
     "HairDiff_Prompt",
+    "HairDiff_LoadBuiltin",
+    "HairDiff_ApplyAdapter",
+    "HairDiff_SketchConditioning",
+    "HairDiff_Stitch",
+    "HairDiff_SoftMaskSampler",
+    "HairDiff_Scheduler",
+    "HairDiff_Sample",
+    "HairDiff_ReferenceAttention",
 }
 ASSETS = ROOT / "hairdiff_core" / "assets"
 TINY = "tiny (wiring check)"
-TOY = "toy (synthetic portraits + its adapter)"
+TOY = "toy (synthetic portraits)"
+#: Loaders of model files: a template with one needs files (its note says which).
+FILE_LOADERS = ("CheckpointLoaderSimple", "UNETLoader", "TripleCLIPLoader")
 #: The built-in models: no files needed.
 BUILT_IN = (TINY, TOY)
 UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
@@ -55,9 +60,7 @@ CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 
 
 def _needs_model_files(graph: dict) -> bool:
-    return any(
-        n["class_type"] == "HairDiff_LoadModel" and n["inputs"]["base_model"] not in BUILT_IN for n in graph.values()
-    )
+    return any(n["class_type"] in FILE_LOADERS for n in graph.values())
 
 
 #: Every template that needs no model files: they must run as shipped on a fresh install.
@@ -146,7 +149,7 @@ def _run(server, name: str, out: Path, sets=(), graph=None):
     graph = graph or C.load_workflow(ROOT / "workflows" / "api" / f"{name}.json")
     roles = C.role_nodes(graph)
     uploaded = {role: client.upload_image(ASSETS / f"sample_{role}.png") for role in roles}
-    return _submit(server, C.prepare_graph(graph, uploaded, ["HairDiff Sampler.steps=2", *sets]), out)
+    return _submit(server, C.prepare_graph(graph, uploaded, ["HairDiff Scheduler.steps=2", *sets]), out)
 
 
 def _submit(server, graph: dict, out: Path):
@@ -204,7 +207,7 @@ def test_template_runs_as_shipped(server, name, tmp_path):
     from PIL import Image, ImageChops
 
     graph = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
-    sampler = next(n for n in graph.values() if n["class_type"] == "HairDiff_Sampler")
+    sampler = next(n for n in graph.values() if n["class_type"] == "HairDiff_SketchConditioning")
     saved = _submit(server, graph, tmp_path)
     assert len(saved) == _photos(graph, sampler["inputs"]["photo"])
     for path in saved:
@@ -267,7 +270,7 @@ def test_a_stroke_painted_on_protect_in_the_mask_editor_is_kept_too(server, tmp_
         uploaded = {role: client.upload_image(ASSETS / f) for role, f in samples.items()}
         if protect is not None:
             uploaded["protect"] = client.upload_image(protect)
-        run = C.prepare_graph(graph, uploaded, ["HairDiff Sampler.steps=2", f"Save Image.filename_prefix={label}"])
+        run = C.prepare_graph(graph, uploaded, ["HairDiff Scheduler.steps=2", f"Save Image.filename_prefix={label}"])
         (saved,) = _submit(server, run, tmp_path / label)
         with Image.open(saved) as im:
             diffs[label] = np.abs(np.asarray(im.convert("RGB")).astype(np.int16) - rgb).max(-1)
@@ -366,6 +369,18 @@ def test_ui_template_matches_the_real_servers_node_definitions(server, path):
     assert not missing_files or needs_files
 
 
+def _with_lora(graph: dict, lora_name: str) -> dict:
+    """ComfyUI's LoraLoaderModelOnly between HairDiff Apply Adapter (14) and the sampling nodes."""
+    graph["50"] = {
+        "class_type": "LoraLoaderModelOnly",
+        "inputs": {"model": ["14", 0], "lora_name": lora_name, "strength_model": 1.0},
+        "_meta": {"title": "LoRA"},
+    }
+    for nid in ("19", "21"):  # CFG Guider, HairDiff Scheduler
+        graph[nid]["inputs"]["model"] = ["50", 0]
+    return graph
+
+
 def test_lora_graph_runs_and_changes_the_result(server, tmp_path):
     import torch
     from safetensors.torch import save_file
@@ -373,8 +388,8 @@ def test_lora_graph_runs_and_changes_the_result(server, tmp_path):
     from hairdiff_cli import comfy_client as C
     from hairdiff_core.toy import build_toy_transformer
 
-    # An extra LoRA on top of the basic template's toy model and its shipped adapter (its PEFT layers: the
-    # ComfyUI patch lands on their base weights). The toy config gives the keys and shapes.
+    # ComfyUI's own LoRA Loader after HairDiff Apply Adapter: its patches stack on the adapter's (diffusers
+    # SD3 keys through ComfyUI's key map). The toy config gives the keys and shapes.
     g = torch.Generator().manual_seed(0)
     sd = {}
     for name, mod in build_toy_transformer().named_modules():
@@ -382,20 +397,14 @@ def test_lora_graph_runs_and_changes_the_result(server, tmp_path):
             sd[f"transformer.{name}.lora_A.weight"] = torch.randn(4, mod.in_features, generator=g)
             sd[f"transformer.{name}.lora_B.weight"] = torch.randn(mod.out_features, 4, generator=g)
     save_file(sd, str(server["base"] / "models" / "loras" / "toy_test_lora.safetensors"))
-    graph = C.load_workflow(ROOT / "workflows" / "api" / "hairdiff_basic.json")
-    graph["50"] = {
-        "class_type": "HairDiff_LoRA",
-        "inputs": {"model": ["5", 0], "lora_name": "loras/toy_test_lora.safetensors", "strength": 1.0},
-        "_meta": {"title": "HairDiff LoRA"},
-    }
-    graph["8"]["inputs"]["model"] = ["50", 0]
+    graph = _with_lora(C.load_workflow(ROOT / "workflows" / "api" / "hairdiff_basic.json"), "toy_test_lora.safetensors")
     with_lora = _run(server, "", tmp_path / "a", graph=graph, sets=["Save Image.filename_prefix=lora"])
     plain = _run(server, "hairdiff_basic", tmp_path / "b", sets=["Save Image.filename_prefix=plain"])
     assert with_lora[0].read_bytes() != plain[0].read_bytes()
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor"])
-def test_compile_node_runs_in_comfyui_and_draws_the_same(server, tmp_path, backend):
+def test_comfyuis_torch_compile_model_runs_the_native_model_and_draws_the_same(server, tmp_path):
+    """Compiling is ComfyUI's own (TorchCompileModel): it compiles the MMDiT with HairDiff's patches on."""
     import numpy as np
     from PIL import Image
 
@@ -403,13 +412,14 @@ def test_compile_node_runs_in_comfyui_and_draws_the_same(server, tmp_path, backe
 
     graph = C.load_workflow(ROOT / "workflows" / "api" / "hairdiff_basic.json")
     graph["51"] = {
-        "class_type": "HairDiff_Compile",
-        "inputs": {"model": ["5", 0], "backend": backend, "mode": "default"},
-        "_meta": {"title": "HairDiff Compile"},
+        "class_type": "TorchCompileModel",
+        "inputs": {"model": ["14", 0], "backend": "inductor"},
+        "_meta": {"title": "TorchCompileModel"},
     }
-    graph["8"]["inputs"]["model"] = ["51", 0]
-    compiled = _run(server, "", tmp_path / "a", graph=graph, sets=[f"Save Image.filename_prefix=compiled_{backend}"])
-    plain = _run(server, "hairdiff_basic", tmp_path / "b", sets=[f"Save Image.filename_prefix=eager_{backend}"])
+    for nid in ("19", "21"):
+        graph[nid]["inputs"]["model"] = ["51", 0]
+    compiled = _run(server, "", tmp_path / "a", graph=graph, sets=["Save Image.filename_prefix=compiled"])
+    plain = _run(server, "hairdiff_basic", tmp_path / "b", sets=["Save Image.filename_prefix=eager"])
     a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (compiled[0], plain[0]))
     assert np.abs(a - b).max() <= 2  # compiled kernels round differently; the picture is the same
 
@@ -424,14 +434,16 @@ def test_colour_prompt_workflow_fails_only_on_missing_model_files(server):
     with pytest.raises(C.ComfyServerError) as info:
         client.submit(graph)
     lines = [line for line in str(info.value).splitlines()[1:] if line.startswith("node")]
-    # Every other node and link of the graph passed ComfyUI's validation; only the model files are absent.
-    # Triple CLIP Loader's file lists are checked by ComfyUI itself (0.8.0 does, for V1 and V3 combos alike),
-    # so its three missing files may be listed too. Our loader's message comes once (comfy-run drops the
-    # copies ComfyUI makes for each argument of validate_inputs).
-    ours = [line for line in lines if line.startswith("node 5 (HairDiff_LoadModel")]
-    clips = [line for line in lines if line.startswith("node 11 (TripleCLIPLoader") and "Value not in list" in line]
-    assert len(ours) == 1 and len(ours) + len(clips) == len(lines), str(info.value)
-    assert "input 'base_model' is 'checkpoints/sd3.5_medium.safetensors'; allowed: 'tiny (wiring check)'" in ours[0]
+    # Every other node and link of the graph passed ComfyUI's validation; only the model files are absent:
+    # the checkpoint and the text encoders (ComfyUI's own lists), and the adapter (ours, said once).
+    ours = [line for line in lines if line.startswith("node 14 (HairDiff_ApplyAdapter")]
+    files = [
+        line
+        for line in lines
+        if line.startswith(("node 5 (CheckpointLoaderSimple", "node 11 (TripleCLIPLoader")) and "not in list" in line
+    ]
+    assert len(ours) == 1 and len(ours) + len(files) == len(lines), str(info.value)
+    assert any("sd3.5_medium.safetensors" in line for line in files), str(info.value)
     assert "input 'adapter' is 'hairdiff/hairdiff_sd3.5_medium.safetensors'" in ours[0]
 
 
@@ -454,16 +466,16 @@ def test_validation_errors_are_readable_and_cli_runs(server, tmp_path, capsys):
         "--out",
         str(tmp_path / "cli"),
     ]
-    assert main(args + ["--set", "HairDiff Sampler.steps=0"]) == 2
+    assert main(args + ["--set", "HairDiff Scheduler.steps=0"]) == 2
     err = capsys.readouterr().err
-    assert "node 8 (HairDiff_Sampler 'HairDiff Sampler') input 'steps'" in err and "smaller than min" in err
-    assert main(args + ["--set", "HairDiff Sampler.steps=2"]) == 0
+    assert "node 21 (HairDiff_Scheduler 'HairDiff Scheduler') input 'steps'" in err and "smaller than min" in err
+    assert main(args + ["--set", "HairDiff Scheduler.steps=2"]) == 0
     assert len(list((tmp_path / "cli").glob("*.png"))) == 1
     shutil.rmtree(tmp_path / "cli")
 
 
 def test_adapter_from_models_hairdiff_with_an_extra_lora(server, tmp_path):
-    """The adapter's PEFT layers and a ComfyUI LoRA patch on their base weights, on the real ModelPatcher."""
+    """A user's adapter from models/hairdiff, then ComfyUI's LoRA Loader: both are weight patches."""
     import torch
     from safetensors.torch import save_file
 
@@ -492,32 +504,50 @@ def test_adapter_from_models_hairdiff_with_an_extra_lora(server, tmp_path):
         str(server["base"] / "models" / "loras" / "on_adapter.safetensors"),
     )
     graph = C.load_workflow(ROOT / "workflows" / "api" / "hairdiff_basic.json")
-    graph["5"]["inputs"]["adapter"] = "hairdiff/toy_user_adapter.safetensors"
+    graph["14"]["inputs"]["adapter"] = "hairdiff/toy_user_adapter.safetensors"
     adapted = _run(server, "", tmp_path / "a", graph=graph, sets=["Save Image.filename_prefix=adapted"])
-    graph["50"] = {
-        "class_type": "HairDiff_LoRA",
-        "inputs": {"model": ["5", 0], "lora_name": "loras/on_adapter.safetensors", "strength": 1.0},
-        "_meta": {"title": "HairDiff LoRA"},
-    }
-    graph["8"]["inputs"]["model"] = ["50", 0]
+    graph = _with_lora(graph, "on_adapter.safetensors")
     both = _run(server, "", tmp_path / "b", graph=graph, sets=["Save Image.filename_prefix=both"])
     assert adapted[0].read_bytes() != both[0].read_bytes()
 
 
+def _one_node(graph: dict) -> dict:
+    """The same template with HairDiff Sample (8) in place of its custom-sampling nodes: the same
+    latent bit for bit, and other nodes, so ComfyUI's cache does not answer for them."""
+    graph = {k: dict(v, inputs=dict(v["inputs"])) for k, v in graph.items()}
+    guider, scheduler = graph.pop("19"), graph.pop("21")
+    seed = graph.pop("18")["inputs"]["noise_seed"]
+    graph.pop("20")
+    graph["8"] = {
+        "class_type": "HairDiff_Sample",
+        "inputs": {
+            "model": guider["inputs"]["model"],
+            "positive": guider["inputs"]["positive"],
+            "negative": guider["inputs"]["negative"],
+            "latent": graph["8"]["inputs"]["latent_image"],
+            "seed": seed,
+            "steps": scheduler["inputs"]["steps"],
+            "cfg": guider["inputs"]["cfg"],
+            "strength": scheduler["inputs"]["strength"],
+        },
+        "_meta": {"title": "HairDiff Sample"},
+    }
+    return graph
+
+
 def test_cancel_during_sampling_stops_it_and_the_next_run_works(server, tmp_path):
+    """Reference attention on: Cancel mid-run, then a run the server never made (a new seed) draws
+    exactly what the same settings drew before the cancel, through other nodes."""
+    from PIL import Image, ImageChops
+
     from hairdiff_cli import comfy_client as C
 
-    # Reference: a separate model object (device=cpu is the same weights on this CPU-only server).
-    clean = _run(
-        server,
-        "hairdiff_reference_attention",
-        tmp_path / "before",
-        sets=["Save Image.filename_prefix=cancel", "HairDiff Sampler.seed=77", "Load HairDiff Model.device=cpu"],
-    )
     client = C.ComfyClient(server["url"])
-    graph = C.load_workflow(ROOT / "workflows" / "api" / "hairdiff_reference_attention.json")
-    uploaded = {role: client.upload_image(ASSETS / f"sample_{role}.png") for role in C.role_nodes(graph)}
-    graph = C.prepare_graph(graph, uploaded, ["HairDiff Sampler.steps=200", "HairDiff Sampler.seed=99"])
+    template = C.load_workflow(ROOT / "workflows" / "api" / "hairdiff_reference_attention.json")
+    uploaded = {role: client.upload_image(ASSETS / f"sample_{role}.png") for role in C.role_nodes(template)}
+    settings = ["Save Image.filename_prefix=cancel", "HairDiff Scheduler.steps=2", "Random Noise.noise_seed=77"]
+    clean = _submit(server, _one_node(C.prepare_graph(template, uploaded, settings)), tmp_path / "before")
+    graph = C.prepare_graph(template, uploaded, ["HairDiff Scheduler.steps=200", "Random Noise.noise_seed=99"])
     ws = client.open_progress()
     assert ws is not None, "ComfyUI's websocket should accept the client"
     try:
@@ -536,16 +566,7 @@ def test_cancel_during_sampling_stops_it_and_the_next_run_works(server, tmp_path
     finally:
         ws.close()
     assert C.execution_error(entry) == "the workflow was interrupted (Cancel)"
-    # The cancelled model object (the cached loader output) came back clean: with a seed it never ran, it gives
-    # exactly the reference model's image.
-    after = _run(
-        server,
-        "hairdiff_reference_attention",
-        tmp_path / "after",
-        sets=["Save Image.filename_prefix=cancel", "HairDiff Sampler.seed=77"],
-    )
-    from PIL import Image, ImageChops
-
+    after = _submit(server, C.prepare_graph(template, uploaded, settings), tmp_path / "after")
     with Image.open(after[0]) as a, Image.open(clean[0]) as b:
         assert ImageChops.difference(a.convert("RGB"), b.convert("RGB")).getbbox() is None  # pixels identical
 
@@ -582,7 +603,7 @@ def test_draw_in_comfyui_takes_the_region_painted_in_the_mask_editor(server, tmp
             "photo": client.upload_image(photo_file),
             "sketch": client.upload_image(ASSETS / "sample_sketch.png"),
         }
-        run = C.prepare_graph(graph, uploaded, ["HairDiff Sampler.steps=2", f"Save Image.filename_prefix={label}"])
+        run = C.prepare_graph(graph, uploaded, ["HairDiff Scheduler.steps=2", f"Save Image.filename_prefix={label}"])
         (saved,) = _submit(server, run, tmp_path / label)
         with Image.open(saved) as im:
             out = np.asarray(im.convert("RGB")).astype(np.int16)
