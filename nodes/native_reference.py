@@ -43,15 +43,13 @@ from ..hairdiff_core.reference import (
     reference_latent_at,
 )
 from .convert import check_combos, input_of, node_error
-from .native_sampling import CONDITIONING_NODE
+from .native_sampling import CONDITIONING_NODE, FILLED_KEY
 
 REFERENCE_NODE = "HairDiff Reference Attention"
 #: transformer_options keys: the sampling call's run, and the pass a model call belongs to.
 RUN_KEY = "hairdiff_reference_run"
 PASS_KEY = "hairdiff_reference_pass"
 WRAPPER_KEY = "hairdiff_reference"
-#: The conditioning key HairDiff Sketch Conditioning puts the filled photo's raw latent under.
-FILLED_KEY = "hairdiff_filled_latent"
 _BASE_CHANNELS = 16
 
 
@@ -275,7 +273,7 @@ class HairDiffRefAttention(io.ComfyNode):
         return io.Schema(
             node_id="HairDiff_RefAttention",
             display_name=REFERENCE_NODE,
-            category="HairDiff",
+            category="HairDiff/sampling",
             description=(
                 "Makes the generated hair attend to the photo's keys and values (K/V sharing, gated by the soft "
                 "matte), so it takes the photo's light and colour. Patches a copy of an SD3 MODEL (after HairDiff "
@@ -360,7 +358,12 @@ class HairDiffRefAttention(io.ComfyNode):
                     "matte; 0 = all of them.",
                 ),
             ],
-            outputs=[io.Model.Output(display_name="MODEL")],
+            outputs=[
+                io.Model.Output(
+                    display_name="MODEL",
+                    tooltip="A copy of the model with the reference patch; the incoming model is unchanged.",
+                )
+            ],
         )
 
     @classmethod

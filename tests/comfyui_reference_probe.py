@@ -153,6 +153,11 @@ def main() -> dict:
         out[f"{mode}_changes_output"] = (native - plain).abs().max().item()
         out[f"{mode}_core_reference_passes"] = core.info.get("reference_passes")
     out["latent_scale"] = core_plain.latent.abs().max().item()
+    native = sample(ref("once", reference_input="filled"))
+    core = pipe.generate(*args, steps=STEPS, seed=0, cfg=1.0, reference={"mode": "once", "reference_input": "filled"})
+    out["filled_latent_diff"] = (fmt.process_in(native) - core.latent).abs().max().item()
+    out["filled_image_diff"] = (image_of(native) - core.image).abs().max().item()
+    out["filled_vs_photo"] = (native - sample(ref("once"))).abs().max().item()
 
     # 4. Counting the reference passes (once: 1 per run; per_step: 1 per step).
     counts = {}

@@ -58,6 +58,11 @@ def test_native_reference_matches_the_core_pipeline(probe, mode):
     assert probe["plain_latent_diff"] <= LATENT_TOL and probe["plain_image_diff"] <= IMAGE_TOL
 
 
+def test_filled_reference_matches_the_core_pipeline(probe):
+    assert probe["filled_vs_photo"] > 1e-3  # the filled photo is really what the reference sees
+    assert probe["filled_latent_diff"] <= LATENT_TOL and probe["filled_image_diff"] <= IMAGE_TOL
+
+
 def test_once_runs_one_reference_pass_and_per_step_one_per_step(probe):
     assert probe["once_passes"] == 1 == probe["once_core_reference_passes"]
     assert probe["per_step_passes"] == probe["steps"] == probe["per_step_core_reference_passes"]
