@@ -644,6 +644,12 @@ class ReferenceGating:
             groups.append((key[:, :, L:], value[:, :, L:], None))
         return groups
 
+    def changes_attention(self) -> bool:
+        """False when a generation pass would compute the plain attention: no query sees a
+        reference key (reference weights 0) and the own keys are not suppressed, so the text
+        bias log(own + ref) is log(1) = 0 too. A host may then skip the reference entirely."""
+        return bool(torch.isfinite(self.row_ref).any()) or self.settings.suppress_self_outside > 0
+
     def reference_bias_needed(self) -> bool:
         s = self.settings
         return bool(s.blind_reference and s.key_weight_inside != 1.0 and bool(self.key_inside.any()))
@@ -671,8 +677,12 @@ class ReferencePassState:
     expected: int | None = None
 
 
-class _ReferenceComplete(Exception):
-    """Raised by the processor after the last K/V of a reference pass: nothing after it is used."""
+class ReferenceComplete(Exception):
+    """Raised by ``joint_attention`` after the last K/V of a reference pass: nothing after it is
+    used, so the host ends that forward early (catching this) instead of running it out."""
+
+
+_ReferenceComplete = ReferenceComplete  # the name bench/ and compiling.py's notes use
 
 
 @dataclass(eq=False)
@@ -744,67 +754,83 @@ class ReferenceAttnProcessor:
     @staticmethod
     @torch.compiler.disable
     def _attend(attn, query, key, value, tq, tk, tv, state) -> torch.Tensor:
-        """Attention over the image tokens (``query``/``key``/``value``, (B, heads, N, d)), the
-        text tokens (``tq``/``tk``/``tv``, or None in attn2) and, as ``state`` says, the reference:
-        stores the image K/V in a reference pass, reads them in a generation pass."""
-        batch, residual_len = query.shape[0], query.shape[2]
-        img_key, img_value = key, value
-        joint = tq is not None
-        text_tokens = None
-        if joint:
-            text_tokens = tq.shape[2]
-            query = torch.cat([query, tq], dim=2)
-            key = torch.cat([key, tk], dim=2)
-            value = torch.cat([value, tv], dim=2)
+        """The attention core (``joint_attention``; the attention module names the layer's cache slot)."""
+        return joint_attention(attn, query, key, value, tq, tk, tv, state)
 
-        bias = None
-        groups = None
-        folded = None
-        takes_part = state is not None and (joint or state.include_attn2)
-        if takes_part and isinstance(state, ReferencePassState):
-            if state.gating is not None:
-                state.cache[attn] = (state.gating.compact(img_key), state.gating.compact(img_value))
-            else:
-                state.cache[attn] = (img_key, img_value)
-            if state.expected is not None and len(state.cache) >= state.expected:
-                raise _ReferenceComplete
-            gating = state.gating
-            if gating is not None and gating.use_folded():
-                if gating.reference_bias_needed():
-                    folded = gating.reference_extras(batch, text_tokens, query.device)
-            elif gating is not None:
-                if gating.use_grouped(query):
-                    groups = gating.reference_groups(key, value, text_tokens)
-                if groups is None:
-                    bias = gating.reference_bias(batch, text_tokens, query.dtype, query.device)
-        elif takes_part and isinstance(state, GenerationPassState):
-            cached = state.cache.get(attn)
-            if cached is not None:
-                if state.gating.tokens != residual_len:
-                    raise InputError(
-                        f"the reference has {state.gating.tokens} image tokens but the generation has "
-                        f"{residual_len}; the reference latent must have the generation latent's size"
-                    )
-                ref_k, ref_v = _match_reference(cached, batch)
-                if state.gating.use_folded():
-                    folded = state.gating.generation_extras(batch, text_tokens, ref_k.shape[2], query.device)
-                elif state.gating.use_grouped(query):
-                    groups = state.gating.generation_groups(
-                        key, value, ref_k.to(key.dtype), ref_v.to(value.dtype), text_tokens
-                    )
-                if groups is None:
-                    key = torch.cat([key, ref_k.to(key.dtype)], dim=2)
-                    value = torch.cat([value, ref_v.to(value.dtype)], dim=2)
-                    if folded is None:
-                        bias = state.gating.generation_bias(batch, text_tokens, query.dtype, query.device)
-        elif state is not None and not isinstance(state, (ReferencePassState, GenerationPassState)):
-            raise InputError(f"{KWARG} must come from hairdiff_core.reference, got {type(state).__name__}")
 
-        if groups is not None:
-            return grouped_attention(query, groups)
-        if folded is not None:
-            return folded_attention(query, key, value, *folded)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
+# --------------------------------------------------------------------------------------------
+# One layer's attention: the entry point both hosts call (diffusers processor, ComfyUI patch)
+# --------------------------------------------------------------------------------------------
+def joint_attention(slot, query, key, value, text_query=None, text_key=None, text_value=None, state=None):
+    """One layer's attention with reference K/V sharing, as plain tensors, for any host.
+
+    ``query``/``key``/``value``: the image tokens, (B, heads, L, d), after the host's q/k norms
+    (what its attention would use); ``text_*``: the text tokens (B, heads, Lt, d) of a joint
+    attention, or None for an image-only one (SD3.5 Medium's attn2). ``state`` says what the
+    pass does: None = the plain attention; a ``ReferencePassState`` stores this layer's visible
+    image K/V under ``slot`` (any hashable naming the layer) and attends hair-blind; a
+    ``GenerationPassState`` appends the K/V stored under ``slot`` with the gating's biases.
+    Returns (B, heads, L + Lt, d), image tokens first. Raises ``ReferenceComplete`` once a
+    reference pass has stored every expected layer (the rest of that forward is not needed).
+    """
+    batch, residual_len = query.shape[0], query.shape[2]
+    img_key, img_value = key, value
+    joint = text_query is not None
+    text_tokens = None
+    if joint:
+        text_tokens = text_query.shape[2]
+        query = torch.cat([query, text_query], dim=2)
+        key = torch.cat([key, text_key], dim=2)
+        value = torch.cat([value, text_value], dim=2)
+
+    bias = None
+    groups = None
+    folded = None
+    takes_part = state is not None and (joint or state.include_attn2)
+    if takes_part and isinstance(state, ReferencePassState):
+        if state.gating is not None:
+            state.cache[slot] = (state.gating.compact(img_key), state.gating.compact(img_value))
+        else:
+            state.cache[slot] = (img_key, img_value)
+        if state.expected is not None and len(state.cache) >= state.expected:
+            raise ReferenceComplete
+        gating = state.gating
+        if gating is not None and gating.use_folded():
+            if gating.reference_bias_needed():
+                folded = gating.reference_extras(batch, text_tokens, query.device)
+        elif gating is not None:
+            if gating.use_grouped(query):
+                groups = gating.reference_groups(key, value, text_tokens)
+            if groups is None:
+                bias = gating.reference_bias(batch, text_tokens, query.dtype, query.device)
+    elif takes_part and isinstance(state, GenerationPassState):
+        cached = state.cache.get(slot)
+        if cached is not None:
+            if state.gating.tokens != residual_len:
+                raise InputError(
+                    f"the reference has {state.gating.tokens} image tokens but the generation has "
+                    f"{residual_len}; the reference latent must have the generation latent's size"
+                )
+            ref_k, ref_v = _match_reference(cached, batch)
+            if state.gating.use_folded():
+                folded = state.gating.generation_extras(batch, text_tokens, ref_k.shape[2], query.device)
+            elif state.gating.use_grouped(query):
+                groups = state.gating.generation_groups(
+                    key, value, ref_k.to(key.dtype), ref_v.to(value.dtype), text_tokens
+                )
+            if groups is None:
+                key = torch.cat([key, ref_k.to(key.dtype)], dim=2)
+                value = torch.cat([value, ref_v.to(value.dtype)], dim=2)
+                if folded is None:
+                    bias = state.gating.generation_bias(batch, text_tokens, query.dtype, query.device)
+    elif state is not None and not isinstance(state, (ReferencePassState, GenerationPassState)):
+        raise InputError(f"{KWARG} must come from hairdiff_core.reference, got {type(state).__name__}")
+
+    if groups is not None:
+        return grouped_attention(query, groups)
+    if folded is not None:
+        return folded_attention(query, key, value, *folded)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
 
 
 def _match_reference(cached, batch: int):
@@ -871,7 +897,7 @@ def reference_pass(
             joint_attention_kwargs={KWARG: state},
             return_dict=False,
         )
-    except _ReferenceComplete:
+    except ReferenceComplete:
         pass  # the last block's attention output, feed-forward and proj_out would be thrown away
     if not cache:
         raise InputError(
@@ -904,6 +930,52 @@ class _OffHook:
 
     def step_kwargs(self, sigma: float, step: int) -> dict:
         return {}
+
+
+def reference_latent_at(
+    settings: ReferenceSettings, latent: torch.Tensor, noise: torch.Tensor, sigma: float
+) -> torch.Tensor:
+    """The latent a reference pass at ``sigma`` sees (image channels only, the model's latent space):
+    ``clean`` = the photo as is (the timestep still says sigma: the published pass), ``matched`` =
+    the photo noised to sigma with the generation's noise."""
+    if settings.noise == "clean":
+        return latent
+    return (1.0 - sigma) * latent + sigma * noise
+
+
+class ReferenceSchedule:
+    """When reference passes run and which K/V a step uses, for any host.
+
+    ``once``: one pass per sampling call at ``once_sigma``, reused by every step; ``per_step``: a
+    pass for every new (step, sigma) the sampler asks about (a second call at the same step and
+    sigma, e.g. the other half of classifier-free guidance run separately, reuses it). The previous
+    K/V are dropped before the next pass runs, so at most one cache is alive.
+    """
+
+    def __init__(self, settings: ReferenceSettings):
+        self.settings = settings
+        self.cache: ReferenceCache | None = None
+        self.cached_at: tuple | None = None
+        self.passes = 0
+
+    def cache_for(self, sigma: float, step, run_pass) -> ReferenceCache:
+        """The K/V for a model call at (``step``, ``sigma``); ``run_pass(pass_sigma)`` computes new ones."""
+        if self.settings.mode == "once":
+            if self.cache is None:
+                self.cache = run_pass(self.settings.once_sigma)
+                self.passes += 1
+            return self.cache
+        at = (None if step is None else int(step), float(sigma))
+        if self.cache is None or self.cached_at != at:
+            self.cache = None
+            self.cache = run_pass(float(sigma))
+            self.cached_at = at
+            self.passes += 1
+        return self.cache
+
+    def clear(self) -> None:
+        self.cache = None
+        self.cached_at = None
 
 
 class ReferenceHook:
@@ -952,20 +1024,15 @@ class ReferenceHook:
             settings, _batch_to(token_mask, B, "token_mask").to("cpu"), (h // patch, w // patch)
         )
         self.reference_passes = 0
-        self._cache: ReferenceCache | None = None
-        self._cached_at: tuple | None = None
+        self.schedule = ReferenceSchedule(settings)
 
     def _model_input(self, sigma: float) -> torch.Tensor:
-        if self.settings.noise == "clean":
-            x = self.latent  # the timestep still says sigma: the published pass
-        else:
-            x = (1.0 - sigma) * self.latent + sigma * self.noise
+        x = reference_latent_at(self.settings, self.latent, self.noise, sigma)
         if self.extra_channels:
             x = torch.cat([x, torch.zeros(x.shape[0], self.extra_channels, *x.shape[2:], device=x.device)], dim=1)
         return x.to(self.dtype)
 
     def run_reference(self, sigma: float) -> ReferenceCache:
-        self._cache = None  # free the previous step's K/V before computing new ones
         timestep = timestep_from_sigma(sigma, self.latent.shape[0], device=self.device, dtype=self.dtype)
         with torch.no_grad():
             cache = reference_pass(
@@ -977,19 +1044,17 @@ class ReferenceHook:
         )
         return cache
 
+    @property
+    def _cache(self) -> ReferenceCache | None:
+        """The K/V alive now (None once closed): what tests check is freed."""
+        return self.schedule.cache
+
     def step_kwargs(self, sigma: float, step: int) -> dict:
-        if self.settings.mode == "once":
-            if self._cache is None:
-                self._cache = self.run_reference(self.settings.once_sigma)
-        else:
-            at = (int(step), float(sigma))
-            if self._cache is None or self._cached_at != at:
-                self._cache = self.run_reference(float(sigma))
-                self._cached_at = at
-        return generation_kwargs(self._cache, self.gating, self.settings)
+        cache = self.schedule.cache_for(sigma, step, self.run_reference)
+        return generation_kwargs(cache, self.gating, self.settings)
 
     def close(self) -> None:
-        self._cache = None
+        self.schedule.clear()
         self.gating.clear()
 
 

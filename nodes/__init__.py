@@ -17,6 +17,7 @@ from .model_nodes import (
     register_model_folder,
 )
 from .native_nodes import NATIVE_NODES
+from .native_reference import REFERENCE_NODES
 from .sampler_node import HairDiffSampler
 from .template_inputs import install_template_inputs
 from .text_nodes import HairDiffPrompt
@@ -31,6 +32,7 @@ NODES: list[type[io.ComfyNode]] = [
     HairDiffSampler,
     HairDiffPrompt,
     *NATIVE_NODES,
+    *REFERENCE_NODES,
 ]
 
 register_model_folder()

@@ -21,7 +21,14 @@ from comfy_api.latest import io
 from ..hairdiff_core.defaults import DEFAULTS
 from ..hairdiff_core.errors import HairDiffError
 from .convert import check_batch, check_combos, image_to_nchw, input_of, mask_to_nchw, nchw_to_image, node_error
-from .native_sampling import ADAPTER_NODE, CONDITIONING_NODE, PATCH_EMBED, WRAPPER_KEY, model_input_channels
+from .native_sampling import (
+    ADAPTER_NODE,
+    CONDITIONING_NODE,
+    FILLED_KEY,
+    PATCH_EMBED,
+    WRAPPER_KEY,
+    model_input_channels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -353,6 +360,7 @@ class HairDiffSketchConditioning(io.ComfyNode):
         import node_helpers
 
         from ..hairdiff_core.pipeline import HairDiffPipeline, prepare_work
+        from ..hairdiff_core.reference import fill_hair_region
 
         node = CONDITIONING_NODE
         # 1. Convert in, checked by the core before any encode.
@@ -376,10 +384,14 @@ class HairDiffSketchConditioning(io.ComfyNode):
         if sketch_latent.shape[1] != 16:
             raise node_error(node, "vae", f"the VAE gives {sketch_latent.shape[1]} latent channels", "use the SD3 VAE")
 
+        # The filled photo (hair region filled from its surroundings) for HairDiff Reference
+        # Attention's reference_input "filled": encoded here because a VAE encode inside sampling
+        # could make ComfyUI unload the model being sampled. One extra encode of the box.
+        filled_latent = _encode(vae, fill_hair_region(work.photo, work.binary))
+
         # 3. Convert out.
-        values = {"noise_concat": sketch_latent}
-        pos = node_helpers.conditioning_set_values(positive, values)
-        neg = node_helpers.conditioning_set_values(negative, values)
+        pos = node_helpers.conditioning_set_values(positive, {"noise_concat": sketch_latent, FILLED_KEY: filled_latent})
+        neg = node_helpers.conditioning_set_values(negative, {"noise_concat": sketch_latent})
         latent = {"samples": photo_latent, "noise_mask": work.latent_mask.to(photo_latent.device)}
         stitch = Stitch(photo_c.cpu(), binary.cpu(), work.plan, work.sigma_at_work)
         return io.NodeOutput(pos, neg, latent, stitch)

@@ -19,6 +19,8 @@ ADAPTER_NODE = "HairDiff Apply Adapter"
 CONDITIONING_NODE = "HairDiff Sketch Conditioning"
 PATCH_EMBED = "diffusion_model.x_embedder.proj"
 WRAPPER_KEY = "hairdiff_adapter"
+#: The positive conditioning's key for the filled photo's raw latent (HairDiff Reference Attention).
+FILLED_KEY = "hairdiff_filled_latent"
 
 
 def model_input_channels(patcher) -> int:
