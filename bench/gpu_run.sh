@@ -75,13 +75,9 @@ check() {  # check NAME SECONDS COMMAND...: its last stdout line to $OUT/NAME.js
 case "$part" in
 1)
     check attention_large 90 "$py" bench/gpu_attention_check.py --repeats 20 "${dry[@]}"
-    check comfy_large_12gb 240 "$py" bench/gpu_comfy_check.py --comfyui "$comfy" --family sd3.5-large \
-        --usable-gb 12 "${dry[@]}"
     check memory_large 230 "$py" bench/gpu_memory_check.py --family sd3.5-large "${dry[@]}"
     ;;
 2)
-    check comfy_medium_8gb 120 "$py" bench/gpu_comfy_check.py --comfyui "$comfy" --family sd3.5-medium \
-        --usable-gb 8 "${dry[@]}"
     check memory_medium 120 "$py" bench/gpu_memory_check.py --family sd3.5-medium \
         --variants bf16:none,fp8_e4m3fn:none,fp8_e4m3fn:blocks "${dry[@]}"
     if [ -n "${DRY:-}" ]; then  # bench_compile has no dry run: its CPU run is the dry run

@@ -9,27 +9,16 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .image_nodes import HairMatte, SketchPreprocess
-from .model_nodes import (
-    HairDiffCompile,
-    HairDiffLoRA,
-    HairDiffReferenceAttention,
-    LoadHairDiffModel,
-    register_model_folder,
-)
+from .model_folders import register_model_folder
 from .native_nodes import NATIVE_NODES
 from .native_reference import REFERENCE_NODES
-from .sampler_node import HairDiffSampler
 from .template_inputs import install_template_inputs
 from .text_nodes import HairDiffPrompt
 
+#: One way in ComfyUI: preprocessing, then patches, conditioning and a SAMPLER on ComfyUI's own model.
 NODES: list[type[io.ComfyNode]] = [
-    LoadHairDiffModel,
-    HairDiffLoRA,
     SketchPreprocess,
     HairMatte,
-    HairDiffReferenceAttention,
-    HairDiffCompile,
-    HairDiffSampler,
     HairDiffPrompt,
     *NATIVE_NODES,
     *REFERENCE_NODES,

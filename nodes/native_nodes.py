@@ -121,9 +121,9 @@ class HairDiffLoadBuiltin(io.ComfyNode):
 
 
 def adapter_choices() -> list[str]:
-    from .model_nodes import _safetensors
+    from .model_folders import safetensors_in
 
-    return [BUILTIN_TOY_ADAPTER, BUILTIN_TINY_ADAPTER] + _safetensors("hairdiff") + _safetensors("loras")
+    return [BUILTIN_TOY_ADAPTER, BUILTIN_TINY_ADAPTER] + safetensors_in("hairdiff") + safetensors_in("loras")
 
 
 def _adapter_path(choice: str) -> str:
@@ -133,7 +133,7 @@ def _adapter_path(choice: str) -> str:
         return str(toy.adapter_path())
     if choice == BUILTIN_TINY_ADAPTER:
         return str(_tiny_adapter())
-    from .model_nodes import resolve
+    from .model_folders import resolve
 
     return resolve(choice, ADAPTER_NODE, "adapter")
 

@@ -267,11 +267,11 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
     return executor(x, t, c_concat, c_crossattn, control, options, **kw)
 
 
-class HairDiffRefAttention(io.ComfyNode):
+class HairDiffReferenceAttention(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="HairDiff_RefAttention",
+            node_id="HairDiff_ReferenceAttention",
             display_name=REFERENCE_NODE,
             category="HairDiff/sampling",
             description=(
@@ -432,4 +432,4 @@ class HairDiffRefAttention(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
-REFERENCE_NODES: list[type[io.ComfyNode]] = [HairDiffRefAttention]
+REFERENCE_NODES: list[type[io.ComfyNode]] = [HairDiffReferenceAttention]

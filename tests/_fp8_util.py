@@ -48,7 +48,7 @@ def write_fp8_checkpoint(
     the position table stay float32. ``vae`` adds ``first_stage_model.*`` in float32.
     """
     # Converted one tensor at a time on the model's device (not the whole state in fp32 on the
-    # CPU first): bench/gpu_comfy_check.py writes SD3.5 Large's 8B parameters with this.
+    # CPU first): the GPU checks write SD3.5 Large's 8B parameters with this.
     state = {k: v.detach().contiguous() for k, v in transformer.state_dict().items()}
     original = diffusers_to_original_sd3(state)
     del state

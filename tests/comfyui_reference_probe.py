@@ -95,7 +95,7 @@ def main() -> dict:
         return N.HairDiffSample.execute(m, pos, neg, latent, 0, STEPS, 1.0, 1.0).result[0]["samples"]
 
     def ref(mode, **kw):
-        return NR.HairDiffRefAttention.execute(model, mode, **kw).result[0]
+        return NR.HairDiffReferenceAttention.execute(model, mode, **kw).result[0]
 
     def image_of(samples):
         return N.HairDiffStitch.execute(stitch, vae.decode(samples), True).result[0].movedim(-1, 1)
@@ -133,7 +133,7 @@ def main() -> dict:
         )
 
     unit = dict(weight_inside=1.0, weight_outside=1.0, key_weight_inside=1.0, reference_noise="matched")
-    dup = euler(NR.HairDiffRefAttention.execute(base, "per_step", **unit).result[0], ones)
+    dup = euler(NR.HairDiffReferenceAttention.execute(base, "per_step", **unit).result[0], ones)
     base_plain = euler(base, ones)
     out["duplicate_latent_diff"] = (dup - base_plain).abs().max().item()
     out["duplicate_latent_scale"] = base_plain.abs().max().item()

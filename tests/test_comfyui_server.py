@@ -713,31 +713,6 @@ def test_the_real_frontend_opens_each_template_and_makes_its_api_twin(server):
         browser.close()
 
 
-def test_gpu_comfy_check_dry_run_drives_comfyuis_own_memory_management():
-    """bench/gpu_comfy_check.py (the 12 GB card check) on the CPU: a checkpoint file in ComfyUI's
-    fp8-scaled layout, Load HairDiff Model with auto and with fp8 + blocks, Reference Attention
-    and the sampler, through ComfyUI's real model management and progress bar."""
-    out = subprocess.run(
-        [
-            os.environ.get("COMFYUI_PYTHON", sys.executable),
-            str(ROOT / "bench" / "gpu_comfy_check.py"),
-            "--comfyui",
-            COMFY,
-            "--cpu-dry-run",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    rows = {r["variant"]: r for r in result["rows"]}
-    assert all("error" not in r for r in rows.values()), rows
-    assert rows["fp8_e4m3fn:blocks"]["chosen_offload"] == "blocks"
-    assert rows["auto:auto"]["chosen_weights"] == "fp8_e4m3fn"  # an fp8 file under auto stays fp8
-    assert all(r["s_per_step"] > 0 for r in rows.values())
-
-
 # --------------------------------------------------------------------------------------------
 # The native route: ComfyUI's own MODEL, SAMPLER and samplers
 

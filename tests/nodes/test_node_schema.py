@@ -16,7 +16,7 @@ def test_one_v3_entrypoint_lists_every_node(comfy):
     pack_root = importlib.import_module("hairdiff_pack.nodes")
     ext = asyncio.run(pack_root.comfy_entrypoint())
     nodes = asyncio.run(ext.get_node_list())
-    assert nodes == comfy.nodes.NODES and len(nodes) == 15
+    assert nodes == comfy.nodes.NODES and len(nodes) == 11
     root_src = (ROOT / "__init__.py").read_text()
     assert "NODE_CLASS_MAPPINGS" not in root_src  # a V1 export would hide the V3 entry point
 
@@ -45,11 +45,10 @@ def test_model_folder_is_registered_and_listed(comfy):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "my_adapter.safetensors").write_bytes(b"")
     (folder / "notes.txt").write_text("x")
-    options = comfy.nodes.LoadHairDiffModel.GET_SCHEMA().inputs[1].options
-    assert "hairdiff/my_adapter.safetensors" in options and options[0] == "none"
+    native = comfy.nodes.native_nodes
+    options = native.HairDiffApplyAdapter.GET_SCHEMA().inputs[1].options
+    assert "hairdiff/my_adapter.safetensors" in options and options[0] == native.BUILTIN_TOY_ADAPTER
     assert not any(o.endswith("notes.txt") for o in options)
-    base = comfy.nodes.LoadHairDiffModel.GET_SCHEMA().inputs[0].options
-    assert base[0] == "tiny (wiring check)"
 
 
 def test_root_init_is_import_safe_without_comfyui():
@@ -65,32 +64,21 @@ def test_root_init_is_import_safe_without_comfyui():
 
 
 def test_missing_model_files_are_refused_at_validation(comfy):
-    loader, lora = comfy.nodes.LoadHairDiffModel, comfy.nodes.HairDiffLoRA
-    assert loader.validate_inputs(base_model="tiny (wiring check)", adapter="none") is True
-    msg = loader.validate_inputs(base_model="checkpoints/nope.safetensors", adapter="none")
-    assert "input 'base_model' is 'checkpoints/nope.safetensors'" in msg and "input 'adapter'" not in msg
-    assert "input 'lora_name' is 'loras/nope.safetensors'" in lora.validate_inputs(lora_name="loras/nope.safetensors")
+    adapter = comfy.nodes.native_nodes.HairDiffApplyAdapter
+    assert adapter.validate_inputs(adapter=comfy.nodes.native_nodes.BUILTIN_TOY_ADAPTER) is True
+    msg = adapter.validate_inputs(adapter="hairdiff/nope.safetensors")
+    assert "input 'adapter' is 'hairdiff/nope.safetensors'" in msg
 
 
-def test_diffusers_listing_is_bounded_in_depth_and_skips_hidden_folders(comfy):
-    base = comfy.models_dir / "diffusers"
-    for rel in (
-        "sd35/transformer",
-        "vendor/sd35m/transformer",
-        ".cache/hub/sd/transformer",
-        "a/b/c/d/deep/transformer",
-    ):
-        (base / rel).mkdir(parents=True, exist_ok=True)
-    (base / "sd35" / "model_index.json").write_text("{}")
-    listed = comfy.nodes.model_nodes._diffusers_folders()
-    assert "diffusers/sd35" in listed and "diffusers/vendor/sd35m" in listed
-    assert not any(".cache" in n or "deep" in n for n in listed), listed
-
-
-def test_sampler_node_defaults_are_the_cores(comfy):
+def test_sampling_node_defaults_are_the_cores(comfy):
     defaults = comfy.core.defaults.DEFAULTS
-    schema = comfy.nodes.HairDiffSampler.GET_SCHEMA()
-    got = {inp.id: inp.default for inp in schema.inputs if getattr(inp, "default", None) is not None}
-    for name in ("seed", "steps", "cfg", "shift", "strength"):
-        assert got[name] == getattr(defaults, name), name
-    assert got["feather"] == defaults.feather_at_1024
+    native = comfy.nodes.native_nodes
+
+    def defaults_of(node):
+        return {inp.id: inp.default for inp in node.GET_SCHEMA().inputs if getattr(inp, "default", None) is not None}
+
+    sample, scheduler = defaults_of(native.HairDiffSample), defaults_of(native.HairDiffScheduler)
+    for name in ("seed", "steps", "cfg", "strength"):
+        assert sample[name] == getattr(defaults, name), name
+    assert scheduler["steps"] == defaults.steps and scheduler["strength"] == defaults.strength
+    assert defaults_of(native.HairDiffSketchConditioning)["feather"] == defaults.feather_at_1024

@@ -5,6 +5,7 @@ images are installed into ComfyUI's input folder when absent."""
 from __future__ import annotations
 
 import inspect
+import types
 
 import pytest
 import torch
@@ -38,22 +39,21 @@ def test_every_combo_of_every_node_refuses_an_unknown_value(comfy):
 
 
 def test_core_errors_map_to_the_node_input_by_field(comfy):
-    model = comfy.nodes.LoadHairDiffModel.execute(base_model="tiny (wiring check)", adapter="none")[0]
+    native = comfy.nodes.native_nodes
     photo = torch.rand(1, 32, 48, 3)
     matte = torch.zeros(1, 32, 48)  # empty: the core's EmptyMaskError says input="matte"
+    text = [[torch.zeros(1, 77, 32), {"pooled_output": torch.zeros(1, 32)}]]
+    vae = types.SimpleNamespace(encode=lambda x: torch.zeros(x.shape[0], 16, x.shape[1] // 8, x.shape[2] // 8))
     with pytest.raises(ValueError) as info:
-        comfy.nodes.HairDiffSampler.execute(model=model, photo=photo, sketch=photo, matte=matte, steps=1)
+        native.HairDiffSketchConditioning.execute(text, text, vae, photo, photo, matte, 64, 10.0)
     err = info.value
     assert err.input == "matte" and "input 'matte'" in str(err)
     assert type(err).__module__ == "builtins" and type(err).__name__ == "EmptyMaskError"
     assert isinstance(err, comfy.core.errors.EmptyMaskError)
     with pytest.raises(ValueError) as info:
-        comfy.nodes.HairDiffSampler.execute(
-            model=model, photo=photo, sketch=photo, matte=matte + 1, steps=1, feather=float("nan")
+        comfy.nodes.native_reference.HairDiffReferenceAttention.execute(
+            model=types.SimpleNamespace(), mode="once", weight_outside=-1.0
         )
-    assert info.value.input == "feather"  # the core's feather_sigma, under the node's name
-    with pytest.raises(ValueError) as info:
-        comfy.nodes.HairDiffReferenceAttention.execute(model=model, mode="once", weight_outside=-1.0)
     assert info.value.input == "weight_outside" and "input 'weight_outside'" in str(info.value)
 
 
@@ -70,13 +70,15 @@ def test_short_exception_type_as_comfyui_prints_it(comfy):
 
 
 def test_a_missing_model_file_is_reported_once(comfy):
-    # resolve() raises the node's own error inside the loader's try; it must reach the user as
-    # is, not wrapped in a second "Load HairDiff Model: input 'base_model':" with a second fix.
+    # resolve() raises the node's own error; it must reach the user as is, not wrapped in a second
+    # "HairDiff Apply Adapter: input 'adapter':" with a second fix.
+    from hairdiff_pack.nodes.model_folders import resolve
+
     with pytest.raises(ValueError) as info:
-        comfy.nodes.LoadHairDiffModel.execute(base_model="diffusion_models/gone.safetensors", adapter="none")
+        resolve("hairdiff/gone.safetensors", "HairDiff Apply Adapter", "adapter")
     text = str(info.value)
-    assert text.count("Load HairDiff Model") == 1 and text.count(" -> ") == 1, text
-    assert "gone.safetensors" in text and info.value.input == "base_model"
+    assert text.count("HairDiff Apply Adapter") == 1 and text.count(" -> ") == 1, text
+    assert "gone.safetensors" in text and info.value.input == "adapter"
 
 
 def test_template_samples_are_installed_once_never_overwritten(comfy, tmp_path):

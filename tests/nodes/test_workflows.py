@@ -312,6 +312,9 @@ class _CoreNodes:
     def HairDiff_ApplyAdapter(self, model, adapter, strength):
         return (model,)
 
+    def HairDiff_ReferenceAttention(self, model, **settings):
+        return (model,)
+
     def RandomNoise(self, noise_seed):
         return ("NOISE",)
 
