@@ -123,10 +123,32 @@ def _peak_child(route: str, work: Path, size: int, steps: int) -> None:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        reset_peak_rss()
+            before = torch.cuda.memory_allocated()
+        else:
+            reset_peak_rss()
+            before = _rss_bytes()
         fn(steps)
         peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
-    print(json.dumps({"route": route, "peak_bytes": int(peak), "kind": "cuda" if cuda else "rss"}))
+    # Working memory: the run's peak above what was resident when it started (weights, and on the
+    # CPU whatever the allocator kept from building the model, which is not the run's).
+    print(
+        json.dumps(
+            {
+                "route": route,
+                "peak_bytes": int(peak),
+                "work_bytes": int(peak - before),
+                "kind": "cuda" if cuda else "rss",
+            }
+        )
+    )
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def main() -> None:
@@ -168,6 +190,7 @@ def main() -> None:
         out = subprocess.run([*cmd, "--child", route, str(work)], capture_output=True, text=True, check=True)
         peaks[route] = json.loads(out.stdout.strip().splitlines()[-1])
     mem_ratio = peaks["native"]["peak_bytes"] / peaks["core"]["peak_bytes"]
+    work_ratio = peaks["native"]["work_bytes"] / max(1, peaks["core"]["work_bytes"])
     print(
         json.dumps(
             {
@@ -184,6 +207,9 @@ def main() -> None:
                 "core_peak_mb": round(peaks["core"]["peak_bytes"] / 2**20, 1),
                 "native_peak_mb": round(peaks["native"]["peak_bytes"] / 2**20, 1),
                 "native_over_core_memory": round(mem_ratio, 4),
+                "core_work_mb": round(peaks["core"]["work_bytes"] / 2**20, 1),
+                "native_work_mb": round(peaks["native"]["work_bytes"] / 2**20, 1),
+                "native_over_core_work_memory": round(work_ratio, 4),
                 "image_max_diff": round(max_diff, 6),
                 "targets": {"time": 1.02, "memory": 1.0},
                 **threads_note(),
