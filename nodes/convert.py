@@ -184,3 +184,35 @@ def latent_from_comfy(raw: torch.Tensor, latent_format) -> torch.Tensor:
 def latent_to_comfy(scaled: torch.Tensor, latent_format) -> torch.Tensor:
     """SD3-scaled latent -> ComfyUI's raw VAE latent (what VAE Decode expects)."""
     return latent_format.process_out(scaled.float())
+
+
+def check_widgets(node_cls, values: dict) -> None:
+    """Raise the node's error for the first widget value outside its widget: a COMBO value not in
+    its options, a number that is NaN, infinite or outside the widget's min..max.
+
+    ComfyUI checks ranges and (0.8.0) combo options when a graph is queued, except that NaN passes
+    its ``val < min`` / ``val > max`` tests; a node calls this first thing in ``execute`` so such a
+    value is refused, naming the input and the widget's own range, before any work.
+    """
+    import math
+
+    schema = node_cls.define_schema()
+    for inp in schema.inputs:
+        if inp.id not in values or values[inp.id] is None:
+            continue
+        value = values[inp.id]
+        options = getattr(inp, "options", None)
+        if isinstance(options, (list, tuple)):
+            if value not in options:
+                raise node_error(schema.display_name, inp.id, f"is {value!r}", f"pick one of {list(options)[:20]}")
+            continue
+        lo, hi = getattr(inp, "min", None), getattr(inp, "max", None)
+        if lo is None and hi is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise node_error(
+                schema.display_name,
+                inp.id,
+                f"is {value!r}",
+                f"the widget takes {lo} to {hi}; give a number in that range",
+            )

@@ -20,7 +20,16 @@ from comfy_api.latest import io
 
 from ..hairdiff_core.defaults import DEFAULTS
 from ..hairdiff_core.errors import HairDiffError
-from .convert import check_batch, check_combos, image_to_nchw, input_of, mask_to_nchw, nchw_to_image, node_error
+from .convert import (
+    check_batch,
+    check_combos,
+    check_widgets,
+    image_to_nchw,
+    input_of,
+    mask_to_nchw,
+    nchw_to_image,
+    node_error,
+)
 from .native_sampling import (
     ADAPTER_NODE,
     CONDITIONING_NODE,
@@ -249,6 +258,7 @@ class HairDiffApplyAdapter(io.ComfyNode):
         from .native_sampling import adapter_wrapper
 
         # 1. Convert in: an SD3 model without an adapter, and the adapter file checked against it.
+        check_widgets(cls, {"strength": strength})
         inner = getattr(model, "model", None)
         if not isinstance(inner, comfy.model_base.SD3):
             kind = type(inner).__name__ if inner is not None else type(model).__name__
@@ -364,6 +374,7 @@ class HairDiffSketchConditioning(io.ComfyNode):
 
         node = CONDITIONING_NODE
         # 1. Convert in, checked by the core before any encode.
+        check_widgets(cls, {"work_size": work_size, "feather": feather})
         photo_t = image_to_nchw(photo, node, "photo")
         sketch_t = image_to_nchw(sketch, node, "sketch")
         matte_t = mask_to_nchw(matte, node, "matte")
@@ -509,6 +520,7 @@ class HairDiffScheduler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, steps=DEFAULTS.steps, strength=DEFAULTS.strength) -> io.NodeOutput:
+        check_widgets(cls, {"steps": steps, "strength": strength})
         return io.NodeOutput(model_sigmas(model, steps, strength))
 
 
@@ -570,6 +582,7 @@ class HairDiffSample(io.ComfyNode):
 
         from .native_sampling import sample_soft_mask
 
+        check_widgets(cls, {"seed": seed, "steps": steps, "cfg": cfg, "strength": strength})
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         sigmas = model_sigmas(model, steps, strength)
         noise = comfy.sample.prepare_noise(samples, int(seed), latent.get("batch_index"))

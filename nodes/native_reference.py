@@ -42,7 +42,7 @@ from ..hairdiff_core.reference import (
     joint_attention,
     reference_latent_at,
 )
-from .convert import check_combos, input_of, node_error
+from .convert import check_widgets, input_of, node_error
 from .native_sampling import CONDITIONING_NODE, FILLED_KEY
 
 REFERENCE_NODE = "HairDiff Reference Attention"
@@ -367,18 +367,6 @@ class HairDiffReferenceAttention(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, mode=None, reference_input=None, reference_noise=None, key_pool=None) -> bool | str:
-        return check_combos(
-            cls,
-            {
-                "mode": mode,
-                "reference_input": reference_input,
-                "reference_noise": reference_noise,
-                "key_pool": key_pool,
-            },
-        )
-
-    @classmethod
     def execute(
         cls,
         model,
@@ -396,6 +384,20 @@ class HairDiffReferenceAttention(io.ComfyNode):
         import comfy.patcher_extension
 
         node = REFERENCE_NODE
+        # One place checks every widget (ComfyUI 0.8.0 checks the combos and ranges at submit, but a
+        # validate_inputs over several inputs repeats its message once per input, and NaN passes).
+        widgets = dict(
+            mode=mode,
+            weight_inside=weight_inside,
+            weight_outside=weight_outside,
+            suppress_self_outside=suppress_self_outside,
+            key_weight_inside=key_weight_inside,
+            reference_input=reference_input,
+            reference_noise=reference_noise,
+            key_pool=key_pool,
+            key_ring=key_ring,
+        )
+        check_widgets(cls, widgets)
         try:
             settings = ReferenceSettings(
                 mode=mode,

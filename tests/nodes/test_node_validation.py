@@ -16,26 +16,33 @@ def _combos(node):
 
 
 def test_every_combo_of_every_node_refuses_an_unknown_value(comfy):
+    """At submit (validate_inputs, a node with one COMBO) or first thing in execute (check_widgets,
+    a node with several): an unknown value names its input and the allowed values."""
+    from hairdiff_pack.nodes.convert import check_widgets
+
     checked = 0
     for node in comfy.nodes.NODES:
         combos = _combos(node)
         if not combos:
             continue
-        params = inspect.signature(node.validate_inputs).parameters
+        params = inspect.signature(node.validate_inputs).parameters if hasattr(node, "validate_inputs") else {}
         for inp in combos:
-            assert inp.id in params, f"{node.__name__}.validate_inputs does not take the COMBO '{inp.id}'"
-            good = {c.id: c.options[0] for c in combos if c.options}
-            assert node.validate_inputs(**good) is True
-            verdict = node.validate_inputs(**{**good, inp.id: "purple"})
-            assert isinstance(verdict, str), (node.__name__, inp.id)
-            assert f"input '{inp.id}' is 'purple'" in verdict
+            if inp.id in params:
+                good = {c.id: c.options[0] for c in combos if c.options}
+                assert node.validate_inputs(**good) is True
+                verdict = node.validate_inputs(**{**good, inp.id: "purple"})
+                assert isinstance(verdict, str), (node.__name__, inp.id)
+            else:
+                with pytest.raises(ValueError) as info:
+                    check_widgets(node, {inp.id: "purple"})
+                verdict = str(info.value)
+                assert inspect.getsource(node.execute).count("check_widgets(") == 1, node.__name__
+            assert f"input '{inp.id}'" in verdict and "'purple'" in verdict and "\n" not in verdict
             for option in inp.options[:3]:
                 assert repr(option) in verdict  # the allowed values are listed
-            others = [c.id for c in combos if c.id != inp.id]
-            assert not any(f"input '{o}'" in verdict for o in others)  # only the wrong input is named
             checked += 1
-    # background, base_model, adapter, dtype, device, lora_name, mode, reference_input
-    assert checked >= 7
+    # background, mode, encoders, model, adapter; mode, reference_input, reference_noise, key_pool
+    assert checked >= 9
 
 
 def test_core_errors_map_to_the_node_input_by_field(comfy):
@@ -94,3 +101,39 @@ def test_template_samples_are_installed_once_never_overwritten(comfy, tmp_path):
 
     with Image.open(tmp_path / "hairdiff_sketch.png") as im:
         im.load()
+
+
+def test_each_validation_message_appears_once(comfy):
+    """ComfyUI repeats a validate_inputs message once per argument of validate_inputs: every node's
+    takes at most one (several inputs are checked first thing in execute instead)."""
+    for node in comfy.nodes.NODES:
+        fn = getattr(node, "validate_inputs", None)
+        if fn is None:
+            continue
+        params = [p for p in inspect.signature(fn).parameters if p != "cls"]
+        assert len(params) <= 1, (node.__name__, params)
+
+
+@pytest.mark.parametrize(
+    "node, values, name",
+    [
+        ("native_reference.HairDiffReferenceAttention", {"weight_outside": float("nan")}, "weight_outside"),
+        ("native_nodes.HairDiffSample", {"cfg": float("nan")}, "cfg"),
+        ("native_nodes.HairDiffScheduler", {"strength": float("inf")}, "strength"),
+        ("native_nodes.HairDiffSketchConditioning", {"feather": 1e308}, "feather"),
+        ("native_reference.HairDiffReferenceAttention", {"mode": "sometimes"}, "mode"),
+    ],
+)
+def test_nan_and_out_of_range_widgets_are_refused_with_the_widgets_range(comfy, node, values, name):
+    from hairdiff_pack.nodes.convert import check_widgets
+
+    module, cls = node.split(".")
+    node_cls = getattr(getattr(comfy.nodes, module), cls)
+    with pytest.raises(ValueError) as info:
+        check_widgets(node_cls, values)
+    text = str(info.value)
+    assert info.value.input == name and f"input '{name}'" in text and "\n" not in text
+    spec = next(i for i in node_cls.define_schema().inputs if i.id == name)
+    if getattr(spec, "options", None) is None:
+        assert f"{spec.min} to {spec.max}" in text
+    assert check_widgets(node_cls, {name: spec.default}) is None
