@@ -53,6 +53,14 @@ FILE_LOADERS = ("CheckpointLoaderSimple", "UNETLoader", "TripleCLIPLoader")
 BUILT_IN = (TINY, TOY)
 UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
 API_FILES = sorted((ROOT / "workflows" / "api").glob("*.json"))
+
+
+def _api_twin(ui_name: str) -> Path:
+    """The API file of a UI template (UI files are named for people; see build_workflows.card)."""
+    data = json.loads((ROOT / "workflows" / f"{ui_name}.json").read_text())
+    return ROOT / "workflows" / "api" / f"{data['extra']['hairdiff']['api']}.json"
+
+
 #: Frontend-only node types (notes): never sent to the server, absent from /object_info.
 UI_ONLY = set(json.loads((ROOT / "tests" / "nodes" / "core_nodes.json").read_text())["_ui_only"])
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -319,7 +327,7 @@ def test_ui_template_matches_the_real_servers_node_definitions(server, path):
     may name files this server does not have, nothing else."""
     info = _get(server["url"] + "/object_info")
     data = json.loads(path.read_text())
-    needs_files = _needs_model_files(json.loads((ROOT / "workflows" / "api" / path.name).read_text()))
+    needs_files = _needs_model_files(json.loads(_api_twin(path.stem).read_text()))
     nodes = {n["id"]: n for n in data["nodes"]}
     problems, missing_files = [], []
     for nid, n in nodes.items():
@@ -707,7 +715,7 @@ def test_the_real_frontend_opens_each_template_and_makes_its_api_twin(server):
         for name in names:
             result = browser.run(LOAD_AND_CONVERT, name, wait=True)
             assert "error" not in result, f"{name}: {result['error']}"
-            api = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+            api = json.loads(_api_twin(name).read_text())
             assert result["output"] == api, name
     finally:
         browser.close()

@@ -9,7 +9,8 @@ matte over it, the sketch and the title). ``MODEL`` below is the one place that 
 the hair-drawing templates load (the toy model); the colour-prompt try-out loads ``PROMPT_MODEL``.
 
 UI format (``workflows/*.json``): what the ComfyUI frontend opens; ComfyUI lists the first-level
-``*.json`` of a pack's ``workflows/`` folder as the pack's templates. API format
+``*.json`` of a pack's ``workflows/`` folder as the pack's templates, titled by file name, so the
+UI files are named for people (``card``) and say their API twin in ``extra.hairdiff.api``. API format
 (``workflows/api/*.json``): what ``/prompt`` and ``hairdiff comfy-run`` take; the subfolder
 keeps these out of the template browser. Widget order comes from ``/object_info`` (so the UI
 files match the node definitions exactly); Note nodes exist only in the UI format.
@@ -415,6 +416,20 @@ WORKFLOWS = {
 }
 
 
+def card(name: str) -> str:
+    """The UI file's name, which is what ComfyUI's template browser shows as a pack template's
+    title and description (frontend 1.35: no other field is read for custom-node templates):
+    "HairDiff - <the template's title>", in characters every file system takes."""
+    # ':' is not allowed on Windows and '+' is read as a space by some URL decoders.
+    title = WORKFLOWS[name]["title"].replace(": ", " - ").replace(":", " ").replace(" + ", " and ")
+    return "HairDiff - " + "".join(c for c in title if c not in '<>"/\\|?*')
+
+
+def ui_path(name: str) -> Path:
+    """Where the UI format of API template ``name`` lives (its thumbnail beside it, same stem)."""
+    return HERE / f"{card(name)}.json"
+
+
 def note_text(name: str, wf: dict) -> str:
     text = f"## {wf['title']}\n{wf['note']}\n\n"
     if wf.get("runnable", True):
@@ -537,7 +552,7 @@ def build(info: dict, name: str, wf: dict) -> tuple[dict, dict]:
         "links": links,
         "groups": [],
         "config": {},
-        "extra": {"ds": {"scale": 0.8, "offset": [0, 300]}, "hairdiff": {"title": wf["title"]}},
+        "extra": {"ds": {"scale": 0.8, "offset": [0, 300]}, "hairdiff": {"title": wf["title"], "api": name}},
         "version": 0.4,
     }
     return ui, api
@@ -673,10 +688,10 @@ def main() -> None:
     (HERE / "api").mkdir(exist_ok=True)
     for name, wf in WORKFLOWS.items():
         ui, api = build(info, name, wf)
-        (HERE / f"{name}.json").write_text(json.dumps(ui, indent=2) + "\n")
+        ui_path(name).write_text(json.dumps(ui, indent=2) + "\n")
         (HERE / "api" / f"{name}.json").write_text(json.dumps(api, indent=2) + "\n")
         if not args.no_thumbnails:
-            thumbnail(name, wf, HERE / f"{name}.jpg")
+            thumbnail(name, wf, ui_path(name).with_suffix(".jpg"))
         print(f"wrote {name}")
 
 

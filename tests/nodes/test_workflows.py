@@ -13,6 +13,18 @@ ROOT = Path(__file__).resolve().parents[2]
 WF = ROOT / "workflows"
 UI_FILES = sorted(WF.glob("*.json"))
 API_FILES = sorted((WF / "api").glob("*.json"))
+
+
+def _api_name(ui_path: Path) -> str:
+    """A UI template's API twin (UI files are named for people: see build_workflows.card)."""
+    return json.loads(ui_path.read_text())["extra"]["hairdiff"]["api"]
+
+
+def _ui(name: str) -> Path:
+    (path,) = [p for p in UI_FILES if _api_name(p) == name]
+    return path
+
+
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 REQUIRED = {
     "hairdiff_basic",
@@ -62,8 +74,19 @@ def specs(comfy):
 
 
 def test_the_required_workflows_exist_in_both_formats():
-    assert {p.stem for p in UI_FILES} >= REQUIRED
-    assert {p.stem for p in UI_FILES} == {p.stem for p in API_FILES}
+    assert {_api_name(p) for p in UI_FILES} >= REQUIRED
+    assert {_api_name(p) for p in UI_FILES} == {p.stem for p in API_FILES}
+
+
+def test_template_cards_have_human_titles():
+    """ComfyUI's template browser titles a pack's templates by file name: the UI files carry the
+    template's title, the API twins keep their script-friendly names."""
+    b = _builder()
+    for p in UI_FILES:
+        name = _api_name(p)
+        assert p.stem == b.card(name) and p.stem.startswith("HairDiff - ") and "_" not in p.stem
+        assert b.WORKFLOWS[name]["title"].split(":")[0] in p.stem
+        assert not set(p.stem) & set('<>:"/\\|?*+')
 
 
 def test_ui_workflows_sit_where_comfyui_lists_templates():
@@ -124,7 +147,7 @@ def test_ui_workflow_matches_the_schemas_and_its_api_twin(specs, path):
     data = json.loads(path.read_text())
     nodes = {n["id"]: n for n in data["nodes"]}
     links = {l[0]: l for l in data["links"]}
-    api = json.loads((WF / "api" / path.name).read_text())
+    api = json.loads((WF / "api" / f"{_api_name(path)}.json").read_text())
     real = {nid: n for nid, n in nodes.items() if n["type"] not in specs["_ui_only"]}
     assert {str(i): n["type"] for i, n in real.items()} == {k: v["class_type"] for k, v in api.items()}
     assert any(n["type"] == "MarkdownNote" for n in nodes.values()), "each workflow explains itself in a note"
@@ -168,7 +191,7 @@ def test_a_built_in_model_by_default_or_says_which_files(specs):
         models = _models(graph)
         assert len(models) == 1, path.name
         if models[0] not in BUILT_IN:
-            note = next(n for n in json.loads((WF / path.name).read_text())["nodes"] if n["type"] == "MarkdownNote")
+            note = next(n for n in json.loads(_ui(path.stem).read_text())["nodes"] if n["type"] == "MarkdownNote")
             text = note["widgets_values"][0]
             assert "Needs model files" in text
             files = [
@@ -235,7 +258,7 @@ def test_each_template_has_a_thumbnail_a_title_and_a_plain_note(path):
 
 def test_runnable_templates_use_the_one_model_constant_and_the_bundled_samples():
     b = _builder()
-    assert set(b.WORKFLOWS) == {p.stem for p in UI_FILES}  # every template comes from the builder
+    assert set(b.WORKFLOWS) == {_api_name(p) for p in UI_FILES}  # every template comes from the builder
     for name, wf in b.WORKFLOWS.items():
         graph = json.loads((WF / "api" / f"{name}.json").read_text())
         if wf.get("runnable", True):
@@ -262,7 +285,7 @@ def test_every_drawing_template_loads_the_toy_model_with_its_shipped_adapter(com
         (adapter,) = [n for n in graph.values() if n["class_type"] == "HairDiff_ApplyAdapter"]
         assert adapter["inputs"]["adapter"] == native.BUILTIN_TOY_ADAPTER, name
         assert not [n for n in graph.values() if n["class_type"] == "LoraLoader"], name
-        note = next(n for n in json.loads((WF / f"{name}.json").read_text())["nodes"] if n["type"] == "MarkdownNote")
+        note = next(n for n in json.loads(_ui(name).read_text())["nodes"] if n["type"] == "MarkdownNote")
         text = note["widgets_values"][0]
         assert "toy model" in text and "synthetic striped hair" in text and "SD3.5" in text, name
     graph = json.loads((WF / "api" / "hairdiff_colour_prompt_tiny.json").read_text())
