@@ -431,7 +431,43 @@ class HairDiffReferenceAttention(io.ComfyNode):
         WrappersMP = comfy.patcher_extension.WrappersMP
         patched.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, ReferenceSamplerWrapper(settings))
         patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
+        patched.add_wrapper_with_key(WrappersMP.PREPARE_SAMPLING, WRAPPER_KEY, prepare_sampling_wrapper)
         return io.NodeOutput(patched)
+
+
+def cache_bytes(model, noise_shape) -> int:
+    """The reference K/V cache of one run on ``model`` (the core's prediction, from the model's
+    dims read off its weights): every joint layer's image-token K and V."""
+    import types
+
+    from ..hairdiff_core.reference import predicted_cache_bytes
+    from .native_nodes import model_signature
+
+    _family, dims = model_signature(model)
+    shape = types.SimpleNamespace(config=types.SimpleNamespace(**dims))
+    return predicted_cache_bytes(shape, tuple(noise_shape[-2:]), batch=int(noise_shape[0]), dtype=model.model_dtype())
+
+
+def prepare_sampling_wrapper(executor, model, noise_shape, conds, model_options=None, force_full_load=False):
+    """PREPARE_SAMPLING wrapper: the cache counts where ComfyUI estimates a model's memory
+    (``BaseModel.memory_required``, which ``load_models_gpu`` frees room for), for this call only.
+    The base model object is shared by every clone, so the estimate is put back in ``finally``."""
+    inner = model.model
+    extra = cache_bytes(model, noise_shape)
+    own = inner.__dict__.get("memory_required")
+    estimate = type(inner).memory_required.__get__(inner) if own is None else own
+
+    def memory_required(input_shape, cond_shapes=None):
+        return estimate(input_shape, cond_shapes=cond_shapes or {}) + extra
+
+    inner.memory_required = memory_required
+    try:
+        return executor(model, noise_shape, conds, model_options=model_options, force_full_load=force_full_load)
+    finally:
+        if own is None:
+            del inner.memory_required
+        else:
+            inner.memory_required = own
 
 
 REFERENCE_NODES: list[type[io.ComfyNode]] = [HairDiffReferenceAttention]

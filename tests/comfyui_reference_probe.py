@@ -224,6 +224,24 @@ def main() -> dict:
     out["euler_reference_changes_output"] = (eul_ref - eul_plain).abs().max().item()
     out["euler_finite"] = bool(torch.isfinite(eul_ref).all())
     out["no_state_after_euler"] = _no_state(once_model)
+
+    # The cache counts in ComfyUI's memory estimate while the patched model prepares to sample.
+    from hairdiff.nodes.native_reference import cache_bytes, prepare_sampling_wrapper
+
+    shape = tuple(latent["samples"].shape)
+    plain_estimate = once_model.model.memory_required(shape)
+    seen = {}
+
+    def executor(model, noise_shape, conds, model_options=None, force_full_load=False):
+        seen["estimate"] = model.model.memory_required(noise_shape)
+        return "prepared"
+
+    assert prepare_sampling_wrapper(executor, once_model, shape, {}) == "prepared"
+    out["estimate_extra"] = seen["estimate"] - plain_estimate
+    out["cache_bytes"] = cache_bytes(once_model, shape)
+    out["estimate_restored"] = once_model.model.memory_required(shape) == plain_estimate and (
+        "memory_required" not in once_model.model.__dict__
+    )
     return out
 
 

@@ -77,3 +77,8 @@ def test_no_reference_state_after_a_run_and_after_cancel(probe):
 def test_comfyui_euler_with_the_soft_noise_mask_uses_the_reference(probe):
     assert probe["euler_finite"] and probe["euler_reference_changes_output"] > 1e-2
     assert probe["no_state_after_euler"]
+
+
+def test_the_cache_counts_in_comfyuis_memory_estimate_while_sampling_only(probe):
+    assert probe["cache_bytes"] > 0 and probe["estimate_extra"] == probe["cache_bytes"]
+    assert probe["estimate_restored"]
