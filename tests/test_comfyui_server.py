@@ -228,6 +228,32 @@ def test_template_runs_as_shipped(server, name, tmp_path):
         _assert_face_kept(saved[0])
 
 
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_template_runs_again_with_another_photo_uploaded(server, name, tmp_path):
+    """Uploaded pictures in place of the shipped ones (as comfy-run and an artist do): another photo
+    (the samples mirrored and cropped to another size, with their sketch, matte and protect picture
+    made the same way) gives a picture of that photo's size, redrawn, the rest the photo's."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from hairdiff_cli import comfy_client as C
+
+    client = C.ComfyClient(server["url"])
+    graph = C.load_workflow(ROOT / "workflows" / "api" / f"{name}.json")
+    uploaded = {}
+    for role in C.role_nodes(graph):
+        with Image.open(ASSETS / f"sample_{'face_' if role == 'protect' else ''}{role}.png") as im:
+            other = ImageOps.mirror(im).crop((0, 20, im.width, im.height))  # 300x352: another size
+            other.save(tmp_path / f"other_{role}.png")
+        uploaded[role] = client.upload_image(tmp_path / f"other_{role}.png")
+    saved = _submit(server, C.prepare_graph(graph, uploaded, ["HairDiff Scheduler.steps=2"]), tmp_path / "out")
+    with Image.open(saved[0]) as im, Image.open(tmp_path / "other_photo.png") as photo:
+        got, src = np.asarray(im.convert("RGB")).astype(int), np.asarray(photo.convert("RGB")).astype(int)
+    assert got.shape == src.shape
+    changed = np.abs(got - src).max(-1) > 0
+    assert 0.01 < changed.mean() < 0.95, changed.mean()  # hair redrawn, not the whole picture
+
+
 def _assert_face_kept(path: Path) -> None:
     """The shipped Protect picture's transparent face (Load Image's MASK = 1 - alpha, straight into Hair
     Matte's exclude) is the photo's in the saved picture, but for the sampler's feathered seam: measured
