@@ -132,6 +132,29 @@ def _open(path, max_megapixels: float | None):
             Image.MAX_IMAGE_PIXELS = old
 
 
+#: EXIF orientations that turn the stored picture by 90 degrees (width and height swap on display).
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def image_size(path, what: str = "image", max_megapixels: float | None = DEFAULTS.max_megapixels) -> tuple[int, int]:
+    """The (width, height) ``load_image`` would return, read from the header only (EXIF rotation
+    applied), so sizes can be checked before any image is decoded. Refuses what ``load_image``
+    refuses: a special file, an unreadable file, more than ``max_megapixels``."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = check_input_path(path, what)
+    try:
+        with _open(path, max_megapixels) as im:
+            check_megapixels(im.size, path, max_megapixels)
+            w, h = im.size
+            orientation = im.getexif().get(0x0112)
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"cannot read image {path}: {exc}; downscale it first") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from exc
+    return (h, w) if orientation in _TRANSPOSED_ORIENTATIONS else (w, h)
+
+
 def load_image(path, mode: str | None = None, max_megapixels: float | None = DEFAULTS.max_megapixels) -> torch.Tensor:
     """Load an image file as (1, C, H, W) float in [0, 1] at its real range and orientation.
 

@@ -460,3 +460,22 @@ def test_huge_photos_are_refused_from_the_header(inputs, capsys, side, extra, pa
 def test_encode_prompt_refuses_misleading_outputs_and_models(inputs, capsys, extra, pattern):
     argv = ["encode-prompt", "--prompt", "red hair"] + [x.format(root=inputs) for x in extra]
     _check_refused(argv, pattern, capsys, inputs)
+
+
+@pytest.mark.parametrize("flag", ["--matte", "--sketch", "--exclude"])
+def test_a_wrongly_shaped_sketch_or_matte_is_named_by_its_file(inputs, capsys, flag):
+    """Not "the mask 1": the flag, the file and the photo's size, read from the headers."""
+    from PIL import Image
+
+    i = inputs / "in"
+    wide = inputs / "wide.png"
+    Image.new("L", (100, 50), 255).save(wide)
+    argv = ["generate", "--tiny", "--image", str(i / "photo.png"), "--sketch", str(i / "sketch.png")]
+    argv += ["--matte", str(i / "matte.png"), "--out", str(inputs / "out" / "r.png")]
+    if flag == "--exclude":
+        argv += [flag, str(wide)]
+    else:
+        argv[argv.index(flag) + 1] = str(wide)
+    noun = {"--exclude": "exclusion mask"}.get(flag, flag[2:])
+    pattern = rf"the {noun} .*wide\.png \({flag}\) is 100x50 but the photo .*photo\.png is 300x372: .*canvas of 300x372"
+    _check_refused(argv, pattern, capsys, inputs)
