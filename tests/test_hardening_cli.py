@@ -479,3 +479,39 @@ def test_a_wrongly_shaped_sketch_or_matte_is_named_by_its_file(inputs, capsys, f
     noun = {"--exclude": "exclusion mask"}.get(flag, flag[2:])
     pattern = rf"the {noun} .*wide\.png \({flag}\) is 100x50 but the photo .*photo\.png is 300x372: .*canvas of 300x372"
     _check_refused(argv, pattern, capsys, inputs)
+
+
+ADAPTER_HEADER_CASES = [
+    (("in_channels",), "32", r"'in_channels' is a string \('32'\), expected an integer"),
+    (("lora", "rank"), "16", r"'lora.rank' is a string \('16'\), expected an integer"),
+    (("lora", "alpha"), None, r"'lora.alpha' is null, expected a number"),
+    (("lora", "targets"), "to_q", r"'lora.targets' is a string \('to_q'\), expected a list of strings"),
+    (("base", "dims", "num_layers"), 4.5, r"'base.dims.num_layers' is a number \(4.5\), expected an integer"),
+    (("base", "dims"), [], r"'base.dims' is a list \(\[\]\), expected an object"),
+    (("format_version",), "1", r"'format_version' is a string \('1'\), expected an integer"),
+]
+
+
+@pytest.mark.parametrize(
+    "where,value,pattern", ADAPTER_HEADER_CASES, ids=[".".join(c[0]) for c in ADAPTER_HEADER_CASES]
+)
+def test_a_wrongly_typed_adapter_field_is_named_with_its_type(inputs, capsys, where, value, pattern):
+    """A field of the wrong type is not "missing": the message names it, its type and the one expected."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from hairdiff_core.toy import adapter_path
+
+    with safe_open(str(adapter_path()), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(header["hairdiff"])
+    node = meta
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    bad = inputs / "typed.safetensors"
+    save_file(tensors, str(bad), metadata={**header, "hairdiff": json.dumps(meta)})
+    i = inputs / "in"
+    argv = ["generate", "--toy", "--adapter", str(bad), "--image", str(i / "photo.png"), "--sketch"]
+    argv += [str(i / "sketch.png"), "--matte", str(i / "matte.png"), "--out", str(inputs / "out" / "r.png")]
+    _check_refused(argv, rf"typed\.safetensors: header field {pattern}; .*re-export", capsys, inputs)
