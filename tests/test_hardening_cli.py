@@ -71,6 +71,7 @@ def _check_refused(argv, pattern, capsys, root: Path):
     assert _digest(root / "in") == before  # inputs untouched
     assert list((root / "out").iterdir()) == []  # nothing written, no temp file left
     assert not (root / "new_out").exists()
+    return lines[0]
 
 
 BIG = str(2**64)
@@ -515,3 +516,73 @@ def test_a_wrongly_typed_adapter_field_is_named_with_its_type(inputs, capsys, wh
     argv = ["generate", "--toy", "--adapter", str(bad), "--image", str(i / "photo.png"), "--sketch"]
     argv += [str(i / "sketch.png"), "--matte", str(i / "matte.png"), "--out", str(inputs / "out" / "r.png")]
     _check_refused(argv, rf"typed\.safetensors: header field {pattern}; .*re-export", capsys, inputs)
+
+
+SERVER_CASES = [
+    ("http://127.0.0.1:99999", r"the port must be 1 to 65535, got 99999"),
+    ("127.0.0.1:0", r"the port must be 1 to 65535, got 0"),
+    ("localhost:abc", r"the port 'abc' is not a number"),
+    ("http://127.0.0.1 :8188", r"contains a space"),
+    ("ftp://127.0.0.1:8188", r"http:// or https://, not ftp://"),
+    ("http://", r"has no host name"),
+    ("http://[::1", r"is not a valid address \(Invalid IPv6 URL\)"),
+    ("", r"--server is empty"),
+]
+
+
+@pytest.mark.parametrize("server,pattern", SERVER_CASES, ids=[c[0] or "empty" for c in SERVER_CASES])
+def test_comfy_run_refuses_a_bad_server_address_before_any_work(inputs, capsys, monkeypatch, server, pattern):
+    """The address itself is the mistake: no traceback, no "start ComfyUI" advice, no connection tried."""
+    import socket
+    import urllib.request
+
+    from hairdiff_cli import comfy_client
+
+    def no_network(*a, **k):
+        raise AssertionError("a connection was tried with a bad --server")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(comfy_client, "load_workflow", lambda *a: pytest.fail("the workflow was read first"))
+    i = inputs / "in"
+    argv = ["comfy-run", "--server", server, "--workflow", str(inputs / "a_file"), "--image", str(i / "photo.png")]
+    argv += ["--sketch", str(i / "sketch.png"), "--matte", str(i / "matte.png"), "--out", str(inputs / "new_out")]
+    line = _check_refused(argv, pattern, capsys, inputs)
+    assert "--server" in line and "start it" not in line
+
+
+def test_a_refused_connection_keeps_the_start_comfyui_advice():
+    import socket
+
+    from hairdiff_cli.comfy_client import ComfyClient, ComfyServerError
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(ComfyServerError, match=rf"cannot reach ComfyUI .*start it there .*--port {port}"):
+        ComfyClient(f"127.0.0.1:{port}", timeout=5).history("x")
+
+
+@pytest.mark.parametrize("given", [[], ["--image"], ["--image", "--sketch"]])
+def test_comfy_run_names_the_real_flags_of_missing_images(inputs, capsys, given):
+    """The photo's flag is --image (as in generate), not --photo."""
+    import argparse
+
+    from hairdiff_cli import comfy_client
+
+    parser = argparse.ArgumentParser()
+    comfy_client.add_arguments(parser)
+    flags = {s for a in parser._actions for s in a.option_strings}
+    i = inputs / "in"
+    files = {"--image": i / "photo.png", "--sketch": i / "sketch.png"}
+    workflow = Path(__file__).resolve().parent.parent / "workflows" / "api" / "hairdiff_basic.json"
+    argv = ["comfy-run", "--workflow", str(workflow), "--out", str(inputs / "new_out")]
+    for flag in given:
+        argv += [flag, str(files[flag])]
+    rc, lines = _run(argv, capsys)
+    assert rc == 2 and len(lines) == 1, lines
+    named = re.findall(r"(--[a-z]+) FILE", lines[0])
+    assert named and set(named) <= flags and "--photo" not in lines[0], lines[0]
+    assert set(named) == {"--image", "--sketch", "--matte"} - set(given)
+    assert not (inputs / "new_out").exists()
