@@ -586,3 +586,33 @@ def test_comfy_run_names_the_real_flags_of_missing_images(inputs, capsys, given)
     assert named and set(named) <= flags and "--photo" not in lines[0], lines[0]
     assert set(named) == {"--image", "--sketch", "--matte"} - set(given)
     assert not (inputs / "new_out").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("out", ["/proc/hairdiff_x", "/proc/hairdiff_x/deeper", "/proc"])
+@pytest.mark.parametrize("command", ["demo", "generate"])
+def test_an_output_folder_that_takes_no_files_is_refused_before_any_work(inputs, capsys, monkeypatch, out, command):
+    """/proc answers os.access "writable" (for root always), yet creates nothing: the output is
+    tried (an empty folder made and removed) before the demo runs, not after."""
+    from hairdiff_cli.commands import demo
+
+    monkeypatch.setattr(demo, "run_toy", lambda args: pytest.fail("the demo ran before its output was checked"))
+    i = inputs / "in"
+    if command == "demo":
+        argv = ["demo", "--out", out]
+    else:
+        argv = ["generate", "--tiny", "--image", str(i / "photo.png"), "--sketch", str(i / "sketch.png")]
+        argv += ["--matte", str(i / "matte.png"), "--out", out + "/r.png"]
+    # Non-root users get os.access's answer first; root gets the probe's.
+    pattern = r"output .*/proc.*(/proc does not take new files .*choose another folder|is not writable)"
+    _check_refused(argv, pattern, capsys, inputs)
+    assert not Path("/proc/hairdiff_x").exists()
+
+
+def test_the_output_probe_leaves_nothing_behind(tmp_path):
+    from hairdiff_core.fileio import check_writable_file, check_writable_folder
+
+    check_writable_folder(tmp_path, "output")
+    check_writable_folder(tmp_path / "new" / "deeper", "output")
+    check_writable_file(tmp_path / "new" / "r.png", "output")
+    assert list(tmp_path.iterdir()) == []
