@@ -269,13 +269,25 @@ def save_pil(pil, path, **options) -> Path:
     """Save a PIL image (e.g. a contact sheet) atomically; the suffix picks the format."""
     path = Path(path)
     fmt, defaults = image_format(path)
+    if fmt == "PNG" and pil.info.get("title") and "pnginfo" not in options:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("Title", str(pil.info["title"]))
+        options = {**options, "pnginfo": info}
     with atomic_write(path) as tmp:
         pil.save(tmp, format=fmt, **{**defaults, **options})
     return path
 
 
-def contact_sheet(images: list[torch.Tensor], labels: list[str] | None = None, height: int = 256):
-    """One row of images (each (1, C, H, W) in [0, 1]) scaled to ``height``, labelled; a PIL image."""
+def contact_sheet(
+    images: list[torch.Tensor], labels: list[str] | None = None, height: int = 256, title: str | None = None
+):
+    """One row of images (each (1, C, H, W) in [0, 1]) scaled to ``height``, labelled; a PIL image.
+
+    ``title``: one line above the row (e.g. what a built-in model is), kept in the PNG's text too
+    (``sheet.info["title"]``, saved by ``save_pil``) so a reader of the file can tell.
+    """
     from PIL import Image, ImageDraw
 
     tiles = []
@@ -284,12 +296,20 @@ def contact_sheet(images: list[torch.Tensor], labels: list[str] | None = None, h
         w = max(1, round(pil.width * height / pil.height))
         tiles.append(pil.resize((w, height), Image.BILINEAR))
     label_h = 18 if labels else 0
-    sheet = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) + 1), height + label_h + 8), (24, 24, 24))
+    title_h = 18 if title else 0
+    width = sum(t.width for t in tiles) + 4 * (len(tiles) + 1)
+    if title:
+        # The default bitmap font is about 6 px a character: the row is widened to fit the line.
+        width = max(width, 8 + 6 * len(title))
+    sheet = Image.new("RGB", (width, height + label_h + title_h + 8), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((6, 3), title, fill=(255, 210, 90))
+        sheet.info["title"] = title
     x = 4
     for i, tile in enumerate(tiles):
-        sheet.paste(tile, (x, 4 + label_h))
+        sheet.paste(tile, (x, 4 + label_h + title_h))
         if labels:
-            draw.text((x + 2, 3), labels[i], fill=(230, 230, 230))
+            draw.text((x + 2, 3 + title_h), labels[i], fill=(230, 230, 230))
         x += tile.width + 4
     return sheet
