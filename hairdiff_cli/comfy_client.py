@@ -511,8 +511,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: A week: a larger or non-finite --timeout is a typo (nan would wait for nothing at all).
+TIMEOUT_BOUND_S = 7 * 24 * 3600.0
+
+
 def run(args: argparse.Namespace) -> int:
+    from hairdiff_core.checks import Bound, check_number
+
     check_server_url(args.server)
+    check_number(args.timeout, Bound("--timeout", lo=0.0, lo_open=True, hi=TIMEOUT_BOUND_S, hint="seconds"), "timeout")
     graph = load_workflow(args.workflow)
     files = {role: getattr(args, ROLE_FLAGS[role][2:]) for role in ROLES}
     files = {role: path for role, path in files.items() if path}

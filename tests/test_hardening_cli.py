@@ -551,6 +551,12 @@ def test_comfy_run_refuses_a_bad_server_address_before_any_work(inputs, capsys, 
     assert "--server" in line and "start it" not in line
 
 
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "1e12"])
+def test_comfy_run_refuses_a_bad_timeout_before_any_work(inputs, capsys, value):
+    argv = ["comfy-run", "--timeout", value, "--workflow", str(inputs / "a_file"), "--out", str(inputs / "new_out")]
+    _check_refused(argv, r"--timeout must be a number above 0 up to 604800, got ", capsys, inputs)
+
+
 def test_a_refused_connection_keeps_the_start_comfyui_advice():
     import socket
 
