@@ -17,6 +17,7 @@ import json
 import logging
 import mimetypes
 import os
+import re
 import socket
 import struct
 import tempfile
@@ -171,11 +172,49 @@ def format_validation_error(body: dict[str, Any], graph: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+#: The command-line flag of each role's picture (the photo's is --image, as in ``generate``).
+ROLE_FLAGS = {"photo": "--image", "sketch": "--sketch", "matte": "--matte", "protect": "--protect"}
+
+
+def check_server_url(server: str) -> str:
+    """``--server`` as a base URL (``http://`` added to a bare ``host:port``), or ``InputError``
+    naming what is wrong with it: checked up front, because urllib answers a port over 65535
+    or a space with a traceback and an ``ftp://`` with "connection refused", which read as
+    "start ComfyUI" when the address itself is the mistake."""
+    example = "e.g. --server http://127.0.0.1:8188"
+    text = str(server)
+    if not text.strip():
+        raise InputError(f"--server is empty; give ComfyUI's address, {example}", input="server")
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise InputError(f"--server {text!r} contains a space or control character; {example}", input="server")
+    if "://" not in text:
+        text = "http://" + text
+    try:
+        url = urllib.parse.urlsplit(text.rstrip("/"))
+    except ValueError as exc:
+        raise InputError(f"--server {server!r} is not a valid address ({exc}); {example}", input="server") from None
+    # urllib's own port check says "0-65535" and names no value; the raw digits are read here.
+    raw_port = re.search(r":([^:\]]*)$", url.netloc.rpartition("@")[2])
+    port = raw_port.group(1) if raw_port else None
+    if port is not None and not port.isdigit():
+        raise InputError(f"--server {server!r}: the port {port!r} is not a number; {example}", input="server")
+    if url.scheme.lower() not in ("http", "https"):
+        raise InputError(
+            f"--server {server!r}: ComfyUI's API is served over http:// or https://, not {url.scheme}://; {example}",
+            input="server",
+        )
+    if not url.hostname:
+        raise InputError(f"--server {server!r} has no host name; {example}", input="server")
+    if port is not None and not 1 <= int(port) <= 65535:
+        raise InputError(f"--server {server!r}: the port must be 1 to 65535, got {port}; {example}", input="server")
+    if url.query or url.fragment:
+        raise InputError(f"--server {server!r}: give the address alone, without ?query or #fragment", input="server")
+    return urllib.parse.urlunsplit((url.scheme.lower(), url.netloc, url.path, "", ""))
+
+
 class ComfyClient:
     def __init__(self, server: str, timeout: float = 60.0):
-        self.server = server.rstrip("/")
-        if not urllib.parse.urlparse(self.server).scheme:
-            self.server = "http://" + self.server
+        self.server = check_server_url(server)
         self.timeout = timeout
         self.client_id = uuid.uuid4().hex
 
@@ -368,13 +407,14 @@ def prepare_graph(graph: dict[str, Any], uploaded: dict[str, str], sets: list[st
     for role, name in uploaded.items():
         if role not in roles:
             raise InputError(
-                f"--{role} was given but the workflow has no Load Image node titled '{role.title()}'; "
+                f"{ROLE_FLAGS[role]} was given but the workflow has no Load Image node titled '{role.title()}'; "
                 f"titled ones: {sorted(roles) or 'none'}"
             )
         graph[roles[role]]["inputs"]["image"] = name
     missing = [r for r in roles if r not in uploaded and r not in OPTIONAL_ROLES]
     if missing:
-        raise InputError(f"the workflow loads the {', '.join(missing)} from Load Image; pass --{' --'.join(missing)}")
+        flags = " ".join(f"{ROLE_FLAGS[r]} FILE" for r in missing)
+        raise InputError(f"the workflow loads the {', '.join(missing)} from Load Image nodes; pass {flags}")
     return apply_sets(graph, sets)
 
 
@@ -471,9 +511,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: A week: a larger or non-finite --timeout is a typo (nan would wait for nothing at all).
+TIMEOUT_BOUND_S = 7 * 24 * 3600.0
+
+
 def run(args: argparse.Namespace) -> int:
+    from hairdiff_core.checks import Bound, check_number
+
+    check_server_url(args.server)
+    check_number(args.timeout, Bound("--timeout", lo=0.0, lo_open=True, hi=TIMEOUT_BOUND_S, hint="seconds"), "timeout")
     graph = load_workflow(args.workflow)
-    files = {role: getattr(args, "image" if role == "photo" else role) for role in ROLES}
+    files = {role: getattr(args, ROLE_FLAGS[role][2:]) for role in ROLES}
     files = {role: path for role, path in files.items() if path}
     for path in files.values():
         if not Path(path).is_file():

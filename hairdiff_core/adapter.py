@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from .checks import header_field, json_kind
 from .errors import AdapterFileError, AdapterMismatchError, ChannelCountError, HairDiffError, InputError
 from .loading import ARCH_KEYS
 from .lora import (
@@ -266,32 +267,35 @@ def _parse_header(header: Mapping[str, str], keys: list[str], path: Path) -> dic
         ) from exc
     if not isinstance(meta, dict):
         raise AdapterFileError(f"{path.name}: the HairDiff header is not a JSON object; the file is damaged.")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version < 1:
+    fix = "the header was edited or written by another tool; re-export the adapter with save_adapter"
+
+    def field(obj, key, expected, prefix="", required=True):
+        return header_field(obj, key, expected, path.name, AdapterFileError, fix, prefix, required)
+
+    version = field(meta, "format_version", "an integer")
+    if version < 1:
         raise AdapterFileError(f"{path.name}: HairDiff header has no valid format_version ({version!r}).")
     if version > FORMAT_VERSION:
         raise AdapterFileError(
             f"{path.name} uses adapter format {version}; this HairDiff reads up to format {FORMAT_VERSION}. "
             f"Update HairDiff."
         )
-    base = meta.get("base")
-    if (
-        not isinstance(base, dict)
-        or not isinstance(base.get("dims"), dict)
-        or not isinstance(meta.get("in_channels"), int)
-    ):
-        raise AdapterFileError(
-            f"{path.name}: HairDiff header lacks 'base.dims' or 'in_channels'; "
-            f"the file is damaged or was not written by save_adapter."
-        )
+    field(meta, "in_channels", "an integer")
+    base = field(meta, "base", "an object")
+    dims = field(base, "dims", "an object", "base.")
+    for key in SIGNATURE_KEYS:
+        kind = {"dual_attention_layers": "a list of integers", "qk_norm": "a string"}.get(key, "an integer")
+        # Absent keys are the mismatch check's to report (it names both models' dims); a null
+        # qk_norm is a model without q/k norm.
+        if not (key == "qk_norm" and dims.get(key) is None):
+            field(dims, key, kind, "base.dims.", required=False)
     lora = meta.get("lora")
-    if lora is not None and not (
-        isinstance(lora, dict)
-        and isinstance(lora.get("rank"), int)
-        and isinstance(lora.get("alpha"), (int, float))
-        and isinstance(lora.get("targets"), list)
-    ):
-        raise AdapterFileError(f"{path.name}: HairDiff header 'lora' entry is malformed: {lora!r}")
+    if lora is not None:
+        if not isinstance(lora, dict):
+            raise AdapterFileError(f"{path.name}: header field 'lora' is {json_kind(lora)}, expected an object; {fix}")
+        field(lora, "rank", "an integer", "lora.")
+        field(lora, "alpha", "a number", "lora.")
+        field(lora, "targets", "a list of strings", "lora.")
     return meta
 
 

@@ -11,6 +11,7 @@ run; ``parse_dtype`` is the one dtype-name map; ``check_device`` the one device 
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from dataclasses import dataclass
@@ -191,3 +192,61 @@ def check_device(device: Any, input: str = "device"):
     elif dev.type != "cpu":
         raise SettingsError(f"device {device!r}: HairDiff runs on cpu, cuda or mps", input=input)
     return dev
+
+
+# -- typed fields of file headers -------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: What a header field may be -> its test. JSON has no int/float distinction of its own, so a
+#: "2.0" written by another tool is not an integer either: shapes are built from these.
+HEADER_KINDS = {
+    "an integer": _is_int,
+    "a number": lambda v: _is_int(v) or (isinstance(v, float) and math.isfinite(v)),
+    "true or false": lambda v: isinstance(v, bool),
+    "a string": lambda v: isinstance(v, str),
+    "an object": lambda v: isinstance(v, dict),
+    "a list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "a list of integers": lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
+}
+
+
+def json_kind(value: Any) -> str:
+    """How a message names a header value's JSON type: "a string ('32')", "null"..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (true/false)"
+    if isinstance(value, str):
+        return f"a string ({value[:40]!r})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, list):
+        return f"a list ({json.dumps(value)[:40]})"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def header_field(
+    header: Any,
+    key: str,
+    expected: str,
+    source: str,
+    error: type[Exception],
+    fix: str,
+    prefix: str = "",
+    required: bool = True,
+) -> Any:
+    """``header[key]`` when it is of the ``expected`` kind (a key of ``HEADER_KINDS``); else
+    ``error`` naming the file, the field, what it is and what it should be: a field of the wrong
+    type is not reported as missing. A missing optional field is None."""
+    if key not in header:
+        if not required:
+            return None
+        raise error(f"{source}: header field '{prefix}{key}' is missing ({expected}); {fix}")
+    value = header[key]
+    if not HEADER_KINDS[expected](value):
+        raise error(f"{source}: header field '{prefix}{key}' is {json_kind(value)}, expected {expected}; {fix}")
+    return value

@@ -208,12 +208,13 @@ def check_writable_folder(path: str | os.PathLike, what: str = "output") -> Path
     if p.is_dir():
         if not os.access(p, os.W_OK | os.X_OK):
             raise OutputPathError(f"the {what} folder {p} is not writable; choose another folder", input=what)
+        _probe(p, p, what, "folder ")
         return p
-    _check_parent(p, what)
+    _check_parent(p, what, "folder ")
     return p
 
 
-def _check_parent(p: Path, what: str) -> None:
+def _check_parent(p: Path, what: str, kind: str = "") -> None:
     parent = p.parent
     # The nearest existing ancestor decides: missing folders in between are created later.
     while not parent.exists() and parent != parent.parent:
@@ -222,6 +223,24 @@ def _check_parent(p: Path, what: str) -> None:
         raise OutputPathError(f"cannot write the {what} {p}: {parent} is a file, not a folder", input=what)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputPathError(f"cannot write the {what} {p}: the folder {parent} is not writable", input=what)
+    _probe(parent, p, what, kind)
+
+
+def _probe(folder: Path, target: Path, what: str, kind: str = "") -> None:
+    """Create and remove an empty folder in ``folder``: the only test that holds for root (whom
+    ``os.access`` always answers yes) and for /proc, /sys or a FUSE mount that refuses new
+    entries, so such an output fails before the work rather than after it."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".hairdiff-probe-", dir=folder))
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(target, what=what) from None
+        reason = exc.strerror or str(exc)
+        raise OutputPathError(
+            f"cannot write the {what} {kind}{target}: {folder} does not take new files ({reason}); "
+            f"choose another folder",
+            input=what,
+        ) from None
 
 
 #: errno values that mean "the disk or the quota is full".

@@ -132,6 +132,29 @@ def _open(path, max_megapixels: float | None):
             Image.MAX_IMAGE_PIXELS = old
 
 
+#: EXIF orientations that turn the stored picture by 90 degrees (width and height swap on display).
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def image_size(path, what: str = "image", max_megapixels: float | None = DEFAULTS.max_megapixels) -> tuple[int, int]:
+    """The (width, height) ``load_image`` would return, read from the header only (EXIF rotation
+    applied), so sizes can be checked before any image is decoded. Refuses what ``load_image``
+    refuses: a special file, an unreadable file, more than ``max_megapixels``."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = check_input_path(path, what)
+    try:
+        with _open(path, max_megapixels) as im:
+            check_megapixels(im.size, path, max_megapixels)
+            w, h = im.size
+            orientation = im.getexif().get(0x0112)
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"cannot read image {path}: {exc}; downscale it first") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from exc
+    return (h, w) if orientation in _TRANSPOSED_ORIENTATIONS else (w, h)
+
+
 def load_image(path, mode: str | None = None, max_megapixels: float | None = DEFAULTS.max_megapixels) -> torch.Tensor:
     """Load an image file as (1, C, H, W) float in [0, 1] at its real range and orientation.
 
@@ -246,13 +269,25 @@ def save_pil(pil, path, **options) -> Path:
     """Save a PIL image (e.g. a contact sheet) atomically; the suffix picks the format."""
     path = Path(path)
     fmt, defaults = image_format(path)
+    if fmt == "PNG" and pil.info.get("title") and "pnginfo" not in options:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("Title", str(pil.info["title"]))
+        options = {**options, "pnginfo": info}
     with atomic_write(path) as tmp:
         pil.save(tmp, format=fmt, **{**defaults, **options})
     return path
 
 
-def contact_sheet(images: list[torch.Tensor], labels: list[str] | None = None, height: int = 256):
-    """One row of images (each (1, C, H, W) in [0, 1]) scaled to ``height``, labelled; a PIL image."""
+def contact_sheet(
+    images: list[torch.Tensor], labels: list[str] | None = None, height: int = 256, title: str | None = None
+):
+    """One row of images (each (1, C, H, W) in [0, 1]) scaled to ``height``, labelled; a PIL image.
+
+    ``title``: one line above the row (e.g. what a built-in model is), kept in the PNG's text too
+    (``sheet.info["title"]``, saved by ``save_pil``) so a reader of the file can tell.
+    """
     from PIL import Image, ImageDraw
 
     tiles = []
@@ -261,12 +296,20 @@ def contact_sheet(images: list[torch.Tensor], labels: list[str] | None = None, h
         w = max(1, round(pil.width * height / pil.height))
         tiles.append(pil.resize((w, height), Image.BILINEAR))
     label_h = 18 if labels else 0
-    sheet = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) + 1), height + label_h + 8), (24, 24, 24))
+    title_h = 18 if title else 0
+    width = sum(t.width for t in tiles) + 4 * (len(tiles) + 1)
+    if title:
+        # The default bitmap font is about 6 px a character: the row is widened to fit the line.
+        width = max(width, 8 + 6 * len(title))
+    sheet = Image.new("RGB", (width, height + label_h + title_h + 8), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((6, 3), title, fill=(255, 210, 90))
+        sheet.info["title"] = title
     x = 4
     for i, tile in enumerate(tiles):
-        sheet.paste(tile, (x, 4 + label_h))
+        sheet.paste(tile, (x, 4 + label_h + title_h))
         if labels:
-            draw.text((x + 2, 3), labels[i], fill=(230, 230, 230))
+            draw.text((x + 2, 3 + title_h), labels[i], fill=(230, 230, 230))
         x += tile.width + 4
     return sheet

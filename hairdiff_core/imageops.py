@@ -138,6 +138,31 @@ def _blur_axis(x: torch.Tensor, k: list[float], radius: int, axis: int) -> torch
 ASPECT_TOLERANCE = 0.01
 
 
+def check_same_aspect(
+    size: tuple[int, int],
+    ref_size: tuple[int, int],
+    what: str,
+    ref: str = "photo",
+    input: str | None = None,
+    noun: str | None = None,
+) -> None:
+    """Refuse ``size`` = (w, h) unless its aspect ratio is ``ref_size``'s within 1%.
+
+    The one wording of the refusal, on tensors (``resize_same_aspect``) and on files' headers
+    (the CLI names the files, before any is decoded). ``what``/``ref`` name the two sides,
+    ``noun`` what to redraw (default ``what``).
+    """
+    w, h = size
+    W, H = ref_size
+    if abs((w / h) / (W / H) - 1.0) > ASPECT_TOLERANCE:
+        raise InputError(
+            f"the {what} is {w}x{h} but the {ref} is {W}x{H}: different aspect ratios "
+            f"({w / h:.3f} vs {W / H:.3f}); draw the {noun or what} on a canvas of {W}x{H} (or any size of "
+            f"that aspect ratio)",
+            input=input or what.split()[0],
+        )
+
+
 def resize_same_aspect(
     x: torch.Tensor, size: tuple[int, int], what: str, ref: str = "photo", mode: str = "bilinear"
 ) -> torch.Tensor:
@@ -157,12 +182,7 @@ def resize_same_aspect(
     H, W = size
     if (h, w) == (H, W):
         return x
-    if abs((w / h) / (W / H) - 1.0) > ASPECT_TOLERANCE:
-        raise InputError(
-            f"the {what} is {w}x{h} but the {ref} is {W}x{H}: different aspect ratios "
-            f"({w / h:.3f} vs {W / H:.3f}); draw the {what} on a canvas of the {ref}'s size",
-            input=what.split()[0],
-        )
+    check_same_aspect((w, h), (W, H), what, ref, input=what.split()[0])
     if mode == "nearest":
         return F.interpolate(x.float(), size=(H, W), mode="nearest")
     return F.interpolate(x.float(), size=(H, W), mode="bilinear", align_corners=False, antialias=True)

@@ -552,7 +552,18 @@ def read_safetensors(
     return tensors, header
 
 
-def _parse_lora_header(header: Mapping[str, str], prefix: str) -> dict[str, Any]:
+#: Fields of diffusers' LoRA header that loading reads, and what each must be.
+_LORA_HEADER_FIELDS = {
+    "r": "an integer",
+    "lora_alpha": "a number",
+    "alpha_pattern": "an object",
+    "use_rslora": "true or false",
+}
+
+
+def _parse_lora_header(header: Mapping[str, str], prefix: str, source: str = "LoRA file") -> dict[str, Any]:
+    from .checks import HEADER_KINDS, header_field
+
     raw = header.get(LORA_METADATA_KEY)
     if not raw:
         return {}
@@ -565,6 +576,15 @@ def _parse_lora_header(header: Mapping[str, str], prefix: str) -> dict[str, Any]
         return {}
     if prefix and any(k.startswith(prefix) for k in data):
         data = {k[len(prefix) :]: v for k, v in data.items() if k.startswith(prefix)}
+    # A rank "16" (a string) would pass int() here and a "sixteen" end in a traceback: the type
+    # is checked, and named, as the adapter header's is.
+    fix = f"its '{LORA_METADATA_KEY}' header entry was edited or written by another tool; re-save the LoRA"
+    for key, expected in _LORA_HEADER_FIELDS.items():
+        if data.get(key) is not None:
+            header_field(data, key, expected, source, AdapterFileError, fix, f"{LORA_METADATA_KEY}.")
+    for pattern, value in (data.get("alpha_pattern") or {}).items():
+        if not HEADER_KINDS["a number"](value):
+            header_field({pattern: value}, pattern, "a number", source, AdapterFileError, fix, "alpha_pattern.")
     return data
 
 
@@ -622,7 +642,7 @@ def load_lora_file(
     if ignored:
         logger.warning("%s: ignoring %d non-LoRA tensor(s), e.g. %s", p.name, len(ignored), ignored[0])
     ranks = _check_module_weights(transformer, modules, p.name)
-    meta = _parse_lora_header(header, LORA_KEY_PREFIX)
+    meta = _parse_lora_header(header, LORA_KEY_PREFIX, p.name)
     rank = int(meta.get("r") or Counter(ranks.values()).most_common(1)[0][0])
     if "lora_alpha" in meta:
         alpha_of = {m: float(meta["lora_alpha"]) for m in ranks}

@@ -259,12 +259,14 @@ def _union(masks, threshold: float, size, what: str):
         return masks
     out = None
     for i, m in enumerate(masks):
-        _check_nchw(m, f"{what} {i + 1}")
+        # "the mask 1" read like a value; a single mask is "the mask", one of several is numbered.
+        name = what if len(masks) == 1 else f"{what} #{i + 1} of {len(masks)}"
+        _check_nchw(m, name)
         b = binarize_matte(m, threshold, require_nonempty=False)
         b = resize_same_aspect(
             b,
             tuple(size or masks[0].shape[-2:]),
-            f"{what} {i + 1}",
+            name,
             "photo" if size else f"first {what}",
             mode="nearest",
         )

@@ -175,6 +175,19 @@ def check_model_files(model=None, vae=None, adapter=None, tiny: bool = False, to
             raise
 
 
+def builtin_model_label(family: str | None) -> str | None:
+    """The one-line description of a built-in model family ("toy", "tiny"); None for real models."""
+    if family == "toy":
+        from .toy import LABEL
+
+        return LABEL
+    if family == "tiny":
+        from .tiny import LABEL
+
+        return LABEL
+    return None
+
+
 def _auto_offload(family: str, transformer, device) -> str:
     """offload="auto" outside ComfyUI: blocks when the model would not fit the free CUDA memory."""
     from .memory import estimate_for
@@ -497,6 +510,10 @@ class HairDiffPipeline:
             offload = _auto_offload(loaded.family, transformer, device)
         pipe = cls(transformer, loaded.vae, device=device, dtype=dtype, offload=offload)
         pipe.family = loaded.family
+        label = builtin_model_label(loaded.family)
+        if label:
+            # A warning, not info: the Python API's default logging shows it too.
+            logger.warning("%s", label)
         from pathlib import Path
 
         from .text_encoders import TextEncoderSource

@@ -16,6 +16,10 @@ import torch
 
 TINY_SEED = 20261122
 
+#: The one line that says what the tiny model is, wherever it is used (run-time log, the demo's
+#: contact sheet): on a real photo it draws noise, which otherwise reads as a broken install.
+LABEL = "built-in TINY model: random weights, a wiring check; the hair it draws is noise (real results need SD3.5 and a trained adapter)"
+
 TINY_TRANSFORMER_CONFIG = {
     "sample_size": 32,
     "patch_size": 2,

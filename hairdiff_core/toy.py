@@ -25,6 +25,13 @@ from .errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
+#: The one line that says what the toy model is, wherever it is used (run-time log, the demo's
+#: contact sheet): on a real photo it gives a striped smudge, which otherwise reads as a failure.
+LABEL = (
+    "built-in TOY model: trained on synthetic portraits only, it draws synthetic striped hair, not real hair "
+    "(real results need SD3.5 and a trained adapter)"
+)
+
 TOY_TRANSFORMER_CONFIG = {
     "sample_size": 16,
     "patch_size": 2,

@@ -71,6 +71,7 @@ def _check_refused(argv, pattern, capsys, root: Path):
     assert _digest(root / "in") == before  # inputs untouched
     assert list((root / "out").iterdir()) == []  # nothing written, no temp file left
     assert not (root / "new_out").exists()
+    return lines[0]
 
 
 BIG = str(2**64)
@@ -460,3 +461,164 @@ def test_huge_photos_are_refused_from_the_header(inputs, capsys, side, extra, pa
 def test_encode_prompt_refuses_misleading_outputs_and_models(inputs, capsys, extra, pattern):
     argv = ["encode-prompt", "--prompt", "red hair"] + [x.format(root=inputs) for x in extra]
     _check_refused(argv, pattern, capsys, inputs)
+
+
+@pytest.mark.parametrize("flag", ["--matte", "--sketch", "--exclude"])
+def test_a_wrongly_shaped_sketch_or_matte_is_named_by_its_file(inputs, capsys, flag):
+    """Not "the mask 1": the flag, the file and the photo's size, read from the headers."""
+    from PIL import Image
+
+    i = inputs / "in"
+    wide = inputs / "wide.png"
+    Image.new("L", (100, 50), 255).save(wide)
+    argv = ["generate", "--tiny", "--image", str(i / "photo.png"), "--sketch", str(i / "sketch.png")]
+    argv += ["--matte", str(i / "matte.png"), "--out", str(inputs / "out" / "r.png")]
+    if flag == "--exclude":
+        argv += [flag, str(wide)]
+    else:
+        argv[argv.index(flag) + 1] = str(wide)
+    noun = {"--exclude": "exclusion mask"}.get(flag, flag[2:])
+    pattern = rf"the {noun} .*wide\.png \({flag}\) is 100x50 but the photo .*photo\.png is 300x372: .*canvas of 300x372"
+    _check_refused(argv, pattern, capsys, inputs)
+
+
+ADAPTER_HEADER_CASES = [
+    (("in_channels",), "32", r"'in_channels' is a string \('32'\), expected an integer"),
+    (("lora", "rank"), "16", r"'lora.rank' is a string \('16'\), expected an integer"),
+    (("lora", "alpha"), None, r"'lora.alpha' is null, expected a number"),
+    (("lora", "targets"), "to_q", r"'lora.targets' is a string \('to_q'\), expected a list of strings"),
+    (("base", "dims", "num_layers"), 4.5, r"'base.dims.num_layers' is a number \(4.5\), expected an integer"),
+    (("base", "dims"), [], r"'base.dims' is a list \(\[\]\), expected an object"),
+    (("format_version",), "1", r"'format_version' is a string \('1'\), expected an integer"),
+]
+
+
+@pytest.mark.parametrize(
+    "where,value,pattern", ADAPTER_HEADER_CASES, ids=[".".join(c[0]) for c in ADAPTER_HEADER_CASES]
+)
+def test_a_wrongly_typed_adapter_field_is_named_with_its_type(inputs, capsys, where, value, pattern):
+    """A field of the wrong type is not "missing": the message names it, its type and the one expected."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from hairdiff_core.toy import adapter_path
+
+    with safe_open(str(adapter_path()), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(header["hairdiff"])
+    node = meta
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    bad = inputs / "typed.safetensors"
+    save_file(tensors, str(bad), metadata={**header, "hairdiff": json.dumps(meta)})
+    i = inputs / "in"
+    argv = ["generate", "--toy", "--adapter", str(bad), "--image", str(i / "photo.png"), "--sketch"]
+    argv += [str(i / "sketch.png"), "--matte", str(i / "matte.png"), "--out", str(inputs / "out" / "r.png")]
+    _check_refused(argv, rf"typed\.safetensors: header field {pattern}; .*re-export", capsys, inputs)
+
+
+SERVER_CASES = [
+    ("http://127.0.0.1:99999", r"the port must be 1 to 65535, got 99999"),
+    ("127.0.0.1:0", r"the port must be 1 to 65535, got 0"),
+    ("localhost:abc", r"the port 'abc' is not a number"),
+    ("http://127.0.0.1 :8188", r"contains a space"),
+    ("ftp://127.0.0.1:8188", r"http:// or https://, not ftp://"),
+    ("http://", r"has no host name"),
+    ("http://[::1", r"is not a valid address \(Invalid IPv6 URL\)"),
+    ("", r"--server is empty"),
+]
+
+
+@pytest.mark.parametrize("server,pattern", SERVER_CASES, ids=[c[0] or "empty" for c in SERVER_CASES])
+def test_comfy_run_refuses_a_bad_server_address_before_any_work(inputs, capsys, monkeypatch, server, pattern):
+    """The address itself is the mistake: no traceback, no "start ComfyUI" advice, no connection tried."""
+    import socket
+    import urllib.request
+
+    from hairdiff_cli import comfy_client
+
+    def no_network(*a, **k):
+        raise AssertionError("a connection was tried with a bad --server")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(comfy_client, "load_workflow", lambda *a: pytest.fail("the workflow was read first"))
+    i = inputs / "in"
+    argv = ["comfy-run", "--server", server, "--workflow", str(inputs / "a_file"), "--image", str(i / "photo.png")]
+    argv += ["--sketch", str(i / "sketch.png"), "--matte", str(i / "matte.png"), "--out", str(inputs / "new_out")]
+    line = _check_refused(argv, pattern, capsys, inputs)
+    assert "--server" in line and "start it" not in line
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "1e12"])
+def test_comfy_run_refuses_a_bad_timeout_before_any_work(inputs, capsys, value):
+    argv = ["comfy-run", "--timeout", value, "--workflow", str(inputs / "a_file"), "--out", str(inputs / "new_out")]
+    _check_refused(argv, r"--timeout must be a number above 0 up to 604800, got ", capsys, inputs)
+
+
+def test_a_refused_connection_keeps_the_start_comfyui_advice():
+    import socket
+
+    from hairdiff_cli.comfy_client import ComfyClient, ComfyServerError
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(ComfyServerError, match=rf"cannot reach ComfyUI .*start it there .*--port {port}"):
+        ComfyClient(f"127.0.0.1:{port}", timeout=5).history("x")
+
+
+@pytest.mark.parametrize("given", [[], ["--image"], ["--image", "--sketch"]])
+def test_comfy_run_names_the_real_flags_of_missing_images(inputs, capsys, given):
+    """The photo's flag is --image (as in generate), not --photo."""
+    import argparse
+
+    from hairdiff_cli import comfy_client
+
+    parser = argparse.ArgumentParser()
+    comfy_client.add_arguments(parser)
+    flags = {s for a in parser._actions for s in a.option_strings}
+    i = inputs / "in"
+    files = {"--image": i / "photo.png", "--sketch": i / "sketch.png"}
+    workflow = Path(__file__).resolve().parent.parent / "workflows" / "api" / "hairdiff_basic.json"
+    argv = ["comfy-run", "--workflow", str(workflow), "--out", str(inputs / "new_out")]
+    for flag in given:
+        argv += [flag, str(files[flag])]
+    rc, lines = _run(argv, capsys)
+    assert rc == 2 and len(lines) == 1, lines
+    named = re.findall(r"(--[a-z]+) FILE", lines[0])
+    assert named and set(named) <= flags and "--photo" not in lines[0], lines[0]
+    assert set(named) == {"--image", "--sketch", "--matte"} - set(given)
+    assert not (inputs / "new_out").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("out", ["/proc/hairdiff_x", "/proc/hairdiff_x/deeper", "/proc"])
+@pytest.mark.parametrize("command", ["demo", "generate"])
+def test_an_output_folder_that_takes_no_files_is_refused_before_any_work(inputs, capsys, monkeypatch, out, command):
+    """/proc answers os.access "writable" (for root always), yet creates nothing: the output is
+    tried (an empty folder made and removed) before the demo runs, not after."""
+    from hairdiff_cli.commands import demo
+
+    monkeypatch.setattr(demo, "run_toy", lambda args: pytest.fail("the demo ran before its output was checked"))
+    i = inputs / "in"
+    if command == "demo":
+        argv = ["demo", "--out", out]
+    else:
+        argv = ["generate", "--tiny", "--image", str(i / "photo.png"), "--sketch", str(i / "sketch.png")]
+        argv += ["--matte", str(i / "matte.png"), "--out", out + "/r.png"]
+    # Non-root users get os.access's answer first; root gets the probe's.
+    pattern = r"output .*/proc.*(/proc does not take new files .*choose another folder|is not writable)"
+    _check_refused(argv, pattern, capsys, inputs)
+    assert not Path("/proc/hairdiff_x").exists()
+
+
+def test_the_output_probe_leaves_nothing_behind(tmp_path):
+    from hairdiff_core.fileio import check_writable_file, check_writable_folder
+
+    check_writable_folder(tmp_path, "output")
+    check_writable_folder(tmp_path / "new" / "deeper", "output")
+    check_writable_file(tmp_path / "new" / "r.png", "output")
+    assert list(tmp_path.iterdir()) == []

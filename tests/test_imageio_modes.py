@@ -76,6 +76,10 @@ def test_exif_rotated_jpeg_is_read_as_displayed(tmp_path):
     x = load_image(tmp_path / "phone.jpg")
     assert x.shape[-2:] == (16, 8)  # displayed portrait
     assert float(x[0, :, :4, :].mean()) > 0.9 and float(x[0, :, -4:, :].mean()) < 0.1  # band now on top
+    from hairdiff_core.imageio import image_size
+
+    # The header-only size the CLI checks aspect ratios with is the displayed one too.
+    assert image_size(tmp_path / "phone.jpg") == (8, 16)
 
 
 def test_background_of_a_16_bit_photo_comes_back_unchanged(tmp_path):

@@ -254,3 +254,32 @@ def test_load_lora_file_refusals(tiny_transformer, tmp_path):
     with pytest.raises(AdapterFileError, match="do not fit"):
         load_lora_file(tiny_transformer, wrong)
     assert not has_lora(tiny_transformer)
+
+
+@pytest.mark.parametrize(
+    "key,value,pattern",
+    [
+        ("r", "4", r"'lora_adapter_metadata.r' is a string \('4'\), expected an integer"),
+        ("r", "four", r"'lora_adapter_metadata.r' is a string \('four'\), expected an integer"),
+        ("lora_alpha", [8], r"'lora_adapter_metadata.lora_alpha' is a list \(\[8\]\), expected a number"),
+        ("use_rslora", "no", r"'lora_adapter_metadata.use_rslora' is a string \('no'\), expected true or false"),
+    ],
+)
+def test_a_wrongly_typed_lora_header_field_is_named_with_its_type(
+    tiny_transformer, _tiny_transformer_master, tmp_path, key, value, pattern
+):
+    """Not "missing", not a traceback from int("four"): the field, its type and the one expected."""
+    import copy
+    import json
+
+    from safetensors import safe_open
+
+    path = _diffusers_lora_file(tmp_path, copy.deepcopy(_tiny_transformer_master))
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(header["lora_adapter_metadata"])
+    meta[next(k for k in meta if k.endswith(key) and k.rsplit(".", 1)[-1] == key)] = value
+    save_file(tensors, str(path), metadata={**header, "lora_adapter_metadata": json.dumps(meta)})
+    with pytest.raises(AdapterFileError, match=rf"extra\.safetensors: header field {pattern}"):
+        load_lora_file(tiny_transformer, path)
+    assert not has_lora(tiny_transformer)

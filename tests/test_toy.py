@@ -181,7 +181,10 @@ def test_toy_demo_writes_two_results_and_a_contact_sheet(tmp_path, capsys):
     a, b = (Image.open(tmp_path / f"result_{k}.png") for k in ("a", "b"))
     assert a.size == b.size == (128, 128)
     assert np.asarray(a).tobytes() != np.asarray(b).tobytes()  # the two sketches give two results
-    assert (tmp_path / "contact_sheet.png").is_file()
+    from hairdiff_core.pipeline import builtin_model_label
+
+    assert Image.open(tmp_path / "contact_sheet.png").text["Title"] == builtin_model_label("toy")
+    assert "deg apart)" in err
 
 
 def test_generate_toy_refuses_another_model(tmp_path, capsys):

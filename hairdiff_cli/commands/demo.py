@@ -59,13 +59,30 @@ def toy_sample_paths() -> dict[str, Path]:
     return paths
 
 
+def strand_labels(k: str, sketch_angle: float, result_angle: float) -> tuple[str, str, str]:
+    """The sheet's labels of sketch ``k`` and its result, and the summary line, from the strands'
+    orientations (radians). Orientations are undirected (0 and 176 deg are 4 deg apart), so
+    the result says how far it is from its sketch: the two bare angles read like a miss."""
+    import torch
+
+    from hairdiff_core.metrics import orientation_difference
+
+    s_deg, r_deg = math.degrees(sketch_angle), math.degrees(result_angle)
+    off = float(orientation_difference(torch.tensor([sketch_angle]), torch.tensor([result_angle]))[0])
+    return (
+        f"sketch {k} ({s_deg:.0f} deg)",
+        f"result {k} ({r_deg:.0f} deg; {off:.0f} deg apart)",
+        f"sketch {k}: strands at {s_deg:.0f} deg, result {k}: {r_deg:.0f} deg ({off:.0f} deg apart)",
+    )
+
+
 def run_toy(args) -> int:
     import torch
 
     from hairdiff_cli.commands.generate import tqdm_callback
     from hairdiff_core.imageio import contact_sheet, load_image, save_image, save_pil
-    from hairdiff_core.metrics import orientation_difference, strand_orientation
-    from hairdiff_core.pipeline import HairDiffPipeline
+    from hairdiff_core.metrics import strand_orientation
+    from hairdiff_core.pipeline import HairDiffPipeline, builtin_model_label
     from hairdiff_core.toy import adapter_path
 
     print(TOY_NOTICE, file=sys.stderr)
@@ -102,11 +119,10 @@ def run_toy(args) -> int:
     for i, k in enumerate(TOY_SKETCHES):
         save_image(result.image[i : i + 1], out / f"result_{k}.png")
         tiles += [sketches[i : i + 1], result.image[i : i + 1]]
-        s_deg, r_deg = float(torch.rad2deg(sketch_dir[i])), float(torch.rad2deg(result_dir[i]))
-        off = float(orientation_difference(sketch_dir[i : i + 1], result_dir[i : i + 1])[0])
-        labels += [f"sketch {k} ({s_deg:.0f} deg)", f"result {k} ({r_deg:.0f} deg)"]
-        lines.append(f"sketch {k}: strands at {s_deg:.0f} deg, result {k}: {r_deg:.0f} deg ({off:.0f} deg apart)")
-    save_pil(contact_sheet(tiles, labels), out / "contact_sheet.png")
+        sketch_label, result_label, line = strand_labels(k, float(sketch_dir[i]), float(result_dir[i]))
+        labels += [sketch_label, result_label]
+        lines.append(line)
+    save_pil(contact_sheet(tiles, labels, title=builtin_model_label("toy")), out / "contact_sheet.png")
     print(f"old hair: strands at {math.degrees(old_dir):.0f} deg\n" + "\n".join(lines), file=sys.stderr)
     print(f"wrote {out / 'result_a.png'}, {out / 'result_b.png'} and {out / 'contact_sheet.png'}", file=sys.stderr)
     return 0
@@ -119,7 +135,7 @@ def run(args) -> int:
     if not args.tiny:
         return run_toy(args)
     from hairdiff_core.imageio import contact_sheet, load_image, save_image, save_pil
-    from hairdiff_core.pipeline import HairDiffPipeline
+    from hairdiff_core.pipeline import HairDiffPipeline, builtin_model_label
     from hairdiff_core.tiny import build_tiny_transformer, build_tiny_vae
 
     print(NOTICE, file=sys.stderr)
@@ -141,7 +157,9 @@ def run(args) -> int:
     finally:
         bar.close()
     save_image(result.image, out / "result.png")
-    sheet = contact_sheet([photo, sketch, matte, result.image], ["photo", "sketch", "matte", "result"])
+    sheet = contact_sheet(
+        [photo, sketch, matte, result.image], ["photo", "sketch", "matte", "result"], title=builtin_model_label("tiny")
+    )
     save_pil(sheet, out / "contact_sheet.png")
     changed = (result.image != photo[:, :3]).any(dim=1).float().mean().item()
     print(

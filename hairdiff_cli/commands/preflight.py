@@ -114,9 +114,24 @@ def check_generate_args(args) -> None:
             "prompt-embeds": getattr(args, "prompt_embeds", None),
         }
     )
+    _image_sizes(args.image, {"sketch": [args.sketch], "matte": mattes, "exclude": excludes}, args.max_megapixels)
     check_output_image(args.out, inputs=(args.image, args.sketch, *mattes, *excludes), what="output")
     _prompt(args)
     _model(args)
+
+
+def _image_sizes(photo: str, others: dict[str, list[str]], max_megapixels: float) -> None:
+    """Every sketch, matte and exclusion has the photo's aspect ratio, from the headers: the
+    message names the file and its flag (the core, given tensors, could only say "the mask")."""
+    from hairdiff_core.imageio import image_size
+    from hairdiff_core.imageops import check_same_aspect
+
+    ref = image_size(photo, "--image", max_megapixels)
+    for flag, paths in others.items():
+        for path in paths:
+            size = image_size(path, f"--{flag}", max_megapixels)
+            noun = {"exclude": "exclusion mask"}.get(flag, flag)
+            check_same_aspect(size, ref, f"{noun} {path} (--{flag})", f"photo {photo}", input=flag, noun=noun)
 
 
 def check_eval_args(args) -> None:
