@@ -102,6 +102,8 @@ case "$part" in
     # The native ComfyUI route against the HAIRDIFF_MODEL route (issue 22's targets), and the
     # native graph through a --lowvram server (ComfyUI refuses --lowvram on a CPU).
     COMFYUI_DIR="$comfy" check native_route 300 "$py" bench/bench_native.py --repeats 3
+    COMFYUI_DIR="$comfy" check native_reference_large 200 "$py" bench/bench_native_reference.py --blocks 4 \
+        --steps-lo 2 --steps-hi 6 --repeats 2
     COMFYUI_DIR="$comfy" COMFYUI_PYTHON="$py" check native_lowvram 240 "$py" -m pytest -q -x \
         tests/test_comfyui_server.py -k "native_graph"
     ;;
