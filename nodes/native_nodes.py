@@ -53,6 +53,8 @@ BUILTIN_TOY_ADAPTER = "toy adapter (built-in)"
 BUILTIN_TINY_ADAPTER = "tiny adapter (built-in: zero sketch channels)"
 StitchType = io.Custom("HAIRDIFF_STITCH")
 
+#: How far past its native side every SD3/SD3.5 family's position table reaches (the smallest).
+MAX_SIDE_FACTOR = 3
 #: The models' native working sides (px): SD3.5's 1024, the toy's 128, the tiny model's 256.
 WORK_SIZE_TIP = "Side of the area the model works at, in px: 1024 for SD3.5, 128 for the toy, 256 for the tiny model."
 
@@ -385,7 +387,12 @@ class HairDiffSketchConditioning(io.ComfyNode):
             raise node_error(node, "vae", "no VAE connected", "connect the SD3 VAE (Load VAE or the checkpoint's)")
         try:
             photo_c, sketch_c, binary = HairDiffPipeline.prepare_inputs(photo_t, sketch_t, matte_t)
-            work = prepare_work(photo_c, sketch_c, binary, int(work_size), float(feather))
+            # Without the model here, the box's longest side is held to 3x the working side: every
+            # SD3/SD3.5 position table reaches that far (Large and SD3 Medium 3x their 1024 px,
+            # Medium 6x, the toy 4x, the tiny model 6x), so a thin matte is widened, never cut.
+            work = prepare_work(
+                photo_c, sketch_c, binary, int(work_size), float(feather), max_side=MAX_SIDE_FACTOR * int(work_size)
+            )
         except HairDiffError as exc:
             raise node_error(node, input_of(exc), exc) from exc
 

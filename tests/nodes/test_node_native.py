@@ -202,3 +202,26 @@ def test_the_patch_embedding_moves_from_the_base_to_the_adapter(comfy, tmp_path)
     half = patch_embedding(proj.weight.half(), proj.bias.half(), found, 0.5)[0]
     assert half.dtype == torch.float16
     torch.testing.assert_close(half[:, 16:].float(), found.weight[:, 16:].float() * 0.5, atol=1e-3, rtol=1e-3)
+
+
+def test_a_thin_matte_is_worked_within_every_models_position_table(comfy):
+    """A braid-like matte on a tall photo: the box is widened (or the photo scaled) so that its
+    longest side stays within 3x the working side, which every SD3/SD3.5 position table reaches."""
+    from hairdiff_pack.hairdiff_core.loading import transformer_config
+    from hairdiff_pack.nodes import native_nodes as N
+
+    for family in ("sd3.5-large", "sd3.5-medium", "sd3-medium", "tiny", "toy"):
+        c = transformer_config(family)
+        assert c["pos_embed_max_size"] * c["patch_size"] >= N.MAX_SIDE_FACTOR * c["sample_size"], family
+    photo = torch.rand(1, 1600, 40, 3)
+    matte = torch.zeros(1, 1600, 40)
+    matte[:, 10:1590, 18:22] = 1.0
+    text = [[torch.zeros(1, 77, 32), {"pooled_output": torch.zeros(1, 64)}]]
+    _pos, _neg, latent, stitch = N.HairDiffSketchConditioning.execute(
+        text, text, _VAE(), photo, photo, matte, 64, 10.0
+    ).result
+    assert max(latent["samples"].shape[-2:]) * 8 <= N.MAX_SIDE_FACTOR * 64
+    (image,) = N.HairDiffStitch.execute(
+        stitch, torch.zeros(1, *[s * 8 for s in latent["samples"].shape[-2:]], 3), True
+    ).result
+    assert image.shape == photo.shape
