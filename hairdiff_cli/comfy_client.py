@@ -118,7 +118,7 @@ def apply_sets(graph: dict[str, Any], sets: list[str]) -> dict[str, Any]:
         ref, dot, name = target.rpartition(".")
         if not eq or not dot or not ref or not name:
             raise InputError(
-                f"--set {item!r}: expected NODE.INPUT=VALUE (NODE = id or title), e.g. 'HairDiff Sampler.steps=8'"
+                f"--set {item!r}: expected NODE.INPUT=VALUE (NODE = id or title), e.g. 'HairDiff Scheduler.steps=8'"
             )
         nid = find_node(graph, ref)
         inputs = graph[nid].setdefault("inputs", {})
@@ -503,7 +503,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NODE.INPUT=VALUE",
         help="edit an input; NODE is a node id or title, VALUE JSON or text (repeatable), "
-        "e.g. --set 'HairDiff Sampler.steps=8' --set 'Load HairDiff Model.base_model=checkpoints/sd3.5_medium.safetensors'",
+        "e.g. --set 'HairDiff Scheduler.steps=8' --set 'Load Checkpoint.ckpt_name=sd3.5_medium.safetensors'",
     )
     parser.add_argument("--out", required=True, help="folder for the downloaded images")
     parser.add_argument(

@@ -606,7 +606,7 @@ def load_lora_file(
     if "hairdiff" in header:
         raise AdapterFileError(
             f"{p.name} is a HairDiff adapter (LoRA + sketch channels), not a plain LoRA; load it with "
-            f"load_adapter() / the adapter input of 'Load HairDiff Model'"
+            f"load_adapter() (CLI: --adapter; ComfyUI: HairDiff Apply Adapter)"
         )
     name = adapter_name or _adapter_name_from(p)
     _validate_lora_args(1, None, ["x"], name)
