@@ -127,3 +127,26 @@ class Meter:
 
     def reserved_gb(self) -> float | None:
         return round(self.torch.cuda.max_memory_reserved() / 2**30, 3) if self.cuda else None
+
+
+def boot_comfyui(work, bench: str, loras=None) -> None:
+    """Import a real ComfyUI (``COMFYUI_DIR``) with this pack as the package ``hairdiff`` (a link in
+    ``work``); without one, print the bench's skipped line and exit 0 (run_all records it)."""
+    from pathlib import Path
+
+    comfy_dir = os.environ.get("COMFYUI_DIR")
+    if not comfy_dir:
+        print(json.dumps({"bench": bench, "skipped": "needs a real ComfyUI: set COMFYUI_DIR, run with its Python"}))
+        sys.exit(0)
+    packs = Path(work) / "packs"
+    packs.mkdir(parents=True, exist_ok=True)
+    if not (packs / "hairdiff").exists():
+        (packs / "hairdiff").symlink_to(Path(__file__).resolve().parents[1], target_is_directory=True)
+    sys.path[:0] = [comfy_dir, str(packs)]
+    import comfy.cli_args
+    import torch
+
+    comfy.cli_args.args.cpu = not torch.cuda.is_available()  # main.py would parse --cpu
+    import folder_paths
+
+    folder_paths.add_model_folder_path("loras", str(loras or work))

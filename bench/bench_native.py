@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,26 +32,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import MID_CONFIG, build_mid_transformer, peak_rss_bytes, reset_peak_rss, synthetic_edit, threads_note  # noqa: E402
+from _common import (  # noqa: E402
+    MID_CONFIG,
+    boot_comfyui,
+    build_mid_transformer,
+    peak_rss_bytes,
+    reset_peak_rss,
+    synthetic_edit,
+    threads_note,
+)
 
 
-def _boot(work: Path):
-    comfy_dir = os.environ.get("COMFYUI_DIR")
-    if not comfy_dir:
-        print(json.dumps({"bench": "native", "skipped": "needs a real ComfyUI: set COMFYUI_DIR, run with its Python"}))
-        sys.exit(0)
-    packs = work / "packs"
-    packs.mkdir(parents=True, exist_ok=True)
-    if not (packs / "hairdiff").exists():
-        (packs / "hairdiff").symlink_to(ROOT, target_is_directory=True)
-    sys.path[:0] = [comfy_dir, str(packs)]
-    import comfy.cli_args
-    import torch
-
-    comfy.cli_args.args.cpu = not torch.cuda.is_available()
-    import folder_paths
-
-    folder_paths.add_model_folder_path("loras", str(work))
+def _boot(work: Path) -> None:
+    boot_comfyui(work, "native")
 
 
 def _routes(work: Path, size: int, only: str | None = None):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import synthetic_edit, threads_note  # noqa: E402
+from _common import boot_comfyui, synthetic_edit, threads_note  # noqa: E402
 
 LARGE_BLOCKS = 38
 RUN_STEPS = 28
@@ -41,22 +40,7 @@ TARGETS = {"once_budget_over_off": 1.10, "per_step_over_off": 2.05, "memory_once
 
 
 def _boot(work: Path) -> None:
-    comfy_dir = os.environ.get("COMFYUI_DIR")
-    if not comfy_dir:
-        print(json.dumps({"bench": "native_reference", "skipped": "needs a real ComfyUI: set COMFYUI_DIR"}))
-        sys.exit(0)
-    packs = work / "packs"
-    packs.mkdir(parents=True, exist_ok=True)
-    if not (packs / "hairdiff").exists():
-        (packs / "hairdiff").symlink_to(ROOT, target_is_directory=True)
-    sys.path[:0] = [comfy_dir, str(packs)]
-    import comfy.cli_args
-    import torch
-
-    comfy.cli_args.args.cpu = not torch.cuda.is_available()
-    import folder_paths
-
-    folder_paths.add_model_folder_path("loras", str(work))
+    boot_comfyui(work, "native_reference")
 
 
 def _large_config(blocks: int) -> dict:

@@ -490,6 +490,18 @@ class HairDiffSoftMaskSampler(io.ComfyNode):
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample_soft_mask))
 
 
+def denoise_strength_input():
+    """The denoise strength widget of HairDiff Scheduler and HairDiff Sample (one definition)."""
+    return io.Float.Input(
+        "strength",
+        default=DEFAULTS.strength,
+        min=0.0,
+        max=1.0,
+        step=0.01,
+        tooltip="1 redraws the hair from noise; lower keeps more of the old hair.",
+    )
+
+
 def model_sigmas(model, steps: int, strength: float) -> torch.Tensor:
     """The core's flow-match ladder (the CLI's and training's) at the model's shift."""
     from ..hairdiff_core.flow import sampling_sigmas
@@ -513,14 +525,7 @@ class HairDiffScheduler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model whose shift (ModelSamplingSD3) sets the ladder."),
                 io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=1000, tooltip="Euler steps of the ladder."),
-                io.Float.Input(
-                    "strength",
-                    default=DEFAULTS.strength,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="1 redraws the hair from noise; lower keeps more of the old hair.",
-                ),
+                denoise_strength_input(),
             ],
             outputs=[io.Sigmas.Output(display_name="SIGMAS", tooltip="Descending sigmas ending at 0.")],
         )
@@ -565,14 +570,7 @@ class HairDiffSample(io.ComfyNode):
                     round=0.01,
                     tooltip="1 = off (one model call per step).",
                 ),
-                io.Float.Input(
-                    "strength",
-                    default=DEFAULTS.strength,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="1 redraws the hair from noise; lower keeps more of the old hair.",
-                ),
+                denoise_strength_input(),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT", tooltip="The sampled latent: VAE Decode, then HairDiff Stitch.")
