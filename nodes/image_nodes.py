@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
-from ..hairdiff_core import mask as M
 from ..hairdiff_core.errors import HairDiffError
 from ..hairdiff_core.imageops import resize_same_aspect
+from ..hairdiff_core.method import mask as M
 from .convert import check_batch, check_combos, image_to_nchw, mask_to_nchw, nchw_to_image, nchw_to_mask, node_error
 
 logger = logging.getLogger(__name__)

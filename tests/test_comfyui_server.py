@@ -237,8 +237,8 @@ def _assert_face_kept(path: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from hairdiff_core.imageio import load_image
-    from hairdiff_core.mask import dilate, protect_mask
+    from hairdiff_core.data.imageio import load_image
+    from hairdiff_core.method.mask import dilate, protect_mask
 
     protected = protect_mask(load_image(ASSETS / "sample_face_protect.png"))
     visible = dilate(protected, -4)[0, 0].numpy() > 0.5  # the face without the protect margin
@@ -394,7 +394,7 @@ def test_lora_graph_runs_and_changes_the_result(server, tmp_path):
     from safetensors.torch import save_file
 
     from hairdiff_cli import comfy_client as C
-    from hairdiff_core.toy import build_toy_transformer
+    from hairdiff_core.models.toy import build_toy_transformer
 
     # ComfyUI's own LoRA Loader after HairDiff Apply Adapter: its patches stack on the adapter's (diffusers
     # SD3 keys through ComfyUI's key map). The toy config gives the keys and shapes.
@@ -488,10 +488,10 @@ def test_adapter_from_models_hairdiff_with_an_extra_lora(server, tmp_path):
     from safetensors.torch import save_file
 
     from hairdiff_cli import comfy_client as C
-    from hairdiff_core.adapter import save_adapter
-    from hairdiff_core.lora import add_lora
-    from hairdiff_core.surgery import widen_input_channels
-    from hairdiff_core.toy import build_toy_transformer
+    from hairdiff_core.method.surgery import widen_input_channels
+    from hairdiff_core.models.adapter import save_adapter
+    from hairdiff_core.models.lora import add_lora
+    from hairdiff_core.models.toy import build_toy_transformer
 
     # An adapter of the user's own for the basic template's toy base (it replaces the shipped one).
     model = widen_input_channels(build_toy_transformer())
@@ -587,8 +587,8 @@ def test_draw_in_comfyui_takes_the_region_painted_in_the_mask_editor(server, tmp
     from PIL import Image
 
     from hairdiff_cli import comfy_client as C
-    from hairdiff_core.imageio import load_image
-    from hairdiff_core.mask import compose_matte, dilate
+    from hairdiff_core.data.imageio import load_image
+    from hairdiff_core.method.mask import compose_matte, dilate
 
     # The template's sketch region (its Hair Matte: sketch_dilate_px 24), padded past both feathers.
     region = compose_matte(None, load_image(ASSETS / "sample_sketch.png"), mode="sketch", sketch_dilate_px=24)

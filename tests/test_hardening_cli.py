@@ -38,12 +38,12 @@ def inputs(tmp_path):
 @pytest.fixture(autouse=True)
 def no_model_load(monkeypatch):
     """Every refusal must come before a model loads: loading fails the test."""
-    import hairdiff_core.loading
+    import hairdiff_core.models.loading
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(hairdiff_core.loading, "load_models", refuse)
+    monkeypatch.setattr(hairdiff_core.models.loading, "load_models", refuse)
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -632,8 +632,8 @@ def thumbnail(name: str, wf: dict, path: Path) -> None:
     import torch
     from PIL import Image, ImageDraw
 
-    from hairdiff_core.imageio import load_image, to_pil
-    from hairdiff_core.mask import compose_matte, matte_preview, protect_mask
+    from hairdiff_core.data.imageio import load_image, to_pil
+    from hairdiff_core.method.mask import compose_matte, matte_preview, protect_mask
 
     assets = ROOT / "hairdiff_core" / "assets"
     photo, sketch = load_image(assets / "sample_photo.png"), load_image(assets / "sample_sketch.png")

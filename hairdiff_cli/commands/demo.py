@@ -1,6 +1,6 @@
 """``hairdiff demo``: the toy model redraws one synthetic portrait's hair from two sketches.
 
-Default: the shipped toy model (:mod:`hairdiff_core.toy`) with its shipped adapter, one photo,
+Default: the shipped toy model (:mod:`hairdiff_core.models.toy`) with its shipped adapter, one photo,
 two sketches whose strands run in different directions, and the two results side by side in a
 contact sheet, with each result's measured strand direction next to its sketch's. ``--tiny``: the
 old wiring check (tiny random model + bundled samples; the hair it draws is noise).
@@ -51,7 +51,7 @@ TOY_SKETCHES = ("a", "b")
 
 def toy_sample_paths() -> dict[str, Path]:
     """The toy demo's photo, matte and two sketches (written by tools/make_toy.py)."""
-    from hairdiff_core.toy import asset_dir
+    from hairdiff_core.models.toy import asset_dir
 
     folder = asset_dir()
     paths = {"photo": folder / "demo_photo.png", "matte": folder / "demo_matte.png"}
@@ -63,10 +63,10 @@ def run_toy(args) -> int:
     import torch
 
     from hairdiff_cli.commands.generate import tqdm_callback
-    from hairdiff_core.imageio import contact_sheet, load_image, save_image, save_pil
-    from hairdiff_core.metrics import orientation_difference, strand_orientation
+    from hairdiff_core.data.imageio import contact_sheet, load_image, save_image, save_pil
+    from hairdiff_core.evaluation.metrics import orientation_difference, strand_orientation
+    from hairdiff_core.models.toy import adapter_path
     from hairdiff_core.pipeline import HairDiffPipeline
-    from hairdiff_core.toy import adapter_path
 
     print(TOY_NOTICE, file=sys.stderr)
     out = Path(args.out)
@@ -76,7 +76,7 @@ def run_toy(args) -> int:
     pipe = HairDiffPipeline.from_files(toy=True, adapter=adapter_path())
     reference = None
     if args.reference != "off":
-        from hairdiff_core.reference import ReferenceSettings
+        from hairdiff_core.method.reference import ReferenceSettings
 
         reference = ReferenceSettings(mode=args.reference)
     steps = args.steps or 20
@@ -118,9 +118,9 @@ def run(args) -> int:
     check_demo_args(args)
     if not args.tiny:
         return run_toy(args)
-    from hairdiff_core.imageio import contact_sheet, load_image, save_image, save_pil
+    from hairdiff_core.data.imageio import contact_sheet, load_image, save_image, save_pil
+    from hairdiff_core.models.tiny import build_tiny_transformer, build_tiny_vae
     from hairdiff_core.pipeline import HairDiffPipeline
-    from hairdiff_core.tiny import build_tiny_transformer, build_tiny_vae
 
     print(NOTICE, file=sys.stderr)
     out = Path(args.out)
@@ -129,7 +129,7 @@ def run(args) -> int:
     pipe = HairDiffPipeline(build_tiny_transformer(), build_tiny_vae())
     reference = None
     if args.reference != "off":
-        from hairdiff_core.reference import ReferenceSettings
+        from hairdiff_core.method.reference import ReferenceSettings
 
         reference = ReferenceSettings(mode=args.reference)
     from hairdiff_cli.commands.generate import tqdm_callback

@@ -34,8 +34,8 @@ def run(args) -> int:
 
     from hairdiff_core.errors import InputError
     from hairdiff_core.fileio import check_writable_file
-    from hairdiff_core.text import PromptCache, save_prompt_embeds
-    from hairdiff_core.text_encoders import TextEncoderSource, load_text_encoders
+    from hairdiff_core.models.text import PromptCache, save_prompt_embeds
+    from hairdiff_core.models.text_encoders import TextEncoderSource, load_text_encoders
 
     from .generate import text_source
 

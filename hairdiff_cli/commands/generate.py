@@ -40,7 +40,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="blocks = one transformer block on the GPU at a time (12 GB cards); model = transformer on "
         "the GPU only while sampling; auto = blocks when the model does not fit the free VRAM",
     )
-    from hairdiff_core.compiling import COMPILE_BACKENDS  # torch-free at import
+    from hairdiff_core.models.compiling import COMPILE_BACKENDS  # torch-free at import
 
     g.add_argument(
         "--compile",
@@ -130,7 +130,7 @@ def add_text_arguments(p: argparse.ArgumentParser, group=None, prompts: bool = T
 
 def text_source(args):
     """The ``TextEncoderSource`` of the flags, or None (the pipeline then picks tiny / the --model folder)."""
-    from hairdiff_core.text_encoders import TextEncoderSource
+    from hairdiff_core.models.text_encoders import TextEncoderSource
 
     src = TextEncoderSource(
         folder=args.text_encoders,
@@ -253,7 +253,7 @@ def torch_dtype(name: str):
 def reference_settings(args):
     if args.reference == "off":
         return None
-    from hairdiff_core.reference import ReferenceSettings
+    from hairdiff_core.method.reference import ReferenceSettings
 
     return ReferenceSettings(mode=args.reference, reference_noise=args.ref_noise, **reference_fields(args))
 
@@ -265,7 +265,7 @@ def build_pipeline(args):
     toy = bool(getattr(args, "toy", False))
     adapter = args.adapter
     if toy and adapter is None:
-        from hairdiff_core.toy import adapter_path
+        from hairdiff_core.models.toy import adapter_path
 
         adapter = adapter_path()
     pipe = HairDiffPipeline.from_files(
@@ -286,7 +286,7 @@ def build_pipeline(args):
 def compiled(args, pipe):
     """``--compile``: the context that runs ``pipe``'s blocks compiled (a failing compiler is a
     one-line ``CompileError``, not dynamo's traceback)."""
-    from hairdiff_core.compiling import CompileSettings, compiled_blocks
+    from hairdiff_core.models.compiling import CompileSettings, compiled_blocks
 
     backend = getattr(args, "compile", "off")
     return compiled_blocks(pipe.transformer, None if backend == "off" else CompileSettings(backend=backend))
@@ -309,7 +309,7 @@ def sampling_kwargs(args) -> dict:
     )
     kw.update(prompt_kwargs(args))
     if args.prompt_embeds:
-        from hairdiff_core.text import load_prompt_embeds
+        from hairdiff_core.models.text import load_prompt_embeds
 
         kw.update(load_prompt_embeds(args.prompt_embeds))
     return kw
@@ -330,9 +330,9 @@ def tqdm_callback(total_hint: int, desc: str):
 
 def compose_matte_from_args(args, photo, sketch):
     """The matte of ``--matte`` (repeatable), ``--matte-add-sketch`` and ``--exclude`` (binary, photo size)."""
+    from hairdiff_core.data.imageio import load_image
     from hairdiff_core.errors import InputError
-    from hairdiff_core.imageio import load_image
-    from hairdiff_core.mask import compose_matte, protect_mask
+    from hairdiff_core.method.mask import compose_matte, protect_mask
 
     mp = getattr(args, "max_megapixels", DEFAULTS.max_megapixels)
     mattes = [load_image(p, max_megapixels=mp) for p in args.matte or ()]
@@ -356,7 +356,7 @@ def compose_matte_from_args(args, photo, sketch):
 
 
 def run(args) -> int:
-    from hairdiff_core.imageio import load_image, save_image
+    from hairdiff_core.data.imageio import load_image, save_image
 
     from .preflight import check_generate_args
 

@@ -70,7 +70,7 @@ def _reference_flags(args, modes: list[str], methods: list[str]) -> None:
             input="reference",
         )
     from hairdiff_core.errors import HairDiffError
-    from hairdiff_core.reference import ReferenceSettings
+    from hairdiff_core.method.reference import ReferenceSettings
 
     from .generate import REFERENCE_FLAGS
 
@@ -95,7 +95,7 @@ def _input_files(paths: dict[str, str | list[str] | None]) -> None:
 
 def check_generate_args(args) -> None:
     """``hairdiff generate``: settings, input files, output path and model files, in that order."""
-    from hairdiff_core.imageio import check_output_image
+    from hairdiff_core.data.imageio import check_output_image
 
     _sampling(args)
     if args.method == "replace" and args.reference != "off":
@@ -125,7 +125,7 @@ def check_eval_args(args) -> None:
     if args.limit is not None:
         check_number(args.limit, Bound("--limit", integer=True, lo=1), "limit")
     if args.resolution is not None:
-        from hairdiff_core.data import check_resolution
+        from hairdiff_core.data.datasets import check_resolution
 
         check_resolution(args.resolution)
     if args.edge_threshold is not None:

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .defaults import DEFAULTS
-from .errors import EmptyMaskError, InputError
-from .imageops import blur_radius, gaussian_blur, resize_same_aspect  # noqa: F401  (re-exported: nodes, pipeline, benches)
-from .imageops import check_nchw as _check_nchw
-from .imageops import luminance as _luminance
+from ..defaults import DEFAULTS
+from ..errors import EmptyMaskError, InputError
+from ..imageops import blur_radius, gaussian_blur, resize_same_aspect  # noqa: F401  (re-exported: nodes, pipeline, benches)
+from ..imageops import check_nchw as _check_nchw
+from ..imageops import luminance as _luminance
 
 #: Feather sigma in pixels at a 1024-px working resolution (design default).
 DEFAULT_FEATHER_SIGMA = DEFAULTS.feather_at_1024

@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 
-from .errors import AdapterFileError, AdapterMismatchError, ChannelCountError, HairDiffError, InputError
+from ..errors import AdapterFileError, AdapterMismatchError, ChannelCountError, HairDiffError, InputError
+from ..method.surgery import BASE_CHANNELS, input_channels, widen_input_channels
 from .loading import ARCH_KEYS
 from .lora import (
     DEFAULT_ADAPTER_NAME,
@@ -60,7 +61,6 @@ from .lora import (
     remove_lora,
     split_lora_state,
 )
-from .surgery import BASE_CHANNELS, input_channels, widen_input_channels
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _jsonable(value: Any) -> Any:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    from .fileio import atomic_write
+    from ..fileio import atomic_write
 
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
@@ -181,7 +181,7 @@ def save_adapter(transformer, path: str | os.PathLike, **metadata: Any) -> None:
     step, config, ...) goes into the header; ``family=`` overrides the family name that is
     otherwise recognised from the dims (use it for 'sd3.5-large-turbo').
     """
-    from . import __version__
+    from .. import __version__
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":

@@ -2,7 +2,7 @@
 
 Nothing is ever fetched from a model hub. diffusers' single-file loader normally guesses a hub
 repository from the key shapes and downloads that repository's config; here the transformer and
-VAE configs ship with the package (``hairdiff_core/configs``) and the family is recognised from
+VAE configs ship with the package (``hairdiff_core/models/configs``) and the family is recognised from
 tensor shapes alone, so every diffusers call gets a local config folder and
 ``local_files_only=True``.
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class LoadedModels:
 
 
 def shipped_config(filename: str) -> dict[str, Any]:
-    """Return a config shipped in ``hairdiff_core/configs`` (``_``-keys dropped, lists kept)."""
+    """Return a config shipped in ``hairdiff_core/models/configs`` (``_``-keys dropped, lists kept)."""
     # Relative to this package: inside ComfyUI the core is a subpackage of the pack, not "hairdiff_core".
     text = resources.files(__package__).joinpath("configs", filename).read_text(encoding="utf-8")
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
@@ -407,7 +407,7 @@ def identify_vae(state_dict_or_shapes: Mapping[str, Any], *, source: str | None 
 
 
 def _check_path(path: str | os.PathLike, what: str) -> Path:
-    from .fileio import check_input_path
+    from ..fileio import check_input_path
 
     p = Path(path).expanduser()
     if not p.exists():
@@ -983,7 +983,7 @@ def load_models(
     ``transformer/`` folder (VAE from ``vae=`` or a sibling ``vae/``), or a single ``.safetensors``
     checkpoint (transformer alone, or with the VAE under ``first_stage_model.``; bundled text
     encoders are ignored). ``vae`` overrides any VAE found with the model. ``tiny=True`` returns
-    the built-in tiny model, ``toy=True`` the shipped toy model (:mod:`hairdiff_core.toy`, stock:
+    the built-in tiny model, ``toy=True`` the shipped toy model (:mod:`hairdiff_core.models.toy`, stock:
     its adapter is loaded separately). The transformer comes back as stored: 16 input channels (stock) or
     32 (already widened). ``vae_dtype`` (default: ``dtype``) lets the VAE stay in float32 while
     the transformer is bf16, without a lossy round trip through ``dtype``. ``weights``
@@ -1010,7 +1010,7 @@ def load_models(
             from .tiny import build_tiny_transformer as build_transformer
             from .tiny import build_tiny_vae as build_vae
 
-            source = "built-in tiny model (hairdiff_core.tiny)"
+            source = "built-in tiny model (hairdiff_core.models.tiny)"
         transformer = _finish(build_transformer(), dtype, device)
         apply_weights(transformer, weights, dtype)
         return LoadedModels(

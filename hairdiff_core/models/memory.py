@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .errors import HairDiffError, InputError
+from ..errors import HairDiffError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -537,7 +537,7 @@ def estimate_peak_vram(
     activations = ACTIVATION_FACTOR * rows * (tokens + text_tokens) * hidden * csize
     ref_cache = bias = 0
     if reference != "off":
-        from .reference import predicted_cache_bytes
+        from ..method.reference import predicted_cache_bytes
 
         shape = types.SimpleNamespace(config=types.SimpleNamespace(**config))
         ref_cache = predicted_cache_bytes(shape, (th * 2, tw * 2), batch=batch, dtype=compute_dtype)

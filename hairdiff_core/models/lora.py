@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .errors import AdapterFileError, HairDiffError, InputError
+from ..errors import AdapterFileError, HairDiffError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -516,7 +516,7 @@ def _checked_path(path: str | os.PathLike, what: str) -> Path:
         raise FileNotFoundError(f"{what} not found: {p}")
     if p.is_dir():
         raise AdapterFileError(f"{what} must be a .safetensors file, got the folder {p}")
-    from .fileio import check_input_path
+    from ..fileio import check_input_path
 
     check_input_path(p, what)
     if p.suffix.lower() != ".safetensors":
