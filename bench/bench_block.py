@@ -66,7 +66,7 @@ TARGETS = {
 
 
 def load_transformer_config(name: str) -> dict:
-    from hairdiff_core.models.loading import transformer_config
+    from hairdiff_core.models.families import transformer_config
 
     return transformer_config(f"sd3.5-{name}")
 

@@ -60,7 +60,7 @@ def _boot(work: Path) -> None:
 
 
 def _large_config(blocks: int) -> dict:
-    from hairdiff.hairdiff_core.models.loading import transformer_config
+    from hairdiff.hairdiff_core.models.families import transformer_config
 
     return {**transformer_config("sd3.5-large"), "num_layers": blocks, "in_channels": 16}
 

@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         return 2
 
     from hairdiff_core.data.augment import AugmentSettings, MatteGrowth
-    from hairdiff_core.models.loading import VAE_CONFIG_FILE, shipped_config
+    from hairdiff_core.models.families import VAE_CONFIG_FILE, shipped_config
     from hairdiff_core.pipeline import HairDiffPipeline
     from training.config import resolve_config
     from training.trainer import RunSetup, Trainer, setup_trainable

@@ -18,14 +18,13 @@ from safetensors.torch import save_file
 
 from hairdiff_core.errors import ModelLoadError
 from hairdiff_core.method.surgery import widen_input_channels
+from hairdiff_core.models.families import TRANSFORMER_CONFIG_FILES, shipped_config
 from hairdiff_core.models.loading import (
-    TRANSFORMER_CONFIG_FILES,
     identify_transformer,
     identify_vae,
     load_models,
     load_transformer,
     load_vae,
-    shipped_config,
 )
 from hairdiff_core.models.tiny import TINY_TRANSFORMER_CONFIG, TINY_VAE_CONFIG
 

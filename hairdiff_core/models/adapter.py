@@ -43,7 +43,7 @@ import torch
 
 from ..errors import AdapterFileError, AdapterMismatchError, ChannelCountError, HairDiffError, InputError
 from ..method.surgery import BASE_CHANNELS, input_channels, widen_input_channels
-from .loading import ARCH_KEYS
+from .families import ARCH_KEYS, FAMILY_NAMES, transformer_config
 from .lora import (
     DEFAULT_ADAPTER_NAME,
     LORA_KEY_PREFIX,
@@ -111,8 +111,6 @@ def signature_hash(signature: Mapping[str, Any]) -> str:
 
 def family_of(signature: Mapping[str, Any]) -> str:
     """The model family with these dims ('sd3.5-large', ..., 'tiny'), or 'custom'."""
-    from .loading import transformer_config
-
     for family in _KNOWN_FAMILIES:
         shipped = transformer_config(family)
         shipped_sig = {
@@ -125,8 +123,6 @@ def family_of(signature: Mapping[str, Any]) -> str:
 
 
 def _family_name(family: str | None) -> str:
-    from .loading import FAMILY_NAMES
-
     return FAMILY_NAMES.get(family or "custom", str(family))
 
 
