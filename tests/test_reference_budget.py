@@ -237,14 +237,14 @@ def test_budget_and_kernel_settings_are_validated():
 def test_cli_budget_flags_reach_the_settings():
     import argparse
 
-    from hairdiff_cli.commands.generate import add_reference_field_arguments, reference_fields
+    from hairdiff_cli.commands.options import add_reference_field_arguments, reference_fields
 
     p = argparse.ArgumentParser()
     add_reference_field_arguments(p)
     fields = reference_fields(p.parse_args(["--ref-key-pool", "2", "--ref-key-ring", "4", "--ref-kernel", "grouped"]))
     s = ReferenceSettings(mode="once", **fields)
     assert (s.key_pool, s.key_ring, s.attention_kernel) == (2, 4, "grouped")
-    from hairdiff_cli.commands.generate import REFERENCE_FLAG_CHOICES
+    from hairdiff_cli.commands.options import REFERENCE_FLAG_CHOICES
     from hairdiff_core.method.reference import ATTENTION_KERNELS
 
     assert REFERENCE_FLAG_CHOICES["ref_kernel"] == ATTENTION_KERNELS  # the CLI's copy (no torch at import)

@@ -20,14 +20,8 @@ import logging
 
 from hairdiff_core.defaults import DEFAULTS
 
-from .generate import (
-    REFERENCE_NOISES,
-    add_model_arguments,
-    add_reference_field_arguments,
-    add_text_arguments,
-    prompt_kwargs,
-    reference_fields,
-)
+from .generate import REFERENCE_NOISES, add_model_arguments
+from .options import add_reference_field_arguments, add_text_arguments, prompt_kwargs, reference_fields
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,8 @@ from hairdiff_core.checks import Bound, check_device, check_generate_settings, c
 from hairdiff_core.errors import InputError, SettingsError
 from hairdiff_core.fileio import check_input_path, check_writable_folder
 
+from .options import REFERENCE_FLAGS, check_prompt_source, reference_fields
+
 #: PIL decodes at most 2^31 pixels per image; the RAM is the real bound.
 MAX_MEGAPIXELS = Bound("--max-megapixels", lo=0.0, lo_open=True, hi=2000.0, hint="largest image read, in MP")
 
@@ -53,8 +55,6 @@ def _model(args) -> None:
 
 
 def _reference_flags(args, modes: list[str], methods: list[str]) -> None:
-    from .generate import reference_fields
-
     fields = reference_fields(args)
     if not fields:
         return
@@ -71,8 +71,6 @@ def _reference_flags(args, modes: list[str], methods: list[str]) -> None:
         )
     from hairdiff_core.errors import HairDiffError
     from hairdiff_core.method.reference import ReferenceSettings
-
-    from .generate import REFERENCE_FLAGS
 
     try:
         ReferenceSettings(mode="once", **fields)
@@ -144,8 +142,6 @@ def check_eval_args(args) -> None:
 
 
 def _prompt(args) -> None:
-    from .generate import check_prompt_source
-
     check_prompt_source(args)
 
 
