@@ -177,7 +177,7 @@ def save_adapter(transformer, path: str | os.PathLike, **metadata: Any) -> None:
     step, config, ...) goes into the header; ``family=`` overrides the family name that is
     otherwise recognised from the dims (use it for 'sd3.5-large-turbo').
     """
-    from .. import __version__
+    from .._version import __version__
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
