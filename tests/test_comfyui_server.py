@@ -62,7 +62,7 @@ def _api_twin(ui_name: str) -> Path:
 
 
 #: Frontend-only node types (notes): never sent to the server, absent from /object_info.
-UI_ONLY = set(json.loads((ROOT / "tests" / "nodes" / "core_nodes.json").read_text())["_ui_only"])
+UI_ONLY = set(json.loads((ROOT / "tools" / "comfy_standins" / "core_nodes.json").read_text())["_ui_only"])
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 
@@ -181,7 +181,7 @@ def test_object_info_lists_every_hairdiff_node_and_core_table_is_current(server)
     assert HAIRDIFF_NODES <= set(info)
     for nid in HAIRDIFF_NODES:
         assert info[nid]["category"].startswith("HairDiff/") and info[nid]["description"]
-    core = json.loads((ROOT / "tests" / "nodes" / "core_nodes.json").read_text())
+    core = json.loads((ROOT / "tools" / "comfy_standins" / "core_nodes.json").read_text())
     for kind, spec in core.items():
         if kind.startswith("_"):
             continue

@@ -57,7 +57,7 @@ JARGON = ("K/V", "soft-mask", "soft mask", "latent", "sigma", "attention process
 @pytest.fixture(scope="module")
 def specs(comfy):
     """node type -> {"inputs": [(name, type, optional, extra_widget_values, input)], "outputs": [types]}."""
-    core = json.loads((Path(__file__).with_name("core_nodes.json")).read_text())
+    core = json.loads((ROOT / "tools" / "comfy_standins" / "core_nodes.json").read_text())
     out = {
         k: {"inputs": [tuple(i) + (None,) for i in v["inputs"]], "outputs": v["outputs"]}
         for k, v in core.items()
