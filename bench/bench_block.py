@@ -66,7 +66,7 @@ TARGETS = {
 
 
 def load_transformer_config(name: str) -> dict:
-    from hairdiff_core.loading import transformer_config
+    from hairdiff_core.models.families import transformer_config
 
     return transformer_config(f"sd3.5-{name}")
 
@@ -117,9 +117,9 @@ def main() -> None:
     from diffusers.models.attention import JointTransformerBlock
     from diffusers.models.attention_processor import Attention
 
-    import hairdiff_core.reference as R
-    from hairdiff_core import mask as M
-    from hairdiff_core.reference import (
+    import hairdiff_core.method.reference as R
+    from hairdiff_core.method import mask as M
+    from hairdiff_core.method.reference import (
         GenerationPassState,
         ReferenceAttnProcessor,
         ReferenceCache,

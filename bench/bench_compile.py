@@ -46,11 +46,11 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
-    from hairdiff_core import mask as M
-    from hairdiff_core.compiling import compile_blocks
-    from hairdiff_core.flow import timestep_from_sigma
-    from hairdiff_core.reference import ReferenceSettings, reference_attention
-    from hairdiff_core.surgery import widen_input_channels
+    from hairdiff_core.method import mask as M
+    from hairdiff_core.method.flow import timestep_from_sigma
+    from hairdiff_core.method.reference import ReferenceSettings, reference_attention
+    from hairdiff_core.method.surgery import widen_input_channels
+    from hairdiff_core.models.compiling import compile_blocks
 
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -60,7 +60,7 @@ def main() -> None:
     else:
         from diffusers import SD3Transformer2DModel
 
-        from hairdiff_core.memory import family_config
+        from hairdiff_core.models.memory import family_config
 
         config = family_config(args.family)
         if args.layers:
@@ -73,7 +73,7 @@ def main() -> None:
             model = SD3Transformer2DModel(**config)
     model = model.to(dev, dtype).eval().requires_grad_(False)
     if args.weights != "auto":
-        from hairdiff_core.memory import apply_weights
+        from hairdiff_core.models.memory import apply_weights
 
         apply_weights(model, args.weights)
 

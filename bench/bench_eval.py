@@ -29,7 +29,7 @@ TARGET_S = 1.0
 def make_inputs(size: int):
     import torch
 
-    from hairdiff_core.mask import gaussian_blur, soft_mask
+    from hairdiff_core.method.mask import gaussian_blur, soft_mask
 
     g = torch.Generator().manual_seed(0)
     photo = (gaussian_blur(torch.rand(1, 3, size, size, generator=g), 2.0) * 0.6 + 0.2).clamp(0, 1)
@@ -54,8 +54,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
-    from hairdiff_core import metrics as Mt
-    from hairdiff_core.evaluation import score_result
+    from hairdiff_core.evaluation import metrics as Mt
+    from hairdiff_core.evaluation.evaluate import score_result
 
     photo, sketch, matte, result = make_inputs(args.size)
     photo_g = Mt.apply_gain(photo, "warm")
@@ -75,7 +75,7 @@ def main() -> int:
     import tempfile
     from pathlib import Path
 
-    from hairdiff_core.evaluation import EvalSample, contact_row, save_result_png
+    from hairdiff_core.evaluation.evaluate import EvalSample, contact_row, save_result_png
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     sample = EvalSample("bench", photo, sketch, matte)

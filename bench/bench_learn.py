@@ -92,10 +92,10 @@ def ablation_gap(pipe, photos, sketches, mattes, lambda_shape: float, seed: int 
     """Training loss with each sample's own sketch vs the next sample's, on fixed draws."""
     import torch
 
-    from hairdiff_core import mask as M
-    from hairdiff_core.flow import NUM_TRAIN_TIMESTEPS, soft_noise
-    from hairdiff_core.losses import hairdiff_loss
-    from hairdiff_core.text import zero_text
+    from hairdiff_core.method import mask as M
+    from hairdiff_core.method.flow import NUM_TRAIN_TIMESTEPS, soft_noise
+    from hairdiff_core.method.losses import hairdiff_loss
+    from hairdiff_core.models.text import zero_text
 
     tr = pipe.transformer
     with torch.no_grad():
@@ -150,7 +150,7 @@ def ablation_gap(pipe, photos, sketches, mattes, lambda_shape: float, seed: int 
 
 def direction_scores(results, sketches, photos, mattes) -> dict:
 
-    from hairdiff_core.metrics import orientation_difference, preservation, strand_orientation
+    from hairdiff_core.evaluation.metrics import orientation_difference, preservation, strand_orientation
 
     res = strand_orientation(results, mattes, erode=48.0)["angle"]
     sketch = strand_orientation(sketches, mattes)
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     if args.toy_dir:
-        from hairdiff_core import toy
+        from hairdiff_core.models import toy
 
         with toy.asset_override(args.toy_dir):
             return run(args)
@@ -201,8 +201,8 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     import make_toy
 
+    from hairdiff_core.models.toy import load_toy_vae
     from hairdiff_core.pipeline import HairDiffPipeline
-    from hairdiff_core.toy import load_toy_vae
 
     t_start = time.time()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_learn_"))

@@ -51,9 +51,9 @@ def _routes(work: Path, size: int, only: str | None = None):
     """Both routes' generate(steps) callables (or ``only`` one), from one transformer and one adapter file."""
     import comfy.model_management as mm
     import torch
-    from hairdiff.hairdiff_core import tiny
-    from hairdiff.hairdiff_core.adapter import load_adapter, save_adapter
-    from hairdiff.hairdiff_core.surgery import widen_input_channels
+    from hairdiff.hairdiff_core.method.surgery import widen_input_channels
+    from hairdiff.hairdiff_core.models import tiny
+    from hairdiff.hairdiff_core.models.adapter import load_adapter, save_adapter
     from hairdiff.nodes import native_nodes as N
     from hairdiff.nodes.builtin_models import comfy_model, comfy_vae
 

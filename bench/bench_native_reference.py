@@ -44,7 +44,7 @@ def _boot(work: Path) -> None:
 
 
 def _large_config(blocks: int) -> dict:
-    from hairdiff.hairdiff_core.loading import transformer_config
+    from hairdiff.hairdiff_core.models.families import transformer_config
 
     return {**transformer_config("sd3.5-large"), "num_layers": blocks, "in_channels": 16}
 
@@ -63,10 +63,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_native_ref_"))
     _boot(work)
     from diffusers import SD3Transformer2DModel
-    from hairdiff.hairdiff_core import tiny
-    from hairdiff.hairdiff_core.adapter import save_adapter
-    from hairdiff.hairdiff_core.memory import estimate_peak_vram
-    from hairdiff.hairdiff_core.surgery import widen_input_channels
+    from hairdiff.hairdiff_core.method.surgery import widen_input_channels
+    from hairdiff.hairdiff_core.models import tiny
+    from hairdiff.hairdiff_core.models.adapter import save_adapter
+    from hairdiff.hairdiff_core.models.memory import estimate_peak_vram
     from hairdiff.nodes import native_nodes as N
     from hairdiff.nodes.builtin_models import comfy_model, comfy_vae
     from hairdiff.nodes.native_reference import HairDiffReferenceAttention, cache_bytes

@@ -26,7 +26,7 @@ from _common import median_time, threads_note  # noqa: E402
 def make_inputs(size: int):
     import torch
 
-    from hairdiff_core.mask import gaussian_blur
+    from hairdiff_core.method.mask import gaussian_blur
 
     g = torch.Generator().manual_seed(0)
     yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
@@ -51,8 +51,8 @@ def main() -> int:
 
     import torch
 
-    from hairdiff_core.imageio import load_image, save_image
-    from hairdiff_core.strands import synthesize_sketch
+    from hairdiff_core.data.imageio import load_image, save_image
+    from hairdiff_core.data.strands import synthesize_sketch
 
     photo, matte = make_inputs(args.size)
     tmp = Path(tempfile.mkdtemp(prefix="bench_prepare_"))

@@ -37,11 +37,11 @@ MODES = ("off", "once", "per_step")
 def make_runner(size: int, steps: int, cfg: float, dual_layers: int, heads: int = 0):
     import torch
 
-    from hairdiff_core import mask as M
-    from hairdiff_core.flow import sampling_sigmas
-    from hairdiff_core.reference import ReferenceSettings, reference_attention
-    from hairdiff_core.sampler import TransformerDenoiser, soft_mask_sample
-    from hairdiff_core.surgery import widen_input_channels
+    from hairdiff_core.method import mask as M
+    from hairdiff_core.method.flow import sampling_sigmas
+    from hairdiff_core.method.reference import ReferenceSettings, reference_attention
+    from hairdiff_core.method.sampler import TransformerDenoiser, soft_mask_sample
+    from hairdiff_core.method.surgery import widen_input_channels
 
     config = dict(MID_CONFIG, dual_attention_layers=tuple(range(dual_layers)))
     if heads:  # wider model: attention's share of the forward falls (SD3.5 Large: 38 heads)
@@ -122,7 +122,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
 
-    from hairdiff_core.reference import predicted_cache_bytes
+    from hairdiff_core.method.reference import predicted_cache_bytes
 
     model, run, _ = make_runner(args.size, args.steps, args.cfg, args.dual_layers, args.heads)
     for mode in MODES:

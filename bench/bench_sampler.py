@@ -26,8 +26,8 @@ from _common import build_mid_transformer, peak_rss_bytes, reset_peak_rss, run_i
 def setup(size: int, steps: int):
     import torch
 
-    from hairdiff_core.flow import sampling_sigmas
-    from hairdiff_core.surgery import widen_input_channels
+    from hairdiff_core.method.flow import sampling_sigmas
+    from hairdiff_core.method.surgery import widen_input_channels
 
     model = widen_input_channels(build_mid_transformer())
     g = torch.Generator().manual_seed(0)
@@ -45,7 +45,7 @@ def make_runners(size: int, steps: int):
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from hairdiff_core.sampler import TransformerDenoiser, soft_mask_sample
+    from hairdiff_core.method.sampler import TransformerDenoiser, soft_mask_sample
 
     model, x0, sketch, noise, mask, embeds, pooled, sigmas = setup(size, steps)
 

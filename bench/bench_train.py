@@ -38,9 +38,9 @@ def child(args) -> dict:
     sys.path.insert(0, str(REPO))
     from diffusers import SD3Transformer2DModel
 
-    from hairdiff_core.flow import soft_noise
-    from hairdiff_core.losses import hairdiff_loss, sample_sigmas
-    from hairdiff_core.surgery import widen_input_channels
+    from hairdiff_core.method.flow import soft_noise
+    from hairdiff_core.method.losses import hairdiff_loss, sample_sigmas
+    from hairdiff_core.method.surgery import widen_input_channels
     from training.config import TrainConfig
     from training.trainer import setup_trainable
 

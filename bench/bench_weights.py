@@ -41,8 +41,8 @@ VARIANTS = {
 def build(variant: str):
     import torch
 
-    from hairdiff_core.memory import apply_offload, apply_weights
-    from hairdiff_core.surgery import widen_input_channels
+    from hairdiff_core.method.surgery import widen_input_channels
+    from hairdiff_core.models.memory import apply_offload, apply_weights
 
     weights, offload = VARIANTS[variant]
     model = widen_input_channels(build_mid_transformer()).to(torch.bfloat16)
@@ -54,7 +54,7 @@ def build(variant: str):
 def make_step(model, size: int):
     import torch
 
-    from hairdiff_core.sampler import TransformerDenoiser
+    from hairdiff_core.method.sampler import TransformerDenoiser
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, size, size, generator=g)

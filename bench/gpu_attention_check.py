@@ -75,8 +75,8 @@ def main(argv=None) -> int:
     from bench_block import _capture, head_top_matte, load_transformer_config
     from diffusers.models.attention_processor import Attention
 
-    import hairdiff_core.reference as R
-    from hairdiff_core import mask as M
+    import hairdiff_core.method.reference as R
+    from hairdiff_core.method import mask as M
 
     cfg = load_transformer_config(args.model)
     heads, hd = cfg["num_attention_heads"], cfg["attention_head_dim"]

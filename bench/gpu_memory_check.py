@@ -5,7 +5,7 @@ HairDiff's full sampling call (``HairDiffPipeline.generate``: soft-mask sampler,
 attention ``once``) at 1024² for 28 steps. The VAE is replaced by fixed random latents (its
 memory is not the transformer's; ComfyUI loads it at other times). Each (weights, offload) runs
 in its own process; peak VRAM is ``torch.cuda.max_memory_allocated`` over the call, next to
-``hairdiff_core.memory.estimate_peak_vram``'s prediction. Targets (issue 14): Large fits 12 GB
+``hairdiff_core.models.memory.estimate_peak_vram``'s prediction. Targets (issue 14): Large fits 12 GB
 with fp8 + blocks at <= 1.5x the bf16 all-in-VRAM step time; Medium fits 8 GB.
 
     python bench/gpu_memory_check.py [--family sd3.5-large] [--steps 28] [--size 1024]
@@ -42,7 +42,7 @@ def random_transformer(family: str, device: str):
     import torch
     from diffusers import SD3Transformer2DModel
 
-    from hairdiff_core.memory import family_config
+    from hairdiff_core.models.memory import family_config
 
     config = family_config(family)
     default = torch.get_default_dtype()
@@ -68,7 +68,7 @@ def random_transformer(family: str, device: str):
 def child(family: str, weights: str, offload: str, size: int, steps: int, device: str = "cuda") -> dict:
     import torch
 
-    from hairdiff_core.memory import apply_weights, estimate_peak_vram
+    from hairdiff_core.models.memory import apply_weights, estimate_peak_vram
     from hairdiff_core.pipeline import HairDiffPipeline
 
     dev = torch.device(device)
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from hairdiff_core.memory import WEIGHTS
+    from hairdiff_core.models.memory import WEIGHTS
 
     pairs = []
     for pair in args.variants.split(","):

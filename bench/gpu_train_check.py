@@ -1,7 +1,7 @@
 """GPU check of a training recipe: seconds/step, peak memory and MFU of HairDiff training.
 
 Builds a random-initialised SD3.5 Large (or ``--family medium``) transformer from the shipped
-configs (``hairdiff_core/configs``) directly on the GPU in bf16, and a random SD3 VAE, and runs
+configs (``hairdiff_core/models/configs``) directly on the GPU in bf16, and a random SD3 VAE, and runs
 ``--steps`` training steps at 1024² through the trainer's own code path
 (``training.trainer``: ``setup_trainable``, ``Trainer._micro_step`` = augmentation, matte
 growth, soft mask, VAE encode, per-pixel noising, forward on 32 channels, dual loss; then
@@ -155,8 +155,8 @@ def main(argv=None) -> int:
         )
         return 2
 
-    from hairdiff_core.augment import AugmentSettings, MatteGrowth
-    from hairdiff_core.loading import VAE_CONFIG_FILE, shipped_config
+    from hairdiff_core.data.augment import AugmentSettings, MatteGrowth
+    from hairdiff_core.models.families import VAE_CONFIG_FILE, shipped_config
     from hairdiff_core.pipeline import HairDiffPipeline
     from training.config import resolve_config
     from training.trainer import RunSetup, Trainer, setup_trainable
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if dry:
-        from hairdiff_core.tiny import build_tiny_vae
+        from hairdiff_core.models.tiny import build_tiny_vae
 
         vae = build_tiny_vae()
     else:
@@ -254,7 +254,7 @@ def main(argv=None) -> int:
         "index": torch.arange(b),
     }
 
-    from hairdiff_core.text import ZERO_TEXT_TOKENS
+    from hairdiff_core.models.text import ZERO_TEXT_TOKENS
 
     flops = model_flops(tconfig | {"in_channels": 16}, resolution, resolution, ZERO_TEXT_TOKENS, batch=b)
     # The analytic forward count, checked against torch's counter.

@@ -383,11 +383,11 @@ def protect_file(path: str | os.PathLike, tmp_dir: str | os.PathLike) -> Path:
 
     A picture with transparency (the mask editor's way: transparent = protected) is uploaded as it
     is; a plain mask (white = keep, no transparency) is converted to a PNG in ``tmp_dir`` with the
-    white part transparent, so Load Image gives the same MASK. ``hairdiff_core.mask.protect_mask``
+    white part transparent, so Load Image gives the same MASK. ``hairdiff_core.method.mask.protect_mask``
     is the one reading of both.
     """
-    from hairdiff_core.imageio import load_image, save_image
-    from hairdiff_core.mask import has_transparency, protect_mask, protect_picture
+    from hairdiff_core.data.imageio import load_image, save_image
+    from hairdiff_core.method.mask import has_transparency, protect_mask, protect_picture
 
     p = Path(path)
     picture = load_image(p)

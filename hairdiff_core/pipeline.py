@@ -22,16 +22,16 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from . import mask as M
 from .checks import GENERATE_BOUNDS, check_device, check_generate_settings, check_number, parse_dtype
 from .defaults import DEFAULTS
 from .errors import InputError
 from .fileio import check_input_path
-from .flow import sampling_sigmas
 from .imageops import resize_same_aspect, to_rgb
-from .sampler import SAMPLERS, OnStep, TransformerDenoiser
-from .surgery import widen_input_channels
-from .text import PromptCache, check_text, zero_text
+from .method import mask as M
+from .method.flow import sampling_sigmas
+from .method.sampler import SAMPLERS, OnStep, TransformerDenoiser
+from .method.surgery import widen_input_channels
+from .models.text import PromptCache, check_text, zero_text
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +165,8 @@ def check_model_files(model=None, vae=None, adapter=None, tiny: bool = False, to
         if value is not None:
             check_input_path(value, what, kind="file" if what == "adapter" else "any", input=what)
     if adapter is not None:
-        from .adapter import read_adapter_metadata
         from .errors import HairDiffError
+        from .models.adapter import read_adapter_metadata
 
         try:
             read_adapter_metadata(adapter)
@@ -178,11 +178,11 @@ def check_model_files(model=None, vae=None, adapter=None, tiny: bool = False, to
 def builtin_model_label(family: str | None) -> str | None:
     """The one-line description of a built-in model family ("toy", "tiny"); None for real models."""
     if family == "toy":
-        from .toy import LABEL
+        from .models.toy import LABEL
 
         return LABEL
     if family == "tiny":
-        from .tiny import LABEL
+        from .models.tiny import LABEL
 
         return LABEL
     return None
@@ -190,7 +190,7 @@ def builtin_model_label(family: str | None) -> str | None:
 
 def _auto_offload(family: str, transformer, device) -> str:
     """offload="auto" outside ComfyUI: blocks when the model would not fit the free CUDA memory."""
-    from .memory import estimate_for
+    from .models.memory import estimate_for
 
     device = torch.device(device)
     if device.type != "cuda":
@@ -429,7 +429,7 @@ class HairDiffPipeline:
                 used instead of ``vae`` (ComfyUI passes its own VAE this way); latents are
                 SD3-scaled, images (B, 3, H, W) in [0, 1].
         """
-        from .memory import apply_offload, check_offload
+        from .models.memory import apply_offload, check_offload
 
         widen_input_channels(transformer)
         self.device = torch.device(device)
@@ -478,7 +478,7 @@ class HairDiffPipeline:
             adapter: a HairDiff adapter ``.safetensors`` (its LoRA stays in ``dtype``), or None
                 for the widened base model.
             tiny: the built-in tiny random model instead of files (a wiring check).
-            toy: the shipped toy model (``hairdiff_core.toy``: trained on synthetic portraits);
+            toy: the shipped toy model (``hairdiff_core.models.toy``: trained on synthetic portraits);
                 pass its adapter (``toy.adapter_path()``) to draw from sketches.
             device: "cpu", "cuda", "cuda:N", "mps" or a ``torch.device``: where sampling runs.
             dtype: the compute dtype of the transformer: a torch float dtype or "fp32", "bf16", "fp16".
@@ -489,8 +489,8 @@ class HairDiffPipeline:
             offload: ``none``, ``model`` (transformer on ``device`` only while sampling) or
                 ``blocks`` (one transformer block at a time); ``auto`` picks from free CUDA memory.
         """
-        from .loading import load_models
-        from .memory import check_offload, check_weights
+        from .models.loading import load_models
+        from .models.memory import check_offload, check_weights
 
         dtype = parse_dtype(dtype)
         check_device(device)
@@ -503,7 +503,7 @@ class HairDiffPipeline:
         )
         transformer = loaded.transformer
         if adapter is not None:
-            from .adapter import load_adapter
+            from .models.adapter import load_adapter
 
             load_adapter(transformer, adapter)
         if offload == "auto":
@@ -516,7 +516,7 @@ class HairDiffPipeline:
             logger.warning("%s", label)
         from pathlib import Path
 
-        from .text_encoders import TextEncoderSource
+        from .models.text_encoders import TextEncoderSource
 
         if text_encoders is None and tiny:
             text_encoders = TextEncoderSource(tiny=True)
@@ -536,7 +536,7 @@ class HairDiffPipeline:
             negative_prompt: the same for classifier-free guidance, or None.
             max_sequence_length: T5 tokens (SD3: 77 by default, up to 512).
         """
-        from .text_encoders import load_text_encoders
+        from .models.text_encoders import load_text_encoders
 
         source = self.text_encoders
         if source is None or not source.given:
@@ -881,7 +881,7 @@ class HairDiffPipeline:
         """Context manager that installs reference attention for one call, or does nothing."""
         import contextlib
 
-        from .reference import ReferenceSettings, fill_hair_region, reference_attention
+        from .method.reference import ReferenceSettings, fill_hair_region, reference_attention
 
         # None, "off"|"once"|"per_step", a dict of fields or ReferenceSettings (validated here).
         reference = ReferenceSettings.coerce(reference)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
-from ..hairdiff_core import mask as M
 from ..hairdiff_core.errors import HairDiffError
 from ..hairdiff_core.imageops import resize_same_aspect
+from ..hairdiff_core.method import mask as M
 from .convert import check_batch, check_combos, image_to_nchw, mask_to_nchw, nchw_to_image, nchw_to_mask, node_error
 
 logger = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ class SketchPreprocess(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "background",
-                    options=["auto", "light", "dark"],
+                    options=list(M.SKETCH_BACKGROUNDS),
                     default="auto",
                     tooltip="The sketch's background: auto detects it from the image border; light = "
                     "strokes drawn on white paper, dark = strokes on black.",
@@ -117,17 +116,11 @@ class SketchPreprocess(io.ComfyNode):
         if invert:
             rgb = 1.0 - x[:, :3]
             x = torch.cat([rgb, x[:, 3:]], 1) if x.shape[1] == 4 else rgb
-        if background != "auto":
-            # The core detects the background from the border's median colour; a 1-px frame of
-            # the declared colour makes that detection say what the user said.
-            value = 1.0 if background == "light" else 0.0
-            x = F.pad(x, (1, 1, 1, 1), value=value)
         try:
-            rgb, alpha = M.normalize_sketch(x, threshold=float(threshold))
+            # The declared background (light/dark) is the core's option: the node only converts.
+            rgb, alpha = M.normalize_sketch(x, threshold=float(threshold), declared_background=background)
         except HairDiffError as exc:
             raise node_error(node, "sketch", exc) from exc
-        if background != "auto":
-            rgb, alpha = rgb[..., 1:-1, 1:-1], alpha[..., 1:-1, 1:-1]
         rgb, alpha = _thicken(rgb, alpha, int(thickness_px))
         out_image = nchw_to_image(rgb, _intermediate())
         out_mask = nchw_to_mask(alpha, _intermediate())

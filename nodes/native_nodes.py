@@ -66,17 +66,17 @@ WORK_SIZE_TIP = "Side of the area the model works at, in px: 1024 for SD3.5, 128
 def _builtin(name: str):
     """(transformer, autoencoder, sampling shift) of a built-in model, built from the core."""
     if name == BUILTIN_TOY:
-        from ..hairdiff_core import toy
+        from ..hairdiff_core.models import toy
 
         return toy.load_toy_transformer(), toy.load_toy_vae()
-    from ..hairdiff_core import tiny
+    from ..hairdiff_core.models import tiny
 
     return tiny.build_tiny_transformer(), tiny.build_tiny_vae()
 
 
 def empty_conditioning(transformer) -> list:
     """Zero text of the model's widths: the training default, for models without text encoders."""
-    from ..hairdiff_core.text import zero_text
+    from ..hairdiff_core.models.text import zero_text
 
     embeds, pooled = zero_text(transformer, 1)
     return [[embeds, {"pooled_output": pooled}]]
@@ -139,7 +139,7 @@ def adapter_choices() -> list[str]:
 
 def _adapter_path(choice: str) -> str:
     if choice == BUILTIN_TOY_ADAPTER:
-        from ..hairdiff_core import toy
+        from ..hairdiff_core.models import toy
 
         return str(toy.adapter_path())
     if choice == BUILTIN_TINY_ADAPTER:
@@ -154,9 +154,9 @@ def _tiny_adapter():
     check, which samples exactly like the plain tiny model). Written once into ComfyUI's temp folder."""
     import folder_paths
 
-    from ..hairdiff_core import tiny
-    from ..hairdiff_core.adapter import save_adapter
-    from ..hairdiff_core.surgery import widen_input_channels
+    from ..hairdiff_core.method.surgery import widen_input_channels
+    from ..hairdiff_core.models import tiny
+    from ..hairdiff_core.models.adapter import save_adapter
 
     path = Path(folder_paths.get_temp_directory()) / "hairdiff_tiny_adapter.safetensors"
     if not path.is_file():
@@ -167,8 +167,8 @@ def _tiny_adapter():
 
 def model_signature(model) -> tuple[str, dict]:
     """(family, dims) of a ComfyUI SD3 model, read off its weights' shapes by the core."""
-    from ..hairdiff_core.adapter import signature_of_config
-    from ..hairdiff_core.loading import identify_transformer
+    from ..hairdiff_core.models.adapter import signature_of_config
+    from ..hairdiff_core.models.loading import identify_transformer
 
     shapes = {k: tuple(v.shape) for k, v in model.model.diffusion_model.state_dict().items()}
     family, config = identify_transformer(shapes, source="the connected MODEL")
@@ -256,7 +256,7 @@ class HairDiffApplyAdapter(io.ComfyNode):
         import comfy.model_base
         import comfy.patcher_extension
 
-        from ..hairdiff_core.adapter import patch_embedding, read_adapter
+        from ..hairdiff_core.models.adapter import patch_embedding, read_adapter
         from .native_sampling import adapter_wrapper
 
         # 1. Convert in: an SD3 model without an adapter, and the adapter file checked against it.
@@ -371,8 +371,8 @@ class HairDiffSketchConditioning(io.ComfyNode):
     ) -> io.NodeOutput:
         import node_helpers
 
+        from ..hairdiff_core.method.reference import fill_hair_region
         from ..hairdiff_core.pipeline import HairDiffPipeline, prepare_work
-        from ..hairdiff_core.reference import fill_hair_region
 
         node = CONDITIONING_NODE
         # 1. Convert in, checked by the core before any encode.
@@ -504,7 +504,7 @@ def denoise_strength_input():
 
 def model_sigmas(model, steps: int, strength: float) -> torch.Tensor:
     """The core's flow-match ladder (the CLI's and training's) at the model's shift."""
-    from ..hairdiff_core.flow import sampling_sigmas
+    from ..hairdiff_core.method.flow import sampling_sigmas
 
     shift = float(getattr(model.get_model_object("model_sampling"), "shift", DEFAULTS.shift))
     return sampling_sigmas(int(steps), shift=shift, strength=float(strength)).float()

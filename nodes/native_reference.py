@@ -19,7 +19,7 @@ How the pieces meet (ComfyUI 0.8.0):
   (reference pass) or appends with the gating's biases (generation pass) the block's image K/V.
   Unmarked calls (no run, e.g. another patcher's sampling) run the original block.
 
-The gating, key exclusion, key budgets and kernels are ``hairdiff_core.reference``'s; this module
+The gating, key exclusion, key budgets and kernels are ``hairdiff_core.method.reference``'s; this module
 only moves tensors between ComfyUI's layouts and the core's.
 """
 
@@ -31,7 +31,7 @@ import torch
 from comfy_api.latest import io
 
 from ..hairdiff_core.errors import HairDiffError
-from ..hairdiff_core.reference import (
+from ..hairdiff_core.method.reference import (
     GenerationPassState,
     ReferenceCache,
     ReferenceComplete,
@@ -440,7 +440,7 @@ def cache_bytes(model, noise_shape) -> int:
     dims read off its weights): every joint layer's image-token K and V."""
     import types
 
-    from ..hairdiff_core.reference import predicted_cache_bytes
+    from ..hairdiff_core.method.reference import predicted_cache_bytes
     from .native_nodes import model_signature
 
     _family, dims = model_signature(model)

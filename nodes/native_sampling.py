@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..hairdiff_core.flow import velocity_from_denoised
-from ..hairdiff_core.sampler import soft_mask_sample
+from ..hairdiff_core.method.flow import velocity_from_denoised
+from ..hairdiff_core.method.sampler import soft_mask_sample
 from .convert import node_error
 
 SAMPLER_NODE = "HairDiff Soft-Mask Sampler"

@@ -60,8 +60,8 @@ class HairDiffPrompt(io.ComfyNode):
 
     @classmethod
     def execute(cls, text="", encoders=TINY) -> io.NodeOutput:
-        from ..hairdiff_core.text import PromptCache
-        from ..hairdiff_core.text_encoders import TextEncoderSource, load_text_encoders
+        from ..hairdiff_core.models.text import PromptCache
+        from ..hairdiff_core.models.text_encoders import TextEncoderSource, load_text_encoders
 
         node = "HairDiff Prompt"
         if encoders == TINY:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from hairdiff_core.flow import timestep_from_sigma
-from hairdiff_core.reference import reference_attention
+from hairdiff_core.method.flow import timestep_from_sigma
+from hairdiff_core.method.reference import reference_attention
 
 
 def forward(model, x, sketch, sigma, text, pooled, kwargs=None):

@@ -76,7 +76,7 @@ def check_toy(out: dict) -> None:
     MODEL unchanged; Cancel mid-run, then the same run gives the same image."""
     import comfy.model_management as mm
     import torch
-    from hairdiff.hairdiff_core import toy
+    from hairdiff.hairdiff_core.models import toy
     from hairdiff.hairdiff_core.pipeline import HairDiffPipeline
     from hairdiff.nodes import native_nodes as N
 
@@ -167,9 +167,9 @@ def check_zero_adapter(out: dict, work: Path) -> None:
     (any sketch); strength 0 of a trained adapter too."""
     import comfy.sample
     import comfy.samplers
-    from hairdiff.hairdiff_core import toy
-    from hairdiff.hairdiff_core.adapter import save_adapter
-    from hairdiff.hairdiff_core.surgery import widen_input_channels
+    from hairdiff.hairdiff_core.method.surgery import widen_input_channels
+    from hairdiff.hairdiff_core.models import toy
+    from hairdiff.hairdiff_core.models.adapter import save_adapter
     from hairdiff.nodes import native_nodes as N
 
     widened = widen_input_channels(toy.load_toy_transformer())
@@ -201,9 +201,9 @@ def _small_sd3(work: Path):
     ComfyUI's key layout, plus a HairDiff adapter (random LoRA, random sketch channels) for it."""
     import torch
     from diffusers import SD3Transformer2DModel
-    from hairdiff.hairdiff_core.adapter import save_adapter
-    from hairdiff.hairdiff_core.lora import add_lora
-    from hairdiff.hairdiff_core.surgery import widen_input_channels
+    from hairdiff.hairdiff_core.method.surgery import widen_input_channels
+    from hairdiff.hairdiff_core.models.adapter import save_adapter
+    from hairdiff.hairdiff_core.models.lora import add_lora
     from hairdiff.nodes.builtin_models import to_comfy_layout
     from safetensors.torch import save_file
 

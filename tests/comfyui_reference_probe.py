@@ -53,7 +53,7 @@ def _live_runs() -> int:
 
 
 def _live_caches() -> int:
-    from hairdiff.hairdiff_core.reference import ReferenceCache
+    from hairdiff.hairdiff_core.method.reference import ReferenceCache
 
     gc.collect()
     return sum(isinstance(o, ReferenceCache) and len(o) > 0 for o in gc.get_objects())
@@ -73,7 +73,7 @@ def main() -> dict:
     import comfy.sample
     import comfy.samplers
     import torch
-    from hairdiff.hairdiff_core import toy
+    from hairdiff.hairdiff_core.models import toy
     from hairdiff.hairdiff_core.pipeline import HairDiffPipeline
     from hairdiff.nodes import native_nodes as N
     from hairdiff.nodes import native_reference as NR

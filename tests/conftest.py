@@ -14,14 +14,14 @@ import torch
 
 @pytest.fixture(scope="session")
 def _tiny_transformer_master():
-    from hairdiff_core.tiny import build_tiny_transformer
+    from hairdiff_core.models.tiny import build_tiny_transformer
 
     return build_tiny_transformer()
 
 
 @pytest.fixture(scope="session")
 def _tiny_vae_master():
-    from hairdiff_core.tiny import build_tiny_vae
+    from hairdiff_core.models.tiny import build_tiny_vae
 
     return build_tiny_vae()
 

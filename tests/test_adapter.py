@@ -11,7 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hairdiff_core.adapter import (
+from hairdiff_core.errors import AdapterFileError, AdapterMismatchError, ChannelCountError, InputError
+from hairdiff_core.method.surgery import input_channels, widen_input_channels
+from hairdiff_core.models.adapter import (
     FORMAT_VERSION,
     PATCH_BIAS_KEY,
     PATCH_WEIGHT_KEY,
@@ -21,10 +23,8 @@ from hairdiff_core.adapter import (
     save_adapter,
     signature_hash,
 )
-from hairdiff_core.errors import AdapterFileError, AdapterMismatchError, ChannelCountError, InputError
-from hairdiff_core.lora import add_lora, has_lora, lora_config_of, lora_state_dict
-from hairdiff_core.surgery import input_channels, widen_input_channels
-from hairdiff_core.tiny import TINY_TRANSFORMER_CONFIG
+from hairdiff_core.models.lora import add_lora, has_lora, lora_config_of, lora_state_dict
+from hairdiff_core.models.tiny import TINY_TRANSFORMER_CONFIG
 
 LORA_KEY = re.compile(
     r"^transformer\.transformer_blocks\.\d+\.attn2?\.(to_q|to_k|to_v|to_out\.0)\.(lora_[AB]\.weight|alpha)$"
@@ -291,12 +291,12 @@ def test_loading_onto_a_widened_model_warns_when_image_channels_differ(
     path = tmp_path / "a.safetensors"
     save_adapter(trained, path)
     widen_input_channels(tiny_transformer)
-    with caplog.at_level(logging.WARNING, logger="hairdiff_core.adapter"):
+    with caplog.at_level(logging.WARNING, logger="hairdiff_core.models.adapter"):
         load_adapter(tiny_transformer, path)
     assert not caplog.records
     with torch.no_grad():
         tiny_transformer.pos_embed.proj.weight[:, :16] += 0.01
-    with caplog.at_level(logging.WARNING, logger="hairdiff_core.adapter"):
+    with caplog.at_level(logging.WARNING, logger="hairdiff_core.models.adapter"):
         load_adapter(tiny_transformer, path)
     assert any("differ" in r.getMessage() for r in caplog.records)
     assert_same_output(_out(tiny_transformer), _out(trained))
@@ -314,7 +314,7 @@ def test_frozen_image_channels_keep_the_target_models_own(trained, tiny_transfor
         other.pos_embed.proj.bias += 0.05
     own_w = other.pos_embed.proj.weight[:, :16].clone()
     own_b = other.pos_embed.proj.bias.clone()
-    with caplog.at_level(logging.WARNING, logger="hairdiff_core.adapter"):
+    with caplog.at_level(logging.WARNING, logger="hairdiff_core.models.adapter"):
         load_adapter(other, path)
     assert not caplog.records
     w = other.pos_embed.proj.weight

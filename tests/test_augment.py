@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hairdiff_core.augment import AugmentParams, AugmentSettings, affine_matrices, augment_batch, sample_params
+from hairdiff_core.data.augment import AugmentParams, AugmentSettings, affine_matrices, augment_batch, sample_params
 from hairdiff_core.imageops import sobel
 
 S = 64
@@ -116,7 +116,7 @@ def _hair(batch: int = 6, size: int = 128):
 
 
 def test_matte_growth_contains_the_hair_and_grows_it():
-    from hairdiff_core.augment import MatteGrowth, grow_matte
+    from hairdiff_core.data.augment import MatteGrowth, grow_matte
 
     matte = _hair()
     g = torch.Generator().manual_seed(1)
@@ -132,7 +132,7 @@ def test_matte_growth_contains_the_hair_and_grows_it():
 
 
 def test_matte_growth_probability_zero_is_the_old_behaviour():
-    from hairdiff_core.augment import MatteGrowth, grow_matte
+    from hairdiff_core.data.augment import MatteGrowth, grow_matte
 
     matte = _hair()
     g = torch.Generator().manual_seed(5)
@@ -142,7 +142,7 @@ def test_matte_growth_probability_zero_is_the_old_behaviour():
 
 
 def test_matte_growth_is_deterministic_and_random_per_item():
-    from hairdiff_core.augment import MatteGrowth, grow_matte
+    from hairdiff_core.data.augment import MatteGrowth, grow_matte
 
     matte = _hair(batch=64, size=32)
     a = grow_matte(matte, MatteGrowth(p=0.5), torch.Generator().manual_seed(3))
@@ -155,7 +155,7 @@ def test_matte_growth_is_deterministic_and_random_per_item():
 
 def test_matte_growth_leaves_the_sketch_alone_in_the_training_step():
     """The trainer's order: warp photo/sketch/matte, then grow only the matte."""
-    from hairdiff_core.augment import MatteGrowth, grow_matte
+    from hairdiff_core.data.augment import MatteGrowth, grow_matte
 
     photo, sketch, matte = _scene(4)
     g = torch.Generator().manual_seed(0)

@@ -33,7 +33,7 @@ def test_generate_with_a_builtin_model_says_what_it_is(tmp_path, caplog, flag, w
 
 
 def test_orientations_are_compared_undirected():
-    from hairdiff_core.metrics import orientation_difference
+    from hairdiff_core.evaluation.metrics import orientation_difference
 
     deg = [(0, 176, 4), (176, 0, 4), (10, 100, 90), (45, 45, 0), (179, 1, 2), (0, 90, 90), (30, 200, 10)]
     a = torch.tensor([math.radians(x) for x, _, _ in deg])
@@ -53,7 +53,7 @@ def test_the_sheet_labels_give_the_angle_between_sketch_and_result():
 def test_a_contact_sheet_title_is_drawn_and_kept_in_the_png(tmp_path):
     from PIL import Image
 
-    from hairdiff_core.imageio import contact_sheet, save_pil
+    from hairdiff_core.data.imageio import contact_sheet, save_pil
     from hairdiff_core.pipeline import builtin_model_label
 
     tile = torch.zeros(1, 3, 32, 32)

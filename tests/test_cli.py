@@ -85,7 +85,7 @@ def test_no_model_given(files, capsys):
     ],
 )
 def test_nan_during_sampling_advice_fits_the_dtype(files, capsys, monkeypatch, dtype, advice):
-    from hairdiff_core import sampler
+    from hairdiff_core.method import sampler
 
     monkeypatch.setattr(sampler.TransformerDenoiser, "__call__", lambda self, x, s, i: torch.full_like(x, float("nan")))
     assert hairdiff_cli.main(_argv(files, dtype=dtype)) == 2
@@ -113,9 +113,9 @@ def test_demo_runs_as_a_console_command(tmp_path):
 def test_adapter_for_another_base(files, capsys):
     from diffusers import SD3Transformer2DModel
 
-    from hairdiff_core.adapter import save_adapter
-    from hairdiff_core.surgery import widen_input_channels
-    from hairdiff_core.tiny import TINY_TRANSFORMER_CONFIG
+    from hairdiff_core.method.surgery import widen_input_channels
+    from hairdiff_core.models.adapter import save_adapter
+    from hairdiff_core.models.tiny import TINY_TRANSFORMER_CONFIG
 
     other = widen_input_channels(SD3Transformer2DModel(**{**TINY_TRANSFORMER_CONFIG, "num_layers": 3}))
     path = files["tmp"] / "foreign.safetensors"
@@ -127,8 +127,8 @@ def test_adapter_for_another_base(files, capsys):
 
 
 def test_adapter_for_this_base_is_used(files, tiny_transformer):
-    from hairdiff_core.adapter import save_adapter
-    from hairdiff_core.surgery import widen_input_channels
+    from hairdiff_core.method.surgery import widen_input_channels
+    from hairdiff_core.models.adapter import save_adapter
 
     widen_input_channels(tiny_transformer)
     w = tiny_transformer.pos_embed.proj.weight.data

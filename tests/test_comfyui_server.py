@@ -62,7 +62,7 @@ def _api_twin(ui_name: str) -> Path:
 
 
 #: Frontend-only node types (notes): never sent to the server, absent from /object_info.
-UI_ONLY = set(json.loads((ROOT / "tests" / "nodes" / "core_nodes.json").read_text())["_ui_only"])
+UI_ONLY = set(json.loads((ROOT / "tools" / "comfy_standins" / "core_nodes.json").read_text())["_ui_only"])
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 
@@ -183,7 +183,7 @@ def test_object_info_lists_every_hairdiff_node_and_core_table_is_current(server)
         assert info[nid]["category"].startswith("HairDiff/") and info[nid]["description"]
     # One way in ComfyUI: no node takes or gives a model of HairDiff's own.
     assert "HAIRDIFF_MODEL" not in json.dumps(info)
-    core = json.loads((ROOT / "tests" / "nodes" / "core_nodes.json").read_text())
+    core = json.loads((ROOT / "tools" / "comfy_standins" / "core_nodes.json").read_text())
     for kind, spec in core.items():
         if kind.startswith("_"):
             continue
@@ -265,8 +265,8 @@ def _assert_face_kept(path: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from hairdiff_core.imageio import load_image
-    from hairdiff_core.mask import dilate, protect_mask
+    from hairdiff_core.data.imageio import load_image
+    from hairdiff_core.method.mask import dilate, protect_mask
 
     protected = protect_mask(load_image(ASSETS / "sample_face_protect.png"))
     visible = dilate(protected, -4)[0, 0].numpy() > 0.5  # the face without the protect margin
@@ -422,7 +422,7 @@ def test_lora_graph_runs_and_changes_the_result(server, tmp_path):
     from safetensors.torch import save_file
 
     from hairdiff_cli import comfy_client as C
-    from hairdiff_core.toy import build_toy_transformer
+    from hairdiff_core.models.toy import build_toy_transformer
 
     # ComfyUI's own LoRA Loader after HairDiff Apply Adapter: its patches stack on the adapter's (diffusers
     # SD3 keys through ComfyUI's key map). The toy config gives the keys and shapes.
@@ -516,10 +516,10 @@ def test_adapter_from_models_hairdiff_with_an_extra_lora(server, tmp_path):
     from safetensors.torch import save_file
 
     from hairdiff_cli import comfy_client as C
-    from hairdiff_core.adapter import save_adapter
-    from hairdiff_core.lora import add_lora
-    from hairdiff_core.surgery import widen_input_channels
-    from hairdiff_core.toy import build_toy_transformer
+    from hairdiff_core.method.surgery import widen_input_channels
+    from hairdiff_core.models.adapter import save_adapter
+    from hairdiff_core.models.lora import add_lora
+    from hairdiff_core.models.toy import build_toy_transformer
 
     # An adapter of the user's own for the basic template's toy base (it replaces the shipped one).
     model = widen_input_channels(build_toy_transformer())
@@ -615,8 +615,8 @@ def test_draw_in_comfyui_takes_the_region_painted_in_the_mask_editor(server, tmp
     from PIL import Image
 
     from hairdiff_cli import comfy_client as C
-    from hairdiff_core.imageio import load_image
-    from hairdiff_core.mask import compose_matte, dilate
+    from hairdiff_core.data.imageio import load_image
+    from hairdiff_core.method.mask import compose_matte, dilate
 
     # The template's sketch region (its Hair Matte: sketch_dilate_px 24), padded past both feathers.
     region = compose_matte(None, load_image(ASSETS / "sample_sketch.png"), mode="sketch", sketch_dilate_px=24)

@@ -11,11 +11,11 @@ import copy
 import pytest
 import torch
 
-from hairdiff_core.compiling import CompileSettings, compile_blocks, compiled_blocks
 from hairdiff_core.errors import InputError
-from hairdiff_core.flow import timestep_from_sigma
-from hairdiff_core.reference import ReferenceSettings, reference_attention
-from hairdiff_core.surgery import widen_input_channels
+from hairdiff_core.method.flow import timestep_from_sigma
+from hairdiff_core.method.reference import ReferenceSettings, reference_attention
+from hairdiff_core.method.surgery import widen_input_channels
+from hairdiff_core.models.compiling import CompileSettings, compile_blocks, compiled_blocks
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_compiled_blocks_compile_inside_the_with_only_and_reuse_the_code(tiny_tr
 
     stats = torch._dynamo.utils.counters["stats"]
     eager = forward()
-    with caplog.at_level("INFO", logger="hairdiff_core.compiling"):
+    with caplog.at_level("INFO", logger="hairdiff_core.models.compiling"):
         with compiled_blocks(model, CompileSettings(backend="eager")) as n:
             assert n == len(model.transformer_blocks)
             inside = forward()
@@ -112,7 +112,7 @@ def test_compiled_blocks_compile_inside_the_with_only_and_reuse_the_code(tiny_tr
     after = forward()
     assert stats["unique_graphs"] == graphs  # ... and not after it: the blocks run eagerly again
     assert all(block._compiled_call_impl is None for block in model.transformer_blocks)
-    with caplog.at_level("INFO", logger="hairdiff_core.compiling"):
+    with caplog.at_level("INFO", logger="hairdiff_core.models.compiling"):
         with compiled_blocks(model, CompileSettings(backend="eager")):
             again = forward()
     assert stats["unique_graphs"] == graphs  # a second entry reuses the compiled code
@@ -159,8 +159,8 @@ def test_fp8_storage_compiles_every_block_into_the_same_graphs(fresh_dynamo):
     recompilation per block: past dynamo's limit of 8, the rest would run eagerly)."""
     from diffusers import SD3Transformer2DModel
 
-    from hairdiff_core.memory import apply_weights
-    from hairdiff_core.tiny import TINY_TRANSFORMER_CONFIG
+    from hairdiff_core.models.memory import apply_weights
+    from hairdiff_core.models.tiny import TINY_TRANSFORMER_CONFIG
 
     torch.manual_seed(0)
     # 6 blocks: 5 plain joint blocks (one graph) and the last, context-pre-only one (another).
@@ -186,8 +186,8 @@ def test_fp8_storage_compiles_every_block_into_the_same_graphs(fresh_dynamo):
 def test_a_compiler_that_fails_is_reported_plainly(tiny_transformer, fresh_dynamo, monkeypatch):
     """A missing C++ compiler or Triton surfaces in the first step, deep inside dynamo: the error
     says what failed and what to do, and the model is left eager."""
-    from hairdiff_core import compiling
     from hairdiff_core.errors import CompileError
+    from hairdiff_core.models import compiling
 
     def no_compiler(graph_module, example_inputs):
         raise RuntimeError("Compiler: cc not found\nmore detail")

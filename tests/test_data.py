@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hairdiff_core.data import DatasetError, check_resolution, load_sample, resize_center_crop, scan_dataset
+from hairdiff_core.data.datasets import DatasetError, check_resolution, load_sample, resize_center_crop, scan_dataset
 from hairdiff_core.errors import InputError
 from training.synthetic import make_synthetic_dataset
 
@@ -120,7 +120,7 @@ def test_resize_center_crop_square():
 # -- aspect buckets ------------------------------------------------------------------------------
 @pytest.mark.parametrize("resolution", [32, 64, 512, 1024])
 def test_bucket_set_sides_area_and_symmetry(resolution):
-    from hairdiff_core.data import aspect_buckets
+    from hairdiff_core.data.datasets import aspect_buckets
 
     buckets = aspect_buckets(resolution)
     assert (resolution, resolution) in buckets
@@ -153,7 +153,7 @@ def _portrait_dataset(root, h=1024, w=768, top=0, bottom=960):
 
 
 def test_portrait_768x1024_keeps_its_whole_matte(tmp_path):
-    from hairdiff_core.data import HairDataset
+    from hairdiff_core.data.datasets import HairDataset
 
     s = _portrait_dataset(tmp_path / "ds")
     assert s.size == (768, 1024)
@@ -176,7 +176,7 @@ def test_portrait_768x1024_keeps_its_whole_matte(tmp_path):
 
 
 def test_bucket_crop_is_placed_where_the_matte_is_not(tmp_path):
-    from hairdiff_core.data import crop_offset, resize_to_bucket
+    from hairdiff_core.data.datasets import crop_offset, resize_to_bucket
 
     # 100 rows to a window of 80: a matte in rows 0..50 keeps the top, one in 60..99 the bottom.
     cov = torch.zeros(100)
@@ -197,7 +197,7 @@ def test_bucket_crop_is_placed_where_the_matte_is_not(tmp_path):
 
 
 def test_bad_crop_mode_is_refused():
-    from hairdiff_core.data import check_crop
+    from hairdiff_core.data.datasets import check_crop
 
     with pytest.raises(InputError, match=r"crop mode 'middle'.*bucket"):
         check_crop("middle")

@@ -6,7 +6,7 @@ import inspect
 
 import hairdiff_cli
 from hairdiff_core.defaults import DEFAULTS
-from hairdiff_core.evaluation import EvalOptions
+from hairdiff_core.evaluation.evaluate import EvalOptions
 from hairdiff_core.pipeline import HairDiffPipeline
 
 

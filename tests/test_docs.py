@@ -163,3 +163,14 @@ def test_the_registry_icon_is_in_the_repository():
     with Image.open(path) as im:
         assert im.size[0] == im.size[1] and 100 <= im.size[0] <= 800
     assert path.stat().st_size < 100_000
+
+
+def test_the_version_is_written_once():
+    """pyproject.toml is the one place: no module writes a version string of its own."""
+    import re
+
+    declared = _pyproject()["project"]["version"]
+    for path in (ROOT / "hairdiff_core").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"__version__\s*=\s*[\"']", text), path
+        assert f'"{declared}"' not in text, path

@@ -11,7 +11,7 @@ from PIL import Image
 
 import hairdiff_cli
 from hairdiff_core.errors import InputError
-from hairdiff_core.evaluation import EvalOptions, EvalSetting, evaluate_samples, make_settings
+from hairdiff_core.evaluation.evaluate import EvalOptions, EvalSetting, evaluate_samples, make_settings
 
 SIZE = 64
 
@@ -213,7 +213,7 @@ def test_eval_cli_compares_reference_noises(tmp_path, capsys, monkeypatch):
 
 
 def test_evaluate_samples_api_for_training(tmp_path, tiny_transformer, tiny_vae):
-    from hairdiff_core.data import scan_dataset
+    from hairdiff_core.data.datasets import scan_dataset
     from hairdiff_core.pipeline import HairDiffPipeline
 
     write_dataset(tmp_path / "data", n=1)
@@ -227,7 +227,7 @@ def test_evaluate_samples_api_for_training(tmp_path, tiny_transformer, tiny_vae)
     assert "val/joint/seam" in means and "val/joint-ref_once/sketch_chamfer" in means
     assert all(math.isfinite(v) for v in means.values())
     # Dict samples (already in memory) give the same numbers as the files, at the same size.
-    from hairdiff_core.data import load_sample
+    from hairdiff_core.data.datasets import load_sample
 
     loaded = load_sample(samples[0], 32)
     again = evaluate_samples(pipe, [dict(loaded, stem="s0")], settings[:1], EvalOptions(steps=2))
@@ -237,7 +237,7 @@ def test_evaluate_samples_api_for_training(tmp_path, tiny_transformer, tiny_vae)
 
 
 def test_shards_cover_the_dataset_once_and_merge_in_order():
-    from hairdiff_core.evaluation import merge_reports, shard_samples
+    from hairdiff_core.evaluation.evaluate import merge_reports, shard_samples
 
     stems = [f"s{i}" for i in range(7)]
     shards = [shard_samples(stems, r, 3) for r in range(3)]

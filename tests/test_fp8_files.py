@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hairdiff_core.errors import ModelLoadError
-from hairdiff_core.loading import load_models, load_transformer
-from hairdiff_core.memory import current_storage_dtype
+from hairdiff_core.models.loading import load_models, load_transformer
+from hairdiff_core.models.memory import current_storage_dtype
 
 _spec = importlib.util.spec_from_file_location("_fp8_util", Path(__file__).with_name("_fp8_util.py"))
 fp8u = importlib.util.module_from_spec(_spec)
@@ -41,7 +41,7 @@ def _assert_within_fp8(loaded, original, rel: float):
 
 @pytest.fixture(scope="module")
 def models():
-    from hairdiff_core.tiny import build_tiny_transformer, build_tiny_vae
+    from hairdiff_core.models.tiny import build_tiny_transformer, build_tiny_vae
 
     return build_tiny_transformer(), build_tiny_vae()
 
@@ -55,7 +55,7 @@ def test_scaled_fp8_file_loads_within_fp8_rounding(models, tmp_path, caplog):
     assert "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.scale_weight" in written
 
     # Dequantised into bf16 storage: the original weights within fp8 rounding.
-    with caplog.at_level("INFO", logger="hairdiff_core.loading"):
+    with caplog.at_level("INFO", logger="hairdiff_core.models.loading"):
         loaded = load_models(path, dtype=torch.bfloat16, weights="bf16")
     assert "scaled fp8 (ComfyUI fp8_scaled)" in caplog.text
     assert current_storage_dtype(loaded.transformer) is None
@@ -102,7 +102,7 @@ def test_comfyui_mixed_precision_file_loads_within_fp8_rounding(models, tmp_path
     fc1 = "model.diffusion_model.joint_blocks.0.context_block.mlp.fc1.weight"
     assert mixed[fc1].dtype == torch.bfloat16  # a plain layer beside fp8 ones
     save_file(mixed, str(tmp_path / "mixed.safetensors"))
-    with caplog.at_level("INFO", logger="hairdiff_core.loading"):
+    with caplog.at_level("INFO", logger="hairdiff_core.models.loading"):
         loaded, family = load_transformer(tmp_path / "mixed.safetensors", dtype=torch.bfloat16, weights="bf16")
     assert family == "tiny" and "ComfyUI mixed precision" in caplog.text
     _assert_within_fp8(loaded, transformer, E4M3_REL)
@@ -141,7 +141,7 @@ def test_unreadable_fp8_layouts_are_refused_clearly(models, tmp_path):
 
 def test_dequantised_layer_by_layer_into_the_storage_dtype(models, tmp_path, monkeypatch):
     """No float32 copy of the model ever exists: each fp8 layer is widened alone and cast at once."""
-    from hairdiff_core import loading
+    from hairdiff_core.models import loading
 
     transformer, _ = models
     path = tmp_path / "scaled.safetensors"

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from hairdiff_core.errors import ModelLoadError
-from hairdiff_core.loading import load_transformer
+from hairdiff_core.models.loading import load_transformer
 
 _spec = importlib.util.spec_from_file_location("_single_file_util", Path(__file__).with_name("_single_file_util.py"))
 sfu = importlib.util.module_from_spec(_spec)
@@ -62,7 +62,7 @@ def test_q8_gguf_loads_and_generates_with_the_adapter(_tiny_transformer_master, 
     matte[..., 16:48, 16:48] = 1
     sketch = torch.zeros(1, 3, 64, 64)
     sketch[..., 20:44, 30:34] = 1
-    from hairdiff_core.tiny import build_tiny_transformer
+    from hairdiff_core.models.tiny import build_tiny_transformer
 
     ref_pipe = HairDiffPipeline(build_tiny_transformer(), _tiny_vae_master)
     gguf_pipe = HairDiffPipeline.from_files(model=path, vae=vae)
@@ -73,7 +73,7 @@ def test_q8_gguf_loads_and_generates_with_the_adapter(_tiny_transformer_master, 
     assert torch.isfinite(got).all() and 10 * math.log10(1 / max(mse, 1e-12)) > 30  # Q8_0 is close
 
     # A LoRA on the quantised layers: it stays in the compute dtype and changes the output.
-    from hairdiff_core.lora import add_lora
+    from hairdiff_core.models.lora import add_lora
 
     add_lora(gguf_pipe.transformer, rank=4)
     lora_a = next(iter(gguf_pipe.transformer.transformer_blocks[0].attn.to_q.lora_A.values())).weight
@@ -85,7 +85,7 @@ def test_q8_gguf_loads_and_generates_with_the_adapter(_tiny_transformer_master, 
     assert not torch.allclose(changed, got, atol=1e-3)
 
     # Compiled blocks (HairDiff Compile) trace the quantised Linears whole, LoRA included.
-    from hairdiff_core.compiling import CompileSettings, compiled_blocks
+    from hairdiff_core.models.compiling import CompileSettings, compiled_blocks
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

@@ -84,9 +84,9 @@ def test_bad_images_and_load_arguments(pipe, tmp_path):
 def test_int8_adapter_is_refused(tmp_path, tiny_transformer):
     from safetensors.torch import load_file, save_file
 
-    from hairdiff_core.adapter import load_adapter, save_adapter
     from hairdiff_core.errors import AdapterFileError
-    from hairdiff_core.surgery import widen_input_channels
+    from hairdiff_core.method.surgery import widen_input_channels
+    from hairdiff_core.models.adapter import load_adapter, save_adapter
 
     widen_input_channels(tiny_transformer)
     path = tmp_path / "a.safetensors"
@@ -110,9 +110,9 @@ def _umask() -> int:
 
 MEMORY_CHECK = """
 import resource, torch
-from hairdiff_core import mask as M
+from hairdiff_core.method import mask as M
 from hairdiff_core.pipeline import HairDiffPipeline
-from hairdiff_core.tiny import build_tiny_transformer, build_tiny_vae
+from hairdiff_core.models.tiny import build_tiny_transformer, build_tiny_vae
 pipe = HairDiffPipeline(build_tiny_transformer(), build_tiny_vae())
 photo = torch.rand(1, 3, 96, 80); matte = torch.zeros(1, 1, 96, 80); matte[..., 30:60, 20:50] = 1
 # From here on at most __LIMIT__ more bytes of address space: an unbounded kernel would need GBs.
@@ -165,7 +165,7 @@ def test_resize_message_is_logged_once_per_run(pipe, caplog):
 
 
 def test_dilation_radius_is_capped_by_the_image():
-    from hairdiff_core import mask as M
+    from hairdiff_core.method import mask as M
 
     m = torch.zeros(1, 1, 20, 30)
     m[..., 5, 7] = 1
@@ -201,9 +201,9 @@ def test_every_box_shape_plans_within_each_familys_limit():
     transformer's positions, for the limits of every shipped config."""
     import json
 
-    from hairdiff_core import configs, toy
+    from hairdiff_core.models import configs, toy
+    from hairdiff_core.models.tiny import TINY_TRANSFORMER_CONFIG
     from hairdiff_core.pipeline import plan_crop, widen_box
-    from hairdiff_core.tiny import TINY_TRANSFORMER_CONFIG
 
     folder = Path(configs.__file__).parent
     families = [json.loads(p.read_text()) for p in sorted(folder.glob("*-transformer.json"))]

@@ -38,12 +38,12 @@ def inputs(tmp_path):
 @pytest.fixture(autouse=True)
 def no_model_load(monkeypatch):
     """Every refusal must come before a model loads: loading fails the test."""
-    import hairdiff_core.loading
+    import hairdiff_core.models.loading
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(hairdiff_core.loading, "load_models", refuse)
+    monkeypatch.setattr(hairdiff_core.models.loading, "load_models", refuse)
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -501,7 +501,7 @@ def test_a_wrongly_typed_adapter_field_is_named_with_its_type(inputs, capsys, wh
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from hairdiff_core.toy import adapter_path
+    from hairdiff_core.models.toy import adapter_path
 
     with safe_open(str(adapter_path()), framework="pt") as f:
         header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hairdiff_core import mask as M
+from hairdiff_core.data.imageio import load_image, save_image
 from hairdiff_core.errors import InputError, OutputPathError
-from hairdiff_core.imageio import load_image, save_image
+from hairdiff_core.method import mask as M
 
 
 def _grey_ramp(h=8, w=12) -> np.ndarray:
@@ -76,15 +76,15 @@ def test_exif_rotated_jpeg_is_read_as_displayed(tmp_path):
     x = load_image(tmp_path / "phone.jpg")
     assert x.shape[-2:] == (16, 8)  # displayed portrait
     assert float(x[0, :, :4, :].mean()) > 0.9 and float(x[0, :, -4:, :].mean()) < 0.1  # band now on top
-    from hairdiff_core.imageio import image_size
+    from hairdiff_core.data.imageio import image_size
 
     # The header-only size the CLI checks aspect ratios with is the displayed one too.
     assert image_size(tmp_path / "phone.jpg") == (8, 16)
 
 
 def test_background_of_a_16_bit_photo_comes_back_unchanged(tmp_path):
+    from hairdiff_core.models.tiny import build_tiny_transformer, build_tiny_vae
     from hairdiff_core.pipeline import HairDiffPipeline
-    from hairdiff_core.tiny import build_tiny_transformer, build_tiny_vae
 
     h = w = 32
     rng = np.random.default_rng(0)

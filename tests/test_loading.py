@@ -17,17 +17,16 @@ import torch
 from safetensors.torch import save_file
 
 from hairdiff_core.errors import ModelLoadError
-from hairdiff_core.loading import (
-    TRANSFORMER_CONFIG_FILES,
+from hairdiff_core.method.surgery import widen_input_channels
+from hairdiff_core.models.families import TRANSFORMER_CONFIG_FILES, shipped_config
+from hairdiff_core.models.loading import (
     identify_transformer,
     identify_vae,
     load_models,
     load_transformer,
     load_vae,
-    shipped_config,
 )
-from hairdiff_core.surgery import widen_input_channels
-from hairdiff_core.tiny import TINY_TRANSFORMER_CONFIG, TINY_VAE_CONFIG
+from hairdiff_core.models.tiny import TINY_TRANSFORMER_CONFIG, TINY_VAE_CONFIG
 
 _spec = importlib.util.spec_from_file_location("_single_file_util", Path(__file__).with_name("_single_file_util.py"))
 sfu = importlib.util.module_from_spec(_spec)
@@ -114,7 +113,7 @@ def test_single_file_with_vae_equals_diffusers_folder(
 ):
     monkeypatch.setattr(socket.socket, "connect", _no_network)
     monkeypatch.setattr(socket, "create_connection", _no_network)
-    with caplog.at_level(logging.INFO, logger="hairdiff_core.loading"):
+    with caplog.at_level(logging.INFO, logger="hairdiff_core.models.loading"):
         single = load_models(files["full"])
     assert "recognised HairDiff tiny transformer (2 blocks, dual attention 0)" in caplog.text
     assert str(files["full"]) in caplog.text

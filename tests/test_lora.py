@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from hairdiff_core.errors import AdapterFileError, HairDiffError, InputError
-from hairdiff_core.lora import (
+from hairdiff_core.models.lora import (
     DEFAULT_LORA_TARGETS,
     active_adapters,
     add_lora,

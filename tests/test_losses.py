@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hairdiff_core.flow import shift_sigmas, soft_noise
 from hairdiff_core.imageops import sobel
-from hairdiff_core.losses import (
+from hairdiff_core.method.flow import shift_sigmas, soft_noise
+from hairdiff_core.method.losses import (
     hairdiff_loss,
     masked_mse,
     sample_sigmas,

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from hairdiff_core import mask as M
 from hairdiff_core.errors import EmptyMaskError, InputError
-from hairdiff_core.flow import sampling_sigmas, soft_noise
+from hairdiff_core.method import mask as M
+from hairdiff_core.method.flow import sampling_sigmas, soft_noise
 
 
 def _square_matte(size=128, lo=40, hi=88):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hairdiff_core.errors import EmptyMaskError, InputError
-from hairdiff_core.mask import compose_matte, matte_preview, protect_mask, protect_picture, soft_mask
+from hairdiff_core.method.mask import compose_matte, matte_preview, protect_mask, protect_picture, soft_mask
 
 S = 64
 
@@ -138,7 +138,7 @@ def test_cli_exclude_reads_a_protect_picture_like_comfyuis_load_image(tmp_path):
     from PIL import Image
 
     from hairdiff_cli.commands.generate import compose_matte_from_args
-    from hairdiff_core.imageio import load_image
+    from hairdiff_core.data.imageio import load_image
 
     assets = Path(__file__).resolve().parents[1] / "hairdiff_core" / "assets"
     with Image.open(assets / "sample_face_protect.png") as im:
@@ -235,7 +235,7 @@ def test_cli_matte_flags_compose_mattes_sketch_and_exclusions(tmp_path, capsys, 
 def test_eval_option_adds_the_sketch_region_to_each_matte():
     from types import SimpleNamespace
 
-    from hairdiff_core.evaluation import EvalOptions, EvalSetting, evaluate_samples
+    from hairdiff_core.evaluation.evaluate import EvalOptions, EvalSetting, evaluate_samples
 
     class FakePipeline:  # records the matte; the metrics run on the photo itself
         mattes = []

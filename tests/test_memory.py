@@ -1,4 +1,4 @@
-"""The peak-VRAM estimate and the auto choice (hairdiff_core.memory); models on the meta device only."""
+"""The peak-VRAM estimate and the auto choice (hairdiff_core.models.memory); models on the meta device only."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hairdiff_core.errors import InputError
-from hairdiff_core.memory import choose_settings, estimate_peak_vram
+from hairdiff_core.models.memory import choose_settings, estimate_peak_vram
 
 GB = 2**30
 
@@ -14,7 +14,7 @@ GB = 2**30
 def test_weights_match_the_real_parameter_counts():
     from diffusers import SD3Transformer2DModel
 
-    from hairdiff_core.memory import family_config
+    from hairdiff_core.models.memory import family_config
 
     for family in ("sd3.5-large", "sd3.5-medium", "tiny"):
         config = family_config(family)
@@ -63,7 +63,7 @@ def test_auto_choices_for_the_cards_artists_have():
 
 
 def test_a_model_of_an_unknown_family_is_sized_from_its_own_config(tiny_transformer):
-    from hairdiff_core.memory import estimate_for
+    from hairdiff_core.models.memory import estimate_for
 
     mine = estimate_for(tiny_transformer, "my-finetune", offload="none", height=256, width=256)
     tiny = estimate_for(tiny_transformer, "tiny", offload="none", height=256, width=256)

@@ -1,4 +1,4 @@
-"""Known-answer tests for hairdiff_core.metrics: constructed images whose right score is known."""
+"""Known-answer tests for hairdiff_core.evaluation.metrics: constructed images whose right score is known."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from hairdiff_core import metrics as Mt
 from hairdiff_core.errors import InputError
-from hairdiff_core.mask import gaussian_blur, soft_mask
+from hairdiff_core.evaluation import metrics as Mt
+from hairdiff_core.method.mask import gaussian_blur, soft_mask
 
 S = 256
 

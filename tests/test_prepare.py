@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import hairdiff_cli
-from hairdiff_core.data import load_sample, scan_dataset
+from hairdiff_core.data.datasets import load_sample, scan_dataset
 from training.synthetic import make_sample_arrays
 
 SIZE = 48
@@ -184,7 +184,7 @@ def test_help_is_cheap_and_names_the_library_defaults():
     import sys
     from pathlib import Path
 
-    from hairdiff_core.prepare import PrepareOptions
+    from hairdiff_core.data.prepare import PrepareOptions
 
     repo = Path(__file__).resolve().parent.parent
     code = "import sys, hairdiff_cli; hairdiff_cli.build_parser(); print('torch' in sys.modules)"
@@ -259,8 +259,8 @@ def test_seeding_ridges_is_recorded_and_puts_strokes_on_brighter_hair(tmp_path, 
     assert brightness["ridges"] > brightness["grid"]
     with pytest.raises(SystemExit):
         prepare(images, mattes, tmp_path / "bad", "--seeding", "random")
+    from hairdiff_core.data.prepare import PrepareOptions
     from hairdiff_core.errors import InputError
-    from hairdiff_core.prepare import PrepareOptions
 
     with pytest.raises(InputError, match="unknown --seeding 'random'; choose one of grid, ridges"):
         PrepareOptions(seeding="random").validate()

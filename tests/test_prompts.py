@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hairdiff_core.errors import InputError, ModelLoadError
-from hairdiff_core.text import PromptCache, load_prompt_embeds
-from hairdiff_core.text_encoders import (
+from hairdiff_core.models.text import PromptCache, load_prompt_embeds
+from hairdiff_core.models.text_encoders import (
     CLIP_TOKENS,
     TextEncoderSource,
     build_tiny_text_encoders,
@@ -140,7 +140,7 @@ def test_prompt_cache_loads_the_encoders_once_and_frees_them(tmp_path):
 
 
 def test_pipeline_prompt_equals_its_embeddings_and_is_cached(tiny_transformer, tiny_vae, monkeypatch):
-    from hairdiff_core import text_encoders as TE
+    from hairdiff_core.models import text_encoders as TE
     from hairdiff_core.pipeline import HairDiffPipeline
 
     pipe = HairDiffPipeline(tiny_transformer, tiny_vae)
@@ -258,7 +258,7 @@ def test_cli_prompt_without_encoders_fails_before_loading_the_model(tmp_path, ca
 def test_fp8_and_scaled_fp8_files_are_cast_up(tmp_path):
     from safetensors.torch import save_file
 
-    from hairdiff_core.text_encoders import _read_state_dict
+    from hairdiff_core.models.text_encoders import _read_state_dict
 
     w = torch.randn(8, 4)
     w8 = w.to(torch.float8_e4m3fn)

@@ -52,7 +52,7 @@ def _gpu_check():
 
 
 def test_gpu_check_flop_count_matches_torch_counter():
-    from hairdiff_core.loading import shipped_config
+    from hairdiff_core.models.families import shipped_config
 
     bench = _gpu_check()
     # Medium's widths, 4 of its layers (2 with dual attention): the count is per layer.

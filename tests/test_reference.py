@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from hairdiff_core.errors import InputError
-from hairdiff_core.flow import sampling_sigmas, timestep_from_sigma
-from hairdiff_core.reference import (
+from hairdiff_core.method.flow import sampling_sigmas, timestep_from_sigma
+from hairdiff_core.method.reference import (
     KWARG,
     GenerationPassState,
     ReferenceAttnProcessor,
@@ -28,8 +28,8 @@ from hairdiff_core.reference import (
     reference_pass,
     reference_processors,
 )
-from hairdiff_core.sampler import TransformerDenoiser, soft_mask_sample
-from hairdiff_core.surgery import widen_input_channels
+from hairdiff_core.method.sampler import TransformerDenoiser, soft_mask_sample
+from hairdiff_core.method.surgery import widen_input_channels
 
 H, W = 8, 12  # latent
 TH, TW = H // 2, W // 2  # tokens
@@ -245,7 +245,7 @@ def test_processors_and_outputs_restored_after_a_raise(model, error, ref_noise):
 
 def _reference_inputs_seen(model, settings, steps=4):
     """Sample ``steps`` steps; return (sigmas, [(hidden_states, timestep) of each reference pass])."""
-    from hairdiff_core.reference import ReferencePassState
+    from hairdiff_core.method.reference import ReferencePassState
 
     x0, noise, sketch, text, pooled, mask = _inputs()
     seen = []

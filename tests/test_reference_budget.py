@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from hairdiff_core.errors import InputError
-from hairdiff_core.reference import ReferenceGating, ReferenceSettings, grouped_attention, reference_attention
-from hairdiff_core.sampler import TransformerDenoiser
-from hairdiff_core.surgery import widen_input_channels
+from hairdiff_core.method.reference import ReferenceGating, ReferenceSettings, grouped_attention, reference_attention
+from hairdiff_core.method.sampler import TransformerDenoiser
+from hairdiff_core.method.surgery import widen_input_channels
 
 H, W = 8, 12  # latent: 4x6 tokens (non-square) of the tiny dual-attention model
 TH, TW = H // 2, W // 2
@@ -105,7 +105,7 @@ def _per_step_with_cfg(model, kernel: str, extra: dict) -> torch.Tensor:
 def test_bias_free_kernels_equal_the_bias_path_with_cfg(model, extra, kernel, monkeypatch):
     """grouped: one SDPA per key group merged by log-sum-exp; folded: the biases in extra head
     dimensions, one SDPA call. Neither passes a float mask; both give the float-bias result."""
-    import hairdiff_core.reference as R
+    import hairdiff_core.method.reference as R
 
     want = _per_step_with_cfg(model, "bias", extra)
     grouped_calls, masks = [], []
@@ -123,7 +123,7 @@ def test_bias_free_kernels_equal_the_bias_path_with_cfg(model, extra, kernel, mo
 
 
 def test_folded_attention_is_the_biased_softmax():
-    from hairdiff_core.reference import _FOLD_DIMS, folded_attention
+    from hairdiff_core.method.reference import _FOLD_DIMS, folded_attention
 
     g = torch.Generator().manual_seed(3)
     B, H, Lq, Lk, D = 2, 3, 7, 11, 16
@@ -237,15 +237,15 @@ def test_budget_and_kernel_settings_are_validated():
 def test_cli_budget_flags_reach_the_settings():
     import argparse
 
-    from hairdiff_cli.commands.generate import add_reference_field_arguments, reference_fields
+    from hairdiff_cli.commands.options import add_reference_field_arguments, reference_fields
 
     p = argparse.ArgumentParser()
     add_reference_field_arguments(p)
     fields = reference_fields(p.parse_args(["--ref-key-pool", "2", "--ref-key-ring", "4", "--ref-kernel", "grouped"]))
     s = ReferenceSettings(mode="once", **fields)
     assert (s.key_pool, s.key_ring, s.attention_kernel) == (2, 4, "grouped")
-    from hairdiff_cli.commands.generate import REFERENCE_FLAG_CHOICES
-    from hairdiff_core.reference import ATTENTION_KERNELS
+    from hairdiff_cli.commands.options import REFERENCE_FLAG_CHOICES
+    from hairdiff_core.method.reference import ATTENTION_KERNELS
 
     assert REFERENCE_FLAG_CHOICES["ref_kernel"] == ATTENTION_KERNELS  # the CLI's copy (no torch at import)
     with pytest.raises(SystemExit):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hairdiff_core.reference import (
+from hairdiff_core.method.reference import (
     GenerationPassState,
     ReferenceCache,
     ReferenceComplete,

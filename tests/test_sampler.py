@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from hairdiff_core.errors import NonFiniteError
-from hairdiff_core.flow import sampling_sigmas
-from hairdiff_core.sampler import TransformerDenoiser, replace_sample, soft_mask_sample
-from hairdiff_core.surgery import widen_input_channels
-from hairdiff_core.text import zero_text
+from hairdiff_core.method.flow import sampling_sigmas
+from hairdiff_core.method.sampler import TransformerDenoiser, replace_sample, soft_mask_sample
+from hairdiff_core.method.surgery import widen_input_channels
+from hairdiff_core.models.text import zero_text
 
 
 def _random_velocity(x, sigma, step):

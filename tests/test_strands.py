@@ -1,4 +1,4 @@
-"""Sketch synthesis (hairdiff_core.strands): known answers on striped synthetic hair."""
+"""Sketch synthesis (hairdiff_core.data.strands): known answers on striped synthetic hair."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from hairdiff_core import strands as S
+from hairdiff_core.data import strands as S
 from hairdiff_core.errors import InputError
-from hairdiff_core.mask import gaussian_blur
+from hairdiff_core.method.mask import gaussian_blur
 
 
 def striped_hair(size: int, degrees: float, colour=(0.4, 0.25, 0.1), period: float | None = None):
@@ -61,7 +61,7 @@ def test_strands_follow_the_stripes(degrees):
 def test_strands_follow_the_synthetic_datasets_own_sketch():
     """On training/synthetic.py's samples (random angle each) the strokes run like the sample's
     own ground-truth sketch."""
-    from hairdiff_core.mask import normalize_sketch
+    from hairdiff_core.method.mask import normalize_sketch
     from training.synthetic import make_sample_arrays
 
     rng = np.random.default_rng(11)

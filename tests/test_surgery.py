@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hairdiff_core.errors import ChannelCountError
-from hairdiff_core.surgery import input_channels, widen_input_channels
+from hairdiff_core.method.surgery import input_channels, widen_input_channels
 
 
 def _forward(model, x):

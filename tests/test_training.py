@@ -88,7 +88,7 @@ def full_run(dataset, tmp_path_factory):
 
 # -- trainable parameters -------------------------------------------------------------------
 def test_only_intended_parameters_receive_gradients(tiny_transformer):
-    from hairdiff_core.surgery import widen_input_channels
+    from hairdiff_core.method.surgery import widen_input_channels
     from training.trainer import setup_trainable
 
     model = widen_input_channels(tiny_transformer.to(torch.bfloat16))
@@ -125,7 +125,7 @@ def test_only_intended_parameters_receive_gradients(tiny_transformer):
 
 
 def test_train_base_channels_opens_them(tiny_transformer):
-    from hairdiff_core.surgery import widen_input_channels
+    from hairdiff_core.method.surgery import widen_input_channels
     from training.trainer import setup_trainable
 
     model = widen_input_channels(tiny_transformer)
@@ -187,7 +187,7 @@ def test_sketch_channels_learn_base_channels_bit_identical(full_run, tiny_transf
 def test_adapter_loads_into_a_fresh_model(full_run, tiny_transformer):
     from safetensors.torch import load_file
 
-    from hairdiff_core.adapter import load_adapter
+    from hairdiff_core.models.adapter import load_adapter
 
     out, result = full_run
     meta = load_adapter(tiny_transformer, result.adapter)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hairdiff_core.errors import InputError
-from hairdiff_core.tiny import build_tiny_transformer
+from hairdiff_core.models.tiny import build_tiny_transformer
 
 
 class _FakeSD3Pipeline:

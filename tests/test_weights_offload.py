@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from hairdiff_core.errors import HairDiffError, InputError
-from hairdiff_core.lora import add_lora
-from hairdiff_core.memory import (
+from hairdiff_core.method.reference import ReferenceSettings
+from hairdiff_core.method.surgery import widen_input_channels
+from hairdiff_core.models.lora import add_lora
+from hairdiff_core.models.memory import (
     apply_offload,
     apply_weights,
     current_storage_dtype,
@@ -23,8 +25,6 @@ from hairdiff_core.memory import (
     remove_offload,
 )
 from hairdiff_core.pipeline import HairDiffPipeline
-from hairdiff_core.reference import ReferenceSettings
-from hairdiff_core.surgery import widen_input_channels
 
 #: fp8 storage of the tiny model's weights vs bf16, on decoded images (measured ~40 dB).
 MIN_PSNR_DB = 30.0
@@ -47,7 +47,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _trained_adapter(master, path):
     """A tiny adapter whose LoRA and sketch channels are far from zero (clearly changes outputs)."""
-    from hairdiff_core.adapter import save_adapter
+    from hairdiff_core.models.adapter import save_adapter
 
     model = copy.deepcopy(master)
     widen_input_channels(model)
@@ -70,7 +70,7 @@ def _generate(pipe, **kw):
 
 @pytest.fixture(scope="module")
 def adapter_file(tmp_path_factory):
-    from hairdiff_core.tiny import build_tiny_transformer
+    from hairdiff_core.models.tiny import build_tiny_transformer
 
     return _trained_adapter(build_tiny_transformer(), tmp_path_factory.mktemp("adapter") / "a.safetensors")
 
@@ -81,7 +81,7 @@ def fp8_pipe(adapter_file):
 
 
 def _with_and_without_lora(pipe):
-    from hairdiff_core.lora import set_lora_scale
+    from hairdiff_core.models.lora import set_lora_scale
 
     with_lora = _generate(pipe)
     set_lora_scale(pipe.transformer, 0.0)
@@ -224,7 +224,7 @@ def test_cli_weights_and_offload_flags(tmp_path, monkeypatch, capsys):
     c = np.asarray(Image.open(tmp_path / "fp8_compiled.png")).astype(int)
     assert np.abs(c - a.astype(int)).max() <= 1
     # A compiler that fails is the contract's one line and exit 2, not dynamo's traceback.
-    from hairdiff_core import compiling
+    from hairdiff_core.models import compiling
 
     def no_compiler(graph_module, example_inputs):
         raise RuntimeError("Compiler: cc not found")

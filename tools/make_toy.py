@@ -1,4 +1,4 @@
-"""Builds the toy model family shipped in hairdiff_core/assets/toy/ (see hairdiff_core/toy.py).
+"""Builds the toy model family shipped in hairdiff_core/assets/toy/ (see hairdiff_core/models/toy.py).
 
 Three stages, each cached in --work so a stage can be rerun alone (--stages vae,base,adapter):
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hairdiff_core import toy  # noqa: E402
+from hairdiff_core.models import toy  # noqa: E402
 from training.synthetic import make_portrait_arrays, sample_hair_params  # noqa: E402
 
 logger = logging.getLogger("make_toy")
@@ -314,10 +314,10 @@ def train_vae(work: Path, steps: int, full_steps: int) -> dict:
 
 # -- stage 2: the base transformer --------------------------------------------------------------
 def train_base(work: Path, steps: int) -> dict:
-    from hairdiff_core.flow import timestep_from_sigma
-    from hairdiff_core.losses import sample_sigmas
+    from hairdiff_core.method.flow import timestep_from_sigma
+    from hairdiff_core.method.losses import sample_sigmas
+    from hairdiff_core.models.text import zero_text
     from hairdiff_core.pipeline import HairDiffPipeline
-    from hairdiff_core.text import zero_text
 
     torch.manual_seed(0)
     vae = _load_work_vae(work)

@@ -32,7 +32,7 @@ class TrainConfig:
     output: str | None = None
     # model
     tiny: bool = False
-    toy: bool = False  # the shipped toy base (hairdiff_core.toy) as the model to train on
+    toy: bool = False  # the shipped toy base (hairdiff_core.models.toy) as the model to train on
     model: str | None = None
     vae: str | None = None
     # data
@@ -145,8 +145,8 @@ class TrainConfig:
             raise InputError(f"--mixed-precision {self.mixed_precision!r}: choose one of {MIXED_PRECISION}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise InputError(f"--lr-schedule {self.lr_schedule!r}: choose one of {LR_SCHEDULES}")
-        from hairdiff_core.augment import AUGMENT_MODES
-        from hairdiff_core.losses import WEIGHTING_SCHEMES
+        from hairdiff_core.data.augment import AUGMENT_MODES
+        from hairdiff_core.method.losses import WEIGHTING_SCHEMES
 
         if self.augment not in AUGMENT_MODES:
             raise InputError(f"--augment {self.augment!r}: choose one of {AUGMENT_MODES}")
@@ -164,12 +164,12 @@ class TrainConfig:
         if self.lr <= 0:
             raise InputError(f"--lr must be positive, got {self.lr}")
         if self.resolution is not None:
-            from hairdiff_core.data import check_resolution
+            from hairdiff_core.data.datasets import check_resolution
 
             check_resolution(self.resolution)
         if self.oversample_from_epoch is not None and self.oversample_from_epoch < 0:
             raise InputError("--oversample-from-epoch counts epochs from 1 (0 turns the curriculum off)")
-        from hairdiff_core.data import CROP_MODES
+        from hairdiff_core.data.datasets import CROP_MODES
 
         if self.crop not in CROP_MODES:
             raise InputError(f"--crop {self.crop!r}: choose one of {CROP_MODES}")

@@ -42,8 +42,8 @@ def make_synthetic_dataset(root, n: int = 4, size: int = 64, braid: int = 1, see
     stems go to ``braid.txt``. Returns ``root``."""
     from PIL import Image
 
+    from hairdiff_core.data.imageio import save_pil
     from hairdiff_core.fileio import atomic_write_text
-    from hairdiff_core.imageio import save_pil
 
     root = Path(root)
     for kind in ("img", "matte", "sketch"):
@@ -178,11 +178,11 @@ SKETCH_STYLES = ("strands", "levels")
 def traced_sketch(photo: np.ndarray, matte: np.ndarray, colour: bool = False, seed: int = 0) -> np.ndarray:
     """The sketch ``hairdiff prepare --seeding ridges`` draws for this photo (HxWx3 uint8) and matte
     (HxW): strands traced along the hair's estimated orientation field from its highlights
-    (:mod:`hairdiff_core.strands`), so the synthetic training sketches look like the ones users'
+    (:mod:`hairdiff_core.data.strands`), so the synthetic training sketches look like the ones users'
     datasets get, with each stroke on a visible stripe. Float HxWx3 in [0, 1]."""
     import torch
 
-    from hairdiff_core.strands import synthesize_sketch
+    from hairdiff_core.data.strands import synthesize_sketch
 
     p = torch.from_numpy(np.ascontiguousarray(photo)).permute(2, 0, 1)[None].float() / 255.0
     m = torch.from_numpy(np.ascontiguousarray(matte > (127 if matte.dtype == np.uint8 else 0.5))).float()[None, None]

@@ -4,7 +4,7 @@ Default: none (zero embeddings, no text encoder in memory). Two ways to conditio
 
 - ``--text-embeds DIR``: ``DIR/<stem>.safetensors`` files with SD3 prompt embeddings
   (``prompt_embeds`` (1, L, D) and ``pooled_prompt_embeds`` (1, P), the keys
-  :func:`hairdiff_core.text.load_prompt_embeds` reads), computed elsewhere;
+  :func:`hairdiff_core.models.text.load_prompt_embeds` reads), computed elsewhere;
 - ``--captions FILE`` (JSON ``{stem: caption}`` or ``stem<TAB>caption`` lines): encoded once with
   the SD3 text encoders of the ``--model`` diffusers folder, cached under
   ``<cache>/text/<hash>.safetensors`` (keyed by caption, model and encoder length), after which
@@ -75,7 +75,7 @@ def _check_dims(embeds: torch.Tensor, pooled: torch.Tensor, transformer, where: 
 
 
 def _from_folder(folder: Path, samples, transformer) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    from hairdiff_core.text import load_prompt_embeds
+    from hairdiff_core.models.text import load_prompt_embeds
 
     out = {}
     for i, s in enumerate(samples):
@@ -92,7 +92,7 @@ def _from_folder(folder: Path, samples, transformer) -> dict[int, tuple[torch.Te
 def _encode_captions(
     captions: dict[str, str], samples, config, cache: Path, device
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    from hairdiff_core.text import PromptCache
+    from hairdiff_core.models.text import PromptCache
 
     model_key = (
         str(Path(config.model).resolve()) if config.model else ("toy" if getattr(config, "toy", False) else "tiny")

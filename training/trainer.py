@@ -3,8 +3,8 @@
 One step, per micro-batch (DESIGN.md, "The method"):
 
 1. load photo, canonical sketch and binary matte in their aspect bucket of about
-   ``resolution``² px (``hairdiff_core.data``; every batch is one bucket, see :class:`EpochPlan`);
-2. augment on the device (``hairdiff_core.augment``: ``all`` or ``seed``), then grow the matte
+   ``resolution``² px (``hairdiff_core.data.datasets``; every batch is one bucket, see :class:`EpochPlan`);
+2. augment on the device (``hairdiff_core.data.augment``: ``all`` or ``seed``), then grow the matte
    beyond the hair with probability ``matte_growth`` (the sketch unchanged);
 3. feather the matte into the soft mask and area-resize it to the latent grid (``mask``);
 4. VAE-encode the (warped) photo, or read its cached latent in ``seed`` mode, and the sketch;
@@ -34,16 +34,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from hairdiff_core import mask as M
-from hairdiff_core.augment import AugmentSettings, MatteGrowth, augment_batch, grow_matte
 from hairdiff_core.checks import parse_dtype
-from hairdiff_core.data import HairDataset, check_resolution_fits, file_digest, scan_dataset
+from hairdiff_core.data.augment import AugmentSettings, MatteGrowth, augment_batch, grow_matte
+from hairdiff_core.data.datasets import HairDataset, check_resolution_fits, file_digest, scan_dataset
+from hairdiff_core.data.imageio import save_pil
 from hairdiff_core.errors import HairDiffError, NonFiniteError
 from hairdiff_core.fileio import atomic_write, disk_full_error, is_disk_full
-from hairdiff_core.flow import soft_noise, timestep_from_sigma
-from hairdiff_core.imageio import save_pil
-from hairdiff_core.losses import hairdiff_loss, sample_sigmas
-from hairdiff_core.surgery import BASE_CHANNELS
+from hairdiff_core.method import mask as M
+from hairdiff_core.method.flow import soft_noise, timestep_from_sigma
+from hairdiff_core.method.losses import hairdiff_loss, sample_sigmas
+from hairdiff_core.method.surgery import BASE_CHANNELS
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, fingerprint_hash, save_config
@@ -189,7 +189,7 @@ def setup_trainable(transformer, config: TrainConfig) -> dict[str, list[torch.nn
     and its optimiser group has no weight decay; the trainer also restores channels 0-15 after
     each step, which keeps them bit-identical even with a quantised (8-bit) optimiser.
     """
-    from hairdiff_core.lora import add_lora
+    from hairdiff_core.models.lora import add_lora
 
     transformer.requires_grad_(False)
     if config.gradient_checkpointing:
@@ -345,7 +345,7 @@ class Trainer:
         torch.manual_seed(seed + acc.process_index)
         gen = torch.Generator().manual_seed(seed * 7919 + acc.process_index)
 
-        from hairdiff_core.loading import load_models
+        from hairdiff_core.models.loading import load_models
         from hairdiff_core.pipeline import HairDiffPipeline, max_work_side
 
         weight_dtype = self._weight_dtype()
@@ -601,7 +601,7 @@ class Trainer:
 
     # text -----------------------------------------------------------------------------------
     def _text_batch(self, indices: torch.Tensor, device):
-        from hairdiff_core.text import zero_text
+        from hairdiff_core.models.text import zero_text
 
         s = self.state
         b = len(indices)
@@ -900,7 +900,7 @@ class Trainer:
     def _save_adapter(self, epoch: int | None = None, step: int | None = None) -> Path:
         """The final adapter, or with ``epoch`` the adapter after that epoch in ``epochs/`` (kept
         for comparing epochs, never pruned)."""
-        from hairdiff_core.adapter import save_adapter
+        from hairdiff_core.models.adapter import save_adapter
 
         s = self.state
         name = self.config.adapter_name
@@ -927,7 +927,7 @@ class Trainer:
         """Contact sheet of the first ``validation_samples`` samples through the nodes' sampler."""
         from PIL import Image
 
-        from hairdiff_core.imageio import contact_sheet
+        from hairdiff_core.data.imageio import contact_sheet
 
         cfg, s = self.config, self.state
         k = min(cfg.validation_samples, len(s.samples))
@@ -975,7 +975,7 @@ class Trainer:
         """The metrics of ``hairdiff eval`` on the held-out set, appended to ``eval.csv``."""
         import csv
 
-        from hairdiff_core.evaluation import EvalOptions, EvalSetting, evaluate_samples, scan_samples
+        from hairdiff_core.evaluation.evaluate import EvalOptions, EvalSetting, evaluate_samples, scan_samples
 
         cfg, s = self.config, self.state
         samples = scan_samples(cfg.eval_data, limit=cfg.eval_limit, skip_bad=True)

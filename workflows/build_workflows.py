@@ -25,6 +25,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+# The ComfyUI stand-ins (also the node tests'), for --from-stubs: outside tests/, which product code never imports.
+STANDINS = ROOT / "tools" / "comfy_standins"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 TOY = "toy (synthetic portraits)"
 TINY = "tiny (wiring check)"
@@ -564,7 +566,7 @@ def _column(n: dict, by_id: dict) -> int:
 
 
 def object_info_from_stubs() -> dict:
-    """/object_info as the test stand-ins define it: HairDiff's schemas + tests/nodes/core_nodes.json.
+    """/object_info as the test stand-ins define it: HairDiff's schemas + tools/comfy_standins/core_nodes.json.
 
     For building without a ComfyUI server; ``tests/test_comfyui_server.py`` checks the core table
     against a live one.
@@ -575,7 +577,7 @@ def object_info_from_stubs() -> dict:
     import tempfile
     import types
 
-    spec = importlib.util.spec_from_file_location("hairdiff_comfy_stubs", ROOT / "tests" / "nodes" / "comfy_stubs.py")
+    spec = importlib.util.spec_from_file_location("hairdiff_comfy_stubs", STANDINS / "comfy_stubs.py")
     stubs = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = stubs
     spec.loader.exec_module(stubs)
@@ -601,7 +603,7 @@ def object_info_from_stubs() -> dict:
             entry["input"][section][i.id] = [i.io_type, opts]
             entry["input_order"][section].append(i.id)
         info[schema.node_id] = entry
-    core = json.loads((ROOT / "tests" / "nodes" / "core_nodes.json").read_text())
+    core = json.loads((STANDINS / "core_nodes.json").read_text())
     for name, spec_ in core.items():
         if name.startswith("_"):
             continue
@@ -632,8 +634,8 @@ def thumbnail(name: str, wf: dict, path: Path) -> None:
     import torch
     from PIL import Image, ImageDraw
 
-    from hairdiff_core.imageio import load_image, to_pil
-    from hairdiff_core.mask import compose_matte, matte_preview, protect_mask
+    from hairdiff_core.data.imageio import load_image, to_pil
+    from hairdiff_core.method.mask import compose_matte, matte_preview, protect_mask
 
     assets = ROOT / "hairdiff_core" / "assets"
     photo, sketch = load_image(assets / "sample_photo.png"), load_image(assets / "sample_sketch.png")
@@ -680,7 +682,7 @@ def main() -> None:
     src.add_argument(
         "--from-stubs",
         action="store_true",
-        help="take the node definitions from tests/nodes (HairDiff's schemas + core_nodes.json), no server",
+        help="take the node definitions from the ComfyUI stand-ins (HairDiff's schemas + tools/comfy_standins/core_nodes.json), no server",
     )
     parser.add_argument("--no-thumbnails", action="store_true", help="do not (re)write the <name>.jpg thumbnails")
     args = parser.parse_args()

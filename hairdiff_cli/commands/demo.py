@@ -1,6 +1,6 @@
 """``hairdiff demo``: the toy model redraws one synthetic portrait's hair from two sketches.
 
-Default: the shipped toy model (:mod:`hairdiff_core.toy`) with its shipped adapter, one photo,
+Default: the shipped toy model (:mod:`hairdiff_core.models.toy`) with its shipped adapter, one photo,
 two sketches whose strands run in different directions, and the two results side by side in a
 contact sheet, with each result's measured strand direction next to its sketch's. ``--tiny``: the
 old wiring check (tiny random model + bundled samples; the hair it draws is noise).
@@ -51,7 +51,7 @@ TOY_SKETCHES = ("a", "b")
 
 def toy_sample_paths() -> dict[str, Path]:
     """The toy demo's photo, matte and two sketches (written by tools/make_toy.py)."""
-    from hairdiff_core.toy import asset_dir
+    from hairdiff_core.models.toy import asset_dir
 
     folder = asset_dir()
     paths = {"photo": folder / "demo_photo.png", "matte": folder / "demo_matte.png"}
@@ -65,7 +65,7 @@ def strand_labels(k: str, sketch_angle: float, result_angle: float) -> tuple[str
     the result says how far it is from its sketch: the two bare angles read like a miss."""
     import torch
 
-    from hairdiff_core.metrics import orientation_difference
+    from hairdiff_core.evaluation.metrics import orientation_difference
 
     s_deg, r_deg = math.degrees(sketch_angle), math.degrees(result_angle)
     off = float(orientation_difference(torch.tensor([sketch_angle]), torch.tensor([result_angle]))[0])
@@ -80,10 +80,10 @@ def run_toy(args) -> int:
     import torch
 
     from hairdiff_cli.commands.generate import tqdm_callback
-    from hairdiff_core.imageio import contact_sheet, load_image, save_image, save_pil
-    from hairdiff_core.metrics import strand_orientation
+    from hairdiff_core.data.imageio import contact_sheet, load_image, save_image, save_pil
+    from hairdiff_core.evaluation.metrics import strand_orientation
+    from hairdiff_core.models.toy import adapter_path
     from hairdiff_core.pipeline import HairDiffPipeline, builtin_model_label
-    from hairdiff_core.toy import adapter_path
 
     print(TOY_NOTICE, file=sys.stderr)
     out = Path(args.out)
@@ -93,7 +93,7 @@ def run_toy(args) -> int:
     pipe = HairDiffPipeline.from_files(toy=True, adapter=adapter_path())
     reference = None
     if args.reference != "off":
-        from hairdiff_core.reference import ReferenceSettings
+        from hairdiff_core.method.reference import ReferenceSettings
 
         reference = ReferenceSettings(mode=args.reference)
     steps = args.steps or 20
@@ -134,9 +134,9 @@ def run(args) -> int:
     check_demo_args(args)
     if not args.tiny:
         return run_toy(args)
-    from hairdiff_core.imageio import contact_sheet, load_image, save_image, save_pil
+    from hairdiff_core.data.imageio import contact_sheet, load_image, save_image, save_pil
+    from hairdiff_core.models.tiny import build_tiny_transformer, build_tiny_vae
     from hairdiff_core.pipeline import HairDiffPipeline, builtin_model_label
-    from hairdiff_core.tiny import build_tiny_transformer, build_tiny_vae
 
     print(NOTICE, file=sys.stderr)
     out = Path(args.out)
@@ -145,7 +145,7 @@ def run(args) -> int:
     pipe = HairDiffPipeline(build_tiny_transformer(), build_tiny_vae())
     reference = None
     if args.reference != "off":
-        from hairdiff_core.reference import ReferenceSettings
+        from hairdiff_core.method.reference import ReferenceSettings
 
         reference = ReferenceSettings(mode=args.reference)
     from hairdiff_cli.commands.generate import tqdm_callback

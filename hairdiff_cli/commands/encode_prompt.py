@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .generate import DTYPES, add_text_arguments, torch_dtype
+from .generate import DTYPES, torch_dtype
+from .options import add_text_arguments, text_source
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +35,8 @@ def run(args) -> int:
 
     from hairdiff_core.errors import InputError
     from hairdiff_core.fileio import check_writable_file
-    from hairdiff_core.text import PromptCache, save_prompt_embeds
-    from hairdiff_core.text_encoders import TextEncoderSource, load_text_encoders
-
-    from .generate import text_source
+    from hairdiff_core.models.text import PromptCache, save_prompt_embeds
+    from hairdiff_core.models.text_encoders import TextEncoderSource, load_text_encoders
 
     # Checked before the encoders load: a .png name would hold a safetensors file.
     out = check_writable_file(args.out, "--out")

@@ -20,14 +20,8 @@ import logging
 
 from hairdiff_core.defaults import DEFAULTS
 
-from .generate import (
-    REFERENCE_NOISES,
-    add_model_arguments,
-    add_reference_field_arguments,
-    add_text_arguments,
-    prompt_kwargs,
-    reference_fields,
-)
+from .generate import REFERENCE_NOISES, add_model_arguments
+from .options import add_reference_field_arguments, add_text_arguments, prompt_kwargs, reference_fields
 
 logger = logging.getLogger(__name__)
 
@@ -108,12 +102,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_options(args):
-    from hairdiff_core import metrics as Mt
-    from hairdiff_core.evaluation import EvalOptions
+    from hairdiff_core.evaluation import metrics as Mt
+    from hairdiff_core.evaluation.evaluate import EvalOptions
 
     generate_kwargs = prompt_kwargs(args)
     if args.prompt_embeds:
-        from hairdiff_core.text import load_prompt_embeds
+        from hairdiff_core.models.text import load_prompt_embeds
 
         generate_kwargs.update(load_prompt_embeds(args.prompt_embeds))
     harmony = () if args.harmony is None else (tuple(args.harmony) or tuple(Mt.GAINS))
@@ -158,7 +152,13 @@ def _process_group() -> tuple[int, int, int, bool]:
 def run(args) -> int:
     from tqdm.auto import tqdm
 
-    from hairdiff_core.evaluation import evaluate_samples, make_settings, merge_reports, scan_samples, shard_samples
+    from hairdiff_core.evaluation.evaluate import (
+        evaluate_samples,
+        make_settings,
+        merge_reports,
+        scan_samples,
+        shard_samples,
+    )
 
     from .generate import build_pipeline, compiled
     from .preflight import check_eval_args
@@ -169,7 +169,7 @@ def run(args) -> int:
     options = build_options(args)
     samples = scan_samples(args.data, limit=args.limit, skip_bad=args.skip_bad)
     if options.resolution is not None:
-        from hairdiff_core.data import check_resolution
+        from hairdiff_core.data.datasets import check_resolution
 
         check_resolution(options.resolution)
     rank, world, local, started = _process_group()

@@ -14,6 +14,8 @@ from hairdiff_core.checks import Bound, check_device, check_generate_settings, c
 from hairdiff_core.errors import InputError, SettingsError
 from hairdiff_core.fileio import check_input_path, check_writable_folder
 
+from .options import REFERENCE_FLAGS, check_prompt_source, reference_fields
+
 #: PIL decodes at most 2^31 pixels per image; the RAM is the real bound.
 MAX_MEGAPIXELS = Bound("--max-megapixels", lo=0.0, lo_open=True, hi=2000.0, hint="largest image read, in MP")
 
@@ -53,8 +55,6 @@ def _model(args) -> None:
 
 
 def _reference_flags(args, modes: list[str], methods: list[str]) -> None:
-    from .generate import reference_fields
-
     fields = reference_fields(args)
     if not fields:
         return
@@ -70,9 +70,7 @@ def _reference_flags(args, modes: list[str], methods: list[str]) -> None:
             input="reference",
         )
     from hairdiff_core.errors import HairDiffError
-    from hairdiff_core.reference import ReferenceSettings
-
-    from .generate import REFERENCE_FLAGS
+    from hairdiff_core.method.reference import ReferenceSettings
 
     try:
         ReferenceSettings(mode="once", **fields)
@@ -95,7 +93,7 @@ def _input_files(paths: dict[str, str | list[str] | None]) -> None:
 
 def check_generate_args(args) -> None:
     """``hairdiff generate``: settings, input files, output path and model files, in that order."""
-    from hairdiff_core.imageio import check_output_image
+    from hairdiff_core.data.imageio import check_output_image
 
     _sampling(args)
     if args.method == "replace" and args.reference != "off":
@@ -123,7 +121,7 @@ def check_generate_args(args) -> None:
 def _image_sizes(photo: str, others: dict[str, list[str]], max_megapixels: float) -> None:
     """Every sketch, matte and exclusion has the photo's aspect ratio, from the headers: the
     message names the file and its flag (the core, given tensors, could only say "the mask")."""
-    from hairdiff_core.imageio import image_size
+    from hairdiff_core.data.imageio import image_size
     from hairdiff_core.imageops import check_same_aspect
 
     ref = image_size(photo, "--image", max_megapixels)
@@ -140,7 +138,7 @@ def check_eval_args(args) -> None:
     if args.limit is not None:
         check_number(args.limit, Bound("--limit", integer=True, lo=1), "limit")
     if args.resolution is not None:
-        from hairdiff_core.data import check_resolution
+        from hairdiff_core.data.datasets import check_resolution
 
         check_resolution(args.resolution)
     if args.edge_threshold is not None:
@@ -159,8 +157,6 @@ def check_eval_args(args) -> None:
 
 
 def _prompt(args) -> None:
-    from .generate import check_prompt_source
-
     check_prompt_source(args)
 
 

@@ -1,7 +1,7 @@
 """``hairdiff prepare``: photos and hair mattes in, a training set (img/ matte/ sketch/) out.
 
-The sketches are synthesised (see :mod:`hairdiff_core.strands`); see
-:mod:`hairdiff_core.prepare` for the layout and the checks.
+The sketches are synthesised (see :mod:`hairdiff_core.data.strands`); see
+:mod:`hairdiff_core.data.prepare` for the layout and the checks.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    # No import of hairdiff_core.prepare here (it imports torch): `hairdiff --help` stays instant.
+    # No import of hairdiff_core.data.prepare here (it imports torch): `hairdiff --help` stays instant.
     # tests/test_prepare.py checks that the default named below is the library's.
     p.add_argument("--images", required=True, help="folder of photos (any format PIL reads; EXIF rotation applied)")
     p.add_argument(
@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from tqdm.auto import tqdm
 
-    from hairdiff_core.prepare import PrepareOptions, prepare_dataset
+    from hairdiff_core.data.prepare import PrepareOptions, prepare_dataset
 
     options = PrepareOptions(
         sketch=args.sketch,

@@ -1,4 +1,4 @@
-"""Node tests: ComfyUI is absent; minimal stand-ins (comfy_stubs.py) replace the modules the nodes touch.
+"""Node tests: ComfyUI is absent; minimal stand-ins (tools/comfy_standins/comfy_stubs.py) replace the modules the nodes touch.
 
 Everything here is fixture-scoped, so the stand-ins exist only while a test in tests/nodes/ runs
 (a module-level ``sys.modules`` change in a conftest would leak into every other test of the
@@ -19,11 +19,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# The stand-ins live outside tests/: the workflow builder (--from-stubs) loads them too, and
+# product code never reaches into tests/.
+STANDINS = ROOT / "tools" / "comfy_standins"
 ALIAS = "hairdiff_pack"
 
 
 def _load_stubs():
-    spec = importlib.util.spec_from_file_location("hairdiff_comfy_stubs", Path(__file__).with_name("comfy_stubs.py"))
+    spec = importlib.util.spec_from_file_location("hairdiff_comfy_stubs", STANDINS / "comfy_stubs.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)

@@ -46,8 +46,8 @@ def latents():
 
 
 def test_the_sampler_function_is_the_cores_soft_mask_sampler(comfy, latents):
-    from hairdiff_pack.hairdiff_core.flow import sampling_sigmas
-    from hairdiff_pack.hairdiff_core.sampler import soft_mask_sample
+    from hairdiff_pack.hairdiff_core.method.flow import sampling_sigmas
+    from hairdiff_pack.hairdiff_core.method.sampler import soft_mask_sample
     from hairdiff_pack.nodes.native_sampling import sample_soft_mask
 
     x0, noise, mask = latents
@@ -187,8 +187,8 @@ def test_apply_adapter_refuses_a_model_that_is_not_sd3(comfy):
 
 
 def test_the_patch_embedding_moves_from_the_base_to_the_adapter(comfy, tmp_path):
-    from hairdiff_pack.hairdiff_core import toy
-    from hairdiff_pack.hairdiff_core.adapter import base_signature, patch_embedding, read_adapter
+    from hairdiff_pack.hairdiff_core.models import toy
+    from hairdiff_pack.hairdiff_core.models.adapter import base_signature, patch_embedding, read_adapter
 
     t = toy.load_toy_transformer()
     proj = t.pos_embed.proj
@@ -207,7 +207,7 @@ def test_the_patch_embedding_moves_from_the_base_to_the_adapter(comfy, tmp_path)
 def test_a_thin_matte_is_worked_within_every_models_position_table(comfy):
     """A braid-like matte on a tall photo: the box is widened (or the photo scaled) so that its
     longest side stays within 3x the working side, which every SD3/SD3.5 position table reaches."""
-    from hairdiff_pack.hairdiff_core.loading import transformer_config
+    from hairdiff_pack.hairdiff_core.models.families import transformer_config
     from hairdiff_pack.nodes import native_nodes as N
 
     for family in ("sd3.5-large", "sd3.5-medium", "sd3-medium", "tiny", "toy"):

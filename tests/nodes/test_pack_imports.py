@@ -16,7 +16,7 @@ sys.modules['custom_nodes_hairdiff'] = pack
 # Block the top-level name even where the pack is pip-installed (editable installs add a finder):
 # any absolute "hairdiff_core" import inside the core then fails, as it would in ComfyUI.
 sys.modules['hairdiff_core'] = None
-L = importlib.import_module('custom_nodes_hairdiff.hairdiff_core.loading')
+L = importlib.import_module('custom_nodes_hairdiff.hairdiff_core.models.families')
 for name in L.TRANSFORMER_CONFIG_FILES.values():
     L.shipped_config(name)
 L.shipped_config(L.VAE_CONFIG_FILE)

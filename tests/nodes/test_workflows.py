@@ -57,7 +57,7 @@ JARGON = ("K/V", "soft-mask", "soft mask", "latent", "sigma", "attention process
 @pytest.fixture(scope="module")
 def specs(comfy):
     """node type -> {"inputs": [(name, type, optional, extra_widget_values, input)], "outputs": [types]}."""
-    core = json.loads((Path(__file__).with_name("core_nodes.json")).read_text())
+    core = json.loads((ROOT / "tools" / "comfy_standins" / "core_nodes.json").read_text())
     out = {
         k: {"inputs": [tuple(i) + (None,) for i in v["inputs"]], "outputs": v["outputs"]}
         for k, v in core.items()
@@ -409,7 +409,7 @@ def test_the_basic_template_redraws_inside_the_matte_only(comfy):
     """As shipped (the sample pictures at the stand-in's half size): the photo is worked at the toy's
     size, and what the sampler's box holds (black, here) lands inside the matte and nowhere away from
     it: the saved picture is the photo's bit for bit there."""
-    from hairdiff_core.mask import dilate
+    from hairdiff_core.method.mask import dilate
 
     graph = json.loads((WF / "api" / "hairdiff_basic.json").read_text())
     assert _models(graph) == [TOY]
@@ -446,7 +446,7 @@ def test_templates_whose_sketch_crosses_the_face_keep_the_face_as_shipped(comfy,
 
     from PIL import Image
 
-    from hairdiff_core.mask import dilate
+    from hairdiff_core.method.mask import dilate
 
     b = _builder()
     graph = json.loads((WF / "api" / f"{name}.json").read_text())

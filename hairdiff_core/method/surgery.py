@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from .errors import ChannelCountError
+from ..errors import ChannelCountError
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 #: Tokens of the zero text sequence, as in training (77 = CLIP's length, SD3's training default).
 ZERO_TEXT_TOKENS = 77
@@ -57,7 +57,7 @@ def load_prompt_embeds(path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .fileio import check_input_path
+    from ..fileio import check_input_path
 
     check_input_path(path, "prompt embeddings file", input="prompt_embeds")
     try:
@@ -133,7 +133,7 @@ class PromptCache:
         if path is not None:
             from safetensors.torch import save_file
 
-            from .fileio import atomic_write
+            from ..fileio import atomic_write
 
             with atomic_write(path, fsync=False) as tmp:
                 save_file({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, str(tmp))
@@ -177,7 +177,7 @@ def save_prompt_embeds(
             negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds
         )
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-    from .fileio import atomic_write
+    from ..fileio import atomic_write
 
     path = Path(path)
     with atomic_write(path) as tmp:

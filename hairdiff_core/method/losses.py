@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..imageops import sobel
 from .flow import DEFAULT_SHIFT, NUM_TRAIN_TIMESTEPS, predict_x0, shift_sigmas, velocity_target
-from .imageops import sobel
 
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "uniform")
 MASK_EPS = 1e-6

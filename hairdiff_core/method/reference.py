@@ -49,8 +49,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from . import mask as M
-from .errors import InputError
 from .flow import timestep_from_sigma
 from .surgery import BASE_CHANNELS, input_channels
 
@@ -824,7 +824,7 @@ def joint_attention(slot, query, key, value, text_query=None, text_key=None, tex
                 if folded is None:
                     bias = state.gating.generation_bias(batch, text_tokens, query.dtype, query.device)
     elif state is not None and not isinstance(state, (ReferencePassState, GenerationPassState)):
-        raise InputError(f"{KWARG} must come from hairdiff_core.reference, got {type(state).__name__}")
+        raise InputError(f"{KWARG} must come from hairdiff_core.method.reference, got {type(state).__name__}")
 
     if groups is not None:
         return grouped_attention(query, groups)

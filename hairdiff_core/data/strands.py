@@ -1,7 +1,7 @@
 """Training sketches synthesised from a photo and its hair matte.
 
 Users have photos and hair mattes, not sketches. This module draws the sketch a training sample
-needs, in the canonical sketch format of :mod:`hairdiff_core.mask` (strokes in their own colour
+needs, in the canonical sketch format of :mod:`hairdiff_core.method.mask` (strokes in their own colour
 on pure black):
 
 - ``strands``: the hair's local orientation is estimated from the luminance inside the matte
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import mask as M
-from .errors import InputError
+from ..errors import InputError
+from ..method import mask as M
 
 logger = logging.getLogger(__name__)
 

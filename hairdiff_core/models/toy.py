@@ -1,6 +1,6 @@
 """The toy model family: a small SD3-shaped transformer and VAE *trained* on synthetic portraits.
 
-Where the tiny model (:mod:`hairdiff_core.tiny`) is random and draws noise, the toy model draws:
+Where the tiny model (:mod:`hairdiff_core.models.tiny`) is random and draws noise, the toy model draws:
 its autoencoder has the SD3 VAE's interface (diffusers ``AutoencoderKL``, 16 latent channels,
 factor 8, scale/shift in its config) and reconstructs the synthetic portraits of
 ``training/synthetic.py``; its transformer (``SD3Transformer2DModel``, 16 input channels) was
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,11 @@ def asset_dir() -> Path:
     """The folder of the shipped toy weights (inside the installed package)."""
     if _override is not None:
         return _override
-    return Path(str(resources.files(__package__).joinpath("assets", "toy")))
+    # The assets are the core's (the demo's samples live beside them), one room up; by module,
+    # not by name: inside ComfyUI the core is a subpackage of the pack, not "hairdiff_core".
+    from .. import assets
+
+    return Path(str(resources.files(assets).joinpath("toy")))
 
 
 @contextlib.contextmanager

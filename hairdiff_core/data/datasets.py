@@ -28,7 +28,7 @@ VAE factor 8 x patch 2):
 
 Photos and sketches are resized with antialiasing; the matte is resized the same way and
 re-binarised at 0.5, so it stays a hard matte whose feathering is done later, at the working
-resolution, by :func:`hairdiff_core.mask.soft_mask`.
+resolution, by :func:`hairdiff_core.method.mask.soft_mask`.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import mask as M
-from .errors import InputError
-from .imageops import to_rgb
+from ..errors import InputError
+from ..imageops import to_rgb
+from ..method import mask as M
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _read_size(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     """Fully decode ``path``; return ((width, height), None) or (None, what is wrong)."""
     from PIL import Image, UnidentifiedImageError
 
-    from .fileio import check_input_path
+    from ..fileio import check_input_path
 
     try:
         check_input_path(path, f"{path.parent.name} file")
@@ -156,7 +156,7 @@ def scan_dataset(root, skip_bad: bool = False) -> DatasetScan:
     bad samples are left out of ``.samples`` and listed in ``.problems``. A dataset with no good
     sample is refused either way. A missing root or sub-folder raises ``FileNotFoundError``.
     """
-    from .fileio import check_input_path
+    from ..fileio import check_input_path
 
     root = check_input_path(root, "dataset", kind="folder", input="data")
     missing_dirs = [k for k in KINDS if not (root / k).is_dir()]
@@ -237,7 +237,7 @@ def scan_dataset(root, skip_bad: bool = False) -> DatasetScan:
 
 
 def check_resolution(resolution: int) -> int:
-    from .checks import Bound, check_number
+    from ..checks import Bound, check_number
 
     resolution = check_number(
         resolution, Bound("resolution", integer=True, lo=RESOLUTION_MULTIPLE, hi=4096), "resolution"
@@ -365,7 +365,7 @@ def resize_center_crop(x: torch.Tensor, resolution: int) -> torch.Tensor:
 
 def load_sample(sample: Sample, resolution: int | None = None, crop: str = "bucket") -> dict[str, torch.Tensor]:
     """One sample as tensors: ``image`` (3, h, w) in [0,1], ``sketch`` (3, h, w) canonical sketch
-    (strokes on black, see :func:`hairdiff_core.mask.normalize_sketch`), ``matte`` (1, h, w) in
+    (strokes on black, see :func:`hairdiff_core.method.mask.normalize_sketch`), ``matte`` (1, h, w) in
     {0, 1}.
 
     Args:

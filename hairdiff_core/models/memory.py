@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from .errors import HairDiffError, InputError
+from ..errors import HairDiffError, InputError
+from .families import FAMILY_NAMES, transformer_config
 
 logger = logging.getLogger(__name__)
 
@@ -380,9 +381,7 @@ class MemoryEstimate:
 
 
 def family_config(family: str) -> dict[str, Any]:
-    """The transformer config of a family (``loading.FAMILY_NAMES`` keys), widened to 32 channels."""
-    from .loading import FAMILY_NAMES, transformer_config
-
+    """The transformer config of a family (``families.FAMILY_NAMES`` keys), widened to 32 channels."""
     key = "sd3.5-large" if family == "sd3.5-large-turbo" else family
     if key not in FAMILY_NAMES or key == "custom":
         raise InputError(
@@ -537,7 +536,7 @@ def estimate_peak_vram(
     activations = ACTIVATION_FACTOR * rows * (tokens + text_tokens) * hidden * csize
     ref_cache = bias = 0
     if reference != "off":
-        from .reference import predicted_cache_bytes
+        from ..method.reference import predicted_cache_bytes
 
         shape = types.SimpleNamespace(config=types.SimpleNamespace(**config))
         ref_cache = predicted_cache_bytes(shape, (th * 2, tw * 2), batch=batch, dtype=compute_dtype)
@@ -631,8 +630,6 @@ def estimate_for(
 ) -> MemoryEstimate:
     """``estimate_peak_vram`` for a loaded transformer: its family (or config), storage and
     compute dtypes are read from the model."""
-    from .loading import FAMILY_NAMES
-
     # A family outside the registry (a custom or renamed model) is sized from its own config.
     known = family if family in FAMILY_NAMES and family != "custom" else _config_of(transformer)
     return estimate_peak_vram(

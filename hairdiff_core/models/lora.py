@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .errors import AdapterFileError, HairDiffError, InputError
+from ..errors import AdapterFileError, HairDiffError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -516,7 +516,7 @@ def _checked_path(path: str | os.PathLike, what: str) -> Path:
         raise FileNotFoundError(f"{what} not found: {p}")
     if p.is_dir():
         raise AdapterFileError(f"{what} must be a .safetensors file, got the folder {p}")
-    from .fileio import check_input_path
+    from ..fileio import check_input_path
 
     check_input_path(p, what)
     if p.suffix.lower() != ".safetensors":
@@ -562,7 +562,7 @@ _LORA_HEADER_FIELDS = {
 
 
 def _parse_lora_header(header: Mapping[str, str], prefix: str, source: str = "LoRA file") -> dict[str, Any]:
-    from .checks import HEADER_KINDS, header_field
+    from ..checks import HEADER_KINDS, header_field
 
     raw = header.get(LORA_METADATA_KEY)
     if not raw:

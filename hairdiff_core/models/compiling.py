@@ -31,7 +31,7 @@ import logging
 import weakref
 from collections.abc import Iterator
 
-from .errors import CompileError, InputError
+from ..errors import CompileError, InputError
 
 logger = logging.getLogger(__name__)
 

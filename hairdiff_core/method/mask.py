@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .defaults import DEFAULTS
-from .errors import EmptyMaskError, InputError
-from .imageops import blur_radius, gaussian_blur, resize_same_aspect  # noqa: F401  (re-exported: nodes, pipeline, benches)
-from .imageops import check_nchw as _check_nchw
-from .imageops import luminance as _luminance
+from ..defaults import DEFAULTS
+from ..errors import EmptyMaskError, InputError
+from ..imageops import blur_radius, gaussian_blur, resize_same_aspect  # noqa: F401  (re-exported: nodes, pipeline, benches)
+from ..imageops import check_nchw as _check_nchw
+from ..imageops import luminance as _luminance
 
 #: Feather sigma in pixels at a 1024-px working resolution (design default).
 DEFAULT_FEATHER_SIGMA = DEFAULTS.feather_at_1024
@@ -150,8 +150,15 @@ def sketch_background(sketch: torch.Tensor) -> torch.Tensor:
     return border.clamp(0, 1).median(dim=-1).values.view(-1, 3, 1, 1)
 
 
+#: ``normalize_sketch``'s ``declared_background`` values: detect it, or the user says which it is.
+SKETCH_BACKGROUNDS = ("auto", "light", "dark")
+
+
 def normalize_sketch(
-    sketch: torch.Tensor, threshold: float = 0.2, background: torch.Tensor | None = None
+    sketch: torch.Tensor,
+    threshold: float = 0.2,
+    background: torch.Tensor | None = None,
+    declared_background: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Any sketch image -> (canonical RGB sketch, stroke alpha); see the module docstring.
 
@@ -159,9 +166,25 @@ def normalize_sketch(
     black background (detected from the median colour of the border). ``threshold`` is the
     colour distance from the background above which a pixel is a stroke. ``background``
     ((B, 3, 1, 1), ``sketch_background`` of the whole sketch) lets a crop of a sketch be read
-    against the whole sketch's background; None: this sketch's border.
+    against the whole sketch's background; None: this sketch's border. ``declared_background``
+    ("light" or "dark"; "auto" = detect) is the user's word for it, where detection would guess
+    wrong (a sketch whose strokes touch the border).
     """
     _check_nchw(sketch, "sketch")
+    if declared_background not in SKETCH_BACKGROUNDS:
+        raise InputError(
+            f"declared_background must be one of {SKETCH_BACKGROUNDS}, got {declared_background!r}", input="background"
+        )
+    if declared_background != "auto":
+        if background is not None:
+            raise InputError("give a background colour or a declared background, not both", input="background")
+        # A 1-px frame of the declared colour: the border then is that colour, so the detection
+        # below (border median; for RGBA, whether every pixel is opaque) says what the user said.
+        # The frame is cut off again, so the result has the sketch's own size.
+        value = 1.0 if declared_background == "light" else 0.0
+        framed = F.pad(sketch.float(), (1, 1, 1, 1), value=value)
+        rgb, alpha = normalize_sketch(framed, threshold=threshold)
+        return rgb[..., 1:-1, 1:-1], alpha[..., 1:-1, 1:-1]
     sketch = sketch.float().clamp(0, 1)
     c = sketch.shape[1]
     if c == 1:

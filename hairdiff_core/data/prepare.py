@@ -1,10 +1,10 @@
 """Dataset preparation: a folder of photos and a folder of hair mattes -> a training set.
 
-Output layout (what :mod:`hairdiff_core.data` reads)::
+Output layout (what :mod:`hairdiff_core.data.datasets` reads)::
 
     out/img/<stem>.png       the photo, upright (EXIF orientation applied), at most max_side px
     out/matte/<stem>.png     the matte, binarised (white hair on black), same size
-    out/sketch/<stem>.png    the synthesised sketch (strands or edges, see hairdiff_core.strands):
+    out/sketch/<stem>.png    the synthesised sketch (strands or edges, see hairdiff_core.data.strands):
                              white strokes on black, or hair-coloured strokes with an alpha channel
     out/braid.txt            the braid subset (when --braids / --braid-pattern selects any)
     out/prepare.json         settings and per-sample stats
@@ -36,10 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import mask as M
-from .data import BRAID_FILE, DatasetError, Problem
-from .errors import InputError
-from .fileio import atomic_write, atomic_write_text, disk_full_error, is_disk_full
+from ..errors import InputError
+from ..fileio import atomic_write, atomic_write_text, disk_full_error, is_disk_full
+from ..method import mask as M
+from .datasets import BRAID_FILE, DatasetError, Problem
 from .imageio import load_image, save_image
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def _read_upright_size(path: Path) -> tuple[tuple[int, int] | None, bool, str | 
     """Decode ``path`` fully; ((width, height) after EXIF rotation, rotated?, None) or the problem."""
     from PIL import Image, UnidentifiedImageError
 
-    from .fileio import check_input_path
+    from ..fileio import check_input_path
 
     try:
         check_input_path(path, f"{path.parent.name} file")
@@ -169,7 +169,7 @@ def _braid_stems(options: PrepareOptions, extensions: set[str]) -> list[str]:
 def scan_inputs(images, mattes, options: PrepareOptions) -> tuple[list[Pair], list[Problem]]:
     """Match photos and mattes by stem and check every pair (decoding each file once)."""
     images, mattes = Path(images), Path(mattes)
-    from .fileio import check_input_path
+    from ..fileio import check_input_path
 
     for folder, what in ((images, "--images"), (mattes, "--mattes")):
         check_input_path(folder, what, kind="folder", input=what.strip("-"))

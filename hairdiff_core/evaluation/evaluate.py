@@ -3,7 +3,7 @@
 One function serves the ``hairdiff eval`` command and training's periodic validation:
 ``evaluate_samples(pipeline, samples, settings, options)`` runs every sample (photo, sketch,
 matte) under every setting (sampler ``method`` x reference-attention mode) with the same seed
-and steps, measures each result with :mod:`hairdiff_core.metrics` and returns an
+and steps, measures each result with :mod:`hairdiff_core.evaluation.metrics` and returns an
 :class:`EvalReport` (rows, mean ± std per setting, a flat dict of means for a training log).
 With ``out_dir`` it also writes ``metrics.csv``, ``summary.md``, ``summary.json``, the results
 as PNGs and contact sheets (photo | sketch | matte | result per setting).
@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
+from ..data.imageio import save_pil
+from ..defaults import DEFAULTS
+from ..errors import InputError
 from . import metrics as Mt
-from .defaults import DEFAULTS
-from .errors import InputError
-from .imageio import save_pil
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +141,10 @@ class EvalOptions:
         unknown = [g for g in self.harmony if g not in Mt.GAINS]
         if unknown:
             raise InputError(f"unknown harmony gain(s) {unknown}; choose from {sorted(Mt.GAINS)}")
-        from .data import check_crop
+        from ..data.datasets import check_crop
 
         check_crop(self.crop)
-        from .checks import check_generate_settings
+        from ..checks import check_generate_settings
 
         # The checks and messages of generate itself, before any sample runs.
         checked = check_generate_settings(
@@ -160,7 +160,7 @@ class EvalOptions:
         for name, value in checked.items():
             setattr(self, name, value)
         if self.reference_fields:
-            from .reference import ReferenceSettings
+            from ..method.reference import ReferenceSettings
 
             ReferenceSettings(mode="once", **self.reference_fields)  # bad values fail here, before any model runs
 
@@ -196,7 +196,7 @@ def as_eval_sample(item, resolution: int | None = None, index: int = 0, crop: st
             _batch1(item["sketch"], "sketch", stem),
             _batch1(item["matte"], "matte", stem),
         )
-    from .data import load_sample
+    from ..data.datasets import load_sample
 
     loaded = load_sample(item, resolution, crop)
     return EvalSample(item.stem, loaded["image"][None], loaded["sketch"][None], loaded["matte"][None])
@@ -293,7 +293,7 @@ class EvalReport:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"csv": out / "metrics.csv", "summary": out / "summary.md", "json": out / "summary.json"}
-        from .fileio import atomic_write, atomic_write_text
+        from ..fileio import atomic_write, atomic_write_text
 
         with atomic_write(paths["csv"]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
@@ -329,7 +329,7 @@ def _json_num(v: float):
 def _reference_settings(setting: EvalSetting, options: EvalOptions):
     if setting.reference == "off":
         return None
-    from .reference import ReferenceSettings
+    from ..method.reference import ReferenceSettings
 
     fields = dict(options.reference_fields)
     if setting.reference_noise != "auto":
@@ -338,7 +338,7 @@ def _reference_settings(setting: EvalSetting, options: EvalOptions):
 
 
 def _fill(image: torch.Tensor, matte: torch.Tensor) -> torch.Tensor:
-    from .reference import fill_hair_region
+    from ..method.reference import fill_hair_region
 
     return fill_hair_region(image, (matte > 0.5).float())
 
@@ -346,14 +346,14 @@ def _fill(image: torch.Tensor, matte: torch.Tensor) -> torch.Tensor:
 def save_result_png(image: torch.Tensor, path: Path) -> None:
     """PNG with fast compression (4x faster than the default level at 1024², ~25% larger);
     written to a temporary name and renamed, so an interrupted run leaves no half file."""
-    from .imageio import save_image
+    from ..data.imageio import save_image
 
     save_image(image, path, compress_level=1)
 
 
 def contact_row(sample: EvalSample, results: dict[str, torch.Tensor], height: int):
     """One contact-sheet row (a PIL image): photo, sketch, matte, then each setting's result."""
-    from .imageio import contact_sheet
+    from ..data.imageio import contact_sheet
 
     images = [sample.image, sample.sketch, sample.matte] + list(results.values())
     labels = ["photo", "sketch", "matte"] + list(results)
@@ -420,7 +420,7 @@ def evaluate_samples(
             sample = as_eval_sample(item, options.resolution, index, options.crop)
             image, sketch, matte = sample.image, sample.sketch, sample.matte
             if options.matte_add_sketch:
-                from .mask import compose_matte
+                from ..method.mask import compose_matte
 
                 composed = compose_matte(matte, sketch, size=tuple(image.shape[-2:]))
                 for line in composed.warnings:
@@ -486,7 +486,7 @@ def evaluate_samples(
 
 def scan_samples(root, limit: int | None = None, skip_bad: bool = False) -> list:
     """The dataset's valid samples (``data.scan_dataset``), the first ``limit`` by stem."""
-    from .data import scan_dataset
+    from ..data.datasets import scan_dataset
 
     root = Path(root)
     if not root.is_dir():

@@ -2,7 +2,7 @@
 
 Nothing is ever fetched from a model hub. diffusers' single-file loader normally guesses a hub
 repository from the key shapes and downloads that repository's config; here the transformer and
-VAE configs ship with the package (``hairdiff_core/configs``) and the family is recognised from
+VAE configs ship with the package (``hairdiff_core/models/configs``) and the family is recognised from
 tensor shapes alone, so every diffusers call gets a local config folder and
 ``local_files_only=True``.
 
@@ -20,54 +20,16 @@ import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
+from .families import ARCH_KEYS, FAMILY_NAMES, VAE_CONFIG_FILE, shipped_config, transformer_config
 
 logger = logging.getLogger(__name__)
 
-#: Human names of the families ``identify_transformer`` returns.
-FAMILY_NAMES = {
-    "sd3.5-large": "SD3.5 Large",
-    "sd3.5-large-turbo": "SD3.5 Large Turbo",
-    "sd3.5-medium": "SD3.5 Medium",
-    "sd3-medium": "SD3 Medium",
-    "tiny": "HairDiff tiny",
-    "toy": "HairDiff toy",
-    "custom": "custom SD3-shaped",
-}
-
-#: Shipped transformer configs (Large Turbo uses the Large one: same architecture).
-TRANSFORMER_CONFIG_FILES = {
-    "sd3.5-large": "sd3.5-large-transformer.json",
-    "sd3.5-medium": "sd3.5-medium-transformer.json",
-    "sd3-medium": "sd3-medium-transformer.json",
-}
-VAE_CONFIG_FILE = "sd3-vae.json"
-
-#: The 13 ``SD3Transformer2DModel.__init__`` keys.
-TRANSFORMER_CONFIG_KEYS = (
-    "sample_size",
-    "patch_size",
-    "in_channels",
-    "out_channels",
-    "num_layers",
-    "attention_head_dim",
-    "num_attention_heads",
-    "joint_attention_dim",
-    "caption_projection_dim",
-    "pooled_projection_dim",
-    "pos_embed_max_size",
-    "dual_attention_layers",
-    "qk_norm",
-)
-# What identifies an architecture; sample_size only sets a default size and in_channels is 16
-# (stock) or 32 (widened for HairDiff) within one family.
-ARCH_KEYS = tuple(k for k in TRANSFORMER_CONFIG_KEYS if k not in ("sample_size", "in_channels"))
 # Head size of every published SD3/SD3.5 model; used when no q/k-norm weight reveals it.
 _DEFAULT_HEAD_DIM = 64
 
@@ -127,36 +89,6 @@ class LoadedModels:
     vae: Any | None  # AutoencoderKL
     family: str  # a key of FAMILY_NAMES
     source: str  # where the weights came from, for logs and UIs
-
-
-# --------------------------------------------------------------------------------------------
-# Shipped configs
-
-
-def shipped_config(filename: str) -> dict[str, Any]:
-    """Return a config shipped in ``hairdiff_core/configs`` (``_``-keys dropped, lists kept)."""
-    # Relative to this package: inside ComfyUI the core is a subpackage of the pack, not "hairdiff_core".
-    text = resources.files(__package__).joinpath("configs", filename).read_text(encoding="utf-8")
-    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
-
-
-def transformer_config(family: str) -> dict[str, Any]:
-    """The diffusers config of a known model family (``FAMILY_NAMES``): the shipped SD3/SD3.5
-    configs, or the built-in tiny and toy models'. One registry for loading, adapters, memory
-    estimates and the benches."""
-    if family == "tiny":
-        from .tiny import TINY_TRANSFORMER_CONFIG
-
-        config = dict(TINY_TRANSFORMER_CONFIG)
-    elif family == "toy":
-        from .toy import TOY_TRANSFORMER_CONFIG
-
-        config = dict(TOY_TRANSFORMER_CONFIG)
-    else:
-        config = shipped_config(TRANSFORMER_CONFIG_FILES[family])
-    config["dual_attention_layers"] = tuple(config.get("dual_attention_layers") or ())
-    config.setdefault("qk_norm", None)
-    return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,7 +339,7 @@ def identify_vae(state_dict_or_shapes: Mapping[str, Any], *, source: str | None 
 
 
 def _check_path(path: str | os.PathLike, what: str) -> Path:
-    from .fileio import check_input_path
+    from ..fileio import check_input_path
 
     p = Path(path).expanduser()
     if not p.exists():
@@ -983,7 +915,7 @@ def load_models(
     ``transformer/`` folder (VAE from ``vae=`` or a sibling ``vae/``), or a single ``.safetensors``
     checkpoint (transformer alone, or with the VAE under ``first_stage_model.``; bundled text
     encoders are ignored). ``vae`` overrides any VAE found with the model. ``tiny=True`` returns
-    the built-in tiny model, ``toy=True`` the shipped toy model (:mod:`hairdiff_core.toy`, stock:
+    the built-in tiny model, ``toy=True`` the shipped toy model (:mod:`hairdiff_core.models.toy`, stock:
     its adapter is loaded separately). The transformer comes back as stored: 16 input channels (stock) or
     32 (already widened). ``vae_dtype`` (default: ``dtype``) lets the VAE stay in float32 while
     the transformer is bf16, without a lossy round trip through ``dtype``. ``weights``
@@ -1010,7 +942,7 @@ def load_models(
             from .tiny import build_tiny_transformer as build_transformer
             from .tiny import build_tiny_vae as build_vae
 
-            source = "built-in tiny model (hairdiff_core.tiny)"
+            source = "built-in tiny model (hairdiff_core.models.tiny)"
         transformer = _finish(build_transformer(), dtype, device)
         apply_weights(transformer, weights, dtype)
         return LoadedModels(

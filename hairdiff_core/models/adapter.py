@@ -41,9 +41,10 @@ from typing import Any
 
 import torch
 
-from .checks import header_field, json_kind
-from .errors import AdapterFileError, AdapterMismatchError, ChannelCountError, HairDiffError, InputError
-from .loading import ARCH_KEYS
+from ..checks import header_field, json_kind
+from ..errors import AdapterFileError, AdapterMismatchError, ChannelCountError, HairDiffError, InputError
+from ..method.surgery import BASE_CHANNELS, input_channels, widen_input_channels
+from .families import ARCH_KEYS, FAMILY_NAMES, transformer_config
 from .lora import (
     DEFAULT_ADAPTER_NAME,
     LORA_KEY_PREFIX,
@@ -61,7 +62,6 @@ from .lora import (
     remove_lora,
     split_lora_state,
 )
-from .surgery import BASE_CHANNELS, input_channels, widen_input_channels
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,6 @@ def signature_hash(signature: Mapping[str, Any]) -> str:
 
 def family_of(signature: Mapping[str, Any]) -> str:
     """The model family with these dims ('sd3.5-large', ..., 'tiny'), or 'custom'."""
-    from .loading import transformer_config
-
     for family in _KNOWN_FAMILIES:
         shipped = transformer_config(family)
         shipped_sig = {
@@ -126,8 +124,6 @@ def family_of(signature: Mapping[str, Any]) -> str:
 
 
 def _family_name(family: str | None) -> str:
-    from .loading import FAMILY_NAMES
-
     return FAMILY_NAMES.get(family or "custom", str(family))
 
 
@@ -168,7 +164,7 @@ def _jsonable(value: Any) -> Any:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    from .fileio import atomic_write
+    from ..fileio import atomic_write
 
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
@@ -182,7 +178,7 @@ def save_adapter(transformer, path: str | os.PathLike, **metadata: Any) -> None:
     step, config, ...) goes into the header; ``family=`` overrides the family name that is
     otherwise recognised from the dims (use it for 'sd3.5-large-turbo').
     """
-    from . import __version__
+    from .._version import __version__
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":

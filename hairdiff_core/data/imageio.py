@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .defaults import DEFAULTS
-from .errors import InputError, OutputPathError
-from .fileio import atomic_write, check_input_path, check_writable_file
-from .imageops import to_rgb
+from ..defaults import DEFAULTS
+from ..errors import InputError, OutputPathError
+from ..fileio import atomic_write, check_input_path, check_writable_file
+from ..imageops import to_rgb
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .defaults import DEFAULTS
+from ..defaults import DEFAULTS
 
 NUM_TRAIN_TIMESTEPS = 1000
 DEFAULT_SHIFT = DEFAULTS.shift

@@ -59,9 +59,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import mask as M
-from .errors import InputError
-from .imageops import gaussian_blur, luminance, sobel, to_rgb
+from ..errors import InputError
+from ..imageops import gaussian_blur, luminance, sobel, to_rgb
+from ..method import mask as M
 
 REFERENCE_SIDE = 1024.0
 

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from .errors import NonFiniteError
+from ..errors import NonFiniteError
 from .flow import soft_noise, timestep_from_sigma
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ def _t5_from_file(path: Path, dtype: torch.dtype):
 
 
 # --------------------------------------------------------------------------------------------
-# The tiny wiring-check encoders (shaped for hairdiff_core.tiny's transformer)
+# The tiny wiring-check encoders (shaped for hairdiff_core.models.tiny's transformer)
 # --------------------------------------------------------------------------------------------
 def tiny_tokenizer(kind: str):
     """A word-level tokenizer over ``TINY_VOCAB`` built in code: ``clip`` (bos ... eos, pad) or ``t5`` (... </s>)."""
