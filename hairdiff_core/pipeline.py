@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .checks import GENERATE_BOUNDS, check_device, check_generate_settings, check_number, parse_dtype
+from .checks import GENERATE_BOUNDS, check_device, check_number, parse_dtype
 from .defaults import DEFAULTS
 from .errors import InputError
 from .fileio import check_input_path
@@ -32,6 +32,7 @@ from .method.flow import sampling_sigmas
 from .method.sampler import SAMPLERS, OnStep, TransformerDenoiser
 from .method.surgery import widen_input_channels
 from .models.text import PromptCache, check_text, zero_text
+from .settings import GenerateSettings
 
 logger = logging.getLogger(__name__)
 
@@ -677,6 +678,8 @@ class HairDiffPipeline:
         context_margin: float = DEFAULTS.context_margin,
         on_step: OnStep | None = None,
         announce: bool = True,
+        settings: GenerateSettings | None = None,
+        prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> GenerateResult:
         r"""Redraw the hair of ``image`` inside ``matte``, following ``sketch``.
 
@@ -712,6 +715,11 @@ class HairDiffPipeline:
                 cancel by raising); attention patches are restored even then.
             announce: log when the sketch or matte is resized (callers that checked the inputs
                 already pass False).
+            settings: a ``GenerateSettings`` (validated when made) used in place of the sampling
+                keywords above (steps ... context_margin); the CLI and evaluation pass one.
+            prepared: what ``prepare_inputs(image, sketch, matte, matte_threshold)`` returned for
+                these inputs (a caller that checked them before loading the model), so the
+                photo-sized tensors are not made twice.
 
         Returns:
             ``GenerateResult``: ``image`` (B, 3, H, W) in [0, 1], the final ``latent`` of the
@@ -722,27 +730,31 @@ class HairDiffPipeline:
             ``InputError`` / ``SettingsError`` for bad inputs or settings (checked before any
             model call); ``NonFiniteError`` when the model produces NaN/inf.
         """
-        # 1. Check inputs and settings.
-        if method not in SAMPLERS:
-            raise InputError(f"unknown method {method!r}; choose one of {sorted(SAMPLERS)}", input="method")
-        checked = check_generate_settings(
-            steps=steps,
-            seed=seed,
-            strength=strength,
-            cfg=cfg,
-            shift=shift,
-            feather_sigma=feather_sigma,
-            matte_threshold=matte_threshold,
-            work_size=work_size,
-            context_margin=context_margin,
-        )
-        steps, seed, strength, cfg, shift = (checked[k] for k in ("steps", "seed", "strength", "cfg", "shift"))
-        feather_sigma, work_size, context_margin = (
-            checked["feather_sigma"],
-            checked["work_size"],
-            checked["context_margin"],
-        )
-        photo, sketch, binary = self.prepare_inputs(image, sketch, matte, matte_threshold, announce=announce)
+        # 1. Check inputs and settings (one validated GenerateSettings, made here when not given).
+        if settings is None:
+            settings = GenerateSettings(
+                steps=steps,
+                seed=seed,
+                strength=strength,
+                cfg=cfg,
+                shift=shift,
+                method=method,
+                reference=reference,
+                feather_sigma=feather_sigma,
+                matte_threshold=matte_threshold,
+                paste_back=paste_back,
+                work_size=work_size,
+                context_margin=context_margin,
+            )
+        elif not isinstance(settings, GenerateSettings):
+            raise InputError(f"settings must be a GenerateSettings, got {type(settings).__name__}", input="settings")
+        s = settings
+        steps, seed, strength, cfg, shift, method = s.steps, s.seed, s.strength, s.cfg, s.shift, s.method
+        feather_sigma, work_size, context_margin = s.feather_sigma, s.work_size, s.context_margin
+        matte_threshold, paste_back, reference = s.matte_threshold, s.paste_back, s.reference
+        if prepared is None:
+            prepared = self.prepare_inputs(image, sketch, matte, matte_threshold, announce=announce)
+        photo, sketch, binary = prepared
         B, _, H, W = photo.shape
 
         # 2. Encode the prompt (text in: embeddings out, once per prompt).

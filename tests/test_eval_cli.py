@@ -176,7 +176,7 @@ def test_eval_cli_compares_reference_noises(tmp_path, capsys, monkeypatch):
     original = HairDiffPipeline.generate
 
     def spy(self, *args, **kwargs):
-        seen.append(kwargs["reference"].noise)
+        seen.append(kwargs["settings"].reference.noise)  # evaluation passes one GenerateSettings
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(HairDiffPipeline, "generate", spy)

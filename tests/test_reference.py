@@ -571,7 +571,7 @@ def test_cli_reference_flags(tmp_path, capsys, monkeypatch):
     original = HairDiffPipeline.generate
 
     def spy(self, *args, **kwargs):
-        seen.append(kwargs["reference"])
+        seen.append(kwargs["settings"].reference)  # the CLI passes one GenerateSettings
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(HairDiffPipeline, "generate", spy)

@@ -7,7 +7,12 @@ import logging
 
 from hairdiff_core.defaults import DEFAULTS
 
-from .options import add_reference_field_arguments, add_text_arguments, prompt_kwargs, reference_fields, text_source
+from .options import (
+    add_reference_field_arguments,
+    add_text_arguments,
+    prompt_kwargs,
+    text_source,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,14 +143,6 @@ def torch_dtype(name: str):
     return parse_dtype(name)
 
 
-def reference_settings(args):
-    if args.reference == "off":
-        return None
-    from hairdiff_core.method.reference import ReferenceSettings
-
-    return ReferenceSettings(mode=args.reference, reference_noise=args.ref_noise, **reference_fields(args))
-
-
 def build_pipeline(args):
     from hairdiff_core.pipeline import HairDiffPipeline
 
@@ -180,22 +177,9 @@ def compiled(args, pipe):
     return compiled_blocks(pipe.transformer, None if backend == "off" else CompileSettings(backend=backend))
 
 
-def sampling_kwargs(args) -> dict:
-    kw = dict(
-        steps=args.steps,
-        seed=args.seed,
-        strength=args.strength,
-        cfg=args.cfg,
-        shift=args.shift,
-        method=args.method,
-        reference=reference_settings(args),
-        feather_sigma=args.feather,
-        matte_threshold=args.matte_threshold,
-        paste_back=not args.no_paste_back,
-        work_size=args.work_size,
-        context_margin=args.margin,
-    )
-    kw.update(prompt_kwargs(args))
+def text_kwargs(args) -> dict:
+    """``generate``'s prompt arguments: prompt text, or embeddings from a file."""
+    kw = dict(prompt_kwargs(args))
     if args.prompt_embeds:
         from hairdiff_core.models.text import load_prompt_embeds
 
@@ -248,19 +232,22 @@ def run(args) -> int:
 
     from .preflight import check_generate_args
 
-    check_generate_args(args)
+    settings = check_generate_args(args)
     photo = load_image(args.image, max_megapixels=args.max_megapixels)
     sketch = load_image(args.sketch, max_megapixels=args.max_megapixels)
     matte = compose_matte_from_args(args, photo, sketch)
     from hairdiff_core.pipeline import HairDiffPipeline
 
-    # Bad inputs fail here, before a multi-GB model is loaded.
-    HairDiffPipeline.prepare_inputs(photo, sketch, matte, args.matte_threshold)
+    # Bad inputs fail here, before a multi-GB model is loaded; generate reuses what this prepared.
+    prepared = HairDiffPipeline.prepare_inputs(photo, sketch, matte, settings.matte_threshold)
+    text = text_kwargs(args)
     pipe = build_pipeline(args)
     bar, on_step = tqdm_callback(args.steps, "hairdiff")
     try:
         with compiled(args, pipe):
-            result = pipe.generate(photo, sketch, matte, on_step=on_step, announce=False, **sampling_kwargs(args))
+            result = pipe.generate(
+                photo, sketch, matte, on_step=on_step, announce=False, settings=settings, prepared=prepared, **text
+            )
     finally:
         bar.close()
     save_image(result.image, args.out)

@@ -123,3 +123,32 @@ def reference_fields(args) -> dict:
     return {
         field: getattr(args, dest) for dest, (field, _, _) in REFERENCE_FLAGS.items() if getattr(args, dest) is not None
     }
+
+
+def reference_settings(args):
+    """The run's ReferenceSettings from --reference and the --ref-* flags; None when off."""
+    if args.reference == "off":
+        return None
+    from hairdiff_core.method.reference import ReferenceSettings
+
+    return ReferenceSettings(mode=args.reference, reference_noise=args.ref_noise, **reference_fields(args))
+
+
+def generate_settings(args):
+    """The run's ``GenerateSettings`` from the flags: every sampling setting, validated once."""
+    from hairdiff_core.settings import GenerateSettings
+
+    return GenerateSettings(
+        steps=args.steps,
+        seed=args.seed,
+        strength=args.strength,
+        cfg=args.cfg,
+        shift=args.shift,
+        method=args.method,
+        reference=reference_settings(args),
+        feather_sigma=args.feather,
+        matte_threshold=args.matte_threshold,
+        paste_back=not args.no_paste_back,
+        work_size=args.work_size,
+        context_margin=args.margin,
+    )

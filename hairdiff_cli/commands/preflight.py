@@ -14,7 +14,7 @@ from hairdiff_core.checks import Bound, check_device, check_generate_settings, c
 from hairdiff_core.errors import InputError, SettingsError
 from hairdiff_core.fileio import check_input_path, check_writable_folder
 
-from .options import REFERENCE_FLAGS, check_prompt_source, reference_fields
+from .options import REFERENCE_FLAGS, check_prompt_source, generate_settings, reference_fields
 
 #: PIL decodes at most 2^31 pixels per image; the RAM is the real bound.
 MAX_MEGAPIXELS = Bound("--max-megapixels", lo=0.0, lo_open=True, hi=2000.0, hint="largest image read, in MP")
@@ -91,8 +91,9 @@ def _input_files(paths: dict[str, str | list[str] | None]) -> None:
             check_input_path(value, f"--{flag}", input=flag)
 
 
-def check_generate_args(args) -> None:
-    """``hairdiff generate``: settings, input files, output path and model files, in that order."""
+def check_generate_args(args):
+    """``hairdiff generate``: settings, input files, output path and model files, in that order.
+    Returns the run's ``GenerateSettings`` (validated here, once)."""
     from hairdiff_core.data.imageio import check_output_image
 
     _sampling(args)
@@ -116,6 +117,7 @@ def check_generate_args(args) -> None:
     check_output_image(args.out, inputs=(args.image, args.sketch, *mattes, *excludes), what="output")
     _prompt(args)
     _model(args)
+    return generate_settings(args)
 
 
 def _image_sizes(photo: str, others: dict[str, list[str]], max_megapixels: float) -> None:

@@ -134,7 +134,7 @@ class EvalOptions:
     #: Add each sample's sketch region (strokes + what they enclose) to its matte (``mask.compose_matte``).
     matte_add_sketch: bool = False
     #: Extra keyword arguments for ``HairDiffPipeline.generate`` (e.g. prompt embeddings).
-    generate_kwargs: dict[str, Any] = field(default_factory=dict)
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)  # the prompt: text or embeddings
 
     def __post_init__(self) -> None:
         self.harmony = tuple(self.harmony)
@@ -402,7 +402,10 @@ def evaluate_samples(
     transformer = getattr(pipeline, "transformer", None)
     was_training = bool(getattr(transformer, "training", False))
     count = 0
-    gen_kwargs = dict(
+    from ..settings import GenerateSettings
+
+    # One validated GenerateSettings per run; each setting (method, reference) is a copy of it.
+    base = GenerateSettings(
         steps=int(options.steps),
         seed=int(options.seed),
         cfg=options.cfg,
@@ -411,8 +414,8 @@ def evaluate_samples(
         work_size=options.work_size,
         feather_sigma=options.feather_sigma,
         context_margin=options.context_margin,
-        **options.generate_kwargs,
     )
+    text = dict(options.generate_kwargs)
     try:
         if transformer is not None:
             transformer.eval()
@@ -430,7 +433,8 @@ def evaluate_samples(
             gained = {g: Mt.apply_gain(image, g) for g in options.harmony}
             results: dict[str, torch.Tensor] = {}
             for setting in settings:
-                kw = dict(gen_kwargs, method=setting.method, reference=_reference_settings(setting, options))
+                run_settings = base.replace(method=setting.method, reference=_reference_settings(setting, options))
+                kw = dict(text, settings=run_settings)
                 t0 = time.perf_counter()
                 result = pipeline.generate(image, sketch, matte, **kw).image
                 gen_s = time.perf_counter() - t0
@@ -444,7 +448,7 @@ def evaluate_samples(
                     "reference": setting.reference,
                     "seed": options.seed,
                     "steps": options.steps,
-                    "reference_noise": "" if kw["reference"] is None else kw["reference"].noise,
+                    "reference_noise": "" if run_settings.reference is None else run_settings.reference.noise,
                 }
                 row.update({k: float(v[0]) for k, v in scores.items()})
                 for gain, photo_g in gained.items():
