@@ -190,17 +190,17 @@ def builtin_model_label(family: str | None) -> str | None:
 
 
 def _auto_offload(family: str, transformer, device) -> str:
-    """offload="auto" outside ComfyUI: blocks when the model would not fit the free CUDA memory."""
-    from .models.memory import estimate_for
+    """offload="auto" outside ComfyUI: the core's one policy (``memory.auto_offload_for``) for the
+    free CUDA memory, at the model's native size with reference attention ``once``."""
+    from .models.memory import auto_offload_for
 
     device = torch.device(device)
     if device.type != "cuda":
         return "none"
     free, _ = torch.cuda.mem_get_info(device)
     side = int(transformer.config.sample_size) * M.LATENT_FACTOR
-    need = estimate_for(transformer, family, offload="none", height=side, width=side, reference="once").total
-    choice = "none" if need <= 0.9 * free else "blocks"
-    logger.info("offload auto: %.1f GB needed all on the GPU, %.1f GB free -> %s", need / 2**30, free / 2**30, choice)
+    choice = auto_offload_for(transformer, family, free, height=side, width=side, reference="once")
+    logger.info("offload auto: %.1f GB free -> %s", free / 2**30, choice)
     return choice
 
 

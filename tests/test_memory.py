@@ -68,3 +68,25 @@ def test_a_model_of_an_unknown_family_is_sized_from_its_own_config(tiny_transfor
     mine = estimate_for(tiny_transformer, "my-finetune", offload="none", height=256, width=256)
     tiny = estimate_for(tiny_transformer, "tiny", offload="none", height=256, width=256)
     assert mine.total == tiny.total
+
+
+def test_auto_offload_is_the_one_policy_with_the_loaded_weights(tiny_transformer):
+    """The command line's offload="auto" is choose_settings with the model's own weights kept."""
+    from hairdiff_core.models.memory import auto_offload_for, choose_settings, estimate_for
+
+    need = estimate_for(tiny_transformer, "tiny", offload="none", height=256, width=256, reference="once").total
+    for free in (need * 10, need // 10):
+        got = auto_offload_for(tiny_transformer, "tiny", free, height=256, width=256, reference="once")
+        want = choose_settings(
+            "tiny",
+            free,
+            weights="fp32",
+            offload="auto",
+            compute_dtype=torch.float32,
+            height=256,
+            width=256,
+            reference="once",
+        )[1]
+        assert got == want
+    assert auto_offload_for(tiny_transformer, "tiny", need * 10, height=256, width=256, reference="once") == "none"
+    assert auto_offload_for(tiny_transformer, "tiny", 1, height=256, width=256, reference="once") == "blocks"

@@ -602,6 +602,21 @@ def choose_settings(
     return best
 
 
+def auto_offload_for(transformer: torch.nn.Module, family: str, free_bytes: int, **estimate_kwargs: Any) -> str:
+    """``offload="auto"`` for a loaded transformer: the one policy (``choose_settings``) with the
+    weights it was loaded with kept, so the command line, evaluation and training decide alike."""
+    known = family if family in FAMILY_NAMES and family != "custom" else _config_of(transformer)
+    _weights, offload, _est = choose_settings(
+        known,
+        free_bytes,
+        weights=weights_of(transformer),
+        offload="auto",
+        compute_dtype=compute_dtype_of(transformer),
+        **estimate_kwargs,
+    )
+    return offload
+
+
 def weights_of(transformer: torch.nn.Module) -> str:
     """The ``weights`` a loaded transformer has: its storage dtype's name, ``gguf_q8_0`` for a
     GGUF model (sized as Q8_0: the estimate's upper end for GGUF), or ``fp32``."""
