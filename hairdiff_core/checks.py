@@ -73,6 +73,9 @@ GENERATE_BOUNDS: dict[str, Bound] = {
     "feather_sigma": Bound("feather", lo=0.0, hi=1024.0, hint="feather sigma in px at 1024 px, default 10"),
     "context_margin": Bound("margin", lo=0.0, hi=16.0, hint="context around the matte, a fraction of its size"),
     "matte_threshold": Bound("matte threshold", lo=0.0, hi=0.999, hint="matte values above it are hair"),
+    "style_weight": Bound(
+        "style weight", lo=0.0, hi=100.0, hint="how strongly the new hair sees the style photo's hair, 1 = as its own"
+    ),
     "work_size": Bound(
         "work size", integer=True, lo=16, hi=4096, hint="side of the working area in px, a multiple of 16; SD3.5: 1024"
     ),

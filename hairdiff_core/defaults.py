@@ -27,6 +27,9 @@ class SamplingDefaults:
     matte_threshold: float = 0.5
     #: Context box margin around the matte, as a fraction of the matte's size.
     context_margin: float = 0.25
+    #: Weight of the style photo's hair keys for the new hair's queries (0 = the style photo is
+    #: ignored; 1 = like the image's own keys; up to 100 like the reference weights).
+    style_weight: float = 1.0
     #: The largest photo (or sketch, matte) read, in megapixels, checked from the file's header
     #: before decoding. 120 MP takes 100-108 MP camera and phone sensors; each 100 MP costs
     #: about 4 GB of RAM in a run (float pixels, result and masks at full size).

@@ -651,6 +651,70 @@ class HairDiffPipeline:
                 )
         return photo, sketch, binary
 
+    @staticmethod
+    def prepare_style(style_image, style_matte, matte_threshold: float = DEFAULTS.matte_threshold, batch: int = 1):
+        """Validate a style reference: (style photo RGB, its binary matte at the photo's size), or
+        None when neither is given. Cheap (call it before loading a model, as ``generate`` does).
+
+        The style photo may have any size and aspect; its matte must have the style photo's aspect
+        (resized to it) and select some hair. Each refusal is an ``InputError`` whose ``input`` is
+        ``style_image`` or ``style_matte``: one without the other, an empty matte, another aspect.
+        """
+        from .errors import EmptyMaskError, HairDiffError
+        from .imageops import check_same_aspect
+
+        if style_image is None and style_matte is None:
+            return None
+        if style_matte is None:
+            raise InputError(
+                "a style photo was given without its hair matte: give style_matte (white = the style hair) "
+                "with style_image",
+                input="style_matte",
+            )
+        if style_image is None:
+            raise InputError(
+                "a style matte was given without its style photo: give style_image with style_matte",
+                input="style_image",
+            )
+        for t, what, name in ((style_image, "style photo", "style_image"), (style_matte, "style matte", "style_matte")):
+            if not isinstance(t, torch.Tensor) or t.ndim != 4:
+                raise InputError(f"{name} must be a (B, C, H, W) tensor in [0, 1]", input=name)
+            try:
+                _check_range(t, what)
+            except HairDiffError as exc:
+                exc.input = name
+                raise
+        try:
+            photo = _as_rgb(style_image, "style photo")
+        except HairDiffError as exc:
+            exc.input = "style_image"
+            raise
+        H, W = photo.shape[-2:]
+        h, w = style_matte.shape[-2:]
+        check_same_aspect((w, h), (W, H), "style matte", "style photo", input="style_matte")
+        matte = resize_same_aspect(style_matte.float(), (H, W), "style matte", "style photo", "nearest")
+        try:
+            binary = M.binarize_matte(matte, matte_threshold)
+        except EmptyMaskError as exc:
+            raise EmptyMaskError(
+                f"the style matte is empty (no pixel above threshold {matte_threshold}): paint the style photo's "
+                f"hair white on black",
+                input="style_matte",
+            ) from exc
+        except HairDiffError as exc:
+            exc.input = "style_matte"
+            raise
+        for t, name in ((photo, "style_image"), (binary, "style_matte")):
+            if t.shape[0] not in (1, batch):
+                raise InputError(
+                    f"the {name.replace('_', ' ')} batch has {t.shape[0]} items but the photo batch has {batch}; "
+                    f"give 1 or {batch}",
+                    input=name,
+                )
+        photo = photo.clamp(0, 1)
+        n = max(photo.shape[0], binary.shape[0])
+        return photo.expand(n, *photo.shape[1:]), binary.expand(n, *binary.shape[1:])
+
     @torch.no_grad()
     def generate(
         self,
@@ -680,6 +744,9 @@ class HairDiffPipeline:
         announce: bool = True,
         settings: GenerateSettings | None = None,
         prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        style_image: torch.Tensor | None = None,
+        style_matte: torch.Tensor | None = None,
+        style_weight: float = DEFAULTS.style_weight,
     ) -> GenerateResult:
         r"""Redraw the hair of ``image`` inside ``matte``, following ``sketch``.
 
@@ -716,10 +783,20 @@ class HairDiffPipeline:
             announce: log when the sketch or matte is resized (callers that checked the inputs
                 already pass False).
             settings: a ``GenerateSettings`` (validated when made) used in place of the sampling
-                keywords above (steps ... context_margin); the CLI and evaluation pass one.
+                keywords above (steps ... context_margin, style_weight); the CLI and evaluation pass one.
             prepared: what ``prepare_inputs(image, sketch, matte, matte_threshold)`` returned for
                 these inputs (a caller that checked them before loading the model), so the
                 photo-sized tensors are not made twice.
+            style_image: a style photo whose hair gives the new hair its colour and texture,
+                (B or 1, C, H', W') in [0, 1], any size and aspect; needs ``style_matte``.
+            style_matte: the style photo's hair matte, (B or 1, C, h', w'), the style photo's
+                aspect ratio. The style photo is cropped around it and worked at the model's
+                size; its tokens inside the (slightly shrunk) matte become extra keys for the
+                image queries inside the edit matte (weighted by their soft mask), never for
+                the face, background or text. A style reference needs reference attention:
+                ``reference=None`` then means ``"once"`` (an explicit ``"off"`` is refused).
+            style_weight: weight of the style keys, 0 to 100 (0 = the style photo is ignored,
+                exactly as if none was given; 1 = as strong as the image's own keys).
 
         Returns:
             ``GenerateResult``: ``image`` (B, 3, H, W) in [0, 1], the final ``latent`` of the
@@ -745,6 +822,7 @@ class HairDiffPipeline:
                 paste_back=paste_back,
                 work_size=work_size,
                 context_margin=context_margin,
+                style_weight=style_weight,
             )
         elif not isinstance(settings, GenerateSettings):
             raise InputError(f"settings must be a GenerateSettings, got {type(settings).__name__}", input="settings")
@@ -752,10 +830,22 @@ class HairDiffPipeline:
         steps, seed, strength, cfg, shift, method = s.steps, s.seed, s.strength, s.cfg, s.shift, s.method
         feather_sigma, work_size, context_margin = s.feather_sigma, s.work_size, s.context_margin
         matte_threshold, paste_back, reference = s.matte_threshold, s.paste_back, s.reference
+        style_weight = s.style_weight
         if prepared is None:
             prepared = self.prepare_inputs(image, sketch, matte, matte_threshold, announce=announce)
         photo, sketch, binary = prepared
         B, _, H, W = photo.shape
+        style = self.prepare_style(style_image, style_matte, matte_threshold, batch=B)
+        if style is not None and style_weight > 0:
+            if method == "replace":
+                raise InputError(
+                    "a style photo is part of the joint method (reference attention); use the joint method",
+                    input="style_image",
+                )
+            if reference is None:
+                reference = "once"  # the style reference rides on reference attention
+        else:
+            style = None  # style weight 0: exactly as if no style photo was given
 
         # 2. Encode the prompt (text in: embeddings out, once per prompt).
         if prompt is not None or negative_prompt is not None:
@@ -791,6 +881,26 @@ class HairDiffPipeline:
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(self.device)
 
+        # 4b. The style photo: cropped around its own matte, worked at the model's size, encoded;
+        # its noise (matched mode) comes from the seed (the generation's noise when the sizes agree).
+        style_inputs = None
+        if style is not None:
+            style_photo, style_binary = style
+            plan_s = plan_crop(
+                style_binary,
+                int(work_size or self.default_work_size),
+                sigma_at_work,
+                context_margin,
+                max_work_side(self.transformer),
+            )
+            style_binary_w = plan_s.to_work(style_binary, "nearest")
+            style_binary_w[..., plan_s.height :, :] = 0  # the replicate padding is not hair
+            style_binary_w[..., :, plan_s.width :] = 0
+            style_latent = self.encode(plan_s.to_work(style_photo, "bilinear")).to(self.device)
+            style_gen = torch.Generator(device="cpu").manual_seed(int(seed))
+            style_noise = torch.randn(style_latent.shape, generator=style_gen, dtype=torch.float32).to(self.device)
+            style_inputs = (style_latent, M.token_grid(style_binary_w), style_noise, style_weight)
+
         # 5. Prepare the timesteps.
         sigmas = sampling_sigmas(steps, shift=shift, strength=strength)
 
@@ -806,7 +916,16 @@ class HairDiffPipeline:
         with (
             self._placed(),
             self._attention(
-                reference, method, photo_w, binary_w, soft_w, x0, noise, prompt_embeds, pooled_prompt_embeds
+                reference,
+                method,
+                photo_w,
+                binary_w,
+                soft_w,
+                x0,
+                noise,
+                prompt_embeds,
+                pooled_prompt_embeds,
+                style=style_inputs,
             ) as hook,
         ):
             denoise = TransformerDenoiser(
@@ -823,6 +942,7 @@ class HairDiffPipeline:
             info["model_calls"] = denoise.calls
             if hook is not None:
                 info["reference_passes"] = getattr(hook, "reference_passes", None)
+                info["style_passes"] = getattr(hook, "style_passes", 0)
 
         if info["steps_run"] == 0:
             # Nothing was generated (strength 0): the source itself, without a VAE round trip.
@@ -889,14 +1009,21 @@ class HairDiffPipeline:
 
         return placed()
 
-    def _attention(self, reference, method, photo_w, binary_w, soft_w, x0, noise, embeds, pooled):
-        """Context manager that installs reference attention for one call, or does nothing."""
+    def _attention(self, reference, method, photo_w, binary_w, soft_w, x0, noise, embeds, pooled, style=None):
+        """Context manager that installs reference attention for one call, or does nothing.
+
+        ``style``: (latent, token mask, noise, weight) of the style reference, or None."""
         import contextlib
 
         from .method.reference import ReferenceSettings, fill_hair_region, reference_attention
 
         # None, "off"|"once"|"per_step", a dict of fields or ReferenceSettings (validated here).
         reference = ReferenceSettings.coerce(reference)
+        if reference.mode == "off" and style is not None:
+            raise InputError(
+                "a style photo needs reference attention: use reference='once' or 'per_step' (or leave it None)",
+                input="reference",
+            )
         if reference.mode == "off":
             return contextlib.nullcontext(None)
         if method == "replace":
@@ -917,4 +1044,9 @@ class HairDiffPipeline:
             noise=noise,
             encoder_hidden_states=embeds,
             pooled_projections=pooled,
+            **(
+                {}
+                if style is None
+                else dict(style_latent=style[0], style_token_mask=style[1], style_noise=style[2], style_weight=style[3])
+            ),
         )

@@ -37,6 +37,8 @@ class GenerateSettings:
     paste_back: bool = True
     work_size: int | None = None
     context_margin: float = DEFAULTS.context_margin
+    #: The style photo's weight (``generate(style_image=...)``; the photo itself is an input).
+    style_weight: float = DEFAULTS.style_weight
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -51,6 +53,7 @@ class GenerateSettings:
             matte_threshold=self.matte_threshold,
             work_size=self.work_size,
             context_margin=self.context_margin,
+            style_weight=self.style_weight,
         )
         for name, value in checked.items():
             object.__setattr__(self, name, value)

@@ -29,6 +29,17 @@ changes no output). Excluded keys are not even stored: the cache holds only visi
 which also makes the generation's attention cheaper by the excluded share. ``reference_input="filled"`` instead feeds the reference pass a copy of the
 photo whose hair region was filled from its surroundings (``fill_hair_region``).
 
+Style reference (``StyleKeys``): a second pass runs a *style photo* (cropped around its own hair
+matte) on the same schedule, sigma and noise mode and stores the K/V of its tokens inside its
+(slightly shrunk) matte. They are appended after the reference keys with
+
+    bias[i, style j]    = log(m_i * style_weight) + log(cell weight_j)   (key_pool cells)
+    bias[text, style j] = -inf
+
+so only the new hair's queries see them (m_i = 0: exactly invisible), the text balance is the
+reference's, and ``style_weight = 0`` runs no style pass at all. One attention call per layer as
+before (the grouped and folded kernels carry the style group too).
+
 SD3.5 Medium's extra image self-attention (``attn2``, blocks 0-12) takes part by default
 (``include_attn2``): it is image-only, so it is where appearance is shared most directly, and
 the hair-blind reference pass needs it gated anyway. Its cache costs 13/24 more on Medium.
@@ -355,10 +366,19 @@ class ReferenceGating:
     """The per-token weights of one sampling call and the biases built from them.
 
     ``token_mask``: (B, 1, th, tw) soft mask on the token grid (H/16, W/16), or any grid of
-    the same aspect ratio (area-resized to ``token_hw``).
+    the same aspect ratio (area-resized to ``token_hw``). ``style``: the style photo's keys
+    (``StyleKeys``, batch 1 or B) appended after the reference keys, seen by image query i with
+    weight ``m_i * style_weight`` (text queries: never); None = no style reference.
     """
 
-    def __init__(self, settings: ReferenceSettings, token_mask: torch.Tensor, token_hw: tuple[int, int]):
+    def __init__(
+        self,
+        settings: ReferenceSettings,
+        token_mask: torch.Tensor,
+        token_hw: tuple[int, int],
+        style: StyleKeys | None = None,
+        style_weight: float = 1.0,
+    ):
         self.settings = settings
         if not isinstance(token_mask, torch.Tensor) or token_mask.ndim != 4 or token_mask.shape[1] != 1:
             shape = tuple(token_mask.shape) if isinstance(token_mask, torch.Tensor) else type(token_mask).__name__
@@ -399,6 +419,27 @@ class ReferenceGating:
             )
         self._plan_storage(settings)
         self._cache: dict[tuple, torch.Tensor] = {}
+        # The style reference: its keys' row bias log(m_i * style_weight) (0 outside the matte:
+        # -inf, the face and background never see them) and their column bias (key pooling).
+        self.style = style
+        self.style_kept = 0 if style is None else style.kept
+        self.row_style = None
+        self.style_col = None
+        if style is not None:
+            if style.batch not in (1, self.batch):
+                raise InputError(
+                    f"the style reference has batch {style.batch} but the photo batch is {self.batch}; give 1 or "
+                    f"{self.batch} style photos",
+                    input="style_image",
+                )
+            w = _as_float(style_weight, "style_weight")
+            if not 0.0 <= w <= REFERENCE_WEIGHT_MAX:
+                raise InputError(
+                    f"style_weight must be from 0 to {REFERENCE_WEIGHT_MAX:g}, got {w:g}", input="style_weight"
+                )
+            self.style_weight = w
+            self.row_style = _safe_log(self.m * w)  # (B, L)
+            self.style_col = style.col_kept.expand(self.batch, -1)  # (B, S)
 
     def _plan_storage(self, s: ReferenceSettings) -> None:
         """Which reference keys the cache stores, in which order, with which column bias.
@@ -501,13 +542,16 @@ class ReferenceGating:
             return hit
         B, L = self.m.shape
         Lt = text_tokens or 0
-        Lq, Lk = L + Lt, L + Lt + self.kept
+        R = L + Lt + self.kept  # where the style keys start
+        Lq, Lk = L + Lt, R + self.style_kept
         bias = _aligned_empty((B, 1, Lq, Lk), torch.float32, "cpu")
         bias[:, 0, :L, :L] = self.row_own[:, :, None]
         bias[:, 0, :L, L : L + Lt] = self.row_text[:, :, None]
         bias[:, 0, L:, : L + Lt] = 0.0
-        bias[:, 0, :L, L + Lt :] = self.row_ref[:, :, None] + self.col_kept[:, None, :]
-        bias[:, 0, L:, L + Lt :] = -math.inf
+        bias[:, 0, :L, L + Lt : R] = self.row_ref[:, :, None] + self.col_kept[:, None, :]
+        if self.style is not None:
+            bias[:, 0, :L, R:] = self.row_style[:, :, None] + self.style_col[:, None, :]
+        bias[:, 0, L:, L + Lt :] = -math.inf  # text queries see neither reference
         bias = self._to(bias, dtype, device)
         bias = self._batched(bias, batch)
         self._cache[key] = bias
@@ -548,24 +592,31 @@ class ReferenceGating:
     def generation_extras(self, batch: int, text_tokens: int | None, ref_tokens: int, device):
         """(q_extra, k_extra) of a generation attention: dims 0-2 carry the per-query bias of the
         own, text and reference key groups (a 1 marks the key's group), dim 3 the reference
-        keys' column bias (the query side holds 1)."""
+        keys' column bias (the query side holds 1); with a style reference dims 4-5 do the same
+        for the style keys (appended after the reference keys)."""
         key = ("folded_gen", batch, text_tokens, device)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        L, Lt, R = self.tokens, text_tokens or 0, ref_tokens
-        rows = [self._finite(self._rows(n, batch, text_tokens, "cpu")) for n in ("own", "text", "ref")]
+        L, Lt, R, S = self.tokens, text_tokens or 0, ref_tokens, self.style_kept
+        names = ("own", "text", "ref") + (("style",) if self.style is not None else ())
+        rows = [self._finite(self._rows(n, batch, text_tokens, "cpu")) for n in names]
         bq = rows[0].shape[0]
         q_extra = torch.zeros(bq, L + Lt, _FOLD_DIMS)
-        for i, r in enumerate(rows):
+        for i, r in enumerate(rows[:3]):
             q_extra[:, :, i] = r
         q_extra[:, :, 3] = 1.0
         col = self._batched_rows(self._finite(self.col_kept), batch)
-        k_extra = torch.zeros(col.shape[0], L + Lt + R, _FOLD_DIMS)
+        k_extra = torch.zeros(col.shape[0], L + Lt + R + S, _FOLD_DIMS)
         k_extra[:, :L, 0] = 1.0
         k_extra[:, L : L + Lt, 1] = 1.0
-        k_extra[:, L + Lt :, 2] = 1.0
-        k_extra[:, L + Lt :, 3] = col
+        k_extra[:, L + Lt : L + Lt + R, 2] = 1.0
+        k_extra[:, L + Lt : L + Lt + R, 3] = col
+        if self.style is not None:
+            q_extra[:, :, 4] = rows[3]
+            q_extra[:, :, 5] = 1.0
+            k_extra[:, L + Lt + R :, 4] = 1.0
+            k_extra[:, L + Lt + R :, 5] = self._batched_rows(self._finite(self.style_col), batch)
         hit = self._cache[key] = (q_extra.to(device), k_extra.to(device))
         return hit
 
@@ -596,15 +647,15 @@ class ReferenceGating:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        image = {"own": self.row_own, "text": self.row_text, "ref": self.row_ref}[name]
-        text_fill = -math.inf if name == "ref" else 0.0
+        image = {"own": self.row_own, "text": self.row_text, "ref": self.row_ref, "style": self.row_style}[name]
+        text_fill = -math.inf if name in ("ref", "style") else 0.0
         rows = torch.cat([image, torch.full((image.shape[0], text_tokens or 0), text_fill)], dim=1)
         rows = self._cache[key] = self._batched_rows(rows, batch).to(device)
         return rows
 
-    def generation_groups(self, key, value, ref_k, ref_v, text_tokens: int | None):
+    def generation_groups(self, key, value, ref_k, ref_v, text_tokens: int | None, style_k=None, style_v=None):
         """Key groups of a generation attention, or None when the bias path must serve."""
-        if self.col_runs is None:
+        if self.col_runs is None or (self.style is not None and self.style.col_runs is None):
             return None
         batch, L = key.shape[0], self.tokens
         dev = key.device
@@ -614,6 +665,10 @@ class ReferenceGating:
         ref_rows = self._rows("ref", batch, text_tokens, dev)
         for start, end, col in self.col_runs:
             groups.append((ref_k[:, :, start:end], ref_v[:, :, start:end], ref_rows + col))
+        if self.style is not None:
+            style_rows = self._rows("style", batch, text_tokens, dev)
+            for start, end, col in self.style.col_runs:
+                groups.append((style_k[:, :, start:end], style_v[:, :, start:end], style_rows + col))
         return groups
 
     def reference_groups(self, key, value, text_tokens: int | None):
@@ -648,7 +703,8 @@ class ReferenceGating:
         """False when a generation pass would compute the plain attention: no query sees a
         reference key (reference weights 0) and the own keys are not suppressed, so the text
         bias log(own + ref) is log(1) = 0 too. A host may then skip the reference entirely."""
-        return bool(torch.isfinite(self.row_ref).any()) or self.settings.suppress_self_outside > 0
+        style = self.row_style is not None and bool(torch.isfinite(self.row_style).any())
+        return bool(torch.isfinite(self.row_ref).any()) or self.settings.suppress_self_outside > 0 or style
 
     def reference_bias_needed(self) -> bool:
         s = self.settings
@@ -659,13 +715,119 @@ class ReferenceGating:
 
 
 # --------------------------------------------------------------------------------------------
+# The style reference's keys (a second reference pass, on a style photo)
+# --------------------------------------------------------------------------------------------
+#: A style-photo token is style hair when more than this share of it lies inside the style matte.
+STYLE_COVERAGE_THRESHOLD = 0.5
+
+
+def style_erode_tokens(token_hw: tuple[int, int]) -> int:
+    """How many tokens the style matte is shrunk by: 2 at SD3.5's 1024 px (64 tokens a side), 1 from
+    32 tokens, 0 below (the toy's 8): the matte's border tokens mix hair with the background."""
+    return min(2, min(token_hw) // 32)
+
+
+class StyleKeys:
+    """Which tokens of the style photo are style keys, and how the style pass stores them.
+
+    The style pass runs the style photo (cropped around its own matte, at the model's size)
+    through the transformer like the source reference (same schedule and noise mode) and
+    stores, per attention layer, the K/V of its tokens inside its own matte, shrunk by
+    ``erode_tokens`` (default ``style_erode_tokens``): those are hair of the style photo only.
+    An item whose shrunk matte is empty falls back to the unshrunk one. The key budget's
+    ``key_pool`` applies as it does to the reference keys (cells of p x p tokens, a cell's
+    logit gets ``log(its style tokens)``); ``key_ring`` does not (it is a ring around the
+    *source's* matte). The style pass itself attends plainly (the style photo is its own
+    context); the generation's gating (``ReferenceGating(style=...)``) decides who sees the keys.
+
+    ``token_mask``: (B, 1, th, tw) coverage of the style matte on the style's token grid.
+    """
+
+    def __init__(self, token_mask: torch.Tensor, pool: int = 1, erode_tokens: int | None = None):
+        if not isinstance(token_mask, torch.Tensor) or token_mask.ndim != 4 or token_mask.shape[1] != 1:
+            shape = tuple(token_mask.shape) if isinstance(token_mask, torch.Tensor) else type(token_mask).__name__
+            raise InputError(
+                f"the style token mask must be a (B, 1, h, w) coverage mask, got {shape}", input="style_matte"
+            )
+        if pool not in KEY_POOLS:
+            raise InputError(f"key_pool must be one of {list(KEY_POOLS)}, got {pool!r}", input="key_pool")
+        cov = token_mask.detach().float().cpu().clamp(0.0, 1.0)
+        th, tw = cov.shape[-2:]
+        self.token_hw = (th, tw)
+        self.batch = cov.shape[0]
+        self.erode = style_erode_tokens((th, tw)) if erode_tokens is None else int(erode_tokens)
+        core = (cov > STYLE_COVERAGE_THRESHOLD).float()
+        inside = (M.dilate(core, -self.erode) if self.erode > 0 else core) > 0.5
+        for b in range(self.batch):
+            for fallback in (core[b] > 0.5, cov[b] > 0):
+                if bool(inside[b].any()):
+                    break
+                inside[b] = fallback
+            if not bool(inside[b].any()):
+                raise InputError(
+                    f"the style matte covers no token of the style photo (batch item {b}) at the working size; "
+                    f"give a style matte with more hair in it",
+                    input="style_matte",
+                )
+        self.inside = inside.flatten(1)  # (B, L)
+        self.pool = int(pool)
+        weight = self.inside.float()
+        self.store_weight = weight
+        if self.pool > 1:
+            weight = self._pool_grid(weight.view(self.batch, 1, th, tw)).flatten(1)
+        col = _safe_log(weight)
+        counts = torch.isfinite(col).sum(dim=1)
+        self.kept = int(counts.max())
+        order = torch.argsort(-col.nan_to_num(neginf=-1e30), dim=1, stable=True)[:, : self.kept]
+        self.keep_index = order
+        padded = torch.arange(self.kept)[None, :] >= counts[:, None]
+        self.col_kept = torch.where(padded, torch.full((self.batch, self.kept), -math.inf), col.gather(1, order))
+        self.col_runs: list[tuple[int, int, float]] | None = _runs(self.col_kept)
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    # The storage maths is the reference keys' own (one place): compaction and pooling.
+    compact = ReferenceGating.compact
+    _pool_keys = ReferenceGating._pool_keys
+    _pool_grid = ReferenceGating._pool_grid
+
+    @property
+    def tokens(self) -> int:
+        return self.inside.shape[1]
+
+    # The style pass attends plainly: no bias, no grouped or folded kernel.
+    @staticmethod
+    def use_folded() -> bool:
+        return False
+
+    @staticmethod
+    def use_grouped(query) -> bool:
+        return False
+
+    @staticmethod
+    def reference_bias_needed() -> bool:
+        return False
+
+    @staticmethod
+    def reference_bias(*args) -> None:
+        return None
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+# --------------------------------------------------------------------------------------------
 # Per-pass state objects (travel in joint_attention_kwargs; never mutated between passes)
 # --------------------------------------------------------------------------------------------
 class ReferenceCache(dict):
-    """attention module -> (K, V) of the visible reference image tokens, (B, heads, kept, head_dim)."""
+    """attention module -> (K, V) of the visible reference image tokens, (B, heads, kept, head_dim).
+
+    ``style``: the style pass's cache of the same layers (its style keys), or None."""
+
+    style: ReferenceCache | None = None
 
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.values())
+        own = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.values())
+        return own + (self.style.nbytes() if self.style is not None else 0)
 
 
 @dataclass(eq=False)
@@ -812,15 +974,26 @@ def joint_attention(slot, query, key, value, text_query=None, text_key=None, tex
                     f"{residual_len}; the reference latent must have the generation latent's size"
                 )
             ref_k, ref_v = _match_reference(cached, batch)
+            style_k = style_v = None
+            if state.gating.style is not None:
+                style_cached = state.cache.style.get(slot) if state.cache.style is not None else None
+                if style_cached is None:
+                    raise InputError(
+                        "the gating has style keys but the style pass stored no K/V for this layer; run the "
+                        "style pass with the same transformer and include_attn2 (ReferenceHook does)"
+                    )
+                style_k, style_v = (t.to(key.dtype) for t in _match_reference(style_cached, batch))
             if state.gating.use_folded():
                 folded = state.gating.generation_extras(batch, text_tokens, ref_k.shape[2], query.device)
             elif state.gating.use_grouped(query):
                 groups = state.gating.generation_groups(
-                    key, value, ref_k.to(key.dtype), ref_v.to(value.dtype), text_tokens
+                    key, value, ref_k.to(key.dtype), ref_v.to(value.dtype), text_tokens, style_k, style_v
                 )
             if groups is None:
-                key = torch.cat([key, ref_k.to(key.dtype)], dim=2)
-                value = torch.cat([value, ref_v.to(value.dtype)], dim=2)
+                extra_k = [ref_k.to(key.dtype)] + ([style_k] if style_k is not None else [])
+                extra_v = [ref_v.to(value.dtype)] + ([style_v] if style_v is not None else [])
+                key = torch.cat([key, *extra_k], dim=2)
+                value = torch.cat([value, *extra_v], dim=2)
                 if folded is None:
                     bias = state.gating.generation_bias(batch, text_tokens, query.dtype, query.device)
     elif state is not None and not isinstance(state, (ReferencePassState, GenerationPassState)):
@@ -979,7 +1152,14 @@ class ReferenceSchedule:
 
 
 class ReferenceHook:
-    """Runs the reference pass when needed and hands out each step's attention kwargs."""
+    """Runs the reference pass when needed and hands out each step's attention kwargs.
+
+    With a style reference (``style_latent``: (B|1, 16, hs, ws), any size with multiples of the
+    patch; ``style_token_mask``: its matte's coverage on its token grid; ``style_noise``: its
+    noise for ``matched``, same shape) a style pass runs right after every reference pass (the
+    same schedule, sigma and noise mode) and its K/V ride on the cache (``cache.style``). A
+    ``style_weight`` of 0 runs no style pass at all (exactly the hook without a style photo).
+    """
 
     def __init__(
         self,
@@ -990,6 +1170,10 @@ class ReferenceHook:
         noise: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         pooled_projections: torch.Tensor,
+        style_latent: torch.Tensor | None = None,
+        style_token_mask: torch.Tensor | None = None,
+        style_noise: torch.Tensor | None = None,
+        style_weight: float = 1.0,
     ):
         if (
             not isinstance(reference_latent, torch.Tensor)
@@ -1020,11 +1204,44 @@ class ReferenceHook:
         self.extra_channels = input_channels(transformer) - BASE_CHANNELS
         self.text = _batch_to(encoder_hidden_states, B, "encoder_hidden_states").to(self.device, self.dtype)
         self.pooled = _batch_to(pooled_projections, B, "pooled_projections").to(self.device, self.dtype)
+        self.style_keys = None
+        self.style_passes = 0
+        style_weight = _as_float(style_weight, "style_weight")
+        if not 0.0 <= style_weight <= REFERENCE_WEIGHT_MAX:
+            raise InputError(
+                f"style_weight must be from 0 to {REFERENCE_WEIGHT_MAX:g}, got {style_weight:g}", input="style_weight"
+            )
+        if style_latent is not None and style_weight > 0:
+            self._set_style(style_latent, style_token_mask, style_noise, B, patch)
         self.gating = ReferenceGating(
-            settings, _batch_to(token_mask, B, "token_mask").to("cpu"), (h // patch, w // patch)
+            settings,
+            _batch_to(token_mask, B, "token_mask").to("cpu"),
+            (h // patch, w // patch),
+            style=self.style_keys,
+            style_weight=style_weight,
         )
         self.reference_passes = 0
         self.schedule = ReferenceSchedule(settings)
+
+    def _set_style(self, latent, token_mask, noise, batch: int, patch: int) -> None:
+        if not isinstance(latent, torch.Tensor) or latent.ndim != 4 or latent.shape[1] != BASE_CHANNELS:
+            shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
+            raise InputError(f"style_latent must be a (B, {BASE_CHANNELS}, h, w) SD3 latent, got {shape}")
+        hs, ws = latent.shape[-2:]
+        if hs % patch or ws % patch:
+            raise InputError(f"the style latent is {ws}x{hs}; both sides must be multiples of {patch}")
+        if token_mask is None or noise is None:
+            raise InputError("a style latent needs its style_token_mask and style_noise", input="style_matte")
+        if tuple(noise.shape[1:]) != tuple(latent.shape[1:]):
+            raise InputError(
+                f"style_noise has shape {tuple(noise.shape)} but the style latent has {tuple(latent.shape)}"
+            )
+        grid = (hs // patch, ws // patch)
+        if tuple(token_mask.shape[-2:]) != grid:
+            token_mask = M.resize_area(token_mask.float(), grid)
+        self.style_latent = _batch_to(latent, batch, "style_latent").detach().to(self.device, torch.float32)
+        self.style_noise = _batch_to(noise, batch, "style_noise").detach().to(self.device, torch.float32)
+        self.style_keys = StyleKeys(_batch_to(token_mask, batch, "style_token_mask").to("cpu"), self.settings.key_pool)
 
     def _model_input(self, sigma: float) -> torch.Tensor:
         x = reference_latent_at(self.settings, self.latent, self.noise, sigma)
@@ -1039,9 +1256,24 @@ class ReferenceHook:
                 self.transformer, self._model_input(sigma), timestep, self.text, self.pooled, self.gating, self.settings
             )
         self.reference_passes += 1
+        if self.style_keys is not None:
+            cache.style = self.run_style(sigma, timestep)
         logger.debug(
             "reference pass %d at sigma %.4f: %.1f MiB of K/V", self.reference_passes, sigma, cache.nbytes() / 2**20
         )
+        return cache
+
+    def run_style(self, sigma: float, timestep: torch.Tensor) -> ReferenceCache:
+        """The style pass at ``sigma``: the style photo's latent seen as the reference's is (clean or
+        matched), its style keys stored."""
+        x = reference_latent_at(self.settings, self.style_latent, self.style_noise, sigma)
+        if self.extra_channels:
+            x = torch.cat([x, torch.zeros(x.shape[0], self.extra_channels, *x.shape[2:], device=x.device)], dim=1)
+        with torch.no_grad():
+            cache = reference_pass(
+                self.transformer, x.to(self.dtype), timestep, self.text, self.pooled, self.style_keys, self.settings
+            )
+        self.style_passes += 1
         return cache
 
     @property
@@ -1056,6 +1288,8 @@ class ReferenceHook:
     def close(self) -> None:
         self.schedule.clear()
         self.gating.clear()
+        if self.style_keys is not None:
+            self.style_keys.clear()
 
 
 def _batch_to(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
@@ -1078,6 +1312,10 @@ def reference_attention(
     noise: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
     pooled_projections: torch.Tensor,
+    style_latent: torch.Tensor | None = None,
+    style_token_mask: torch.Tensor | None = None,
+    style_noise: torch.Tensor | None = None,
+    style_weight: float = 1.0,
 ):
     """Reference attention for one sampling call.
 
@@ -1089,14 +1327,28 @@ def reference_attention(
     The generation batch may be a multiple of B (classifier-free guidance: one reference pass
     serves both halves). On exit, also on error or interrupt, the original processors are back
     and the cache is freed. ``mode="off"`` touches nothing and yields a hook returning ``{}``.
+
+    ``style_*``: an optional style reference (see ``ReferenceHook``); it needs the mode on.
     """
     settings = ReferenceSettings.coerce(settings)
     if settings.mode == "off":
+        if style_latent is not None:
+            raise InputError("a style photo needs reference attention on (mode once or per_step)", input="reference")
         yield _OffHook()
         return
     with reference_processors(transformer):
         hook = ReferenceHook(
-            transformer, settings, reference_latent, token_mask, noise, encoder_hidden_states, pooled_projections
+            transformer,
+            settings,
+            reference_latent,
+            token_mask,
+            noise,
+            encoder_hidden_states,
+            pooled_projections,
+            style_latent=style_latent,
+            style_token_mask=style_token_mask,
+            style_noise=style_noise,
+            style_weight=style_weight,
         )
         try:
             yield hook
