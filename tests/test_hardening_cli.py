@@ -106,6 +106,8 @@ GENERATE_CASES = [
     (["--ref-weight-inside", "2"], r"--ref-weight-inside given but --reference is off"),
     (["--reference", "once", "--ref-weight-inside", "nan"], r"weight_inside must be finite"),
     (["--method", "replace", "--reference", "once"], r"--reference is part of the joint method"),
+    (["--style-weight", "101"], r"style weight must be a number from 0 to 100.*got 101"),
+    (["--style-weight", "0.5"], r"--style-weight given but no --style-image"),
     (["--device", "banana"], r"unknown device 'banana'"),
     (["--dtype", "fp8"], r"invalid choice: 'fp8'"),
     (["--adapter", "missing.safetensors"], r"adapter not found: missing.safetensors"),
@@ -362,6 +364,8 @@ FIFO_CASES = [
     ("generate", "--exclude"),
     ("generate", "--prompt-embeds"),
     ("generate", "--adapter"),
+    ("generate", "--style-image"),
+    ("generate", "--style-matte"),
     ("train", "--data"),
     ("train", "--config"),
     ("prepare", "--images"),
@@ -380,6 +384,9 @@ def test_special_files_are_refused_before_they_are_opened(inputs, capsys, no_han
         argv += ["--matte", str(i / "matte.png"), "--out", str(inputs / "out" / "r.png")]
         if flag in ("--image", "--sketch"):
             argv[argv.index(flag) + 1] = str(fifo)
+        elif flag.startswith("--style"):
+            other = {"--style-image": "--style-matte", "--style-matte": "--style-image"}[flag]
+            argv += [flag, str(fifo), other, str(i / ("matte.png" if other == "--style-matte" else "photo.png"))]
         else:
             argv += [flag, str(fifo)]
     elif command == "train":
@@ -622,3 +629,41 @@ def test_the_output_probe_leaves_nothing_behind(tmp_path):
     check_writable_folder(tmp_path / "new" / "deeper", "output")
     check_writable_file(tmp_path / "new" / "r.png", "output")
     assert list(tmp_path.iterdir()) == []
+
+
+STYLE_CASES = [
+    ("missing matte", ["--style-image", "{i}/photo.png"], r"--style-image .*photo\.png given without --style-matte"),
+    ("missing image", ["--style-matte", "{i}/matte.png"], r"--style-matte .*matte\.png given without --style-image"),
+    (
+        "other aspect",
+        ["--style-image", "{i}/photo.png", "--style-matte", "{root}/wide.png"],
+        r"the style matte .*wide\.png \(--style-matte\) is 100x50 but the style image .*photo\.png is 300x372",
+    ),
+    (
+        "empty matte",
+        ["--style-image", "{root}/style.png", "--style-matte", "{root}/empty.png"],
+        r"--style-matte .*empty\.png: the style matte is empty",
+    ),
+    ("missing file", ["--style-image", "{root}/nope.png", "--style-matte", "{i}/matte.png"], r"nope\.png"),
+    (
+        "replace method",
+        ["--style-image", "{i}/photo.png", "--style-matte", "{i}/matte.png", "--method", "replace"],
+        r"--style-image is part of the joint method",
+    ),
+]
+
+
+@pytest.mark.parametrize("extra,pattern", [c[1:] for c in STYLE_CASES], ids=[c[0] for c in STYLE_CASES])
+def test_generate_refuses_bad_style_inputs(inputs, capsys, extra, pattern):
+    """A style photo without its matte (or the reverse), a style matte of another aspect than its
+    photo, an empty style matte: one line, exit 2, before the model loads."""
+    from PIL import Image
+
+    i = inputs / "in"
+    Image.new("L", (100, 50), 255).save(inputs / "wide.png")
+    Image.new("RGB", (40, 60), (90, 60, 30)).save(inputs / "style.png")  # any size, its own aspect
+    Image.new("L", (20, 30), 0).save(inputs / "empty.png")
+    argv = ["generate", "--tiny", "--image", str(i / "photo.png"), "--sketch", str(i / "sketch.png")]
+    argv += ["--matte", str(i / "matte.png"), "--out", str(inputs / "out" / "r.png")]
+    argv += [a.format(i=i, root=inputs) for a in extra]
+    _check_refused(argv, pattern, capsys, inputs)

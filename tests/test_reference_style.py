@@ -381,3 +381,41 @@ def test_processors_restored_after_a_style_failure(tiny_transformer):
                 style_latent=torch.zeros(1, 3, 8, 8),
             )
     assert dict(model.attn_processors) == before
+
+
+def test_cli_style_flags(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import hairdiff_cli
+    from hairdiff_core.pipeline import HairDiffPipeline
+
+    Image.new("RGB", (48, 32), (120, 90, 60)).save(tmp_path / "photo.png")
+    Image.new("RGB", (48, 32), (255, 255, 255)).save(tmp_path / "sketch.png")
+    matte = Image.new("L", (48, 32), 0)
+    matte.paste(255, (12, 8, 36, 24))
+    matte.save(tmp_path / "matte.png")
+    Image.new("RGB", (40, 60), (200, 40, 20)).save(tmp_path / "style.png")  # another size and aspect
+    style_matte = Image.new("L", (20, 30), 0)
+    style_matte.paste(255, (4, 4, 16, 20))
+    style_matte.save(tmp_path / "style_matte.png")
+    seen = []
+    original = HairDiffPipeline.generate
+
+    def spy(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        seen.append((kwargs, result.info))
+        return result
+
+    monkeypatch.setattr(HairDiffPipeline, "generate", spy)
+    argv = ["generate", "--tiny", "--steps", "2", "--image", str(tmp_path / "photo.png")]
+    argv += ["--sketch", str(tmp_path / "sketch.png"), "--matte", str(tmp_path / "matte.png")]
+    argv += ["--out", str(tmp_path / "out.png")]
+    style = ["--style-image", str(tmp_path / "style.png"), "--style-matte", str(tmp_path / "style_matte.png")]
+    assert hairdiff_cli.main(argv + style) == 0
+    kwargs, info = seen[-1]
+    assert kwargs["style_image"].shape == (1, 3, 60, 40) and kwargs["settings"].style_weight == 1.0
+    assert kwargs["settings"].reference is None and info["style_passes"] == info["reference_passes"] == 1  # once
+    assert hairdiff_cli.main(argv + style + ["--style-weight", "3", "--reference", "per_step"]) == 0
+    kwargs, info = seen[-1]
+    assert kwargs["settings"].style_weight == 3.0 and info["style_passes"] == 2
+    assert (tmp_path / "out.png").is_file()

@@ -135,6 +135,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_model_arguments(p)
     add_sampling_arguments(p)
+    s = p.add_argument_group("style reference (colour and texture from another photo's hair)")
+    s.add_argument(
+        "--style-image",
+        metavar="FILE",
+        help="a photo whose hair gives the new hair its colour and texture (any size; needs --style-matte; "
+        "turns --reference once on when it is off)",
+    )
+    s.add_argument(
+        "--style-matte", metavar="FILE", help="the style photo's hair matte (white = hair, its aspect ratio)"
+    )
+    s.add_argument(
+        "--style-weight",
+        type=float,
+        help=f"how strongly the new hair sees the style hair, 0-100 (default {DEFAULTS.style_weight:g}; 0 = ignored)",
+    )
+
+
+def load_style(args):
+    """``generate``'s style inputs from ``--style-image``/``--style-matte`` (checked: pair, aspect, non-empty)."""
+    if args.style_image is None:
+        return {}
+    from hairdiff_core.data.imageio import load_image
+    from hairdiff_core.errors import HairDiffError
+    from hairdiff_core.pipeline import HairDiffPipeline
+
+    style = load_image(args.style_image, max_megapixels=args.max_megapixels)
+    style_matte = load_image(args.style_matte, max_megapixels=args.max_megapixels)
+    try:
+        HairDiffPipeline.prepare_style(style, style_matte, args.matte_threshold)
+    except HairDiffError as exc:
+        if exc.input not in ("style_image", "style_matte"):
+            raise
+        # The core names the tensor (style_matte); on the command line it is the flag and the file.
+        flag = "--" + exc.input.replace("_", "-")
+        raise type(exc)(f"{flag} {getattr(args, exc.input)}: {exc}", input=exc.input) from exc
+    return dict(style_image=style, style_matte=style_matte)  # the weight is in the run's GenerateSettings
 
 
 def torch_dtype(name: str):
@@ -241,12 +277,21 @@ def run(args) -> int:
     # Bad inputs fail here, before a multi-GB model is loaded; generate reuses what this prepared.
     prepared = HairDiffPipeline.prepare_inputs(photo, sketch, matte, settings.matte_threshold)
     text = text_kwargs(args)
+    style = load_style(args)
     pipe = build_pipeline(args)
     bar, on_step = tqdm_callback(args.steps, "hairdiff")
     try:
         with compiled(args, pipe):
             result = pipe.generate(
-                photo, sketch, matte, on_step=on_step, announce=False, settings=settings, prepared=prepared, **text
+                photo,
+                sketch,
+                matte,
+                on_step=on_step,
+                announce=False,
+                settings=settings,
+                prepared=prepared,
+                **text,
+                **style,
             )
     finally:
         bar.close()

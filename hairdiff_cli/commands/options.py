@@ -151,4 +151,5 @@ def generate_settings(args):
         paste_back=not args.no_paste_back,
         work_size=args.work_size,
         context_margin=args.margin,
+        **({"style_weight": args.style_weight} if getattr(args, "style_weight", None) is not None else {}),
     )

@@ -103,6 +103,7 @@ def check_generate_args(args):
         )
     _reference_flags(args, [args.reference], [args.method])
     check_number(args.max_megapixels, MAX_MEGAPIXELS, "max_megapixels")
+    styles = _style_flags(args)
     mattes, excludes = list(args.matte or []), list(getattr(args, "exclude", None) or [])
     _input_files(
         {
@@ -111,13 +112,66 @@ def check_generate_args(args):
             "matte": mattes,
             "exclude": excludes,
             "prompt-embeds": getattr(args, "prompt_embeds", None),
+            "style-image": styles[:1],
+            "style-matte": styles[1:],
         }
     )
     _image_sizes(args.image, {"sketch": [args.sketch], "matte": mattes, "exclude": excludes}, args.max_megapixels)
-    check_output_image(args.out, inputs=(args.image, args.sketch, *mattes, *excludes), what="output")
+    if styles:
+        _style_sizes(*styles, args.max_megapixels)
+    check_output_image(args.out, inputs=(args.image, args.sketch, *mattes, *excludes, *styles), what="output")
     _prompt(args)
     _model(args)
     return generate_settings(args)
+
+
+def _style_flags(args) -> list[str]:
+    """``--style-image``/``--style-matte``/``--style-weight``: the weight's range, the pair given
+    together, the joint method; returns [style image, style matte] or []."""
+    image, matte = getattr(args, "style_image", None), getattr(args, "style_matte", None)
+    weight = getattr(args, "style_weight", None)
+    if weight is not None:
+        check_generate_settings(style_weight=weight)
+    if image is None and matte is None:
+        if weight is not None:
+            raise SettingsError(
+                "--style-weight given but no --style-image, so it would have no effect; add --style-image FILE "
+                "--style-matte FILE, or drop --style-weight",
+                input="style_weight",
+            )
+        return []
+    if matte is None:
+        raise InputError(
+            f"--style-image {image} given without --style-matte: give the style photo's hair matte (white = hair) too",
+            input="style_matte",
+        )
+    if image is None:
+        raise InputError(
+            f"--style-matte {matte} given without --style-image: give the style photo too", input="style_image"
+        )
+    if args.method == "replace":
+        raise SettingsError(
+            "--style-image is part of the joint method (reference attention); drop --method replace",
+            input="style_image",
+        )
+    return [image, matte]
+
+
+def _style_sizes(image: str, matte: str, max_megapixels: float) -> None:
+    """The style matte has the style photo's aspect ratio (any size), read from the headers."""
+    from hairdiff_core.data.imageio import image_size
+    from hairdiff_core.imageops import check_same_aspect
+
+    ref = image_size(image, "--style-image", max_megapixels)
+    size = image_size(matte, "--style-matte", max_megapixels)
+    check_same_aspect(
+        size,
+        ref,
+        f"style matte {matte} (--style-matte)",
+        f"style image {image}",
+        input="style_matte",
+        noun="style matte",
+    )
 
 
 def _image_sizes(photo: str, others: dict[str, list[str]], max_megapixels: float) -> None:
