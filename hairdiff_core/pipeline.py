@@ -114,6 +114,13 @@ def _match_size(x: torch.Tensor, size: tuple[int, int], what: str, mode: str, an
     return out
 
 
+def _reference_mode(reference) -> str:
+    """The mode of a ``reference`` argument (None, a mode string, a dict or ``ReferenceSettings``)."""
+    from .method.reference import ReferenceSettings
+
+    return ReferenceSettings.coerce(reference).mode
+
+
 def _broadcast_batch(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     if x.shape[0] == batch:
         return x
@@ -844,6 +851,12 @@ class HairDiffPipeline:
                 )
             if reference is None:
                 reference = "once"  # the style reference rides on reference attention
+            elif _reference_mode(reference) == "off":
+                # Refused here, before any model call (``_attention`` would refuse it too).
+                raise InputError(
+                    "a style photo needs reference attention: use reference='once' or 'per_step' (or leave it None)",
+                    input="reference",
+                )
         else:
             style = None  # style weight 0: exactly as if no style photo was given
 

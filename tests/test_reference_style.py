@@ -353,10 +353,14 @@ def test_pipeline_refuses_bad_style_inputs(tiny_transformer, tiny_vae):
         (dict(style_image=style, style_matte=style_matte, reference="off"), "reference", "needs reference attention"),
         (dict(style_image=style, style_matte=style_matte, method="replace"), "style_image", "joint method"),
     ]
+    calls = []
+    encode = pipe.encode
+    pipe.encode = lambda x: calls.append(1) or encode(x)
     for extra, name, pattern in cases:
         with pytest.raises(InputError, match=pattern) as exc:
             pipe.generate(photo, sketch, matte, steps=1, **extra)
         assert exc.value.input == name, (extra.keys(), exc.value.input)
+    assert calls == []  # every refusal comes before any model call
     for bad in (-1, 101, math.nan, "1"):
         with pytest.raises(SettingsError, match="style weight must be a number from 0 to 100") as exc:
             pipe.generate(photo, sketch, matte, steps=1, style_image=style, style_matte=style_matte, style_weight=bad)
