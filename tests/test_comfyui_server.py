@@ -862,12 +862,24 @@ def test_native_cancel_mid_run_then_the_same_run_gives_the_same_image(server, tm
     Sample draws bit for bit what the custom-sampling graph draws, and is not in ComfyUI's cache)."""
     from hairdiff_cli import comfy_client as C
 
-    steps = 400  # the toy takes ~20 ms a step here: long enough to cancel at 3 s
+    steps = 400  # the toy takes ~20 ms a step here: long enough to cancel after step 2
     reference = _pixels(_submit(server, native_graph(steps, 11, one_node=True), tmp_path / "ref")[0])
     client = C.ComfyClient(server["url"])
-    pid = client.submit(native_graph(steps, 11))
-    time.sleep(3)
-    urllib.request.urlopen(urllib.request.Request(server["url"] + "/interrupt", data=b"", method="POST"), timeout=30)
+    ws = client.open_progress()
+    assert ws is not None, "ComfyUI's websocket should accept the client"
+    try:
+        pid = client.submit(native_graph(steps, 11))
+        deadline, step = time.monotonic() + 300, 0
+        while step < 2 and time.monotonic() < deadline:  # cancel mid-run, not before it starts
+            msg = ws.recv_json(timeout=1.0)
+            if msg and msg.get("type") == "progress" and msg["data"].get("node") == "12":
+                step = msg["data"]["value"]
+        assert step >= 2, "no sampler progress seen on the websocket"
+        urllib.request.urlopen(
+            urllib.request.Request(server["url"] + "/interrupt", data=b"", method="POST"), timeout=30
+        )
+    finally:
+        ws.close()
     deadline = time.monotonic() + 120
     while pid not in _get(server["url"] + f"/history/{pid}") and time.monotonic() < deadline:
         time.sleep(0.5)
