@@ -64,7 +64,7 @@ WORK_SIZE_TIP = "Side of the area the model works at, in px: 1024 for SD3.5, 128
 
 
 def _builtin(name: str):
-    """(transformer, autoencoder, sampling shift) of a built-in model, built from the core."""
+    """(transformer, autoencoder) of a built-in model, built from the core."""
     if name == BUILTIN_TOY:
         from ..hairdiff_core.models import toy
 
@@ -118,12 +118,11 @@ class HairDiffLoadBuiltin(io.ComfyNode):
 
     @classmethod
     def execute(cls, model=BUILTIN_TOY) -> io.NodeOutput:
-        from ..hairdiff_core.defaults import DEFAULTS as D
         from .builtin_models import comfy_model, comfy_vae
 
         transformer, autoencoder = _builtin(model)
         scale, shift = float(autoencoder.config.scaling_factor), float(autoencoder.config.shift_factor or 0.0)
-        patcher = comfy_model(transformer, scale, shift, D.shift)
+        patcher = comfy_model(transformer, scale, shift, DEFAULTS.shift)
         return io.NodeOutput(patcher, comfy_vae(autoencoder), empty_conditioning(transformer))
 
 
