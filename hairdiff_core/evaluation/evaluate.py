@@ -136,6 +136,21 @@ class EvalOptions:
     #: Extra keyword arguments for ``HairDiffPipeline.generate`` (e.g. prompt embeddings).
     generate_kwargs: dict[str, Any] = field(default_factory=dict)  # the prompt: text or embeddings
 
+    def settings(self):
+        """The run's ``GenerateSettings`` (validated when made)."""
+        from ..settings import GenerateSettings
+
+        return GenerateSettings(
+            steps=int(self.steps),
+            seed=int(self.seed),
+            cfg=self.cfg,
+            shift=self.shift,
+            strength=self.strength,
+            work_size=self.work_size,
+            feather_sigma=self.feather_sigma,
+            context_margin=self.context_margin,
+        )
+
     def __post_init__(self) -> None:
         self.harmony = tuple(self.harmony)
         unknown = [g for g in self.harmony if g not in Mt.GAINS]
@@ -144,21 +159,11 @@ class EvalOptions:
         from ..data.datasets import check_crop
 
         check_crop(self.crop)
-        from ..checks import check_generate_settings
-
-        # The checks and messages of generate itself, before any sample runs.
-        checked = check_generate_settings(
-            steps=self.steps,
-            seed=self.seed,
-            cfg=self.cfg,
-            shift=self.shift,
-            strength=self.strength,
-            work_size=self.work_size,
-            feather_sigma=self.feather_sigma,
-            context_margin=self.context_margin,
-        )
-        for name, value in checked.items():
-            setattr(self, name, value)
+        # The checks and messages of generate itself, before any sample runs: the run's one
+        # GenerateSettings (each setting of the comparison is a copy of it).
+        checked = self.settings()
+        for name in ("steps", "seed", "cfg", "shift", "strength", "work_size", "feather_sigma", "context_margin"):
+            setattr(self, name, getattr(checked, name))
         if self.reference_fields:
             from ..method.reference import ReferenceSettings
 
@@ -402,19 +407,8 @@ def evaluate_samples(
     transformer = getattr(pipeline, "transformer", None)
     was_training = bool(getattr(transformer, "training", False))
     count = 0
-    from ..settings import GenerateSettings
-
     # One validated GenerateSettings per run; each setting (method, reference) is a copy of it.
-    base = GenerateSettings(
-        steps=int(options.steps),
-        seed=int(options.seed),
-        cfg=options.cfg,
-        shift=options.shift,
-        strength=options.strength,
-        work_size=options.work_size,
-        feather_sigma=options.feather_sigma,
-        context_margin=options.context_margin,
-    )
+    base = options.settings()
     text = dict(options.generate_kwargs)
     try:
         if transformer is not None:
